@@ -1,0 +1,838 @@
+"""Shared foundation of the six domain-adaptation scripts: model, data, evaluation.
+
+Facts follow the authors' code (vikolss/DACS, WilhelmT/ClassMix, wasidennis/AdaptSegNet,
+lhoyer/DAFormer); each function names its source. Sections: model, data, evaluation,
+data checking (``python common.py check-data``).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+IGNORE = 255  # the single internal void value; every loss and the evaluation skip it
+
+CLASS_NAMES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+               "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
+               "truck", "bus", "train", "motorcycle", "bicycle")
+# SYNTHIA protocols (common.md §6.3): 16 classes drop terrain/truck/train; 13 drop wall/fence/pole too.
+TRAIN_IDS_16 = tuple(c for c in range(19) if c not in (9, 14, 16))
+TRAIN_IDS_13 = tuple(c for c in TRAIN_IDS_16 if c not in (3, 4, 5))
+PALETTE = np.array([(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+                    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+                    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70),
+                    (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32)], dtype=np.uint8)
+
+# The ImageNet+COCO DeepLab init used by AdvSemiSeg, DACS and ClassMix. Its file name carries the first
+# 8 hex digits of its sha256 (torch.hub convention); the full digest is not published by the authors.
+COCO_INIT_URL = "http://vllab1.ucmerced.edu/~whung/adv-semi-seg/resnet101COCO-41f33a49.pth"
+COCO_INIT_SHA256_PREFIX = "41f33a49"
+
+
+class DataError(Exception):
+    """Bad user data or arguments: scripts print `error: <message>` and exit 2."""
+
+
+# ======================================================================================
+# Model: DeepLabv2-ResNet101 exactly as Res_Deeplab / DeeplabMulti (common.md §1)
+# ======================================================================================
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck; `style='caffe'` puts the stride on the 1x1 conv (official), 'pytorch' on the 3x3."""
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, style="caffe"):
+        super().__init__()
+        s1, s3 = (stride, 1) if style == "caffe" else (1, stride)
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride=s1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=s3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class ClassifierModule(nn.Module):
+    """ASPP head: four dilated 3x3 convs; the official forward sums only the first two (quirk Q1)."""
+
+    def __init__(self, inplanes, num_classes, dilations=(6, 12, 18, 24), full=False):
+        super().__init__()
+        self.full = full
+        self.conv2d_list = nn.ModuleList(
+            nn.Conv2d(inplanes, num_classes, 3, padding=d, dilation=d, bias=True) for d in dilations)
+        for conv in self.conv2d_list:
+            conv.weight.data.normal_(0, 0.01)
+
+    def forward(self, x):
+        branches = self.conv2d_list if self.full else self.conv2d_list[:2]
+        out = branches[0](x)
+        for conv in branches[1:]:
+            out = out + conv(x)
+        return out
+
+
+class DeepLabV2(nn.Module):
+    """DeepLabv2-ResNet; state_dict keys equal the official `Res_Deeplab` (or `DeeplabMulti` when multi_level).
+
+    `layers` sets the Bottleneck count per stage (default ResNet-101; the demo uses a light one with the
+    same names, strides, dilations and head). `freeze_bn_affine` keeps BN gamma/beta out of training as the
+    official code does; BN still uses batch statistics in train mode.
+    """
+
+    def __init__(self, num_classes=19, multi_level=False, aspp_full=False, style="caffe",
+                 layers=(3, 4, 23, 3), freeze_bn_affine=True):
+        super().__init__()
+        if style not in ("caffe", "pytorch"):
+            raise ValueError(f"style must be 'caffe' or 'pytorch', got {style!r}")
+        self.num_classes, self.multi_level, self.style = num_classes, multi_level, style
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+        self.layer1 = self._make_layer(64, layers[0])
+        self.layer2 = self._make_layer(128, layers[1], stride=2)
+        self.layer3 = self._make_layer(256, layers[2], dilation=2)
+        self.layer4 = self._make_layer(512, layers[3], dilation=4)
+        if multi_level:  # AdaptSegNet: aux head on layer3 is `layer5`, main head on layer4 is `layer6`
+            self.layer5 = ClassifierModule(1024, num_classes, full=aspp_full)
+            self.layer6 = ClassifierModule(2048, num_classes, full=aspp_full)
+        else:
+            self.layer5 = ClassifierModule(2048, num_classes, full=aspp_full)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.data.normal_(0, 0.01)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.data.fill_(1)
+                m.bias.data.zero_()
+                m.weight.requires_grad_(not freeze_bn_affine)
+                m.bias.requires_grad_(not freeze_bn_affine)
+
+    def _make_layer(self, planes, blocks, stride=1, dilation=1):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * 4 or dilation in (2, 4):
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=False),
+                                       nn.BatchNorm2d(planes * 4))
+        mods = [Bottleneck(self.inplanes, planes, stride, dilation, downsample, self.style)]
+        self.inplanes = planes * 4
+        mods += [Bottleneck(self.inplanes, planes, 1, dilation, None, self.style) for _ in range(1, blocks)]
+        return nn.Sequential(*mods)
+
+    def backbone_modules(self):
+        """The modules of the 1x learning-rate group, in the official order."""
+        return [self.conv1, self.bn1, self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def head_modules(self):
+        """The classifier(s) of the 10x learning-rate group."""
+        return [self.layer5, self.layer6] if self.multi_level else [self.layer5]
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x3 = self.layer3(self.layer2(self.layer1(x)))
+        x4 = self.layer4(x3)
+        if self.multi_level:
+            return self.layer5(x3), self.layer6(x4)
+        return self.layer5(x4)
+
+
+class FCDiscriminator(nn.Module):
+    """AdaptSegNet's output-space discriminator: five 4x4/s2 convs, LeakyReLU 0.2, raw logits."""
+
+    def __init__(self, num_classes, ndf=64):
+        super().__init__()
+        chans = [num_classes, ndf, ndf * 2, ndf * 4, ndf * 8]
+        self.conv1, self.conv2, self.conv3, self.conv4 = (
+            nn.Conv2d(chans[i], chans[i + 1], 4, stride=2, padding=1) for i in range(4))
+        self.classifier = nn.Conv2d(ndf * 8, 1, 4, stride=2, padding=1)
+        self.leaky_relu = nn.LeakyReLU(0.2, inplace=True)
+
+    def forward(self, x):
+        for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
+            x = self.leaky_relu(conv(x))
+        return self.classifier(x)
+
+
+def load_init(model, state):
+    """Copy every tensor whose name (minus a leading `Scale.`/`module.`) and shape match; return the count.
+
+    Never copies a classifier of another shape (DACS/ClassMix shape rule); AdaptSegNet's skip of
+    `layer5` for 19 classes is the same rule because a COCO head never has 19 outputs.
+    """
+    own = model.state_dict()
+    copied = 0
+    with torch.no_grad():
+        for key, value in state.items():
+            name = key.split(".", 1)[1] if key.split(".", 1)[0] in ("Scale", "module") else key
+            if name in own and tuple(own[name].shape) == tuple(value.shape):
+                own[name].copy_(value)
+                copied += 1
+    return copied
+
+
+def load_state_file(path):
+    """Load a tensor dict with weights_only=True; a one-line DataError for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (expected a PyTorch weights file)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a zip/pickle, or holds non-tensor objects
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: not a readable plain weights file ({first[:200]})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    return obj
+
+
+def initialise(model, init):
+    """Apply `--init` (coco|imagenet|none|PATH); return copied-tensor count, refuse a zero copy."""
+    if init == "none":
+        return 0
+    if init == "imagenet":
+        import torchvision  # torchvision's weights API downloads and caches the file (never in tests)
+        weights = torchvision.models.ResNet101_Weights.IMAGENET1K_V1
+        state = weights.get_state_dict(progress=True)
+    else:
+        path = download_coco_init() if init == "coco" else init
+        state = load_state_file(path)
+        state = state.get("model", state.get("state_dict", state))
+    copied = load_init(model, state)
+    if copied == 0:
+        raise DataError(f"--init {init}: no tensor matched the model by name and shape "
+                        f"(expected DeepLabv2/ResNet-101 key names such as 'layer1.0.conv1.weight')")
+    return copied
+
+
+def download_coco_init():
+    """Fetch (once) the ImageNet+COCO DeepLab init into torch's hub cache; verify its sha256 prefix."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(COCO_INIT_URL).name
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(COCO_INIT_URL, str(path), hash_prefix=COCO_INIT_SHA256_PREFIX)
+    return path
+
+
+def param_groups(model, lr, head_mult=10.0, official_duplicates=True):
+    """1x backbone / 10x head groups; `official_duplicates` repeats tensors as `optim_parameters` does (§3)."""
+    if official_duplicates:  # every sub-module's recursive parameters: a tensor once per ancestor
+        backbone = [p for top in model.backbone_modules() for m in top.modules()
+                    for p in m.parameters() if p.requires_grad]
+    else:
+        backbone = [p for top in model.backbone_modules() for p in top.parameters() if p.requires_grad]
+    head = [p for m in model.head_modules() for p in m.parameters() if p.requires_grad]
+    return [{"params": backbone, "lr": lr}, {"params": head, "lr": lr * head_mult}]
+
+
+class LegacySGD(torch.optim.Optimizer):
+    """SGD with the PyTorch-1.5 per-entry update, so duplicated tensors compound as for the authors (§3).
+
+    For each entry in order: d = grad + wd*p (p current), buf = m*buf + d (d on first use, buffer shared
+    per tensor), p -= lr*buf. torch.optim.SGD(foreach=False) collapses duplicates differently.
+    """
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=5e-4):
+        import warnings
+        with warnings.catch_warnings():  # the duplicates are intentional (official layout)
+            warnings.filterwarnings("ignore", message=".*duplicate parameters.*")
+            super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad.add(p, alpha=wd) if wd else p.grad.clone()
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = d
+                else:
+                    state["momentum_buffer"].mul_(m).add_(d)
+                p.sub_(state["momentum_buffer"], alpha=lr)
+
+
+# ======================================================================================
+# Data: label maps, normalisation, GTA5 / SYNTHIA / Cityscapes, splits, samplers (§5-7)
+# ======================================================================================
+
+def _lut(pairs, size=256):
+    lut = np.full(size, IGNORE, dtype=np.uint8)
+    for k, v in pairs.items():
+        lut[k] = v
+    return lut
+
+
+# Cityscapes label id -> train id (GTA5 labels use the same ids); everything else -> ignore.
+LABELID_TO_TRAINID = _lut({7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
+                           24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18})
+TRAINID_TO_LABELID = np.array([7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33],
+                              dtype=np.uint8)
+# Raw SYNTHIA class id -> train id (DACS/data/synthia_dataset.py).
+SYNTHIA_TO_TRAINID = _lut({3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11,
+                           17: 12, 8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18})
+# 19 train ids -> the 16-class space (IIDM/DLDM 16-way head): terrain/truck/train -> ignore.
+TRAINID_TO_16 = _lut({c: i for i, c in enumerate(TRAIN_IDS_16)})
+
+# Normalisations (common.md §5, iidm.md §3.2): (channel order, scale, mean, std) applied to 0-255 RGB.
+NORMALISATIONS = {
+    "imagenet_bgr": ("bgr", (104.00698793, 116.66876762, 122.67891434), (1.0, 1.0, 1.0)),   # DACS, ASN
+    # ClassMix subtracts the Cityscapes RGB mean from a BGR image (quirk Q6, kept).
+    "cityscapes_bgr": ("bgr", (73.15835921, 82.90891754, 72.39239876), (1.0, 1.0, 1.0)),
+    "imagenet_rgb": ("rgb", (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),          # torchvision/DAFormer
+}
+
+
+def normalise(rgb, norm):
+    """uint8 HxWx3 RGB array -> float32 3xHxW tensor in the pipeline's channel order, mean and std."""
+    order, mean, std = NORMALISATIONS[norm]
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()
+    if order == "bgr":
+        x = x.flip(0)
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def denormalise(x, norm):
+    """Inverse of `normalise` on a batch (N,3,H,W) -> RGB in [0, 1]."""
+    order, mean, std = NORMALISATIONS[norm]
+    x = x * x.new_tensor(std).view(1, 3, 1, 1) + x.new_tensor(mean).view(1, 3, 1, 1)
+    return (x.flip(1) if order == "bgr" else x) / 255.0
+
+
+def read_png_header(path):
+    """(width, height, bit_depth, colour_type) of a PNG from its IHDR chunk, or None if not a PNG."""
+    with open(path, "rb") as f:
+        head = f.read(29)
+    if len(head) < 29 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    return w, h, head[24], head[25]
+
+
+def image_size(path):
+    """(width, height) of an image file without decoding its pixels."""
+    header = read_png_header(path)
+    if header:
+        return header[:2]
+    with Image.open(path) as im:
+        return im.size
+
+
+def read_rgb(path):
+    """An image file as a uint8 HxWx3 RGB array; DataError if unreadable."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as exc:
+        raise DataError(f"{path}: unreadable image ({exc.__class__.__name__})") from None
+
+
+def read_label(path, kind):
+    """Read a label file of `kind` (gta5|synthia|cityscapes) as uint8 train ids (19 classes, void=255)."""
+    header = read_png_header(path)
+    if header is None:
+        raise DataError(f"{path}: unreadable label (expected a PNG file)")
+    _, _, depth, ctype = header
+    try:
+        if kind == "synthia":  # 16-bit RGB(A), class id in channel 0; or an 8-bit single-channel raw-id map
+            if not ((depth == 16 and ctype in (2, 6)) or (depth == 8 and ctype == 0)):
+                raise DataError(f"{path}: unexpected label encoding (bit depth {depth}, colour type {ctype}); "
+                                f"expected SYNTHIA GT/LABELS 16-bit RGB with the class id in the first channel")
+            from torchvision.io import ImageReadMode, decode_png, read_file
+            raw = decode_png(read_file(str(path)), ImageReadMode.UNCHANGED)[0].numpy()
+            return SYNTHIA_TO_TRAINID[np.minimum(raw.astype(np.int64), 255)]
+        expected = {"gta5": "an 8-bit palette or grey PNG of Cityscapes label ids",
+                    "cityscapes": "an 8-bit grey PNG of Cityscapes label ids (*_gtFine_labelIds.png)"}[kind]
+        if depth != 8 or ctype not in ((0, 3) if kind == "gta5" else (0,)):
+            raise DataError(f"{path}: unexpected label encoding (bit depth {depth}, colour type {ctype}); "
+                            f"expected {expected}")
+        with Image.open(path) as im:
+            return LABELID_TO_TRAINID[np.asarray(im)]
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{path}: unreadable label ({exc.__class__.__name__})") from None
+
+
+def _require_dir(path, what):
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: folder not found (expected {what})")
+    return path
+
+
+def find_pairs(image_dir, label_dir, label_of, strict=True):
+    """Sorted (image, label) pairs; orphans listed both ways (DataError when `strict` and any exist)."""
+    images = sorted(p for p in Path(image_dir).rglob("*.png"))
+    pairs, orphans = [], []
+    for img in images:
+        lab = label_of(img)
+        (pairs.append((img, lab)) if lab.is_file() else orphans.append(str(img)))
+    labelled = {str(lab) for _, lab in pairs}
+    orphans += [str(p) for p in sorted(Path(label_dir).rglob("*.png"))
+                if str(p) not in labelled and _is_paired_label(p)]
+    if strict and orphans:
+        raise DataError(f"{orphans[0]}: has no matching image/label ({len(orphans)} orphan(s) in {image_dir})")
+    return pairs, orphans
+
+
+def _is_paired_label(path):
+    """Whether a file in a label folder is a label we pair (Cityscapes keeps other gtFine files beside)."""
+    name = path.name
+    return "gtFine" not in name or name.endswith("_gtFine_labelIds.png")
+
+
+def dataset_files(kind, root, split="train", strict=True):
+    """(pairs, orphans) for a dataset in its official layout (cli.md 'Data on disk')."""
+    root = _require_dir(root, f"the {kind} dataset root")
+    if kind == "gta5":
+        img_dir, lab_dir = _require_dir(root / "images", "GTA5 images/*.png"), _require_dir(
+            root / "labels", "GTA5 labels/*.png")
+        label_of = lambda p: lab_dir / p.relative_to(img_dir)  # noqa: E731
+    elif kind == "synthia":
+        img_dir = _require_dir(root / "RGB", "SYNTHIA RGB/*.png")
+        lab_dir = root / "GT" / "LABELS"
+        if not lab_dir.is_dir() and (root / "synthia_mapped_to_cityscapes").is_dir():
+            lab_dir = root / "synthia_mapped_to_cityscapes"
+        _require_dir(lab_dir, "SYNTHIA GT/LABELS/*.png")
+        label_of = lambda p: lab_dir / p.relative_to(img_dir)  # noqa: E731
+    elif kind == "cityscapes":
+        img_dir = next((d for d in (root / "leftImg8bit" / split,
+                                    root / "leftImg8bit_trainvaltest" / "leftImg8bit" / split) if d.is_dir()),
+                       root / "leftImg8bit" / split)
+        lab_dir = next((d for d in (root / "gtFine" / split, root / "gtFine_trainvaltest" / "gtFine" / split)
+                        if d.is_dir()), root / "gtFine" / split)
+        _require_dir(img_dir, f"Cityscapes leftImg8bit/{split}/<city>/*_leftImg8bit.png")
+        _require_dir(lab_dir, f"Cityscapes gtFine/{split}/<city>/*_gtFine_labelIds.png")
+        label_of = lambda p: lab_dir / p.parent.name / p.name.replace(  # noqa: E731
+            "_leftImg8bit.png", "_gtFine_labelIds.png")
+    else:
+        raise ValueError(kind)
+    pairs, orphans = find_pairs(img_dir, lab_dir, label_of, strict)
+    if strict and not pairs:
+        raise DataError(f"{img_dir}: no image/label pairs found (expected *.png files)")
+    return pairs, orphans
+
+
+def stem_of(path):
+    """Image stem as used in split.txt and predictions: Cityscapes `<city>_<seq>_<frame>`, else file stem."""
+    return Path(path).name.replace("_leftImg8bit.png", "").replace(".png", "")
+
+
+def labeled_split(stems, n_labeled, seed=0, split_file=None):
+    """(labeled, unlabeled) stems: sorted list, `RandomState(seed)` permutation, first N labeled (§7).
+
+    The permutation only depends on the seed and the list, so splits are nested across N.
+    `split_file` (one stem per line, e.g. a previous run's split.txt) overrides the draw.
+    """
+    stems = sorted(stems)
+    if split_file is not None:
+        path = Path(split_file)
+        if not path.is_file():
+            raise DataError(f"{path}: split file not found (expected one image stem per line)")
+        chosen = [s.strip() for s in path.read_text().splitlines() if s.strip()]
+        unknown = sorted(set(chosen) - set(stems))
+        if unknown:
+            raise DataError(f"{path}: stem {unknown[0]!r} is not a Cityscapes train image")
+        chosen_set = set(chosen)
+        return chosen, [s for s in stems if s not in chosen_set]
+    if not 0 <= n_labeled <= len(stems):
+        raise DataError(f"--n-labeled {n_labeled}: expected 0..{len(stems)} (train images found)")
+    order = np.random.RandomState(seed).permutation(len(stems))
+    labeled = sorted(stems[i] for i in order[:n_labeled])
+    labeled_set = set(labeled)
+    return labeled, [s for s in stems if s not in labeled_set]
+
+
+def item_seed(seed, stream, iteration, slot):
+    """The seed of one sample draw: a function of (run seed, data stream, iteration, batch slot) only."""
+    return int(np.random.SeedSequence([seed, stream, iteration, slot]).generate_state(1)[0])
+
+
+class IterationSampler(torch.utils.data.Sampler):
+    """Batch sampler for training: iteration i's images and crop seeds follow from (seed, stream, i).
+
+    Images are drawn epoch by epoch from a seeded permutation; yields lists of (index, item_seed, -1).
+    """
+
+    def __init__(self, n, batch_size, seed, stream, start_iter=0, num_iters=None):
+        self.n, self.bs, self.seed, self.stream = n, batch_size, seed, stream
+        self.start, self.num_iters = start_iter, num_iters
+
+    def batch(self, i):
+        out = []
+        for k in range(self.bs):
+            pos = i * self.bs + k
+            perm = np.random.default_rng([self.seed, self.stream, pos // self.n]).permutation(self.n)
+            out.append((int(perm[pos % self.n]), item_seed(self.seed, self.stream, i, k), -1))
+        return out
+
+    def __iter__(self):
+        i = self.start
+        while self.num_iters is None or i < self.num_iters:
+            yield self.batch(i)
+            i += 1
+
+    def __len__(self):
+        return (self.num_iters or 2 ** 31) - self.start
+
+
+def rcs_statistics(dataset, cache=None):
+    """Per-image class pixel counts at original resolution (DAFormer RCS), cached as JSON."""
+    if cache is not None and Path(cache).is_file():
+        return [{int(k): v for k, v in d.items()} for d in json.loads(Path(cache).read_text())]
+    counts = []
+    for _, lab in dataset.pairs:
+        hist = np.bincount(dataset.map_label(read_label(lab, dataset.kind)).ravel(), minlength=256)
+        counts.append({c: int(hist[c]) for c in range(dataset.num_classes) if hist[c] > 0})
+    if cache is not None:
+        atomic_write_text(cache, json.dumps(counts))
+    return counts
+
+
+def rcs_probabilities(counts, num_classes, temperature=0.01, min_pixels=3000):
+    """P(c) = softmax((1 - f_c)/T) over occurring classes and images_with(c) (iidm.md §2.4)."""
+    total = np.zeros(num_classes)
+    for d in counts:
+        for c, n in d.items():
+            total[c] += n
+    classes = [c for c in range(num_classes) if total[c] > 0]
+    freq = total[classes] / total[classes].sum()
+    logits = (1 - freq) / temperature
+    prob = np.exp(logits - logits.max())
+    prob /= prob.sum()
+    images_with = {c: [i for i, d in enumerate(counts) if d.get(c, 0) > min_pixels] for c in classes}
+    keep = [k for k, c in enumerate(classes) if images_with[c]]  # a class with no qualifying image is dropped
+    prob = prob[keep] / prob[keep].sum()
+    classes = [classes[k] for k in keep]
+    return classes, prob, {c: images_with[c] for c in classes}
+
+
+class RareClassSampler(IterationSampler):
+    """Batch sampler for rare-class sampling: c ~ P, then an image with c; yields (index, item_seed, c)."""
+
+    def __init__(self, counts, num_classes, batch_size, seed, stream, start_iter=0, num_iters=None,
+                 temperature=0.01, min_pixels=3000):
+        super().__init__(len(counts), batch_size, seed, stream, start_iter, num_iters)
+        self.classes, self.prob, self.images_with = rcs_probabilities(counts, num_classes, temperature,
+                                                                      min_pixels)
+
+    def batch(self, i):
+        out = []
+        for k in range(self.bs):
+            s = item_seed(self.seed, self.stream, i, k)
+            rng = np.random.default_rng([s, 1])
+            c = self.classes[rng.choice(len(self.classes), p=self.prob)]
+            out.append((int(rng.choice(self.images_with[c])), s, int(c)))
+        return out
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Image/label pairs of one dataset with one pipeline (common.md §6, iidm.md §2.3).
+
+    resize: (W, H) or None; keep_ratio fits the image into (W, H) like mmseg; interp: PIL filter of the
+    image resize (antialiased, as the authors' PIL/scipy resizes). crop: (h, w) random crop after the
+    resize (padded with ignore if larger); cat_max_ratio: mmseg's retry rule; flip: h-flip p=0.5.
+    label_res: 'input' (label resized with the image) or 'full' (label at its own resolution, eval only).
+    num_classes 16 maps train ids to the 16-class space. Items are (index, item_seed, rcs_class) tuples
+    from a sampler, or plain indices (evaluation: no randomness).
+    """
+
+    def __init__(self, kind, root, split="train", resize=None, keep_ratio=False, interp="bilinear",
+                 crop=None, cat_max_ratio=None, flip=False, norm="imagenet_bgr", num_classes=19,
+                 label_res="input", stems=None, rcs_min_crop_pixels=1500):
+        self.kind, self.split, self.norm, self.num_classes = kind, split, norm, num_classes
+        self.pairs = dataset_files(kind, root, split)[0]
+        if stems is not None:
+            by_stem = {stem_of(img): (img, lab) for img, lab in self.pairs}
+            self.pairs = [by_stem[s] for s in stems]
+        self.resize, self.keep_ratio, self.crop = resize, keep_ratio, crop
+        self.interp = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[interp]
+        self.cat_max_ratio, self.flip, self.label_res = cat_max_ratio, flip, label_res
+        self.rcs_min_crop_pixels = rcs_min_crop_pixels
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def stems(self):
+        return [stem_of(img) for img, _ in self.pairs]
+
+    def map_label(self, label):
+        """19-class train ids -> this dataset's label space."""
+        return TRAINID_TO_16[label] if self.num_classes == 16 else label
+
+    def target_size(self, w, h):
+        """Size after the resize step (mmseg keep-ratio rule: fit the long and short sides)."""
+        if self.resize is None:
+            return w, h
+        if not self.keep_ratio:
+            return tuple(self.resize)
+        long_side, short_side = max(self.resize), min(self.resize)
+        scale = min(long_side / max(w, h), short_side / min(w, h))
+        return int(w * scale + 0.5), int(h * scale + 0.5)
+
+    def load(self, index):
+        """Resized RGB image, label (dataset label space) and the original label size."""
+        img_path, lab_path = self.pairs[index]
+        rgb, label = read_rgb(img_path), self.map_label(read_label(lab_path, self.kind))
+        full = label
+        h, w = rgb.shape[:2]
+        size = self.target_size(w, h)
+        if size != (w, h):
+            rgb = np.asarray(Image.fromarray(rgb).resize(size, self.interp))
+        if label.shape != rgb.shape[:2]:  # also fixes GTA5's size-mismatched pairs, as the resize does there
+            label = np.asarray(Image.fromarray(label).resize(rgb.shape[1::-1], Image.NEAREST))
+        return rgb, label, full
+
+    def random_crop(self, rgb, label, rng):
+        """Crop box by the pipeline's rules (padding with ignore if too small), then the random flip."""
+        if self.crop is None or tuple(self.crop) == (0, 0):
+            out = rgb, label
+        else:
+            ch, cw = self.crop
+            if rgb.shape[0] < ch or rgb.shape[1] < cw:  # thesis §3.4: zero-pad the image, ignore the label
+                ph, pw = max(ch - rgb.shape[0], 0), max(cw - rgb.shape[1], 0)
+                rgb = np.pad(rgb, ((0, ph), (0, pw), (0, 0)))
+                label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE)
+            box = lambda: (int(rng.integers(0, rgb.shape[0] - ch + 1)),  # noqa: E731
+                           int(rng.integers(0, rgb.shape[1] - cw + 1)))
+            y0, x0 = box()
+            for _ in range(10 if self.cat_max_ratio else 0):  # mmseg: after 10 failures the 11th box is kept
+                counts = np.bincount(label[y0:y0 + ch, x0:x0 + cw].ravel(), minlength=256)[:IGNORE]
+                counts = counts[counts > 0]
+                if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                    break
+                y0, x0 = box()
+            out = rgb[y0:y0 + ch, x0:x0 + cw], label[y0:y0 + ch, x0:x0 + cw]
+        if self.flip and rng.random() < 0.5:
+            out = out[0][:, ::-1], out[1][:, ::-1]
+        return out
+
+    def __getitem__(self, item):
+        index, seed, required_class = (item, 0, -1) if isinstance(item, int) else item
+        rgb, label, full = self.load(index)
+        rng = np.random.default_rng(seed)
+        for _ in range(10 if required_class >= 0 else 1):  # RCS: retry the crop on the same image
+            x, y = self.random_crop(rgb, label, rng)
+            if required_class < 0 or (y == required_class).sum() > self.rcs_min_crop_pixels:
+                break
+        if self.label_res == "full":
+            y = full
+        return {"image": normalise(x, self.norm), "label": torch.from_numpy(np.ascontiguousarray(y)).long(),
+                "index": index}
+
+
+def atomic_write_text(path, text):
+    """Write a text file via temp file + rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ======================================================================================
+# Evaluation: confusion matrix, IoU, protocols, predictions (common.md §10)
+# ======================================================================================
+
+def confusion_matrix(pred, gt, num_classes):
+    """num_classes^2 matrix (rows = ground truth) by bincount; pixels with gt outside 0..n-1 are skipped."""
+    valid = (gt >= 0) & (gt < num_classes)
+    idx = gt[valid].long() * num_classes + pred[valid].long()
+    return torch.bincount(idx, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def per_class_iou(cm):
+    """TP / (TP + FP + FN) per class, NaN where the union is empty."""
+    cm = cm.double()
+    tp = cm.diag()
+    union = cm.sum(0) + cm.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan"))).cpu().numpy()
+
+
+def metrics_from_confusion(cm, train_ids, iteration=None, model_name="student", synthia=False):
+    """metrics.json dict; `train_ids[k]` names output k. SYNTHIA: mIoU over 16 classes plus mIoU13."""
+    iou = per_class_iou(cm) * 100
+    by_id = {t: float(iou[k]) for k, t in enumerate(train_ids)}
+    reported = TRAIN_IDS_16 if synthia else tuple(train_ids)
+    out = {"iteration": iteration, "model": model_name, "num_classes": len(reported),
+           "mIoU": float(np.nanmean([by_id[t] for t in reported]))}
+    if synthia:
+        out["mIoU13"] = float(np.nanmean([by_id[t] for t in TRAIN_IDS_13]))
+    out["per_class"] = {CLASS_NAMES[t]: by_id[t] for t in reported}
+    return out
+
+
+def colourise(label, train_ids):
+    """HxW output indices -> HxWx3 uint8 Cityscapes colours (void black)."""
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut[:len(train_ids)] = PALETTE[list(train_ids)]
+    return lut[label]
+
+
+def upsample(logits, size):
+    """Bilinear, align_corners=True upsampling of logits to (H, W), as every official loss and eval does."""
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, device, synthia=False, amp_dtype=None, out_dir=None, save_predictions=False,
+             n_vis=4, iteration=None, model_name="student"):
+    """Evaluate `model` in eval mode on a val dataset, one image at a time, no test-time augmentation.
+
+    The dataset's label_res picks the protocol: 'input' = labels downsampled to the network input
+    (DACS/ClassMix 'half'), 'full' = full label resolution (AdaptSegNet). With `save_predictions`, writes
+    predictions/<stem>_labelIds.png at full label resolution in Cityscapes label ids.
+    """
+    was_training = model.training
+    model.eval()
+    n = model.num_classes
+    train_ids = TRAIN_IDS_16 if n == 16 else tuple(range(n))
+    cm = torch.zeros(n, n, dtype=torch.long, device=device)
+    if out_dir is not None:
+        (Path(out_dir) / "vis").mkdir(parents=True, exist_ok=True)
+        if save_predictions:
+            (Path(out_dir) / "predictions").mkdir(parents=True, exist_ok=True)
+    for index in range(len(dataset)):
+        item = dataset[index]
+        x, y = item["image"][None].to(device), item["label"].to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x)
+        logits = (logits[1] if isinstance(logits, tuple) else logits).float()
+        pred = upsample(logits, y.shape).argmax(1)[0]
+        cm += confusion_matrix(pred, y, n)
+        if out_dir is None:
+            continue
+        stem = stem_of(dataset.pairs[index][0])
+        if save_predictions:
+            w, h = image_size(dataset.pairs[index][1])
+            full = upsample(logits, (h, w)).argmax(1)[0].cpu().numpy()
+            ids = TRAINID_TO_LABELID[np.asarray(train_ids)[full]]
+            save_png(Path(out_dir) / "predictions" / f"{stem}_labelIds.png", ids)
+        if index < n_vis:
+            rgb = (denormalise(x, dataset.norm)[0].permute(1, 2, 0).clamp(0, 1) * 255).byte().cpu().numpy()
+            gt, pr = (np.asarray(Image.fromarray(a.astype(np.uint8)).resize(rgb.shape[1::-1], Image.NEAREST))
+                      for a in (y.cpu().numpy(), pred.cpu().numpy()))
+            save_png(Path(out_dir) / "vis" / f"{stem}.png",
+                     np.concatenate([rgb, colourise(gt, train_ids), colourise(pr, train_ids)], axis=1))
+    model.train(was_training)
+    return metrics_from_confusion(cm, train_ids, iteration, model_name, synthia)
+
+
+def save_png(path, array):
+    """Write a uint8 array as PNG atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+# ======================================================================================
+# Data checking: python common.py check-data --data-root DIR [--json PATH]
+# ======================================================================================
+
+DATASET_FOLDERS = {"gta5": "gta5", "synthia": "synthia", "cityscapes": "cityscapes"}
+
+
+def check_split(kind, root, split):
+    """Counts, orphans, size mismatches, unreadable files and the train-id histogram of one split."""
+    pairs, orphans = dataset_files(kind, root, split, strict=False)
+    report = {"pairs": len(pairs), "orphans": orphans, "size_mismatch": [], "unreadable": []}
+    hist = np.zeros(256, dtype=np.int64)
+    for img, lab in pairs:
+        try:
+            isize = image_size(img)
+            with Image.open(img) as im:
+                im.verify()
+        except Exception:
+            report["unreadable"].append(str(img))
+            isize = None
+        try:
+            label = read_label(lab, kind)
+        except DataError:
+            report["unreadable"].append(str(lab))
+            continue
+        hist += np.bincount(label.ravel(), minlength=256)
+        if isize is not None and tuple(isize) != label.shape[::-1]:
+            report["size_mismatch"].append(f"{img} {isize[0]}x{isize[1]} vs label "
+                                           f"{label.shape[1]}x{label.shape[0]}")
+    report["histogram"] = {name: int(hist[c]) for c, name in enumerate(CLASS_NAMES)}
+    report["histogram"]["ignore"] = int(hist.sum() - hist[:19].sum())
+    return report
+
+
+def check_data(data_root):
+    """Walk whichever of GTA5 / SYNTHIA / Cityscapes exist under data_root; {dataset: {split: report}}."""
+    out = {}
+    for kind, folder in DATASET_FOLDERS.items():
+        root = Path(data_root) / folder
+        if not root.is_dir():
+            continue
+        splits = ("train", "val") if kind == "cityscapes" else ("train",)
+        out[kind] = {}
+        for split in splits:
+            try:
+                out[kind][split] = check_split(kind, root, split)
+            except DataError as exc:
+                out[kind][split] = {"error": str(exc)}
+    return out
+
+
+def print_check_report(report):
+    """Human-readable summary of a check_data report."""
+    for kind, splits in report.items():
+        for split, r in splits.items():
+            if "error" in r:
+                print(f"{kind}/{split}: ERROR {r['error']}")
+                continue
+            print(f"{kind}/{split}: {r['pairs']} pairs, {len(r['orphans'])} orphans, "
+                  f"{len(r['size_mismatch'])} size mismatches, {len(r['unreadable'])} unreadable")
+            for key in ("orphans", "unreadable", "size_mismatch"):
+                for entry in r[key][:20]:
+                    print(f"  {key}: {entry}")
+            total = max(sum(r["histogram"].values()), 1)
+            print("  " + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in r["histogram"].items()))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="common.py", description="Dataset tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check-data", help="report pairs, orphans, size mismatches, unreadable files "
+                                              "and class histograms of the datasets under --data-root")
+    check.add_argument("--data-root", default="./data", help="folder holding gta5/, synthia/, cityscapes/")
+    check.add_argument("--json", default=None, help="also write the report as JSON to this path")
+    args = parser.parse_args(argv)
+    if not Path(args.data_root).is_dir():
+        raise DataError(f"{args.data_root}: folder not found (expected gta5/, synthia/ or cityscapes/ inside)")
+    report = check_data(args.data_root)
+    if not report:
+        raise DataError(f"{args.data_root}: none of gta5/, synthia/, cityscapes/ found")
+    print_check_report(report)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(report, indent=1))
+    bad = any("error" in r or r["orphans"] or r["unreadable"] for s in report.values() for r in s.values())
+    return 2 if bad else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -303,7 +303,7 @@ NORMALISATIONS = {
 def normalise(rgb, norm):
     """uint8 HxWx3 RGB array -> float32 3xHxW tensor in the pipeline's channel order, mean and std."""
     order, mean, std = NORMALISATIONS[norm]
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()
+    x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float()
     if order == "bgr":
         x = x.flip(0)
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
@@ -335,6 +335,15 @@ def image_size(path):
         return im.size
 
 
+def read_png_unchanged(path):
+    """A PNG with its own bit depth and channel order, CxHxW (PIL would truncate 16-bit RGB to zeros)."""
+    import warnings
+    from torchvision.io import ImageReadMode, decode_png, read_file
+    with warnings.catch_warnings():  # torchvision 0.29 announces a move of its decoders to torchcodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_png(read_file(str(path)), ImageReadMode.UNCHANGED).numpy()
+
+
 def read_rgb(path):
     """An image file as a uint8 HxWx3 RGB array; DataError if unreadable."""
     try:
@@ -355,8 +364,7 @@ def read_label(path, kind):
             if not ((depth == 16 and ctype in (2, 6)) or (depth == 8 and ctype == 0)):
                 raise DataError(f"{path}: unexpected label encoding (bit depth {depth}, colour type {ctype}); "
                                 f"expected SYNTHIA GT/LABELS 16-bit RGB with the class id in the first channel")
-            from torchvision.io import ImageReadMode, decode_png, read_file
-            raw = decode_png(read_file(str(path)), ImageReadMode.UNCHANGED)[0].numpy()
+            raw = read_png_unchanged(path)[0]
             return SYNTHIA_TO_TRAINID[np.minimum(raw.astype(np.int64), 255)]
         expected = {"gta5": "an 8-bit palette or grey PNG of Cityscapes label ids",
                     "cityscapes": "an 8-bit grey PNG of Cityscapes label ids (*_gtFine_labelIds.png)"}[kind]
@@ -635,7 +643,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 break
         if self.label_res == "full":
             y = full
-        return {"image": normalise(x, self.norm), "label": torch.from_numpy(np.ascontiguousarray(y)).long(),
+        return {"image": normalise(x, self.norm), "label": torch.from_numpy(np.array(y)).long(),
                 "index": index}
 
 

@@ -1,0 +1,94 @@
+"""Generated tiny datasets in the official on-disk layouts (never downloaded)."""
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# label ids (Cityscapes encoding) used to paint generated GTA5 / Cityscapes labels
+LABEL_IDS = [7, 8, 11, 21, 23, 24, 26, 0, 4]  # road, sidewalk, building, vegetation, sky, person, car, void x2
+SYNTHIA_IDS = [3, 4, 2, 6, 1, 10, 8, 0, 13]   # the same classes in SYNTHIA's raw ids (0, 13 -> ignore)
+
+
+def write_png16(path, array):
+    """Write an HxWx3 uint16 array as a 16-bit RGB PNG (what SYNTHIA GT/LABELS are)."""
+    h, w, _ = array.shape
+    raw = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
+                          + chunk(b"IEND", b""))
+
+
+def random_ids(rng, h, w, ids):
+    return np.asarray(ids, dtype=np.uint8)[rng.integers(0, len(ids), size=(h, w))]
+
+
+def write_rgb(path, rng, h, w):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(path)
+
+
+def write_palette(path, ids):
+    im = Image.fromarray(ids, mode="P")
+    im.putpalette(list(np.random.default_rng(0).integers(0, 256, 768).astype(np.uint8)))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    im.save(path)
+
+
+def make_gta5(root, n=4, h=24, w=40, mismatch=True, seed=0):
+    rng = np.random.default_rng(seed)
+    for i in range(1, n + 1):
+        write_rgb(root / "gta5" / "images" / f"{i:05d}.png", rng, h, w)
+        lh, lw = (h + 2, w + 4) if (mismatch and i == n) else (h, w)
+        write_palette(root / "gta5" / "labels" / f"{i:05d}.png", random_ids(rng, lh, lw, LABEL_IDS))
+    return root / "gta5"
+
+
+def make_synthia(root, n=3, h=38, w=64, seed=1):
+    rng = np.random.default_rng(seed)
+    (root / "synthia" / "GT" / "LABELS").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        write_rgb(root / "synthia" / "RGB" / f"{i:07d}.png", rng, h, w)
+        lab = np.zeros((h, w, 3), dtype=np.uint16)
+        lab[..., 0] = random_ids(rng, h, w, SYNTHIA_IDS)
+        lab[..., 1] = rng.integers(0, 5000, size=(h, w))  # instance ids, > 255 on purpose
+        write_png16(root / "synthia" / "GT" / "LABELS" / f"{i:07d}.png", lab)
+    return root / "synthia"
+
+
+def make_cityscapes(root, n_train=6, n_val=2, h=32, w=64, nested=False, seed=2):
+    rng = np.random.default_rng(seed)
+    base = root / "cityscapes"
+    img_root = base / "leftImg8bit_trainvaltest" / "leftImg8bit" if nested else base / "leftImg8bit"
+    lab_root = base / "gtFine_trainvaltest" / "gtFine" if nested else base / "gtFine"
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            city = ("aachen", "bochum")[i % 2] if split == "train" else "frankfurt"
+            stem = f"{city}_{i:06d}_000019"
+            write_rgb(img_root / split / city / f"{stem}_leftImg8bit.png", rng, h, w)
+            ids = random_ids(rng, h, w, LABEL_IDS)
+            d = lab_root / split / city
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(ids, mode="L").save(d / f"{stem}_gtFine_labelIds.png")
+            Image.fromarray(ids * 3, mode="L").save(d / f"{stem}_gtFine_instanceIds.png")
+            Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(d / f"{stem}_gtFine_color.png")
+            (d / f"{stem}_gtFine_polygons.json").write_text("{}")
+    return base
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    make_gta5(tmp_path)
+    make_synthia(tmp_path)
+    make_cityscapes(tmp_path)
+    return tmp_path

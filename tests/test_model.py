@@ -1,0 +1,187 @@
+"""DeepLabv2: official key names/shapes, output sizes, ASPP quirk, inits, parameter groups, LegacySGD."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+from common import DataError, DeepLabV2, LegacySGD, initialise, load_init, param_groups
+
+BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def official_keys(num_classes=19, multi_level=False):
+    """Key -> shape of the official Res_Deeplab / DeeplabMulti, written out from common.md §1.5."""
+    keys = {"conv1.weight": (64, 3, 7, 7)}
+    keys.update({f"bn1.{s}": (64,) for s in BN})
+    inplanes = 64
+    for layer, (planes, blocks) in enumerate([(64, 3), (128, 4), (256, 23), (512, 3)], start=1):
+        for b in range(blocks):
+            p = f"layer{layer}.{b}."
+            keys[p + "conv1.weight"] = (planes, inplanes, 1, 1)
+            keys[p + "conv2.weight"] = (planes, planes, 3, 3)
+            keys[p + "conv3.weight"] = (planes * 4, planes, 1, 1)
+            for i, ch in ((1, planes), (2, planes), (3, planes * 4)):
+                keys.update({p + f"bn{i}.{s}": (ch,) for s in BN})
+            if b == 0:
+                keys[p + "downsample.0.weight"] = (planes * 4, inplanes, 1, 1)
+                keys.update({p + f"downsample.1.{s}": (planes * 4,) for s in BN})
+            inplanes = planes * 4
+    heads = [("layer5", 1024), ("layer6", 2048)] if multi_level else [("layer5", 2048)]
+    for name, cin in heads:
+        for k in range(4):
+            keys[f"{name}.conv2d_list.{k}.weight"] = (num_classes, cin, 3, 3)
+            keys[f"{name}.conv2d_list.{k}.bias"] = (num_classes,)
+    return {k: (() if k.endswith("num_batches_tracked") else v) for k, v in keys.items()}
+
+
+def shapes(model):
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("multi_level", [False, True])
+@pytest.mark.parametrize("style", ["caffe", "pytorch"])
+def test_state_dict_matches_official(multi_level, style):
+    model = DeepLabV2(19, multi_level=multi_level, style=style)
+    assert shapes(model) == official_keys(19, multi_level)
+    # an official-format state dict (same keys, other values) loads strictly
+    other = {k: torch.randn(v.shape) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    DeepLabV2(19, multi_level=multi_level).load_state_dict(other, strict=True)
+
+
+def test_stride_placement_and_dilations():
+    caffe, torchstyle = DeepLabV2(style="caffe"), DeepLabV2(style="pytorch")
+    assert caffe.layer2[0].conv1.stride == (2, 2) and caffe.layer2[0].conv2.stride == (1, 1)
+    assert torchstyle.layer2[0].conv1.stride == (1, 1) and torchstyle.layer2[0].conv2.stride == (2, 2)
+    assert all(b.conv2.dilation == (2, 2) for b in caffe.layer3)
+    assert all(b.conv2.dilation == (4, 4) for b in caffe.layer4)
+    assert caffe.maxpool.ceil_mode
+    assert [c.dilation[0] for c in caffe.layer5.conv2d_list] == [6, 12, 18, 24]
+
+
+def test_bn_affine_frozen_and_init():
+    model = DeepLabV2(layers=(1, 1, 1, 1))
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(not m.weight.requires_grad and not m.bias.requires_grad for m in bns)
+    assert all(bool((m.weight == 1).all()) and bool((m.bias == 0).all()) for m in bns)
+    w = torch.cat([m.weight.flatten() for m in model.modules() if isinstance(m, torch.nn.Conv2d)])
+    assert abs(w.std().item() - 0.01) < 0.001
+    trainable = DeepLabV2(layers=(1, 1, 1, 1), freeze_bn_affine=False)
+    assert trainable.bn1.weight.requires_grad
+
+
+@pytest.mark.parametrize("hw,out", [((512, 512), (65, 65)), ((512, 1024), (65, 129)), ((720, 1280), (91, 161))])
+def test_output_size(hw, out):
+    model = DeepLabV2(layers=(1, 1, 1, 1)).eval()  # output size does not depend on the block count
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, *hw)).shape == (1, 19, *out)
+
+
+def test_resnet101_forward_and_multi_level():
+    model = DeepLabV2(7, multi_level=True).eval()
+    with torch.no_grad():
+        aux, main = model(torch.zeros(1, 3, 64, 64))
+    assert aux.shape == main.shape == (1, 7, 9, 9)
+
+
+def test_aspp_two_branch_quirk_and_full():
+    torch.manual_seed(0)
+    model = DeepLabV2(layers=(1, 1, 1, 1))
+    x = torch.randn(2, 3, 48, 48)
+    model(x).sum().backward()
+    grads = [c.weight.grad for c in model.layer5.conv2d_list]
+    assert grads[0] is not None and grads[1] is not None and grads[2] is None and grads[3] is None
+    feat = torch.randn(1, 2048, 5, 5)
+    head = model.layer5
+    two = head.conv2d_list[0](feat) + head.conv2d_list[1](feat)
+    assert torch.allclose(head(feat), two)
+    head.full = True
+    assert torch.allclose(head(feat), sum(c(feat) for c in head.conv2d_list), atol=1e-6)
+
+
+def test_load_init_both_key_formats(tmp_path):
+    src = DeepLabV2(21, layers=(1, 1, 1, 1))  # a 21-class head, like a VOC/COCO file
+    state = src.state_dict()
+    for prefix in ("", "Scale."):
+        dst = DeepLabV2(19, layers=(1, 1, 1, 1))
+        path = tmp_path / f"init{prefix or 'bare'}.pth"
+        torch.save({prefix + k: v for k, v in state.items()}, path)
+        head_before = dst.layer5.conv2d_list[0].weight.clone()
+        n = initialise(dst, str(path))
+        assert n == len(state) - 8  # every tensor but the 8 classifier tensors of another shape
+        assert torch.equal(dst.layer1[0].conv2.weight, src.layer1[0].conv2.weight)
+        assert torch.equal(dst.layer5.conv2d_list[0].weight, head_before)
+
+
+def test_load_init_same_head_is_copied_and_multi_level_aux_is_not():
+    src = DeepLabV2(19, layers=(1, 1, 1, 1))
+    dst = DeepLabV2(19, multi_level=True, layers=(1, 1, 1, 1))
+    load_init(dst, src.state_dict())
+    # the 2048-in layer5 of the single-level file must not land in the 1024-in aux head
+    assert not torch.equal(dst.layer5.conv2d_list[0].weight[:, :1], src.layer5.conv2d_list[0].weight[:, :1])
+    assert load_init(DeepLabV2(19, layers=(1, 1, 1, 1)), src.state_dict()) == len(src.state_dict())
+
+
+def test_zero_copy_refused(tmp_path):
+    path = tmp_path / "wrong.pth"
+    torch.save({"encoder.weight": torch.zeros(3)}, path)
+    with pytest.raises(DataError, match="no tensor matched"):
+        initialise(DeepLabV2(layers=(1, 1, 1, 1)), str(path))
+
+
+def test_malicious_pickle_is_refused_without_side_effect(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    code = (f"import torch, os\nclass E:\n    def __reduce__(self):\n"
+            f"        return (os.system, ('touch {marker}',))\ntorch.save({{'model': E()}}, r'{path}')\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with pytest.raises(DataError, match="not a readable plain weights file"):
+        common.load_state_file(path)
+    assert not marker.exists()
+
+
+def test_param_groups_official_duplicates():
+    model = DeepLabV2()
+    groups = param_groups(model, 2.5e-4)
+    backbone = groups[0]["params"]
+    assert len(backbone) == 314 and len({id(p) for p in backbone}) == 104
+    assert sum(p is model.layer1[0].downsample[0].weight for p in backbone) == 4
+    assert sum(p is model.layer3[7].conv2.weight for p in backbone) == 3
+    assert sum(p is model.conv1.weight for p in backbone) == 1
+    assert len(groups[1]["params"]) == 8 and groups[1]["lr"] == pytest.approx(2.5e-3)
+    clean = param_groups(model, 2.5e-4, official_duplicates=False)
+    assert len(clean[0]["params"]) == 104
+    multi = param_groups(DeepLabV2(multi_level=True), 1.0)
+    assert len(multi[1]["params"]) == 16
+
+
+def test_legacy_sgd_matches_hand_computation_with_duplicates():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    lr, m, wd = 0.1, 0.9, 0.01
+    opt = LegacySGD([{"params": [p, p, p], "lr": lr}], lr=lr, momentum=m, weight_decay=wd)
+    g = torch.tensor([0.5, 0.25])
+    ref, buf = p.detach().clone(), None
+    for _ in range(2):  # two optimisation steps, three sub-steps each
+        p.grad = g.clone()
+        opt.step()
+        for _ in range(3):
+            d = g + wd * ref
+            buf = d.clone() if buf is None else m * buf + d
+            ref = ref - lr * buf
+    assert torch.allclose(p.detach(), ref)
+    torch_sgd_p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    torch_sgd_p.grad = g.clone()
+    with pytest.warns(UserWarning):
+        torch.optim.SGD([torch_sgd_p] * 3, lr=lr, momentum=m, weight_decay=wd, foreach=False).step()
+    # after one step the modern SGD differs from the 1.5 rule (why LegacySGD exists)
+    q = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    q.grad = g.clone()
+    LegacySGD([q, q, q], lr=lr, momentum=m, weight_decay=wd).step()
+    assert not torch.allclose(q.detach(), torch_sgd_p.detach())
+
+
+def test_fc_discriminator_shape():
+    d = common.FCDiscriminator(19)
+    assert d(torch.zeros(1, 19, 64, 64)).shape == (1, 1, 2, 2)
+    assert len(d.state_dict()) == 10

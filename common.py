@@ -656,6 +656,502 @@ def atomic_write_text(path, text):
 
 
 # ======================================================================================
+# Mixing and augmentation on GPU batches (common.md §9); randomness from a CPU torch.Generator
+# (no device syncs), moved to the batch's device
+# ======================================================================================
+
+def class_mix_mask(labels, generator, rule="floor", drop_ignore=True):
+    """(N,H,W) float mask of a random half of the classes present in each label map (ClassMix).
+
+    rule 'floor' picks floor(n/2) of the n classes (ClassMix SSL: n=1 gives an empty mask), 'ceil'
+    picks ceil(n/2) (DACS). With drop_ignore=False the ignore value is a candidate like a class (DACS).
+    """
+    n_img = labels.shape[0]
+    present = torch.zeros(n_img, 256, dtype=torch.bool, device=labels.device)
+    present.scatter_(1, labels.reshape(n_img, -1).long(), True)
+    if drop_ignore:
+        present[:, IGNORE] = False
+    count = present.sum(1)
+    k = count // 2 if rule == "floor" else (count + 1) // 2
+    scores = torch.rand(n_img, 256, generator=generator).to(labels.device)
+    scores = scores.masked_fill(~present, 2.0)  # absent classes rank last
+    rank = scores.argsort(1).argsort(1)
+    chosen = present & (rank < k[:, None])
+    return class_mask(labels, chosen)
+
+
+def class_mask(labels, chosen):
+    """1.0 where a pixel's class is chosen: labels (N,H,W), chosen (N,256) bool."""
+    return chosen.gather(1, labels.reshape(labels.shape[0], -1).long()).view(labels.shape).float()
+
+
+def mix_pairs(mask, a):
+    """ClassMix: out_i = M_i * a_i + (1 - M_i) * a_{(i+1) mod N}, for images (N,C,H,W) or maps (N,H,W)."""
+    m = mask if a.dim() == mask.dim() else mask.unsqueeze(1)
+    return m * a + (1 - m) * a.roll(-1, 0)
+
+
+def one_mix(mask, a, b):
+    """DACS: paste the masked pixels of a onto b (M * a + (1 - M) * b), batched over pairs."""
+    m = mask if a.dim() == mask.dim() else mask.unsqueeze(1)
+    out = m * a + (1 - m) * b
+    return out.to(a.dtype) if not a.is_floating_point() else out
+
+
+def cutmix_mask(n, h, w, generator, device="cpu"):
+    """CutMix (ClassMix ablation): a box of area HW/2, width U{W/2..W}; mask 0 inside, 1 outside."""
+    area = h * w / 2
+    bw = torch.randint(math.ceil(w / 2), w + 1, (n,), generator=generator)
+    bh = (area / bw).round().clamp(max=h).long()
+    x0 = (torch.rand(n, generator=generator) * (w - bw + 1)).long()
+    y0 = (torch.rand(n, generator=generator) * (h - bh + 1)).long()
+    ys, xs = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
+    inside = ((ys >= y0[:, None, None]) & (ys < (y0 + bh)[:, None, None])
+              & (xs >= x0[:, None, None]) & (xs < (x0 + bw)[:, None, None]))
+    return (~inside).float().to(device)
+
+
+def cowmix_mask(n, h, w, generator, device="cpu", sigma_range=(8.0, 32.0), p=0.5):
+    """CowMix (ClassMix ablation): Gaussian noise smoothed with sigma log-uniform in range, cut at quantile p."""
+    log_lo, log_hi = math.log(sigma_range[0]), math.log(sigma_range[1])
+    sigma = torch.exp(log_lo + torch.rand(n, generator=generator) * (log_hi - log_lo))
+    noise = torch.randn(n, 1, h, w, generator=generator).to(device)
+    smooth = blur_batch(noise, sigma.to(device), kernel=(odd_kernel(h, 1.0), odd_kernel(w, 1.0)))
+    flat = smooth.view(n, -1)
+    return (flat > flat.quantile(p, dim=1, keepdim=True)).float().view(n, h, w)
+
+
+def odd_kernel(size, fraction=0.1):
+    """ceil(fraction * size), minus one if even (DACS: 51 for 512), at least 1."""
+    k = math.ceil(fraction * size)
+    return max(k - 1 if k % 2 == 0 else k, 1)
+
+
+def blur_batch(x, sigma, kernel):
+    """Separable Gaussian blur with one sigma per image, reflect padding; x (N,C,H,W), kernel (kh, kw)."""
+    n, c, h, w = x.shape
+    out = x
+    for dim, k in ((2, kernel[0]), (3, kernel[1])):
+        r = torch.arange(k, device=x.device, dtype=x.dtype) - (k - 1) / 2
+        g = torch.exp(-r[None] ** 2 / (2 * sigma[:, None].to(x.dtype) ** 2))
+        g = (g / g.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (N*C, k)
+        weight = g.view(n * c, 1, k, 1) if dim == 2 else g.view(n * c, 1, 1, k)
+        pad = (0, 0, k // 2, k // 2) if dim == 2 else (k // 2, k // 2, 0, 0)
+        out = F.conv2d(F.pad(out.reshape(1, n * c, h, w), pad, mode="reflect"), weight, groups=n * c)
+    return out.view(n, c, h, w)
+
+
+def gaussian_blur(x, generator, gate=0.5, sigma_range=(0.15, 1.15), per_image=True):
+    """DACS blur: applied iff U(0,1) > gate; sigma ~ U(range) per image (or one per call); kernel 0.1 x side."""
+    if torch.rand((), generator=generator).item() <= gate:
+        return x
+    n = x.shape[0]
+    sigma = sigma_range[0] + torch.rand(n if per_image else 1, generator=generator) * (
+        sigma_range[1] - sigma_range[0])
+    return blur_batch(x, sigma.expand(n).to(x.device), (odd_kernel(x.shape[2]), odd_kernel(x.shape[3])))
+
+
+def rgb_to_hsv(x, eps=1e-8):
+    """(N,3,H,W) RGB in [0,1] -> hue in radians [0, 2pi), saturation, value (kornia's definition)."""
+    maxc, argmax = x.max(1)
+    minc = x.min(1).values
+    delta = maxc - minc
+    r, g, b = x.unbind(1)
+    hue = torch.stack([(g - b) / (delta + eps) % 6, (b - r) / (delta + eps) + 2,
+                       (r - g) / (delta + eps) + 4], 1).gather(1, argmax[:, None])[:, 0]
+    hue = torch.where(delta > 0, hue, torch.zeros_like(hue)) * (math.pi / 3) % (2 * math.pi)
+    return hue, delta / (maxc + eps), maxc
+
+
+def hsv_to_rgb(hue, sat, val):
+    """Inverse of rgb_to_hsv."""
+    h6 = hue / (math.pi / 3)
+    k = torch.stack([(5 + h6) % 6, (3 + h6) % 6, (1 + h6) % 6], 1)
+    return val[:, None] - (val * sat)[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def color_jitter(x, norm, generator, strength=0.25, gate=0.2, per_image_order=False):
+    """Kornia-0.3/0.5 ColorJitter on normalised images, applied iff U(0,1) > gate (80 %).
+
+    brightness x + U(-s,s) (additive), contrast x * U(1-s,1+s) (no mean blending), saturation S * U(1-s,1+s)
+    in HSV, hue + U(-s,s) turns, each followed by a clamp to [0,1]; factors per image; the op order is one
+    random permutation per call (kornia 0.3, ClassMix/DACS) or per image (DAFormer, per_image_order).
+    """
+    if torch.rand((), generator=generator).item() <= gate:
+        return x
+    n, dev = x.shape[0], x.device
+    f = (torch.rand(4, n, generator=generator) * 2 - 1) * strength  # brightness, contrast, saturation, hue
+    order = (torch.rand(n if per_image_order else 1, 4, generator=generator).argsort(1)).expand(n, 4).to(dev)
+    f = f.to(dev)
+    img = denormalise(x.float(), norm)
+
+    def apply(op, y):
+        if op == 0:
+            return (y + f[0].view(n, 1, 1, 1)).clamp(0, 1)
+        if op == 1:
+            return (y * (1 + f[1]).view(n, 1, 1, 1)).clamp(0, 1)
+        hue, sat, val = rgb_to_hsv(y)
+        if op == 2:
+            sat = (sat * (1 + f[2]).view(n, 1, 1)).clamp(0, 1)
+        else:
+            hue = (hue + f[3].view(n, 1, 1) * 2 * math.pi) % (2 * math.pi)
+        return hsv_to_rgb(hue, sat, val).clamp(0, 1)
+
+    for pos in range(4):
+        img = sum(torch.where((order[:, pos] == op).view(n, 1, 1, 1), apply(op, img), 0) for op in range(4))
+    return renormalise(img, norm).to(x.dtype)
+
+
+def renormalise(rgb01, norm):
+    """RGB [0,1] batch -> the pipeline's normalisation (inverse of `denormalise`)."""
+    order, mean, std = NORMALISATIONS[norm]
+    x = rgb01 * 255.0
+    x = x.flip(1) if order == "bgr" else x
+    return (x - x.new_tensor(mean).view(1, 3, 1, 1)) / x.new_tensor(std).view(1, 3, 1, 1)
+
+
+def hflip(x, flags):
+    """Flip the images (or maps) of the batch whose flag is set; x (N,...,W), flags (N,) bool."""
+    view = flags.view(-1, *([1] * (x.dim() - 1))).to(x.device)
+    return torch.where(view, x.flip(-1), x)
+
+
+# ======================================================================================
+# Losses (common.md §8); logits are upsampled to the label size first (`upsample`)
+# ======================================================================================
+
+def ce_loss(logits, target, ignore=IGNORE):
+    """Cross-entropy averaged over non-ignored pixels; a differentiable 0 when none is valid (no sync)."""
+    total = F.cross_entropy(logits.float(), target, ignore_index=ignore, reduction="sum")
+    return total / (target != ignore).sum().clamp(min=1)
+
+
+def ce_pixel_weighted(logits, target, weight, ignore=IGNORE):
+    """Per-pixel CE times a weight map, averaged over all B*H*W pixels including ignored ones (DACS)."""
+    ce = F.cross_entropy(logits.float(), target, ignore_index=ignore, reduction="none")
+    return (ce * weight).mean()
+
+
+def mse_softmax(logits, target_prob):
+    """Squared error between the softmax of the logits and a soft target, mean over all elements."""
+    return F.mse_loss(logits.float().softmax(1), target_prob)
+
+
+def kl_distillation(student_logits, teacher_logits, temperature=1.0):
+    """KL(teacher || student) on temperature-softened maps, mean over pixels, scaled by T^2."""
+    t = temperature
+    log_p = F.log_softmax(student_logits.float() / t, 1)
+    q = F.softmax(teacher_logits.float() / t, 1)
+    return F.kl_div(log_p, q, reduction="none").sum(1).mean() * t * t
+
+
+def pseudo_label(teacher_logits, tau=0.968, mode="uniform", per_image=False):
+    """(hard pseudo-label, weight map, max prob): weight q = share of pixels with max prob >= tau
+
+    over the batch ('uniform', DACS threshold_uniform; per image with per_image) or the 0/1 map of
+    those pixels ('pixel'), or 1 everywhere ('none').
+    """
+    max_prob, label = teacher_logits.float().softmax(1).max(1)
+    confident = (max_prob >= tau).float()
+    if mode == "pixel":
+        return label, confident, max_prob
+    if mode == "none":
+        return label, torch.ones_like(max_prob), max_prob
+    q = confident.mean((1, 2), keepdim=True) if per_image else confident.mean()
+    return label, q * torch.ones_like(max_prob), max_prob
+
+
+# ======================================================================================
+# Training utilities: schedules, EMA, seeding, device/AMP, logging, checkpoints (common.md §4, §11, §12)
+# ======================================================================================
+
+def poly_factor(i, max_iter, power=0.9):
+    """(1 - i/max_iter)^power: the DeepLab poly schedule as a multiplier of each group's base lr."""
+    return (1 - i / max_iter) ** power
+
+
+def warmup_poly_factor(i, max_iter, warmup=1500, power=1.0, warmup_ratio=1e-6):
+    """mmcv linear warm-up on top of poly (DAFormer poly10warm): the warm-up scales the decayed value."""
+    factor = poly_factor(i, max_iter, power)
+    return factor * (1 - (1 - i / warmup) * (1 - warmup_ratio)) if i < warmup else factor
+
+
+def lr_scheduler(optimizer, factor):
+    """LambdaLR over all groups (so the head keeps its 10x); `factor(i)` is applied before step i."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def ema_alpha(i, alpha_max=0.99):
+    """Teacher momentum at loop index i: min(1 - 1/(i+1), alpha_max) (DACS/ClassMix)."""
+    return min(1 - 1 / (i + 1), alpha_max)
+
+
+@torch.no_grad()
+def ema_update(teacher, student, i, alpha_max=0.99):
+    """theta_t <- a*theta_t + (1-a)*theta_s over parameters only (buffers are not copied, as the authors)."""
+    a = ema_alpha(i, alpha_max)
+    torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - a)
+
+
+def ema_teacher(student, build):
+    """A fresh model from `build()` holding the student's parameters (not buffers), in train mode."""
+    teacher = build().to(next(student.parameters()).device)
+    with torch.no_grad():
+        for t, s in zip(teacher.parameters(), student.parameters()):
+            t.copy_(s)
+            t.requires_grad_(False)
+    return teacher.train()
+
+
+def seed_everything(seed):
+    """Seed python, numpy and torch (the authors seed numpy only; this cannot change expected results)."""
+    import random
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def step_generator(seed, i):
+    """CPU generator for the random draws of iteration i (mix masks, augmentation): exact on resume."""
+    return torch.Generator().manual_seed(item_seed(seed, 1000, i, 0))
+
+
+def select_device(name):
+    """--device auto|cuda|cpu -> torch.device (DataError when cuda is asked for but absent)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+class Amp:
+    """autocast (bf16 where supported, else fp16 with a GradScaler) behind one switch; off = fp32."""
+
+    def __init__(self, device, enabled):
+        self.enabled = enabled and device.type == "cuda"
+        self.dtype = (torch.bfloat16 if self.enabled and torch.cuda.is_bf16_supported() else torch.float16)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
+        self.device_type = device.type
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+    def backward(self, loss):
+        self.scaler.scale(loss).backward()
+
+    def step(self, optimizer):
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+def prepare_model(model, device, amp):
+    """Move to device; channels_last when AMP runs on the GPU."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if amp.enabled else model
+
+
+class Logger:
+    """Console line every `every` iterations, log.jsonl, TensorBoard if installed; losses stay on device."""
+
+    def __init__(self, out_dir, every, max_iter, start_iter=0):
+        import time
+        self.path, self.every, self.max_iter = Path(out_dir) / "log.jsonl", every, max_iter
+        self.sums, self.count, self.t0, self.i0, self.clock = {}, 0, time.time(), start_iter, time.time
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out_dir))
+        except Exception:  # TensorBoard is optional
+            self.tb = None
+
+    def log(self, i, losses, lr):
+        """Accumulate this iteration's losses; at a log step, write the means (the only host sync)."""
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+        self.count += 1
+        if (i + 1) % self.every and i + 1 != self.max_iter:
+            return
+        rate = (i + 1 - self.i0) / max(self.clock() - self.t0, 1e-9)
+        rec = {"iteration": i + 1, **{k: float(v) / self.count for k, v in self.sums.items()},
+               "lr": lr, "it_per_s": rate, "eta_s": (self.max_iter - i - 1) / rate}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(f"it {i + 1}/{self.max_iter} " + " ".join(f"{k} {rec[k]:.4f}" for k in self.sums)
+              + f" lr {lr:.3g} {rate:.2f} it/s eta {rec['eta_s'] / 60:.1f} min", flush=True)
+        if self.tb is not None:
+            for k in self.sums:
+                self.tb.add_scalar(k, rec[k], i + 1)
+        self.sums, self.count = {}, 0
+
+
+def rng_states():
+    """Python, numpy and torch RNG states in a weights_only-loadable form."""
+    import random
+    ver, state, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {"python": [ver, list(state), gauss], "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()),
+                                                           *np_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states):
+    """Inverse of rng_states."""
+    import random
+    ver, state, gauss = states["python"]
+    random.setstate((ver, tuple(state), gauss))
+    np.random.set_state((states["numpy"][0], states["numpy"][1].numpy(), *states["numpy"][2:]))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(path, state):
+    """torch.save to a temp file in the same folder, fsync, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, num_classes=None):
+    """A checkpoint dict loaded with weights_only=True; DataError if missing, unsafe or for other classes."""
+    ckpt = load_state_file(path)
+    state = ckpt.get("model", ckpt)
+    heads = [k for k in ("layer6.conv2d_list.0.weight", "layer5.conv2d_list.0.weight") if k in state]
+    if not heads:
+        raise DataError(f"{path}: no DeepLabv2 classifier weights found (expected key 'model' with "
+                        f"'layer5.conv2d_list.0.weight')")
+    found = state[heads[0]].shape[0]
+    if num_classes is not None and found != num_classes:
+        raise DataError(f"{path}: checkpoint has {found} classes, expected {num_classes}")
+    return ckpt
+
+
+# ======================================================================================
+# The shared command line (cli.md) and run set-up
+# ======================================================================================
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error contract: one line `error: ...` on stderr, exit 2."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def shared_parser(defaults):
+    """The flags every method script shares (cli.md); `defaults` maps a flag's dest to (value, source)."""
+    p = argparse.ArgumentParser(add_help=False)
+    d = {k: v[0] for k, v in defaults.items()}
+    src = {k: v[1] for k, v in defaults.items()}
+
+    def add(flag, help, **kw):
+        dest = flag.lstrip("-").replace("-", "_")
+        if dest in d:
+            kw["default"] = d[dest]
+            help += f" (default: {d[dest]}; {src[dest]})"
+        elif "default" in kw:
+            help += f" (default: {kw['default']})"
+        p.add_argument(flag, help=help, **kw)
+
+    add("--data-root", "folder holding gta5/, synthia/, cityscapes/", default="./data")
+    add("--gta5-root", "override <data-root>/gta5", default=None)
+    add("--synthia-root", "override <data-root>/synthia", default=None)
+    add("--cityscapes-root", "override <data-root>/cityscapes", default=None)
+    add("--iters", "training iterations", type=int)
+    add("--batch-size", "images per stream per iteration", type=int)
+    add("--lr", "base learning rate of the backbone (head x10)", type=float)
+    add("--seed", "seeds python/numpy/torch and every data and augmentation draw", type=int, default=0)
+    add("--source-size", "resize of source images before cropping, W H", type=int, nargs=2, metavar=("W", "H"))
+    add("--target-size", "resize of Cityscapes images before cropping, W H", type=int, nargs=2,
+        metavar=("W", "H"))
+    add("--crop-size", "random crop H W after the resize (0 0 = no crop)", type=int, nargs=2, metavar=("H", "W"))
+    add("--eval-res", "evaluate against labels at the network input size (half) or at full resolution",
+        choices=["half", "full"])
+    add("--init", "backbone initialisation: coco, imagenet, none or a weights file")
+    add("--layers", "Bottleneck blocks per ResNet stage (3 4 23 3 = ResNet-101; the demo uses 1 1 1 1)",
+        type=int, nargs=4, default=[3, 4, 23, 3])
+    add("--out-dir", "output folder (default runs/<script>_<source>_<n>_s<seed>)", default=None)
+    add("--resume", "continue from <out-dir>/checkpoint.pth (auto; a fresh start if none) or a PATH",
+        nargs="?", const="auto", default=None)
+    add("--eval-only", "evaluate --checkpoint and exit", action="store_true")
+    add("--checkpoint", "checkpoint to evaluate with --eval-only", default=None)
+    add("--save-predictions", "with --eval-only: write predictions/<stem>_labelIds.png", action="store_true")
+    add("--eval-every", "evaluate every N iterations (0 = only at the end)", type=int, default=0)
+    add("--save-every", "write checkpoint.pth every N iterations (and checkpoint_<iter>.pth with "
+        "--keep-checkpoints)", type=int, default=1000)
+    add("--keep-checkpoints", "also keep checkpoint_<iter>.pth at every save", action="store_true")
+    add("--log-every", "console/log.jsonl line every N iterations", type=int, default=50)
+    add("--device", "where to train", choices=["auto", "cuda", "cpu"], default="auto")
+    add("--amp", "autocast (bf16 where supported, else fp16) and channels_last on GPU",
+        action=argparse.BooleanOptionalAction, default=False)
+    add("--workers", "data-loading worker processes", type=int, default=2)
+    add("--demo", "run on the generated demo dataset with the small demo settings", action="store_true")
+    return p
+
+
+def check_args(args):
+    """Range checks shared by every script (DataError = exit 2)."""
+    for name in ("iters", "batch_size", "log_every"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
+    if args.lr is not None and not args.lr > 0:
+        raise DataError(f"--lr {args.lr}: expected a positive number")
+    if args.eval_only and not args.checkpoint:
+        raise DataError("--eval-only needs --checkpoint PATH")
+    for name in ("source_size", "target_size"):
+        size = getattr(args, name, None)
+        if size is not None and min(size) < 1:
+            raise DataError(f"--{name.replace('_', '-')} {size[0]} {size[1]}: expected positive W H")
+    if args.crop_size is not None and (min(args.crop_size) < 0 or (0 in args.crop_size and any(args.crop_size))):
+        raise DataError(f"--crop-size {args.crop_size[0]} {args.crop_size[1]}: expected positive H W or 0 0")
+    if args.resume not in (None, "auto") and not Path(args.resume).is_file():
+        raise DataError(f"--resume {args.resume}: file not found")
+
+
+def dataset_root(args, kind):
+    """The root of one dataset: --<kind>-root or <data-root>/<kind>."""
+    return Path(getattr(args, f"{kind}_root") or Path(args.data_root) / kind)
+
+
+def write_run_files(out_dir, args, split=None):
+    """Create out_dir; write config.json (every resolved argument) and split.txt."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.json", json.dumps(vars(args), indent=1, default=str))
+    if split is not None:
+        atomic_write_text(out_dir / "split.txt", "".join(s + "\n" for s in split))
+
+
+def resume_state(args, out_dir, num_classes):
+    """The checkpoint to continue from (None for a fresh start), per --resume."""
+    if args.resume is None:
+        return None
+    path = Path(out_dir) / "checkpoint.pth" if args.resume == "auto" else Path(args.resume)
+    if args.resume == "auto" and not path.is_file():
+        return None
+    return load_checkpoint(path, num_classes)
+
+
+def infinite_loader(dataset, sampler, workers):
+    """DataLoader over an iteration-indexed batch sampler (order and crops fixed by seed and iteration)."""
+    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                            pin_memory=torch.cuda.is_available(),
+                                            persistent_workers=workers > 0))
+
+
+def run_script(main):
+    """Call main(); DataError (bad data/arguments) -> one line `error: ...` on stderr and exit 2."""
+    try:
+        main()
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ======================================================================================
 # Evaluation: confusion matrix, IoU, protocols, predictions (common.md §10)
 # ======================================================================================
 

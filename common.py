@@ -1135,6 +1135,39 @@ def resume_state(args, out_dir, num_classes):
     return load_checkpoint(path, num_classes)
 
 
+def default_out_dir(script, source, n_labeled, seed):
+    """runs/<script>_<source>_<n>_s<seed> (cli.md)."""
+    return Path("runs") / f"{script}_{source}_{n_labeled}_s{seed}"
+
+
+def training_state(i, model, optimizer, scheduler, args, teacher=None):
+    """Checkpoint dict: the official keys (`model`, `ema_model`, `optimizer`, `iteration`) plus the
+    scheduler, every RNG state and the arguments."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": i,
+             "scheduler": scheduler.state_dict(), "rng": rng_states(), "args": vars(args)}
+    if teacher is not None:
+        state["ema_model"] = teacher.state_dict()
+    return state
+
+
+def write_checkpoints(out_dir, state, keep=False):
+    """checkpoint.pth (atomically), plus checkpoint_<iter>.pth when `keep`."""
+    save_checkpoint(Path(out_dir) / "checkpoint.pth", state)
+    if keep:
+        save_checkpoint(Path(out_dir) / f"checkpoint_{state['iteration']}.pth", state)
+
+
+def restore_training(ckpt, model, optimizer, scheduler, teacher=None):
+    """Load a `training_state` checkpoint into the run's objects; returns the iteration to start at."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if teacher is not None:
+        teacher.load_state_dict(ckpt["ema_model"])
+    set_rng_states(ckpt["rng"])
+    return ckpt["iteration"]
+
+
 def infinite_loader(dataset, sampler, workers):
     """DataLoader over an iteration-indexed batch sampler (order and crops fixed by seed and iteration)."""
     return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,

@@ -375,4 +375,17 @@ def test_killed_and_resumed_run_is_exact(city):
     for key in ("model", "ema_model"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     log = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
-    assert log[-1]["iteration"] == 8
+    assert log[-1]["iteration"] == 8 and {"loss_s", "loss_u", "lr", "it_per_s", "eta_s"} <= set(log[-1])
+    assert json.loads((out_dir / "config.json").read_text())["iters"] == 8
+    assert len((out_dir / "split.txt").read_text().split()) == 2
+
+
+def test_keep_checkpoints(city):
+    out = run("--data-root", city, *BASE, "--iters", 2, "--save-every", 1, "--keep-checkpoints",
+              "--out-dir", city / "run")
+    assert out.returncode == 0, out.stderr
+    names = sorted(p.name for p in (city / "run").glob("*.pth"))
+    assert names == ["checkpoint.pth", "checkpoint_1.pth", "checkpoint_2.pth"]
+    ck = torch.load(city / "run" / "checkpoint_1.pth", weights_only=True)
+    assert {"model", "ema_model", "optimizer", "iteration", "rng", "args", "scheduler"} <= set(ck)
+    assert set(ck["model"]) == set(common.DeepLabV2(layers=(1, 1, 1, 1)).state_dict())

@@ -26,7 +26,7 @@ def main():
     labeled, _ = common.labeled_split(stems, args.n_labeled, args.seed)
     train = common.SegmentationDataset("cityscapes", root, resize=tuple(args.target_size),
                                        crop=tuple(args.crop_size), flip=True, stems=labeled)
-    out_dir = Path(args.out_dir)
+    out_dir = Path(args.out_dir or common.default_out_dir("tiny_train", "cityscapes", args.n_labeled, args.seed))
     common.seed_everything(args.seed)
     build = lambda: common.DeepLabV2(19, layers=args.layers)  # noqa: E731
     model = build().to(device)
@@ -37,12 +37,7 @@ def main():
     start = 0
     ckpt = common.resume_state(args, out_dir, 19)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        teacher.load_state_dict(ckpt["ema_model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        common.set_rng_states(ckpt["rng"])
-        start = ckpt["iteration"]
+        start = common.restore_training(ckpt, model, optimizer, scheduler, teacher)
     common.write_run_files(out_dir, args, labeled)
     loader = common.infinite_loader(train, common.IterationSampler(len(train), args.batch_size, args.seed, 0,
                                                                    start, args.iters), args.workers)
@@ -68,10 +63,8 @@ def main():
         common.ema_update(teacher, model, i)
         log.log(i, {"loss_s": loss_s, "loss_u": loss_u}, lr)
         if (i + 1) % args.save_every == 0 or i + 1 == args.iters:
-            common.save_checkpoint(out_dir / "checkpoint.pth", {
-                "model": model.state_dict(), "ema_model": teacher.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "iteration": i + 1, "rng": common.rng_states(),
-                "args": vars(args)})
+            common.write_checkpoints(out_dir, common.training_state(i + 1, model, optimizer, scheduler, args, teacher),
+                                     args.keep_checkpoints)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np

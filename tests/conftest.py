@@ -1,5 +1,6 @@
 """Generated tiny datasets in the official on-disk layouts (never downloaded)."""
 import struct
+import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -27,6 +28,14 @@ def write_png16(path, array):
     ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
     Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
                           + chunk(b"IEND", b""))
+
+
+def write_malicious_checkpoint(path, marker):
+    """A pickle that would create `marker` if it were unpickled with weights_only=False."""
+    code = (f"import torch, os\nclass E:\n    def __reduce__(self):\n        return (os.system, ('touch {marker}',))\n"
+            f"torch.save({{'model': E(), 'iteration': 1}}, r'{path}')\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return path
 
 
 def random_ids(rng, h, w, ids):

@@ -6,7 +6,7 @@ from PIL import Image
 
 import common
 from common import IGNORE, DataError, SegmentationDataset, labeled_split
-from conftest import LABEL_IDS, make_cityscapes, make_gta5, make_synthia, write_png16
+from conftest import make_cityscapes, make_gta5, make_synthia
 
 TRAIN_OF_LABEL = {7: 0, 8: 1, 11: 2, 21: 8, 23: 10, 24: 11, 26: 13, 0: IGNORE, 4: IGNORE}
 TRAIN_OF_SYNTHIA = {3: 0, 4: 1, 2: 2, 6: 8, 1: 10, 10: 11, 8: 13, 0: IGNORE, 13: IGNORE}

@@ -1,11 +1,9 @@
 """DeepLabv2: official key names/shapes, output sizes, ASPP quirk, inits, parameter groups, LegacySGD."""
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import common
+from conftest import write_malicious_checkpoint
 from common import DataError, DeepLabV2, LegacySGD, initialise, load_init, param_groups
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -132,10 +130,7 @@ def test_zero_copy_refused(tmp_path):
 
 def test_malicious_pickle_is_refused_without_side_effect(tmp_path):
     marker = tmp_path / "pwned"
-    path = tmp_path / "evil.pth"
-    code = (f"import torch, os\nclass E:\n    def __reduce__(self):\n"
-            f"        return (os.system, ('touch {marker}',))\ntorch.save({{'model': E()}}, r'{path}')\n")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    path = write_malicious_checkpoint(tmp_path / "evil.pth", marker)
     with pytest.raises(DataError, match="not a readable plain weights file"):
         common.load_state_file(path)
     assert not marker.exists()

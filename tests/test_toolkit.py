@@ -1,6 +1,5 @@
 """Foundation II: mixing masks, augmentation, losses, schedules, EMA, checkpoints, CLI errors, exact resume."""
 import json
-import math
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 import common
 import demo
 from common import IGNORE
-from conftest import ROOT, make_cityscapes
+from conftest import ROOT, make_cityscapes, write_malicious_checkpoint
 
 
 def gen(seed=0):
@@ -338,10 +337,7 @@ def test_bad_data_exit_2(city):
 
 def test_malicious_checkpoint_refused_by_script(city):
     marker = city / "pwned"
-    evil = city / "evil.pth"
-    code = (f"import torch, os\nclass E:\n    def __reduce__(self):\n        return (os.system, ('touch {marker}',))\n"
-            f"torch.save({{'model': E(), 'iteration': 1}}, r'{evil}')\n")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    evil = write_malicious_checkpoint(city / "evil.pth", marker)
     out = run("--data-root", city, "--out-dir", city / "run", *BASE, "--resume", evil)
     assert out.returncode == 2 and "not a readable plain weights file" in out.stderr
     assert not marker.exists()

@@ -200,6 +200,12 @@ def load_state_file(path):
     return obj
 
 
+def init_convention(init, default=("caffe", "imagenet_bgr")):
+    """(stride style, input normalisation) the weights of `--init` expect: torchvision's ImageNet ResNet
+    puts the stride on the 3x3 conv and wants RGB mean/std; the COCO DeepLab init is caffe-style BGR."""
+    return {"imagenet": ("pytorch", "imagenet_rgb"), "coco": ("caffe", "imagenet_bgr")}.get(init, default)
+
+
 def initialise(model, init):
     """Apply `--init` (coco|imagenet|none|PATH); return copied-tensor count, refuse a zero copy."""
     if init == "none":

@@ -180,3 +180,10 @@ def test_fc_discriminator_shape():
     d = common.FCDiscriminator(19)
     assert d(torch.zeros(1, 19, 64, 64)).shape == (1, 1, 2, 2)
     assert len(d.state_dict()) == 10
+
+
+def test_init_convention_pairs_weights_with_stride_style_and_input():
+    assert common.init_convention("imagenet") == ("pytorch", "imagenet_rgb")
+    assert common.init_convention("coco") == ("caffe", "imagenet_bgr")
+    assert common.init_convention("none", ("caffe", "cityscapes_bgr")) == ("caffe", "cityscapes_bgr")
+    assert common.init_convention("/some/file.pth") == ("caffe", "imagenet_bgr")

@@ -5,6 +5,7 @@ lhoyer/DAFormer); each function names its source. Sections: model, data, evaluat
 data checking (``python common.py check-data``).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -652,12 +653,19 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 "index": index}
 
 
-def atomic_write_text(path, text):
-    """Write a text file via temp file + rename, so readers never see half a file."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temp path beside `path`; rename it onto `path` when the block ends without error."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    yield tmp
     os.replace(tmp, path)
+
+
+def atomic_write_text(path, text):
+    """Write a text file via temp file + rename, so readers never see half a file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 # ======================================================================================
@@ -692,8 +700,7 @@ def class_mask(labels, chosen):
 
 def mix_pairs(mask, a):
     """ClassMix: out_i = M_i * a_i + (1 - M_i) * a_{(i+1) mod N}, for images (N,C,H,W) or maps (N,H,W)."""
-    m = mask if a.dim() == mask.dim() else mask.unsqueeze(1)
-    return m * a + (1 - m) * a.roll(-1, 0)
+    return one_mix(mask, a, a.roll(-1, 0))
 
 
 def one_mix(mask, a, b):
@@ -1011,13 +1018,10 @@ def set_rng_states(states):
 
 def save_checkpoint(path, state):
     """torch.save to a temp file in the same folder, fsync, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path, num_classes=None):
@@ -1279,10 +1283,8 @@ def evaluate(model, dataset, device, synthia=False, amp_dtype=None, out_dir=None
 
 def save_png(path, array):
     """Write a uint8 array as PNG atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
 
 
 # ======================================================================================

@@ -246,6 +246,14 @@ def param_groups(model, lr, head_mult=10.0, official_duplicates=True):
     return [{"params": backbone, "lr": lr}, {"params": head, "lr": lr * head_mult}]
 
 
+def deeplab_optimizer(model, lr, kind="sgd", official_duplicates=True):
+    """The authors' optimiser (PyTorch-1.5 SGD 0.9 / 5e-4 over the 1x/10x groups) or, for the random-init
+    demo, Adam with one learning rate for all parameters (a 10x head diverges with Adam from scratch)."""
+    if kind == "adam":
+        return torch.optim.Adam(param_groups(model, lr, head_mult=1.0, official_duplicates=False), lr=lr)
+    return LegacySGD(param_groups(model, lr, official_duplicates=official_duplicates), lr=lr)
+
+
 class LegacySGD(torch.optim.Optimizer):
     """SGD with the PyTorch-1.5 per-entry update, so duplicated tensors compound as for the authors (§3).
 
@@ -669,8 +677,8 @@ def atomic_write_text(path, text):
 
 
 # ======================================================================================
-# Mixing and augmentation on GPU batches (common.md §9); randomness from a CPU torch.Generator
-# (no device syncs), moved to the batch's device
+# Mixing and augmentation on GPU batches (common.md §9); randomness from a CPU torch.Generator, copied
+# to the batch's device with non_blocking=True (a blocking host-to-device copy would sync the stream)
 # ======================================================================================
 
 def class_mix_mask(labels, generator, rule="floor", drop_ignore=True):
@@ -686,7 +694,7 @@ def class_mix_mask(labels, generator, rule="floor", drop_ignore=True):
         present[:, IGNORE] = False
     count = present.sum(1)
     k = count // 2 if rule == "floor" else (count + 1) // 2
-    scores = torch.rand(n_img, 256, generator=generator).to(labels.device)
+    scores = torch.rand(n_img, 256, generator=generator).to(labels.device, non_blocking=True)
     scores = scores.masked_fill(~present, 2.0)  # absent classes rank last
     rank = scores.argsort(1).argsort(1)
     chosen = present & (rank < k[:, None])
@@ -720,15 +728,15 @@ def cutmix_mask(n, h, w, generator, device="cpu"):
     ys, xs = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
     inside = ((ys >= y0[:, None, None]) & (ys < (y0 + bh)[:, None, None])
               & (xs >= x0[:, None, None]) & (xs < (x0 + bw)[:, None, None]))
-    return (~inside).float().to(device)
+    return (~inside).float().to(device, non_blocking=True)
 
 
 def cowmix_mask(n, h, w, generator, device="cpu", sigma_range=(8.0, 32.0), p=0.5):
     """CowMix (ClassMix ablation): Gaussian noise smoothed with sigma log-uniform in range, cut at quantile p."""
     log_lo, log_hi = math.log(sigma_range[0]), math.log(sigma_range[1])
     sigma = torch.exp(log_lo + torch.rand(n, generator=generator) * (log_hi - log_lo))
-    noise = torch.randn(n, 1, h, w, generator=generator).to(device)
-    smooth = blur_batch(noise, sigma.to(device), kernel=(odd_kernel(h, 1.0), odd_kernel(w, 1.0)))
+    noise = torch.randn(n, 1, h, w, generator=generator).to(device, non_blocking=True)
+    smooth = blur_batch(noise, sigma.to(device, non_blocking=True), kernel=(odd_kernel(h, 1.0), odd_kernel(w, 1.0)))
     flat = smooth.view(n, -1)
     return (flat > flat.quantile(p, dim=1, keepdim=True)).float().view(n, h, w)
 
@@ -760,7 +768,7 @@ def gaussian_blur(x, generator, gate=0.5, sigma_range=(0.15, 1.15), per_image=Tr
     n = x.shape[0]
     sigma = sigma_range[0] + torch.rand(n if per_image else 1, generator=generator) * (
         sigma_range[1] - sigma_range[0])
-    return blur_batch(x, sigma.expand(n).to(x.device), (odd_kernel(x.shape[2]), odd_kernel(x.shape[3])))
+    return blur_batch(x, sigma.expand(n).to(x.device, non_blocking=True), (odd_kernel(x.shape[2]), odd_kernel(x.shape[3])))
 
 
 def rgb_to_hsv(x, eps=1e-8):
@@ -793,8 +801,8 @@ def color_jitter(x, norm, generator, strength=0.25, gate=0.2, per_image_order=Fa
         return x
     n, dev = x.shape[0], x.device
     f = (torch.rand(4, n, generator=generator) * 2 - 1) * strength  # brightness, contrast, saturation, hue
-    order = (torch.rand(n if per_image_order else 1, 4, generator=generator).argsort(1)).expand(n, 4).to(dev)
-    f = f.to(dev)
+    order = (torch.rand(n if per_image_order else 1, 4, generator=generator).argsort(1)).expand(n, 4).to(dev, non_blocking=True)
+    f = f.to(dev, non_blocking=True)
     img = denormalise(x.float(), norm)
 
     def apply(op, y):
@@ -824,7 +832,7 @@ def renormalise(rgb01, norm):
 
 def hflip(x, flags):
     """Flip the images (or maps) of the batch whose flag is set; x (N,...,W), flags (N,) bool."""
-    view = flags.view(-1, *([1] * (x.dim() - 1))).to(x.device)
+    view = flags.view(-1, *([1] * (x.dim() - 1))).to(x.device, non_blocking=True)
     return torch.where(view, x.flip(-1), x)
 
 
@@ -899,10 +907,14 @@ def ema_alpha(i, alpha_max=0.99):
 
 
 @torch.no_grad()
-def ema_update(teacher, student, i, alpha_max=0.99):
-    """theta_t <- a*theta_t + (1-a)*theta_s over parameters only (buffers are not copied, as the authors)."""
+def ema_update(teacher, student, i, alpha_max=0.99, buffers=False):
+    """theta_t <- a*theta_t + (1-a)*theta_s over parameters only (the authors); `buffers` also averages
+    the BN running statistics (and copies the batch counters) for an eval-mode teacher."""
     a = ema_alpha(i, alpha_max)
     torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - a)
+    if buffers:
+        for t, s in zip(teacher.buffers(), student.buffers()):
+            t.lerp_(s, 1 - a) if t.is_floating_point() else t.copy_(s)
 
 
 def ema_teacher(student, build):
@@ -1101,6 +1113,16 @@ def shared_parser(defaults):
     return p
 
 
+def parse_with_demo(parser, demo, argv=None):
+    """Parse; with --demo the `demo` values ({dest: value}) replace the paper defaults (explicit flags win)."""
+    parser.epilog = "--demo sets: " + ", ".join(
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+        for k, v in demo.items())
+    if parser.parse_known_args(argv)[0].demo:
+        parser.set_defaults(**demo)
+    return parser.parse_args(argv)
+
+
 def check_args(args):
     """Range checks shared by every script (DataError = exit 2)."""
     for name in ("iters", "batch_size", "log_every"):
@@ -1144,9 +1166,41 @@ def resume_state(args, out_dir, num_classes):
     return load_checkpoint(path, num_classes)
 
 
+def cityscapes_val(root, size, eval_res, norm, num_classes=19):
+    """Cityscapes val as the protocols read it: image resized to `size` (W, H), bilinear; labels
+    nearest-downsampled to the input ('half', DACS/ClassMix) or at full resolution ('full', AdaptSegNet)."""
+    return SegmentationDataset("cityscapes", root, "val", resize=tuple(size), norm=norm, num_classes=num_classes,
+                               label_res="input" if eval_res == "half" else "full")
+
+
+def write_metrics(out_dir, metrics, name="metrics.json"):
+    """Write an evaluation atomically and print its one-line summary."""
+    atomic_write_text(Path(out_dir) / name, json.dumps(metrics, indent=1))
+    extra = f" mIoU13 {metrics['mIoU13']:.2f}" if "mIoU13" in metrics else ""
+    print(f"eval it {metrics['iteration']} {metrics['model']}: mIoU {metrics['mIoU']:.2f}{extra} "
+          f"({metrics['num_classes']} classes)", flush=True)
+
+
+def eval_only(args, model, val, device, out_dir, synthia=False):
+    """--eval-only: load --checkpoint's `model` (class count checked, weights_only) and evaluate it."""
+    ckpt = load_checkpoint(args.checkpoint, model.num_classes)
+    state = ckpt.get("model", ckpt)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise DataError(f"{args.checkpoint}: not a state_dict of this model "
+                        f"({str(exc).splitlines()[0][:200]})") from None
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    metrics = evaluate(model, val, device, synthia=synthia, out_dir=out_dir,
+                       save_predictions=args.save_predictions, iteration=ckpt.get("iteration"))
+    write_metrics(out_dir, metrics)
+    return metrics
+
+
 def default_out_dir(script, source, n_labeled, seed):
-    """runs/<script>_<source>_<n>_s<seed> (cli.md)."""
-    return Path("runs") / f"{script}_{source}_{n_labeled}_s{seed}"
+    """runs/<script>_<source>_<n>_s<seed> (cli.md); without a label budget (UDA) runs/<script>_<source>_s<seed>."""
+    n = "" if n_labeled is None else f"_{n_labeled}"
+    return Path("runs") / f"{script}_{source}{n}_s{seed}"
 
 
 def training_state(i, model, optimizer, scheduler, args, teacher=None):

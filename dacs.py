@@ -1,0 +1,265 @@
+"""DACS: Domain Adaptation via Cross-domain Mixed Sampling (Tranheden, Olsson, Pinto, Svensson, WACV 2021;
+Tranheden & Olsson, MSc thesis 2020, ../shared/papers/classmix_dacs_thesis.txt) — GTA5/SYNTHIA -> Cityscapes.
+
+    python dacs.py --source gta5                  # the released configuration (thesis Table 4.3: 52.14)
+    python dacs.py --source synthia               # thesis Table 4.4: 48.34 (16 classes) / 54.81 (13 classes)
+    python dacs.py --source gta5 --source-only    # the "Source" row (32.85)
+    python dacs.py --demo                         # DACS and source-only on the generated demo data, CPU
+
+What is implemented (defaults = vikolss/DACS trainUDA.py + configUDA.json, the code that produced 52.14):
+a mean teacher (EMA) predicts pseudo-labels on target crops; ClassMix *across* domains pastes half of the
+classes of each source ground truth onto a target image; the student learns from the source crops (L_l)
+and from the mixed images (L_u), whose targets are the source labels inside the mask and the teacher's
+pseudo-labels outside, weighted 1 on source pixels and q (share of confident target pixels) elsewhere.
+
+Thesis -> code:
+    Alg. 1 / §3.1 ClassMix mask (half of the classes of the source GT)   -> common.class_mask via `M`
+    §3.2, Fig. 3.4 mixed image x_m = M x_s + (1 - M) x_t                   -> `x_m` (common.one_mix)
+    mixed target  y_m = M y_s + (1 - M) argmax f_teacher(x_t)              -> `y_m`
+    eq. 2.15 threshold_uniform weight q = |{p >= tau}| / |pixels|           -> `q`, weight map `w`
+    eq. 2.14 / §3.3 L = L_l + lambda * L_u                                  -> `loss_l`, `loss_u`
+    eq. 2.16 EMA teacher alpha = min(1 - 1/(i+1), 0.99)                     -> common.ema_update
+    eq. 2.6 poly learning rate, power 0.9 (x10 on the classifier)           -> common.poly_factor
+    §3.4 strong augmentation of mixed images (colour jitter, blur)          -> common.color_jitter/gaussian_blur
+    Table 5.2 ablations: InterMix (default), IntraMix, distribution-aligned IntraMix -> --mix
+    §2.5.6 distribution alignment (ReMixMatch, EMA 0.99 of predictions)    -> `align_distribution`
+
+Authors' quirks kept by default (../shared/specs/classmix_ssl_and_dacs.md B.7, common.md §14), each with
+its clean variant as a flag: two-branch ASPP sum (--aspp-full), BN in train mode with frozen affine and a
+train-mode teacher whose buffers are not averaged (--teacher-eval-bn), duplicated 1x parameter group with
+the PyTorch-1.5 SGD (--clean-param-groups), ceil(n/2) classes with the ignore value as a candidate
+(--mask-rounding floor, --mask-exclude-ignore), jitter applied when U > 0.2, i.e. 80 % (--jitter-gate 0.5
+is the thesis' 50 %), evaluation at half resolution (--eval-res full).
+
+Deviations and assumptions:
+- Seeding: the authors seed numpy only; here python/numpy/torch and every data and augmentation draw follow
+  from --seed and the iteration (exact resume). This cannot change expected results.
+- The batch size is general: pair k = (source k, target k), as the released code does for its two pairs.
+- SYNTHIA: the released script has no SYNTHIA branch (author's instructions, vikolss/DACS#4); images are kept
+  at 1280x760 and cropped like GTA5; the 19-way head is trained and 16/13-class mIoU are read off the
+  19x19 matrix. The source-only baseline length is not stated in the thesis; 250k iterations assumed.
+- IntraMix (Table 5.2) is the ClassMix SSL mixing (teacher argmax of target image k, floor(n/2) classes,
+  pasted onto target k+1, soft maps mixed, q from the mixed confidences) with DACS's augmentations; the
+  distribution alignment uses the mean teacher softmax of each target batch for the EMA (alpha 0.99, start
+  uniform) and the target train-label pixel frequencies as p(y) — the thesis leaves both details open.
+- --demo trains from a random init with Adam (the paper's SGD 2.5e-4 needs the COCO init) on a light
+  --layers 1 1 1 1 network; it is a demonstration of the loop, not of the paper's numbers.
+"""
+import argparse
+import copy
+from pathlib import Path
+
+import torch
+
+import common
+import demo
+
+PAPER = {  # dest: (value, source) — shown in --help
+    "iters": (250000, "DACS configUDA.json; thesis §4.1.3"),
+    "batch_size": (2, "2 source + 2 target; DACS configUDA.json"),
+    "lr": (2.5e-4, "DACS configUDA.json; head x10"),
+    "source_size": (None, "GTA5 1280 720 (DACS/trainUDA.py), SYNTHIA kept at 1280 760 (thesis §4.1.3)"),
+    "target_size": ((1024, 512), "DACS/trainUDA.py"),
+    "crop_size": ((512, 512), "DACS/trainUDA.py RandomCrop"),
+    "eval_res": ("half", "DACS/evaluateUDA.py"),
+    "init": ("coco", "DACS configUDA.json 'pretrained: coco'"),
+    "eval_every": (5000, "DACS configUDA.json"),
+    "save_every": (5000, "DACS configUDA.json"),
+}
+DEMO = {"source": "demo", "iters": 200, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1], "init": "none",
+        "source_size": [128, 64], "target_size": [128, 64], "crop_size": [64, 64], "eval_every": 0,
+        "save_every": 100, "log_every": 25, "workers": 0}
+SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
+
+
+def parse_args(argv=None):
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[common.shared_parser(PAPER)],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", choices=["gta5", "synthia", "demo"], default="gta5", help="source domain")
+    p.add_argument("--source-only", action="store_true",
+                   help="baseline: supervised source loss only, no teacher (thesis 'Source' rows)")
+    p.add_argument("--mix", choices=["inter", "intra", "intra-aligned"], default="inter",
+                   help="Table 5.2: InterMix = DACS (default), IntraMix = ClassMix within the target, "
+                        "intra-aligned = IntraMix + distribution alignment to the target label frequencies")
+    p.add_argument("--tau", type=float, default=0.968, help="confidence threshold of q (DACS/trainUDA.py)")
+    p.add_argument("--ema-alpha", type=float, default=0.99, help="teacher EMA momentum (DACS/trainUDA.py)")
+    p.add_argument("--consistency-weight", type=float, default=1.0,
+                   help="lambda of L_u (DACS configUDA.json 'consistency_weight')")
+    p.add_argument("--mask-rounding", choices=["ceil", "floor"], default=None,
+                   help="classes pasted from n: ceil(n/2) (DACS code, default for --mix inter) or floor(n/2) "
+                        "(ClassMix code, default for IntraMix)")
+    p.add_argument("--mask-exclude-ignore", action="store_true",
+                   help="clean variant: never draw the ignore value as a class (DACS draws it; quirk D1)")
+    p.add_argument("--no-jitter", action="store_true", help="no colour jitter on mixed images (config: on)")
+    p.add_argument("--no-blur", action="store_true", help="no Gaussian blur on mixed images (config: on)")
+    p.add_argument("--jitter-gate", type=float, default=0.2,
+                   help="jitter applied when U(0,1) > gate: 0.2 = 80 %% (DACS code), 0.5 = thesis §5.2.1")
+    p.add_argument("--aspp-full", action="store_true",
+                   help="clean variant: sum all four ASPP branches (the authors' code sums two; quirk Q1)")
+    p.add_argument("--teacher-eval-bn", action="store_true",
+                   help="clean variant: teacher predicts with eval-mode BN and EMA-averaged running stats "
+                        "(authors: train-mode BN on the target batch, buffers not averaged; quirk Q3)")
+    p.add_argument("--clean-param-groups", action="store_true",
+                   help="clean variant: each tensor once in the 1x group (changes results: ~3x lower "
+                        "effective backbone LR than the authors' duplicated group; quirk Q4)")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                   help="sgd = the authors' SGD 0.9 / wd 5e-4; adam is for the random-init demo")
+    args = common.parse_with_demo(p, DEMO, argv)
+    common.check_args(args)
+    if not 0 < args.ema_alpha < 1 or not 0 <= args.jitter_gate <= 1 or not 0 < args.tau <= 1:
+        raise common.DataError("--ema-alpha in (0,1), --jitter-gate in [0,1] and --tau in (0,1] expected")
+    if args.source_size is None:
+        args.source_size = SOURCE_SIZE[args.source]
+    if args.mask_rounding is None:
+        args.mask_rounding = "ceil" if args.mix == "inter" else "floor"
+    return args
+
+
+def cross_domain_mix(x_s, y_s, x_t, teacher_logits, g, args):
+    """InterMix (§3.2): classes of source GT k pasted onto target image k; weight 1 on pasted pixels, q elsewhere."""
+    y_t, q, _ = common.pseudo_label(teacher_logits, args.tau, "uniform")  # q over both target images (D2)
+    M = common.class_mix_mask(y_s, g, rule=args.mask_rounding, drop_ignore=args.mask_exclude_ignore)
+    x_m = common.one_mix(M, x_s, x_t)
+    y_m = common.one_mix(M, y_s, y_t)                 # pasted ignore pixels keep 255 (ignored)
+    w = common.one_mix(M, torch.ones_like(q), q)
+    return x_m, y_m, w, q.mean()
+
+
+def intra_domain_mix(x_t, teacher_prob, g, args):
+    """IntraMix (Table 5.2): ClassMix SSL within the target: classes of teacher argmax k pasted onto target k+1."""
+    M = common.class_mix_mask(teacher_prob.argmax(1), g, rule=args.mask_rounding, drop_ignore=True)
+    x_m = common.mix_pairs(M, x_t)
+    conf, y_m = common.mix_pairs(M, teacher_prob).max(1)   # mixed soft maps, then max/argmax (CM/trainSSL.py)
+    q = (conf >= args.tau).float().mean()
+    return x_m, y_m, q * torch.ones_like(conf), q
+
+
+def align_distribution(prob, p_target, p_model):
+    """ReMixMatch alignment (§2.5.6): scale each pixel's distribution by p(y)/p~(y) and renormalise."""
+    prob = prob * (p_target / p_model).view(1, -1, 1, 1)
+    return prob / prob.sum(1, keepdim=True)
+
+
+def train(args):
+    # ---------------------------------------------------------------- setup
+    device = common.select_device(args.device)
+    amp = common.Amp(device, args.amp)
+    style, norm = common.init_convention(args.init)
+    common.seed_everything(args.seed)
+    out_dir = Path(args.out_dir or common.default_out_dir("dacs", args.source + "_source_only" * args.source_only,
+                                                          None, args.seed))
+    # ---------------------------------------------------------------- data
+    if args.source == "demo":
+        demo_root = demo.ensure_demo(args.data_root)
+        source_root, target_root, source_kind = demo_root / "gta5", demo_root / "cityscapes", "gta5"
+    else:
+        source_root, source_kind = common.dataset_root(args, args.source), args.source
+        target_root = common.dataset_root(args, "cityscapes")
+    val = common.cityscapes_val(target_root, args.target_size, args.eval_res, norm)
+    build = lambda: common.DeepLabV2(19, aspp_full=args.aspp_full, style=style, layers=args.layers)  # noqa: E731
+    student = common.prepare_model(build(), device, amp)
+    synthia = args.source == "synthia"
+    if args.eval_only:
+        return common.eval_only(args, student, val, device, out_dir, synthia)
+    source = common.SegmentationDataset(source_kind, source_root, resize=args.source_size, interp="bicubic",
+                                        crop=args.crop_size, norm=norm)
+    target = common.SegmentationDataset("cityscapes", target_root, resize=args.target_size, crop=args.crop_size,
+                                        norm=norm)
+    # ---------------------------------------------------------------- models, optimiser
+    common.initialise(student, args.init)
+    teacher = None if args.source_only else common.prepare_model(common.ema_teacher(student, build), device, amp)
+    if teacher is not None:
+        teacher.train(not args.teacher_eval_bn)  # the authors' teacher stays in train mode (quirk Q3)
+    optimizer = common.deeplab_optimizer(student, args.lr, args.optimizer, not args.clean_param_groups)
+    scheduler = common.lr_scheduler(optimizer, lambda i: common.poly_factor(i, args.iters))
+    p_target = p_model = None
+    if args.mix == "intra-aligned" and not args.source_only:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        counts = torch.zeros(19, dtype=torch.float64)
+        for d in common.rcs_statistics(target, cache=out_dir / "target_class_counts.json"):
+            for c, n in d.items():
+                counts[c] += n
+        p_target = (counts / counts.sum()).float().clamp(min=1e-6).to(device)
+        p_model = torch.full((19,), 1 / 19, device=device)
+    start = 0
+    ckpt = common.resume_state(args, out_dir, 19)
+    if ckpt is not None:
+        start = common.restore_training(ckpt, student, optimizer, scheduler, teacher)
+        if p_model is not None:
+            p_model.copy_(ckpt["p_model"])
+    common.write_run_files(out_dir, args)
+    loader_s = common.infinite_loader(source, common.IterationSampler(len(source), args.batch_size, args.seed, 0,
+                                                                      start, args.iters), args.workers)
+    loader_t = None if args.source_only else common.infinite_loader(
+        target, common.IterationSampler(len(target), args.batch_size, args.seed, 1, start, args.iters), args.workers)
+    log = common.Logger(out_dir, args.log_every, args.iters, start)
+    metrics = None
+    # ---------------------------------------------------------------- training loop (DACS/trainUDA.py order)
+    for i in range(start, args.iters):
+        student.train()
+        g = common.step_generator(args.seed, i)
+        batch = next(loader_s)
+        x_s = batch["image"].to(device, non_blocking=True)
+        y_s = batch["label"].to(device, non_blocking=True)
+        with amp.autocast():
+            loss_l = common.ce_loss(common.upsample(student(x_s), y_s.shape[1:]), y_s)   # L_l, source CE
+        losses = {"loss_l": loss_l}
+        loss = loss_l
+        if teacher is not None:
+            x_t = next(loader_t)["image"].to(device, non_blocking=True)
+            with torch.no_grad(), amp.autocast():
+                logits_t = common.upsample(teacher(x_t).float(), x_t.shape[2:])
+            if args.mix == "inter":
+                x_m, y_m, w, q = cross_domain_mix(x_s, y_s, x_t, logits_t, g, args)
+            else:
+                prob_t = logits_t.softmax(1)
+                if p_model is not None:  # §2.5.6: running mean of the predictions, then alignment
+                    p_model.lerp_(prob_t.mean((0, 2, 3)), 1 - args.ema_alpha)
+                    prob_t = align_distribution(prob_t, p_target, p_model)
+                x_m, y_m, w, q = intra_domain_mix(x_t, prob_t, g, args)
+            if not args.no_jitter:  # §3.4; one gate per iteration, own factors and op order per image (D6)
+                x_m = common.color_jitter(x_m, norm, g, gate=args.jitter_gate, per_image_order=True)
+            if not args.no_blur:
+                x_m = common.gaussian_blur(x_m, g, per_image=True)
+            with amp.autocast():
+                logits_m = common.upsample(student(x_m), y_m.shape[1:])
+                loss_u = args.consistency_weight * common.ce_pixel_weighted(logits_m, y_m, w)   # lambda * L_u
+            losses.update(loss_u=loss_u, q=q)
+            loss = loss_l + loss_u
+        optimizer.zero_grad(set_to_none=True)
+        amp.backward(loss)
+        amp.step(optimizer)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        if teacher is not None:
+            common.ema_update(teacher, student, i, args.ema_alpha, buffers=args.teacher_eval_bn)
+        log.log(i, losses, lr)
+        # ------------------------------------------------------------ checkpoints, evaluation
+        if (i + 1) % args.save_every == 0 or i + 1 == args.iters:
+            state = common.training_state(i + 1, student, optimizer, scheduler, args, teacher)
+            if p_model is not None:
+                state["p_model"] = p_model
+            common.write_checkpoints(out_dir, state, args.keep_checkpoints)
+        if (args.eval_every and (i + 1) % args.eval_every == 0) or i + 1 == args.iters:
+            metrics = common.evaluate(student, val, device, synthia=synthia, out_dir=out_dir, iteration=i + 1,
+                                      amp_dtype=amp.dtype if amp.enabled else None)
+            common.write_metrics(out_dir, metrics)
+    if metrics is None:  # resumed a finished run: report its final model
+        metrics = common.evaluate(student, val, device, synthia=synthia, out_dir=out_dir, iteration=start)
+        common.write_metrics(out_dir, metrics)
+    return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    metrics = train(args)
+    if args.demo and not args.source_only and not args.eval_only:
+        baseline = copy.copy(args)
+        baseline.source_only, baseline.out_dir = True, None if args.out_dir is None else args.out_dir + "_source_only"
+        base = train(baseline)
+        print(f"demo target val mIoU: DACS {metrics['mIoU']:.2f} vs source-only {base['mIoU']:.2f}")
+    return metrics
+
+
+if __name__ == "__main__":
+    common.run_script(main)

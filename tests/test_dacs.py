@@ -1,0 +1,195 @@
+"""dacs.py: short runs for every source, the mixing pieces, and one test per flag."""
+import json
+import types
+
+import pytest
+import torch
+
+import common
+import dacs
+from conftest import make_cityscapes, make_gta5, make_synthia
+
+TINY = ["--iters", "2", "--layers", "1", "1", "1", "1", "--init", "none", "--source-size", "64", "32",
+        "--target-size", "64", "32", "--crop-size", "32", "32", "--workers", "0", "--log-every", "1",
+        "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    r = tmp_path_factory.mktemp("data")
+    make_gta5(r)
+    make_synthia(r)
+    make_cityscapes(r)
+    return r
+
+
+def run(root, out, *flags):
+    metrics = dacs.main([*TINY, "--data-root", str(root), "--out-dir", str(out), *map(str, flags)])
+    return metrics, torch.load(out / "checkpoint.pth", weights_only=True)
+
+
+@pytest.mark.parametrize("source", ["gta5", "synthia"])
+def test_two_iterations_outputs(root, tmp_path, source):
+    metrics, ckpt = run(root, tmp_path / "run", "--source", source)
+    assert set(ckpt) >= {"model", "ema_model", "optimizer", "iteration", "rng", "args", "scheduler"}
+    assert ckpt["iteration"] == 2
+    assert list(ckpt["model"]) == list(common.DeepLabV2(19, layers=(1, 1, 1, 1)).state_dict())
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert json.dumps(saved) == json.dumps(metrics) and saved["iteration"] == 2 and saved["model"] == "student"
+    assert ("mIoU13" in saved) == (source == "synthia")
+    assert saved["num_classes"] == (16 if source == "synthia" else 19)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log] == [1, 2] and {"loss_l", "loss_u", "q", "lr"} <= set(log[0])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["source"] == source and config["mask_rounding"] == "ceil"
+
+
+def test_source_only_has_no_teacher(root, tmp_path):
+    _, ckpt = run(root, tmp_path / "run", "--source-only")
+    assert "ema_model" not in ckpt
+    log = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert "loss_u" not in log
+
+
+def test_demo_runs_method_and_baseline(tmp_path, capsys):
+    out = tmp_path / "run"
+    dacs.main(["--demo", "--iters", "2", "--data-root", str(tmp_path / "data"), "--out-dir", str(out)])
+    assert (tmp_path / "data" / "demo" / "gta5" / "labels").is_dir()
+    assert json.loads((out / "config.json").read_text())["layers"] == [1, 1, 1, 1]
+    assert (tmp_path / "run_source_only" / "metrics.json").is_file()
+    assert "DACS" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_eval_only_reproduces_final_metrics_and_writes_predictions(root, tmp_path):
+    metrics, _ = run(root, tmp_path / "run")
+    again = dacs.main([*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / "ev"), "--eval-only",
+                       "--checkpoint", str(tmp_path / "run" / "checkpoint.pth"), "--save-predictions"])
+    assert again["mIoU"] == pytest.approx(metrics["mIoU"])
+    preds = sorted((tmp_path / "ev" / "predictions").iterdir())
+    assert len(preds) == 2 and preds[0].name.endswith("_labelIds.png")
+
+
+def test_resume_from_checkpoint_is_exact(root, tmp_path):
+    _, full = run(root, tmp_path / "a", "--iters", "3")
+    run(root, tmp_path / "b", "--iters", "3", "--save-every", "1", "--keep-checkpoints")
+    _, resumed = run(root, tmp_path / "c", "--iters", "3", "--resume", tmp_path / "b" / "checkpoint_2.pth")
+    for key in ("model", "ema_model"):
+        assert all(torch.equal(full[key][k], resumed[key][k]) for k in full[key])
+
+
+# ------------------------------------------------------------------ the mixing pieces
+
+def _args(**kw):
+    base = dict(tau=0.968, mask_rounding="ceil", mask_exclude_ignore=False)
+    return types.SimpleNamespace(**{**base, **kw})
+
+
+def test_cross_domain_mix_pastes_source_classes_onto_target():
+    g = torch.Generator().manual_seed(0)
+    y_s = torch.randint(0, 5, (2, 8, 8))
+    y_s[0, :2] = 255
+    x_s, x_t = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8) + 5
+    logits = torch.zeros(2, 19, 8, 8)
+    logits[:, 3] = 10.0                                  # confident everywhere...
+    logits[1, :, :4] = 0.0                               # ...except half of target image 1
+    x_m, y_m, w, q = dacs.cross_domain_mix(x_s, y_s, x_t, logits, g, _args())
+    assert q.item() == pytest.approx(0.75)               # share of confident pixels over both target images
+    M = (x_m < 5).all(1)                                  # pixels that came from the source image
+    for k in range(2):
+        assert torch.equal(x_m[k][:, M[k]], x_s[k][:, M[k]]) and torch.equal(x_m[k][:, ~M[k]], x_t[k][:, ~M[k]])
+        pasted, present = set(y_s[k][M[k]].tolist()), set(y_s[k].unique().tolist())
+        assert len(pasted) == (len(present) + 1) // 2    # ceil(n/2) whole classes of the source GT, 255 counts
+        assert all(M[k][y_s[k] == c].unique().numel() == 1 for c in present)   # whole classes only
+        assert torch.equal(y_m[k][M[k]], y_s[k][M[k]]) and torch.equal(y_m[k][~M[k]], logits[k].argmax(0)[~M[k]])
+        assert (w[k][M[k]] == 1).all() and torch.allclose(w[k][~M[k]], torch.tensor(0.75))
+
+
+def test_intra_domain_mix_uses_teacher_argmax_and_mixed_soft_maps():
+    g = torch.Generator().manual_seed(1)
+    prob = torch.softmax(torch.randn(2, 19, 8, 8) * 3, 1)
+    x_t = torch.stack([torch.zeros(3, 8, 8), torch.ones(3, 8, 8)])
+    x_m, y_m, w, q = dacs.intra_domain_mix(x_t, prob, g, _args(mask_rounding="floor", tau=0.5))
+    M0 = x_m[0, 0] == 0                                   # classes of target 0 pasted onto target 1
+    a0 = prob[0].argmax(0)
+    assert len(set(a0[M0].tolist())) == len(a0.unique()) // 2
+    mixed = torch.where(M0, prob[0], prob[1])
+    assert torch.equal(y_m[0], mixed.argmax(0))
+    conf = torch.stack([mixed.max(0).values, torch.where(x_m[1, 0] == 1, prob[1], prob[0]).max(0).values])
+    assert q.item() == pytest.approx((conf >= 0.5).float().mean().item()) and torch.allclose(w, q.expand_as(w))
+
+
+def test_align_distribution():
+    prob = torch.softmax(torch.randn(1, 3, 2, 2), 1)
+    p_target, p_model = torch.tensor([0.5, 0.25, 0.25]), torch.tensor([0.25, 0.25, 0.5])
+    out = dacs.align_distribution(prob, p_target, p_model)
+    assert torch.allclose(out.sum(1), torch.ones(1, 2, 2))
+    ratio = out / prob
+    assert torch.allclose(ratio[:, 0] / ratio[:, 2], torch.full((1, 2, 2), 4.0))
+
+
+# ------------------------------------------------------------------ each flag changes what it should
+
+FLAG_CASES = [  # (flags, baseline flags): the flag must change the trained weights after 3 iterations
+    (["--source-only"], []),
+    (["--mix", "intra"], []),
+    (["--mix", "intra-aligned"], ["--mix", "intra"]),
+    (["--mask-exclude-ignore"], []),
+    (["--mask-exclude-ignore", "--mask-rounding", "floor"], ["--mask-exclude-ignore"]),
+    (["--jitter-gate", "0", "--no-jitter"], ["--jitter-gate", "0"]),
+    (["--jitter-gate", "1"], []),
+    (["--no-blur"], []),
+    (["--aspp-full"], []),
+    (["--teacher-eval-bn", "--tau", "0.01"], ["--tau", "0.01"]),   # q > 0 so the pseudo-labels count
+    (["--clean-param-groups"], []),
+    (["--tau", "0.01"], []),
+    (["--ema-alpha", "0.3", "--tau", "0.01"], ["--tau", "0.01"]),
+    (["--consistency-weight", "0.5"], []),
+    (["--lr", "1e-3"], []),
+]
+
+
+@pytest.fixture(scope="module")
+def weights(root, tmp_path_factory):
+    cache = {}
+
+    def get(flags):
+        key = tuple(flags)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("flag")
+            cache[key] = run(root, out, "--iters", "3", *flags)[1]["model"]
+        return cache[key]
+    return get
+
+
+@pytest.mark.parametrize("flags,base", FLAG_CASES, ids=[" ".join(f) for f, _ in FLAG_CASES])
+def test_flag_changes_training(weights, flags, base):
+    a, b = weights(flags), weights(base)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_same_flags_same_weights(weights, root, tmp_path):
+    again = run(root, tmp_path / "again", "--iters", "3")[1]["model"]
+    assert all(torch.equal(again[k], weights([])[k]) for k in again)
+
+
+def test_eval_res_picks_the_label_resolution(root, tmp_path, monkeypatch):
+    seen = []
+    evaluate = common.evaluate
+    monkeypatch.setattr(common, "evaluate", lambda model, ds, *a, **k: seen.append(ds[0]["label"].shape)
+                        or evaluate(model, ds, *a, **k))
+    small = ["--iters", "1", "--target-size", "32", "16", "--crop-size", "16", "16"]  # labels are 64x32
+    run(root, tmp_path / "h", *small)
+    run(root, tmp_path / "f", *small, "--eval-res", "full")
+    assert seen == [(16, 32), (32, 64)]
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--jitter-gate", "2"], "--jitter-gate"),
+    (["--source", "mars"], "invalid choice"),
+    (["--mix", "both"], "invalid choice"),
+])
+def test_bad_flags(root, tmp_path, capsys, flags, needle):
+    with pytest.raises((SystemExit, common.DataError)) as exc:
+        dacs.main([*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / "x"), *flags])
+    text = str(exc.value) + capsys.readouterr().err
+    assert needle in text and not (tmp_path / "x").exists()

@@ -852,9 +852,11 @@ def ce_pixel_weighted(logits, target, weight, ignore=IGNORE):
     return (ce * weight).mean()
 
 
-def mse_softmax(logits, target_prob):
-    """Squared error between the softmax of the logits and a soft target, mean over all elements."""
-    return F.mse_loss(logits.float().softmax(1), target_prob)
+def mse_softmax(logits, target_prob, weight=None):
+    """Squared error between the softmax of the logits and a soft target, mean over all elements;
+    `weight` (N,H,W) scales each pixel's error."""
+    err = (logits.float().softmax(1) - target_prob) ** 2
+    return (err if weight is None else err * weight.unsqueeze(1)).mean()
 
 
 def kl_distillation(student_logits, teacher_logits, temperature=1.0):
@@ -1121,6 +1123,17 @@ def parse_with_demo(parser, demo, argv=None):
     if parser.parse_known_args(argv)[0].demo:
         parser.set_defaults(**demo)
     return parser.parse_args(argv)
+
+
+def add_split_args(parser, n_labeled, source, split_seed=0, seed_help=""):
+    """--n-labeled / --split-seed / --split-file (cli.md) for the scripts with labeled Cityscapes images."""
+    parser.add_argument("--n-labeled", type=int, default=n_labeled,
+                        help=f"labeled Cityscapes train images (default: {n_labeled}; {source})")
+    parser.add_argument("--split-seed", type=int, default=split_seed,
+                        help=f"seed of the permutation of the sorted train list; the first N are labeled "
+                             f"(default: {split_seed}){seed_help}")
+    parser.add_argument("--split-file", default=None,
+                        help="reuse a list of labeled image stems, one per line (e.g. a run's split.txt)")
 
 
 def check_args(args):

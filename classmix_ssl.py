@@ -1,0 +1,271 @@
+"""ClassMix: Segmentation-Based Data Augmentation for Semi-Supervised Learning (Olsson, Tranheden, Pinto,
+Svensson, WACV 2021; Tranheden & Olsson, MSc thesis 2020, ../shared/papers/classmix_dacs_thesis.txt) —
+semi-supervised semantic segmentation on Cityscapes.
+
+    python classmix_ssl.py --n-labeled 372                  # thesis Table 4.1, 1/8 labels: 61.35
+    python classmix_ssl.py --n-labeled 372 --no-unlabeled   # its supervised baseline: 54.84
+    python classmix_ssl.py --demo                           # ClassMix and its baseline on the demo data, CPU
+
+What is implemented (defaults = WilhelmT/ClassMix trainSSL.py + configCityscapes.json, with the two
+augmentations off as in the runs of Table 4.1): N labeled Cityscapes images train the student with CE (L_l);
+a mean teacher (EMA) predicts on the unlabeled images; each unlabeled image's pseudo-label gives a ClassMix
+mask (half of its predicted classes) that pastes those pixels onto the next image of the batch; the
+student learns on the mixed images from the equally mixed teacher predictions (L_u), weighted by the share
+q of confident pixels.
+
+Thesis -> code:
+    Alg. 1 ClassMix mask M_k from the teacher argmax A_k (floor(n/2) classes)  -> `M` (common.class_mix_mask)
+    §3.2, Fig. 3.3 mixed image x_s,k = M_k u_k + (1 - M_k) u_{k+1}              -> `x_m` (common.mix_pairs)
+    mixed target: M_k P_k + (1 - M_k) P_{k+1}, then max/argmax                 -> `conf`, `y_m`
+    eq. 2.15 threshold_uniform weight q = |{conf >= tau}| / |pixels|            -> `unsupervised_weight`
+    eq. 2.13 sigmoid ramp-up, pixel-wise threshold, constant (Table 5.1)       -> --pixel-weight
+    eq. 2.14 L = L_l + lambda * L_u (pixel-weighted CE, mean over all pixels)  -> `loss_l`, `loss_u`
+    eq. 2.1 squared error instead of CE (Table 5.1)                            -> --consistency-loss mse
+    eq. 2.16 EMA teacher alpha = min(1 - 1/(i+1), 0.99)                        -> common.ema_update
+    eq. 2.6 poly learning rate, power 0.9 (x10 on the classifier)              -> common.poly_factor
+
+Table 5.1 ablations: --mask cut|cow, --pixel-weight sigmoid|threshold|none, --consistency-loss mse,
+--soft-targets, --crop-size 512 512 (random crop; with --no-unlabeled its baseline), --extra-aug (colour
+jitter + blur, the released config), --iters 80000.
+
+Authors' quirks kept by default (../shared/specs/classmix_ssl_and_dacs.md A.7, common.md §14), with the
+clean variant as a flag: floor(n/2) classes (--mask-rounding ceil = thesis Alg. 1), two-branch ASPP sum
+(--aspp-full), train-mode teacher BN without averaged buffers (--teacher-eval-bn), duplicated 1x parameter
+group with the PyTorch-1.5 SGD (--clean-param-groups), jitter applied when U > 0.2 (--jitter-gate 0.5 =
+thesis' 50 %), half-resolution evaluation (--eval-res full), the Cityscapes RGB mean subtracted from BGR
+images (normalisation `cityscapes_bgr`), q from the *mixed* confidences as one scalar per batch.
+
+Deviations and assumptions:
+- Splits: the authors' split_{0,1,2}.pkl index a filesystem-dependent os.walk order, so their exact subsets
+  cannot be recovered. Here the train list is sorted and permuted with RandomState(--split-seed):
+  --split-seed 1 applies split_2.pkl's permutation, 10 split_1.pkl's; split_0's seed is unknown, so the
+  default is split 2's seed 1 rather than the config's split 0 (--official-split picks 1 or 2).
+- Seeding of python/numpy/torch and of every draw from --seed and the iteration (exact resume).
+- --soft-targets ("no pseudo-label") trains with CE against the mixed soft teacher maps, weighted like the
+  default; the thesis does not give the loss form (assumed: soft-target cross-entropy).
+- --demo trains from a random init with Adam on a light --layers 1 1 1 1 network.
+"""
+import argparse
+import copy
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import common
+import demo
+
+PAPER = {  # dest: (value, source) — shown in --help
+    "iters": (40000, "CM configCityscapes.json; thesis §4.1.2"),
+    "batch_size": (2, "2 labeled + 2 unlabeled; CM configCityscapes.json"),
+    "lr": (2.5e-4, "CM configCityscapes.json; head x10"),
+    "target_size": ((1024, 512), "CM configCityscapes.json input_size 512,1024"),
+    "crop_size": ((0, 0), "no crop: CM configCityscapes.json crop false; thesis §4.1.2"),
+    "eval_res": ("half", "CM/evaluateSSL.py"),
+    "init": ("coco", "CM configCityscapes.json 'pretrained: coco'"),
+    "eval_every": (5000, "CM configCityscapes.json"),
+    "save_every": (5000, "CM configCityscapes.json"),
+}
+DEMO = {"dataset": "demo", "n_labeled": 20, "iters": 200, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1],
+        "init": "none", "target_size": [128, 64], "eval_every": 0, "save_every": 100, "log_every": 25,
+        "workers": 0}
+OFFICIAL_SPLIT_SEED = {1: 10, 2: 1}  # CM split_1.pkl / split_2.pkl = these RandomState permutations
+
+
+def parse_args(argv=None):
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[common.shared_parser(PAPER)],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=["cityscapes", "demo"], default="cityscapes", help="the dataset")
+    common.add_split_args(p, 372, "1/8 of 2975; CM configCityscapes.json labeled_samples", split_seed=1,
+                          seed_help="; 1 = the permutation of CM split_2.pkl, 10 = split_1.pkl")
+    p.add_argument("--official-split", type=int, choices=[1, 2], default=None,
+                   help="use the permutation of CM split_<k>.pkl (sets --split-seed; split_0's is unknown)")
+    p.add_argument("--no-unlabeled", action="store_true",
+                   help="supervised baseline: labeled images only, no teacher (Table 4.1 'Baseline')")
+    p.add_argument("--mask", choices=["class", "cut", "cow"], default="class",
+                   help="mixing mask: ClassMix (default), CutMix or CowMix (Table 5.1)")
+    p.add_argument("--mask-rounding", choices=["floor", "ceil"], default="floor",
+                   help="classes pasted from n: floor(n/2) (CM code) or ceil(n/2) (thesis Alg. 1)")
+    p.add_argument("--pixel-weight", choices=["threshold_uniform", "threshold", "sigmoid", "none"],
+                   default="threshold_uniform",
+                   help="weight of L_u: share of confident pixels (default), per-pixel threshold, sigmoid "
+                        "ramp-up exp(-5(1-i/10000)^2), constant 1 (Table 5.1)")
+    p.add_argument("--tau", type=float, default=0.968, help="confidence threshold (CM/trainSSL.py)")
+    p.add_argument("--ema-alpha", type=float, default=0.99, help="teacher EMA momentum (CM/trainSSL.py)")
+    p.add_argument("--consistency-weight", type=float, default=1.0,
+                   help="lambda of L_u (CM configCityscapes.json consistency_weight)")
+    p.add_argument("--consistency-loss", choices=["ce", "mse"], default="ce",
+                   help="L_u: pixel-weighted CE (default) or squared error on the softmax (Table 5.1)")
+    p.add_argument("--soft-targets", action="store_true",
+                   help="no pseudo-label: CE against the mixed soft teacher maps (Table 5.1)")
+    p.add_argument("--extra-aug", action="store_true",
+                   help="colour jitter + Gaussian blur on mixed images: the released config (Table 5.1 "
+                        "'Extra augmentations'); off = the runs of Table 4.1")
+    p.add_argument("--jitter-gate", type=float, default=0.2,
+                   help="with --extra-aug, jitter applied when U(0,1) > gate: 0.2 = 80 %% (CM code), 0.5 = thesis")
+    p.add_argument("--aspp-full", action="store_true",
+                   help="clean variant: sum all four ASPP branches (the authors' code sums two; quirk Q1)")
+    p.add_argument("--teacher-eval-bn", action="store_true",
+                   help="clean variant: eval-mode teacher BN with EMA-averaged running stats (quirk Q3)")
+    p.add_argument("--clean-param-groups", action="store_true",
+                   help="clean variant: each tensor once in the 1x group (changes results; quirk Q4)")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                   help="sgd = the authors' SGD 0.9 / wd 5e-4; adam is for the random-init demo")
+    args = common.parse_with_demo(p, DEMO, argv)
+    common.check_args(args)
+    if not 0 < args.ema_alpha < 1 or not 0 <= args.jitter_gate <= 1 or not 0 < args.tau <= 1:
+        raise common.DataError("--ema-alpha in (0,1), --jitter-gate in [0,1] and --tau in (0,1] expected")
+    if args.official_split is not None:
+        args.split_seed = OFFICIAL_SPLIT_SEED[args.official_split]
+    return args
+
+
+def sigmoid_rampup(i, length=10000, c=5.0):
+    """eq. 2.13 as CM/trainSSL.py computes it: exp(-c (1 - i/length)^2), then 1."""
+    return math.exp(-c * (1 - i / length) ** 2) if i < length else 1.0
+
+
+def unsupervised_weight(conf, i, args):
+    """Per-pixel weight of L_u (§2.5.4) from the mixed confidences `conf` (N,H,W)."""
+    confident = (conf >= args.tau).float()
+    if args.pixel_weight == "threshold_uniform":
+        return confident.mean() * torch.ones_like(conf)          # one q for the batch (quirk C3)
+    if args.pixel_weight == "threshold":
+        return confident
+    return torch.full_like(conf, sigmoid_rampup(i) if args.pixel_weight == "sigmoid" else 1.0)
+
+
+def mixing_mask(teacher_label, g, args):
+    """M_k: classes of pseudo-label k (ClassMix) or a CutMix / CowMix mask, 1 = pixel from image k."""
+    n, h, w = teacher_label.shape
+    if args.mask == "cut":
+        return common.cutmix_mask(n, h, w, g, teacher_label.device)
+    if args.mask == "cow":
+        return common.cowmix_mask(n, h, w, g, teacher_label.device)
+    return common.class_mix_mask(teacher_label, g, rule=args.mask_rounding, drop_ignore=True)
+
+
+def soft_ce_weighted(logits, target_prob, weight):
+    """Cross-entropy against soft targets, times a pixel weight, mean over all pixels."""
+    return (-(target_prob * F.log_softmax(logits.float(), 1)).sum(1) * weight).mean()
+
+
+def train(args):
+    # ---------------------------------------------------------------- setup
+    device = common.select_device(args.device)
+    amp = common.Amp(device, args.amp)
+    style, norm = common.init_convention(args.init)
+    if norm == "imagenet_bgr":
+        norm = "cityscapes_bgr"  # ClassMix subtracts the Cityscapes RGB mean from BGR images (quirk C9)
+    common.seed_everything(args.seed)
+    name = "cityscapes" + "_baseline" * args.no_unlabeled if args.dataset == "cityscapes" else \
+        "demo" + "_baseline" * args.no_unlabeled
+    out_dir = Path(args.out_dir or common.default_out_dir("classmix_ssl", name, args.n_labeled, args.seed))
+    # ---------------------------------------------------------------- data
+    root = demo.ensure_demo(args.data_root) / "cityscapes" if args.dataset == "demo" else \
+        common.dataset_root(args, "cityscapes")
+    val = common.cityscapes_val(root, args.target_size, args.eval_res, norm)
+    build = lambda: common.DeepLabV2(19, aspp_full=args.aspp_full, style=style, layers=args.layers)  # noqa: E731
+    student = common.prepare_model(build(), device, amp)
+    if args.eval_only:
+        return common.eval_only(args, student, val, device, out_dir)
+    stems = common.SegmentationDataset("cityscapes", root).stems()
+    labeled, unlabeled = common.labeled_split(stems, args.n_labeled, args.split_seed, args.split_file)
+    if not labeled:
+        raise common.DataError("--n-labeled 0: ClassMix needs labeled images")
+    if not unlabeled and not args.no_unlabeled:
+        raise common.DataError(f"--n-labeled {len(labeled)} leaves no unlabeled image (use --no-unlabeled)")
+    crop = args.crop_size if min(args.crop_size) > 0 else None  # no augmentation besides the optional crop (C7)
+    data_l = common.SegmentationDataset("cityscapes", root, resize=args.target_size, crop=crop, norm=norm,
+                                        stems=labeled)
+    data_u = None if args.no_unlabeled else common.SegmentationDataset(
+        "cityscapes", root, resize=args.target_size, crop=crop, norm=norm, stems=unlabeled)
+    # ---------------------------------------------------------------- models, optimiser
+    common.initialise(student, args.init)
+    teacher = None if args.no_unlabeled else common.prepare_model(common.ema_teacher(student, build), device, amp)
+    if teacher is not None:
+        teacher.train(not args.teacher_eval_bn)  # the authors' teacher stays in train mode (quirk C4)
+    optimizer = common.deeplab_optimizer(student, args.lr, args.optimizer, not args.clean_param_groups)
+    scheduler = common.lr_scheduler(optimizer, lambda i: common.poly_factor(i, args.iters))
+    start = 0
+    ckpt = common.resume_state(args, out_dir, 19)
+    if ckpt is not None:
+        start = common.restore_training(ckpt, student, optimizer, scheduler, teacher)
+    common.write_run_files(out_dir, args, labeled)
+    loader_l = common.infinite_loader(data_l, common.IterationSampler(len(data_l), args.batch_size, args.seed, 0,
+                                                                      start, args.iters), args.workers)
+    loader_u = None if data_u is None else common.infinite_loader(
+        data_u, common.IterationSampler(len(data_u), args.batch_size, args.seed, 1, start, args.iters), args.workers)
+    log = common.Logger(out_dir, args.log_every, args.iters, start)
+    metrics = None
+    # ---------------------------------------------------------------- training loop (CM/trainSSL.py order)
+    for i in range(start, args.iters):
+        student.train()
+        g = common.step_generator(args.seed, i)
+        batch = next(loader_l)
+        x_l = batch["image"].to(device, non_blocking=True)
+        y_l = batch["label"].to(device, non_blocking=True)
+        with amp.autocast():
+            loss_l = common.ce_loss(common.upsample(student(x_l), y_l.shape[1:]), y_l)   # L_l, supervised CE
+        losses = {"loss_l": loss_l}
+        loss = loss_l
+        if teacher is not None:
+            x_u = next(loader_u)["image"].to(device, non_blocking=True)
+            with torch.no_grad(), amp.autocast():
+                P = common.upsample(teacher(x_u).float(), x_u.shape[2:]).softmax(1)   # weak view = identity
+            M = mixing_mask(P.argmax(1), g, args)
+            x_m = common.mix_pairs(M, x_u)                     # classes of u_k pasted onto u_{k+1}
+            if args.extra_aug:  # one gate, factors per image, one op order and one sigma per call (§9.6)
+                x_m = common.color_jitter(x_m, norm, g, gate=args.jitter_gate, per_image_order=False)
+                x_m = common.gaussian_blur(x_m, g, per_image=False)
+            P_m = common.mix_pairs(M, P)                       # mixed soft maps (= mixing the argmax maps)
+            conf, y_m = P_m.max(1)
+            w = unsupervised_weight(conf, i, args)
+            with amp.autocast():
+                logits_m = common.upsample(student(x_m), y_m.shape[1:])
+                if args.consistency_loss == "mse":                       # eq. 2.1 ablation
+                    loss_u = common.mse_softmax(logits_m, P_m, w)
+                elif args.soft_targets:
+                    loss_u = soft_ce_weighted(logits_m, P_m, w)
+                else:
+                    loss_u = common.ce_pixel_weighted(logits_m, y_m, w)
+                loss_u = args.consistency_weight * loss_u                   # lambda * L_u, eq. 2.14
+            losses.update(loss_u=loss_u, q=(conf >= args.tau).float().mean())
+            loss = loss_l + loss_u
+        optimizer.zero_grad(set_to_none=True)
+        amp.backward(loss)
+        amp.step(optimizer)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        if teacher is not None:
+            common.ema_update(teacher, student, i, args.ema_alpha, buffers=args.teacher_eval_bn)
+        log.log(i, losses, lr)
+        # ------------------------------------------------------------ checkpoints, evaluation
+        if (i + 1) % args.save_every == 0 or i + 1 == args.iters:
+            common.write_checkpoints(out_dir, common.training_state(i + 1, student, optimizer, scheduler, args,
+                                                                    teacher), args.keep_checkpoints)
+        if (args.eval_every and (i + 1) % args.eval_every == 0) or i + 1 == args.iters:
+            metrics = common.evaluate(student, val, device, out_dir=out_dir, iteration=i + 1,
+                                      amp_dtype=amp.dtype if amp.enabled else None)
+            common.write_metrics(out_dir, metrics)
+    if metrics is None:  # resumed a finished run: report its final model
+        metrics = common.evaluate(student, val, device, out_dir=out_dir, iteration=start)
+        common.write_metrics(out_dir, metrics)
+    return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    metrics = train(args)
+    if args.demo and not args.no_unlabeled and not args.eval_only:
+        baseline = copy.copy(args)
+        baseline.no_unlabeled, baseline.out_dir = True, None if args.out_dir is None else args.out_dir + "_baseline"
+        base = train(baseline)
+        print(f"demo target val mIoU ({args.n_labeled} labeled): ClassMix {metrics['mIoU']:.2f} "
+              f"vs supervised baseline {base['mIoU']:.2f}")
+    return metrics
+
+
+if __name__ == "__main__":
+    common.run_script(main)

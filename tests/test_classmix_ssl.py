@@ -1,0 +1,164 @@
+"""classmix_ssl.py: short runs, the loop pieces, and one test per flag."""
+import json
+import math
+import types
+
+import pytest
+import torch
+
+import classmix_ssl
+import common
+from conftest import make_cityscapes
+
+TINY = ["--iters", "2", "--layers", "1", "1", "1", "1", "--init", "none", "--target-size", "64", "32",
+        "--n-labeled", "2", "--workers", "0", "--log-every", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    r = tmp_path_factory.mktemp("data")
+    make_cityscapes(r)
+    return r
+
+
+def run(root, out, *flags):
+    metrics = classmix_ssl.main([*TINY, "--data-root", str(root), "--out-dir", str(out), *map(str, flags)])
+    return metrics, torch.load(out / "checkpoint.pth", weights_only=True)
+
+
+def test_two_iterations_outputs(root, tmp_path):
+    metrics, ckpt = run(root, tmp_path / "run")
+    assert set(ckpt) >= {"model", "ema_model", "optimizer", "iteration", "rng", "args"} and ckpt["iteration"] == 2
+    assert list(ckpt["model"]) == list(common.DeepLabV2(19, layers=(1, 1, 1, 1)).state_dict())
+    split = (tmp_path / "run" / "split.txt").read_text().split()
+    stems = sorted(common.SegmentationDataset("cityscapes", root / "cityscapes").stems())
+    assert split == common.labeled_split(stems, 2, 1)[0] and len(split) == 2   # default split seed 1
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["iteration"] == 2 and saved["model"] == "student" and saved["num_classes"] == 19
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert {"loss_l", "loss_u", "q", "lr"} <= set(log[-1])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["n_labeled"] == 2
+
+
+def test_baseline_has_no_teacher_and_full_split_needs_it(root, tmp_path):
+    _, ckpt = run(root, tmp_path / "b", "--no-unlabeled")
+    assert "ema_model" not in ckpt
+    with pytest.raises(common.DataError, match="no unlabeled"):
+        run(root, tmp_path / "c", "--n-labeled", "6")
+    run(root, tmp_path / "d", "--n-labeled", "6", "--no-unlabeled")       # "full" = baseline only
+    with pytest.raises(common.DataError, match="--n-labeled 7"):
+        run(root, tmp_path / "e", "--n-labeled", "7")
+
+
+def test_official_split_and_split_file(root, tmp_path):
+    run(root, tmp_path / "a", "--official-split", "1")
+    stems = sorted(common.SegmentationDataset("cityscapes", root / "cityscapes").stems())
+    assert (tmp_path / "a" / "split.txt").read_text().split() == common.labeled_split(stems, 2, 10)[0]
+    (tmp_path / "mine.txt").write_text(stems[5] + "\n" + stems[0] + "\n")
+    run(root, tmp_path / "b", "--split-file", tmp_path / "mine.txt")
+    assert sorted((tmp_path / "b" / "split.txt").read_text().split()) == [stems[0], stems[5]]
+
+
+def test_demo_runs_method_and_baseline(tmp_path, capsys):
+    out = tmp_path / "run"
+    classmix_ssl.main(["--demo", "--iters", "2", "--data-root", str(tmp_path / "data"), "--out-dir", str(out)])
+    assert len((out / "split.txt").read_text().split()) == 20
+    assert (tmp_path / "run_baseline" / "metrics.json").is_file()
+    assert "ClassMix" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_resume_from_checkpoint_is_exact(root, tmp_path):
+    _, full = run(root, tmp_path / "a", "--iters", "3", "--extra-aug")
+    run(root, tmp_path / "b", "--iters", "3", "--extra-aug", "--save-every", "1", "--keep-checkpoints")
+    _, resumed = run(root, tmp_path / "c", "--iters", "3", "--extra-aug",
+                     "--resume", tmp_path / "b" / "checkpoint_2.pth")
+    for key in ("model", "ema_model"):
+        assert all(torch.equal(full[key][k], resumed[key][k]) for k in full[key])
+
+
+# ------------------------------------------------------------------ the loop pieces
+
+def _args(**kw):
+    return types.SimpleNamespace(**{**dict(tau=0.9, pixel_weight="threshold_uniform", mask="class",
+                                           mask_rounding="floor"), **kw})
+
+
+def test_unsupervised_weights():
+    conf = torch.tensor([[[0.95, 0.5], [0.9, 0.1]]])
+    assert torch.allclose(classmix_ssl.unsupervised_weight(conf, 0, _args()), torch.full_like(conf, 0.5))
+    assert torch.equal(classmix_ssl.unsupervised_weight(conf, 0, _args(pixel_weight="threshold")),
+                       torch.tensor([[[1.0, 0.0], [1.0, 0.0]]]))
+    assert torch.equal(classmix_ssl.unsupervised_weight(conf, 0, _args(pixel_weight="none")), torch.ones_like(conf))
+    w = classmix_ssl.unsupervised_weight(conf, 5000, _args(pixel_weight="sigmoid"))
+    assert torch.allclose(w, torch.full_like(conf, math.exp(-5 * 0.25)))
+    assert classmix_ssl.sigmoid_rampup(0) == pytest.approx(math.exp(-5)) and classmix_ssl.sigmoid_rampup(10000) == 1
+
+
+def test_masks_come_from_the_teacher_argmax():
+    g = torch.Generator().manual_seed(0)
+    label = torch.randint(0, 7, (2, 16, 16))
+    M = classmix_ssl.mixing_mask(label, g, _args())
+    for k in range(2):
+        assert len(label[k][M[k].bool()].unique()) == len(label[k].unique()) // 2     # floor(n/2)
+        assert all(M[k][label[k] == c].unique().numel() == 1 for c in label[k].unique())
+    cut = classmix_ssl.mixing_mask(label, g, _args(mask="cut"))
+    assert cut.mean().item() == pytest.approx(0.5, abs=0.05)
+    cow = classmix_ssl.mixing_mask(label, g, _args(mask="cow"))
+    assert cow.mean().item() == pytest.approx(0.5, abs=0.01) and not torch.equal(cow, cut)
+
+
+def test_soft_ce_equals_hard_ce_on_one_hot_targets():
+    logits, target = torch.randn(2, 5, 4, 4), torch.randint(0, 5, (2, 4, 4))
+    one_hot = torch.nn.functional.one_hot(target, 5).permute(0, 3, 1, 2).float()
+    w = torch.rand(2, 4, 4)
+    assert classmix_ssl.soft_ce_weighted(logits, one_hot, w).item() == pytest.approx(
+        common.ce_pixel_weighted(logits, target, w).item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------ each flag changes what it should
+
+T = ["--tau", "0.01"]  # confident everywhere, so that the pseudo-labels carry weight in 3 iterations
+FLAG_CASES = [  # (flags, baseline flags): the flag must change the trained weights after 3 iterations
+    (["--no-unlabeled"], []),
+    (["--mask", "cut"], []),
+    (["--mask", "cow"], []),
+    (["--mask-rounding", "ceil", *T], T),
+    (["--pixel-weight", "threshold", "--tau", "0.1"], ["--tau", "0.1"]),
+    (["--pixel-weight", "sigmoid"], []),
+    (["--pixel-weight", "none"], []),
+    (["--consistency-loss", "mse"], ["--pixel-weight", "none"]),
+    (["--soft-targets", "--pixel-weight", "none"], ["--pixel-weight", "none"]),
+    (["--extra-aug", "--jitter-gate", "0"], []),
+    (["--extra-aug", "--jitter-gate", "1"], ["--extra-aug", "--jitter-gate", "0"]),
+    (["--crop-size", "16", "16"], []),
+    (["--aspp-full"], []),
+    (["--teacher-eval-bn", *T], T),
+    (["--clean-param-groups"], []),
+    (["--tau", "0.01"], []),
+    (["--ema-alpha", "0.3", *T], T),
+    (["--consistency-weight", "0.5", *T], T),
+    (["--split-seed", "3"], []),
+    (["--n-labeled", "3"], []),
+]
+
+
+@pytest.fixture(scope="module")
+def weights(root, tmp_path_factory):
+    cache = {}
+
+    def get(flags):
+        if tuple(flags) not in cache:
+            cache[tuple(flags)] = run(root, tmp_path_factory.mktemp("flag"), "--iters", "3", *flags)[1]["model"]
+        return cache[tuple(flags)]
+    return get
+
+
+@pytest.mark.parametrize("flags,base", FLAG_CASES, ids=[" ".join(f) for f, _ in FLAG_CASES])
+def test_flag_changes_training(weights, flags, base):
+    a, b = weights(flags), weights(base)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_same_flags_same_weights(weights, root, tmp_path):
+    again = run(root, tmp_path / "again", "--iters", "3")[1]["model"]
+    assert all(torch.equal(again[k], weights([])[k]) for k in again)

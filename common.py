@@ -542,6 +542,9 @@ def rcs_probabilities(counts, num_classes, temperature=0.01, min_pixels=3000):
     prob /= prob.sum()
     images_with = {c: [i for i, d in enumerate(counts) if d.get(c, 0) > min_pixels] for c in classes}
     keep = [k for k, c in enumerate(classes) if images_with[c]]  # a class with no qualifying image is dropped
+    if not keep:
+        raise DataError(f"rare-class sampling: no image holds more than {min_pixels} pixels of any class "
+                        f"(lower --rcs-min-pixels or use --rcs none)")
     prob = prob[keep] / prob[keep].sum()
     classes = [classes[k] for k in keep]
     return classes, prob, {c: images_with[c] for c in classes}
@@ -681,15 +684,18 @@ def atomic_write_text(path, text):
 # to the batch's device with non_blocking=True (a blocking host-to-device copy would sync the stream)
 # ======================================================================================
 
-def class_mix_mask(labels, generator, rule="floor", drop_ignore=True):
+def class_mix_mask(labels, generator, rule="floor", drop_ignore=True, batch_union=False):
     """(N,H,W) float mask of a random half of the classes present in each label map (ClassMix).
 
     rule 'floor' picks floor(n/2) of the n classes (ClassMix SSL: n=1 gives an empty mask), 'ceil'
     picks ceil(n/2) (DACS). With drop_ignore=False the ignore value is a candidate like a class (DACS).
+    batch_union draws each image's classes from the union over the batch (DAFormer get_class_masks).
     """
     n_img = labels.shape[0]
     present = torch.zeros(n_img, 256, dtype=torch.bool, device=labels.device)
     present.scatter_(1, labels.reshape(n_img, -1).long(), True)
+    if batch_union:
+        present = present.any(0, keepdim=True).expand(n_img, -1).clone()
     if drop_ignore:
         present[:, IGNORE] = False
     count = present.sum(1)
@@ -1194,7 +1200,7 @@ def write_metrics(out_dir, metrics, name="metrics.json"):
           f"({metrics['num_classes']} classes)", flush=True)
 
 
-def eval_only(args, model, val, device, out_dir, synthia=False):
+def eval_only(args, model, val, device, out_dir, synthia=False, align_corners=True):
     """--eval-only: load --checkpoint's `model` (class count checked, weights_only) and evaluate it."""
     ckpt = load_checkpoint(args.checkpoint, model.num_classes)
     state = ckpt.get("model", ckpt)
@@ -1205,7 +1211,8 @@ def eval_only(args, model, val, device, out_dir, synthia=False):
                         f"({str(exc).splitlines()[0][:200]})") from None
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     metrics = evaluate(model, val, device, synthia=synthia, out_dir=out_dir,
-                       save_predictions=args.save_predictions, iteration=ckpt.get("iteration"))
+                       save_predictions=args.save_predictions, iteration=ckpt.get("iteration"),
+                       align_corners=align_corners)
     write_metrics(out_dir, metrics)
     return metrics
 
@@ -1299,14 +1306,15 @@ def colourise(label, train_ids):
     return lut[label]
 
 
-def upsample(logits, size):
-    """Bilinear, align_corners=True upsampling of logits to (H, W), as every official loss and eval does."""
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+def upsample(logits, size, align_corners=True):
+    """Bilinear upsampling of logits to (H, W): align_corners=True as the DeepLab-era official code,
+    False as mmseg/DAFormer."""
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=align_corners)
 
 
 @torch.no_grad()
 def evaluate(model, dataset, device, synthia=False, amp_dtype=None, out_dir=None, save_predictions=False,
-             n_vis=4, iteration=None, model_name="student"):
+             n_vis=4, iteration=None, model_name="student", align_corners=True):
     """Evaluate `model` in eval mode on a val dataset, one image at a time, no test-time augmentation.
 
     The dataset's label_res picks the protocol: 'input' = labels downsampled to the network input
@@ -1328,14 +1336,14 @@ def evaluate(model, dataset, device, synthia=False, amp_dtype=None, out_dir=None
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
         logits = (logits[1] if isinstance(logits, tuple) else logits).float()
-        pred = upsample(logits, y.shape).argmax(1)[0]
+        pred = upsample(logits, y.shape, align_corners).argmax(1)[0]
         cm += confusion_matrix(pred, y, n)
         if out_dir is None:
             continue
         stem = stem_of(dataset.pairs[index][0])
         if save_predictions:
             w, h = image_size(dataset.pairs[index][1])
-            full = upsample(logits, (h, w)).argmax(1)[0].cpu().numpy()
+            full = upsample(logits, (h, w), align_corners).argmax(1)[0].cpu().numpy()
             ids = TRAINID_TO_LABELID[np.asarray(train_ids)[full]]
             save_png(Path(out_dir) / "predictions" / f"{stem}_labelIds.png", ids)
         if index < n_vis:

@@ -1,0 +1,330 @@
+"""IIDM: Inter- and Intra-Domain Mixing for semi-supervised domain adaptation in semantic segmentation
+(Fu et al., AAAI 2024, ../shared/papers/iidm.txt) — GTA5/SYNTHIA + a few labeled Cityscapes images -> Cityscapes.
+
+    python iidm.py --source gta5 --n-labeled 100        # paper Table 1: 69.5 mIoU (200: 70.0, 500: 70.6, 1000: 72.8)
+    python iidm.py --source synthia --n-labeled 100     # paper Table 2: 74.2 13-class mIoU
+    python iidm.py --demo                                # IIDM and two baselines on the demo data, CPU, minutes
+
+No public IIDM code exists; the set-up is reconstructed from the paper and the DAFormer code it follows
+(../shared/specs/iidm.md, assumptions A1-A18 below). A mean teacher predicts a pseudo-label y_u and one
+quality q for each unlabeled target crop x_u. The same x_u is mixed twice: half of the classes of the
+source ground truth y_s are pasted onto it (inter-domain stream, mask M1), and half of the classes of the
+labeled-target ground truth y_t are pasted onto it (intra-domain stream, mask M2). The student learns
+from the source and labeled-target crops (L_s, L_t) and from both mixed images (L_inter, L_intra).
+
+Paper -> code:
+    eq. 1  x_inter = M1 x_s + (1 - M1) x_u              -> `x_inter` (M1 = class_mix_mask of y_s)
+    eq. 2  y_inter = M1 y_s + (1 - M1) y_u              -> `y_inter`
+    eq. 3  x_intra = M2 x_t + (1 - M2) x_u              -> `x_intra` (M2 = class_mix_mask of y_t)
+    eq. 4  y_intra = M2 y_t + (1 - M2) y_u              -> `y_intra`
+    eq. 5  teacher EMA, alpha 0.99                       -> common.ema_update (DAFormer order: before the step)
+    eq. 6  quality q = share of pixels with max p >= tau -> `q` (one scalar over the unlabeled batch, A12)
+    eq. 7  L_inter, eq. 8 L_intra (q-weighted CE)         -> `loss_inter`, `loss_intra` (weight 1 on pasted GT, A13)
+    eq. 9  L_s, eq. 10 L_t (supervised CE)                -> `loss_s`, `loss_t`
+    eq. 11 L = L_s + L_t + lambda L_inter + mu L_intra   -> --lambda 1, --mu 2
+    Table 4 loss ablations -> --no-src-sup/--no-tgt-sup/--no-inter/--no-intra; Table 5 -> --mix-strategy;
+    Table 6 -> --lambda/--mu; Table 7 -> --n-labeled.
+
+Assumptions (the paper is silent; iidm.md §11), each with a flag where an alternative exists:
+    A1  SYNTHIA: 16-way head; Cityscapes terrain/truck/train -> ignore; 13-class mIoU reported (mIoU13).
+    A2  split: sorted train list, RandomState(--split-seed) permutation, first N labeled (nested), split.txt.
+    A3  labeled target = DAFormer's target pipeline (flip, no cat_max_ratio); no photometric aug on clean streams.
+    A4  source resize keeps the aspect ratio: GTA5 -> 1280x704, SYNTHIA 1280x760.
+    A5  rare-class sampling on the source only (--rcs both: also over the labeled target; none: off).
+    A6  ImageNet-1k torchvision init with RGB mean/std (--init coco is a flagged deviation: BGR, caffe style).
+    A7  separate student forwards of batch 2 per stream, each followed by its own backward.
+    A8  teacher BN in train mode, EMA over parameters only (--teacher-eval-bn: eval mode + averaged buffers).
+    A9  the final student, whole 1024x512 image, logits upsampled to full resolution (--eval-res full).
+    A10 AdamW eps 1e-8, weight decay on every trained parameter, no clipping, fp32 (--amp optional).
+    A11 classes chosen per image, ignore excluded (--classmix-select batch: DAFormer's batch union incl. 255).
+    A12 q per unlabeled batch (--q-per-image: the paper's per-image q_i).
+    A13 weight 1 on pasted ground-truth pixels, q elsewhere (--q-everywhere: eq. 7-8 literally).
+    A14 no ImageNet feature distance, no pseudo-weight top/bottom crop.
+    A15 jitter (s 0.2, 80 %) and blur (50 %) switches drawn once per iteration and shared by both streams.
+    A16 losses averaged over all pixels including ignored ones (mmseg).
+    A17 two-two draws 4 unlabeled crops and computes q per stream.
+    A18 one-one pastes x_t's classes onto x_u and x_s's on top, one loss weighted lambda.
+
+Deviations: the network is the classic DeepLabv2-ResNet-101 of common.py in the `pytorch` stride style
+(stride on the 3x3 conv, as the torchvision weights expect) with trainable BN affine parameters as in
+DAFormer, but with the classic 7x7 stem, ceil-mode max-pool and dilation in every layer3/4 block: DAFormer's
+ResNet-V1c deep stem and contract_dilation are not reproduced (its mmcv weights do not fit this layout).
+Logits are upsampled with align_corners=False as in mmseg. --demo trains from a random init with a short
+warm-up and a higher learning rate on a light --layers 1 1 1 1 network.
+"""
+import argparse
+import copy
+from pathlib import Path
+
+import torch
+
+import common
+import demo
+
+PAPER = {  # dest: (value, source) — shown in --help
+    "iters": (40000, "IIDM §Implementation Details"),
+    "batch_size": (2, "2 source + 2 labeled target + 2 unlabeled target; IIDM §Implementation Details"),
+    "lr": (6e-5, "encoder lr, IIDM §Implementation Details; decoder x10 (--head-lr-mult)"),
+    "source_size": (None, "GTA5 fit into 1280 720 -> 1280x704, SYNTHIA 1280 760 (DAFormer configs; A4)"),
+    "target_size": ((1024, 512), "IIDM; DAFormer cityscapes config"),
+    "crop_size": ((512, 512), "IIDM §Implementation Details"),
+    "eval_res": ("full", "DAFormer whole-image inference at full resolution (A9)"),
+    "init": ("imagenet", "ImageNet-1k, IIDM §Implementation Details (A6)"),
+    "eval_every": (4000, "DAFormer evaluation interval"),
+    "save_every": (4000, "DAFormer checkpoint interval"),
+}
+DEMO = {"source": "demo", "n_labeled": 10, "iters": 160, "lr": 1e-3, "head_lr_mult": 1.0, "warmup_iters": 20,
+        "rcs_min_pixels": 12,  # 3000 px of a 1914x1052 GTA5 label, scaled to the 128x64 demo images
+        "layers": [1, 1, 1, 1], "init": "none", "source_size": [128, 64], "target_size": [128, 64],
+        "crop_size": [64, 64], "eval_res": "full", "eval_every": 0, "save_every": 100, "log_every": 25,
+        "workers": 0}
+SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
+
+
+def parse_args(argv=None):
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[common.shared_parser(PAPER)],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", choices=["gta5", "synthia", "demo"], default="gta5", help="source domain")
+    common.add_split_args(p, 100, "IIDM Table 1 (100/200/500/1000)")
+    p.add_argument("--no-src-sup", action="store_true",
+                   help="drop L_s (and the source: implies --no-inter); Table 4 rows 2 and 4")
+    p.add_argument("--no-tgt-sup", action="store_true", help="drop L_t (Table 4 row 1)")
+    p.add_argument("--no-inter", action="store_true", help="drop the inter-domain stream L_inter (Table 4)")
+    p.add_argument("--no-intra", action="store_true", help="drop the intra-domain stream L_intra (Table 4)")
+    p.add_argument("--mix-strategy", choices=["one-two", "two-two", "one-one"], default="one-two",
+                   help="Table 5: one x_u in two streams (IIDM), two x_u in two streams, one x_u in one "
+                        "triple-mixed stream")
+    p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="weight of L_inter (eq. 11, Table 6)")
+    p.add_argument("--mu", type=float, default=2.0, help="weight of L_intra (eq. 11, Table 6)")
+    p.add_argument("--tau", type=float, default=0.968, help="confidence threshold of q (eq. 6; IIDM)")
+    p.add_argument("--ema-alpha", type=float, default=0.99, help="teacher EMA momentum (eq. 5; IIDM 'following DACS')")
+    p.add_argument("--head-lr-mult", type=float, default=10.0, help="decoder lr / encoder lr (6e-4 / 6e-5; IIDM)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (IIDM)")
+    p.add_argument("--warmup-iters", type=int, default=1500, help="linear warm-up length (DAFormer poly10warm)")
+    p.add_argument("--rcs", choices=["source", "both", "none"], default="source",
+                   help="rare-class sampling over the source (DAFormer; A5), also the labeled target, or off")
+    p.add_argument("--rcs-temp", type=float, default=0.01, help="RCS temperature T (DAFormer)")
+    p.add_argument("--rcs-min-pixels", type=int, default=3000,
+                   help="RCS: an image qualifies for class c with more than this many c pixels at original "
+                        "resolution; a crop is retried until it holds half as many (DAFormer 3000 / 1500)"),
+    p.add_argument("--classmix-select", choices=["image", "batch"], default="image",
+                   help="ClassMix classes per image without ignore (A11) or from the batch union incl. ignore "
+                        "(DAFormer get_class_masks)")
+    p.add_argument("--q-per-image", action="store_true", help="q per unlabeled image (eq. 6 as written; A12)")
+    p.add_argument("--q-everywhere", action="store_true",
+                   help="weight q on every mixed pixel, pasted ground truth included (eq. 7-8 literally; A13)")
+    p.add_argument("--no-jitter", action="store_true", help="no colour jitter on mixed images")
+    p.add_argument("--no-blur", action="store_true", help="no Gaussian blur on mixed images")
+    p.add_argument("--teacher-eval-bn", action="store_true",
+                   help="teacher with eval-mode BN and EMA-averaged running stats (DAFormer: train mode; A8)")
+    p.add_argument("--frozen-bn", action="store_true",
+                   help="freeze BN affine parameters as the classic DeepLabv2 (DAFormer trains them)")
+    args = common.parse_with_demo(p, DEMO, argv)
+    common.check_args(args)
+    if not 0 < args.ema_alpha < 1 or not 0 < args.tau <= 1 or args.warmup_iters < 0 or args.head_lr_mult <= 0:
+        raise common.DataError("--ema-alpha in (0,1), --tau in (0,1], --warmup-iters >= 0, --head-lr-mult > 0 expected")
+    if args.no_src_sup:
+        args.no_inter = True
+    if args.n_labeled == 0 and not (args.no_tgt_sup and args.no_intra):
+        raise common.DataError("--n-labeled 0 leaves no labeled target image: add --no-tgt-sup --no-intra")
+    if args.no_src_sup and args.no_tgt_sup:
+        raise common.DataError("--no-src-sup with --no-tgt-sup leaves no supervised loss")
+    if args.mix_strategy != "one-two" and (args.no_inter or args.no_intra):
+        raise common.DataError(f"--mix-strategy {args.mix_strategy} needs both mixing streams")
+    if args.source_size is None:
+        args.source_size = SOURCE_SIZE[args.source]
+    return args
+
+
+def pixel_weight(M, q, q_everywhere=False):
+    """Weight of the mixed pixels: 1 on pasted ground truth, q on pseudo-labels (A13), or q everywhere."""
+    return q * torch.ones_like(M) if q_everywhere else common.one_mix(M, torch.ones_like(M), q.expand_as(M))
+
+
+def mixed_streams(x_s, y_s, x_t, y_t, u_inter, u_intra, g, args):
+    """The mixed batches (name, loss weight, x, y, w) of one iteration per --mix-strategy.
+
+    u_inter / u_intra = (x_u, y_u, q): the unlabeled crops, their teacher pseudo-labels and quality (the
+    same triple for both streams in IIDM's one-two strategy). M1 comes from y_s, M2 from y_t (eq. 1-4).
+    """
+    select = dict(rule="ceil", drop_ignore=args.classmix_select == "image",
+                  batch_union=args.classmix_select == "batch")
+    if args.mix_strategy == "one-one":                      # A18: x_t's classes onto x_u, then x_s's on top
+        x_u, y_u, q = u_inter
+        M1, M2 = common.class_mix_mask(y_s, g, **select), common.class_mix_mask(y_t, g, **select)
+        x = common.one_mix(M1, x_s, common.one_mix(M2, x_t, x_u))
+        y = common.one_mix(M1, y_s, common.one_mix(M2, y_t, y_u))
+        return [("loss_mix", args.lam, x, y, pixel_weight(torch.maximum(M1, M2), q, args.q_everywhere))]
+    streams = []
+    if not args.no_inter:
+        x_u, y_u, q = u_inter
+        M1 = common.class_mix_mask(y_s, g, **select)                       # classes of the source GT
+        streams.append(("loss_inter", args.lam, common.one_mix(M1, x_s, x_u),          # eq. 1
+                        common.one_mix(M1, y_s, y_u), pixel_weight(M1, q, args.q_everywhere)))   # eq. 2
+    if not args.no_intra:
+        x_u, y_u, q = u_intra
+        M2 = common.class_mix_mask(y_t, g, **select)                       # classes of the labeled-target GT
+        streams.append(("loss_intra", args.mu, common.one_mix(M2, x_t, x_u),           # eq. 3
+                        common.one_mix(M2, y_t, y_u), pixel_weight(M2, q, args.q_everywhere)))   # eq. 4
+    return streams
+
+
+def train(args):
+    # ---------------------------------------------------------------- setup
+    device = common.select_device(args.device)
+    amp = common.Amp(device, args.amp)
+    style, norm = common.init_convention(args.init, default=("pytorch", "imagenet_rgb"))
+    common.seed_everything(args.seed)
+    num_classes = 16 if args.source == "synthia" else 19                       # A1
+    synthia = num_classes == 16
+    out_dir = Path(args.out_dir or common.default_out_dir("iidm", args.source, args.n_labeled, args.seed))
+    up = lambda logits, size: common.upsample(logits, size, align_corners=False)  # noqa: E731 (mmseg resize)
+    # ---------------------------------------------------------------- data
+    if args.source == "demo":
+        demo_root = demo.ensure_demo(args.data_root)
+        source_root, target_root, source_kind = demo_root / "gta5", demo_root / "cityscapes", "gta5"
+    else:
+        source_root, source_kind = common.dataset_root(args, args.source), args.source
+        target_root = common.dataset_root(args, "cityscapes")
+    val = common.cityscapes_val(target_root, args.target_size, args.eval_res, norm, num_classes)
+    build = lambda: common.DeepLabV2(num_classes, style=style, layers=args.layers,  # noqa: E731
+                                     freeze_bn_affine=args.frozen_bn)
+    student = common.prepare_model(build(), device, amp)
+    if args.eval_only:
+        return common.eval_only(args, student, val, device, out_dir, synthia, align_corners=False)
+    stems = common.SegmentationDataset("cityscapes", target_root).stems()
+    labeled, unlabeled = common.labeled_split(stems, args.n_labeled, args.split_seed, args.split_file)
+    use_teacher = not (args.no_inter and args.no_intra)
+    if use_teacher and not unlabeled:
+        raise common.DataError(f"--n-labeled {len(labeled)} leaves no unlabeled image for the mixing streams")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    crop = args.crop_size if min(args.crop_size) > 0 else None
+    source = None if args.no_src_sup else common.SegmentationDataset(
+        source_kind, source_root, resize=args.source_size, keep_ratio=True, crop=crop, cat_max_ratio=0.75,
+        flip=True, norm=norm, num_classes=num_classes, rcs_min_crop_pixels=args.rcs_min_pixels // 2)
+    data_t = None if not labeled else common.SegmentationDataset(
+        "cityscapes", target_root, resize=args.target_size, crop=crop, flip=True, norm=norm,
+        num_classes=num_classes, stems=labeled, rcs_min_crop_pixels=args.rcs_min_pixels // 2)
+    data_u = None if not use_teacher else common.SegmentationDataset(
+        "cityscapes", target_root, resize=args.target_size, crop=crop, flip=True, norm=norm,
+        num_classes=num_classes, stems=unlabeled)
+
+    def sampler(dataset, stream, batch_size, rcs):
+        if rcs:  # DAFormer rare-class sampling; per-image class counts cached in the run folder
+            counts = common.rcs_statistics(dataset, cache=out_dir / f"rcs_counts_{stream}.json")
+            return common.RareClassSampler(counts, num_classes, batch_size, args.seed, stream, start, args.iters,
+                                           temperature=args.rcs_temp, min_pixels=args.rcs_min_pixels)
+        return common.IterationSampler(len(dataset), batch_size, args.seed, stream, start, args.iters)
+    # ---------------------------------------------------------------- models, optimiser
+    common.initialise(student, args.init)
+    teacher = common.prepare_model(common.ema_teacher(student, build), device, amp) if use_teacher else None
+    if teacher is not None:
+        teacher.train(not args.teacher_eval_bn)                               # A8
+    optimizer = torch.optim.AdamW(common.param_groups(student, args.lr, args.head_lr_mult, official_duplicates=False),
+                                  lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)   # A10
+    scheduler = common.lr_scheduler(optimizer, lambda i: common.warmup_poly_factor(i, args.iters, args.warmup_iters))
+    start = 0
+    ckpt = common.resume_state(args, out_dir, num_classes)
+    if ckpt is not None:
+        start = common.restore_training(ckpt, student, optimizer, scheduler, teacher)
+    common.write_run_files(out_dir, args, labeled)
+    B = args.batch_size
+    loader_s = None if source is None else common.infinite_loader(
+        source, sampler(source, 0, B, args.rcs != "none"), args.workers)
+    loader_t = None if args.no_tgt_sup and args.no_intra else common.infinite_loader(
+        data_t, sampler(data_t, 1, B, args.rcs == "both"), args.workers)
+    n_u = 2 * B if args.mix_strategy == "two-two" else B                      # A17: 4 unlabeled crops
+    loader_u = None if teacher is None else common.infinite_loader(data_u, sampler(data_u, 2, n_u, False),
+                                                                   args.workers)
+    log = common.Logger(out_dir, args.log_every, args.iters, start)
+    metrics = None
+
+    def pseudo_label(x_u):
+        """Teacher pseudo-label y_u and quality q (eq. 6) on the un-mixed crops."""
+        with torch.no_grad(), amp.autocast():
+            logits = up(teacher(x_u).float(), x_u.shape[2:])
+        y_u, q_map, _ = common.pseudo_label(logits, args.tau, "uniform", per_image=args.q_per_image)
+        return y_u, q_map[:, :1, :1] if args.q_per_image else q_map[0, 0, 0]
+
+    def supervised(x, y):
+        """eq. 9/10: CE averaged over all pixels, ignored ones included (mmseg; A16)."""
+        with amp.autocast():
+            return common.ce_pixel_weighted(up(student(x), y.shape[1:]), y, torch.ones_like(y, dtype=torch.float))
+
+    def mixed(x, y, w):
+        """eq. 7/8: q-weighted CE of the student on a mixed batch."""
+        with amp.autocast():
+            return common.ce_pixel_weighted(up(student(x), y.shape[1:]), y, w)
+    # ---------------------------------------------------------------- training loop (DAFormer dacs.py order)
+    for i in range(start, args.iters):
+        student.train()
+        g = common.step_generator(args.seed, i)
+        if teacher is not None and i > 0:                                     # eq. 5, before the step
+            common.ema_update(teacher, student, i, args.ema_alpha, buffers=args.teacher_eval_bn)
+        optimizer.zero_grad(set_to_none=True)
+        losses = {}
+        x_s = y_s = x_t = y_t = None
+        if loader_s is not None:
+            batch = next(loader_s)
+            x_s, y_s = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+            losses["loss_s"] = supervised(x_s, y_s)                           # L_s, eq. 9
+            amp.backward(losses["loss_s"])
+        if loader_t is not None:
+            batch = next(loader_t)
+            x_t, y_t = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+            if not args.no_tgt_sup:
+                losses["loss_t"] = supervised(x_t, y_t)                       # L_t, eq. 10
+                amp.backward(losses["loss_t"])
+        if teacher is not None:
+            x_u = next(loader_u)["image"].to(device, non_blocking=True)
+            x_u_inter, x_u_intra = (x_u[:B], x_u[B:]) if args.mix_strategy == "two-two" else (x_u, x_u)
+            y_u, q = pseudo_label(x_u_inter)                                  # one y_u and q for both streams
+            y_u2, q2 = pseudo_label(x_u_intra) if args.mix_strategy == "two-two" else (y_u, q)
+            streams = mixed_streams(x_s, y_s, x_t, y_t, (x_u_inter, y_u, q), (x_u_intra, y_u2, q2), g, args)
+            # A15: one jitter and one blur switch for all streams; factors, op order and sigma per image
+            x_all = torch.cat([s[2] for s in streams])
+            if not args.no_jitter:
+                x_all = common.color_jitter(x_all, norm, g, strength=0.2, gate=0.2, per_image_order=True)
+            if not args.no_blur:
+                x_all = common.gaussian_blur(x_all, g, per_image=True)
+            for k, (name, weight, _, y, w) in enumerate(streams):            # L_inter eq. 7, L_intra eq. 8
+                losses[name] = mixed(x_all[k * B:(k + 1) * B], y, w)
+                amp.backward(weight * losses[name])
+            losses["q"] = q.mean()
+        amp.step(optimizer)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        log.log(i, losses, lr)
+        # ------------------------------------------------------------ checkpoints, evaluation
+        if (i + 1) % args.save_every == 0 or i + 1 == args.iters:
+            common.write_checkpoints(out_dir, common.training_state(i + 1, student, optimizer, scheduler, args,
+                                                                    teacher), args.keep_checkpoints)
+        if (args.eval_every and (i + 1) % args.eval_every == 0) or i + 1 == args.iters:
+            metrics = common.evaluate(student, val, device, synthia=synthia, out_dir=out_dir, iteration=i + 1,
+                                      amp_dtype=amp.dtype if amp.enabled else None, align_corners=False)
+            common.write_metrics(out_dir, metrics)
+    if metrics is None:  # resumed a finished run: report its final model
+        metrics = common.evaluate(student, val, device, synthia=synthia, out_dir=out_dir, iteration=start,
+                                  align_corners=False)
+        common.write_metrics(out_dir, metrics)
+    return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    metrics = train(args)
+    if args.demo and not args.eval_only and not (args.no_inter or args.no_intra or args.no_tgt_sup):
+        results = {"IIDM": metrics["mIoU"]}
+        base_dir = args.out_dir or str(common.default_out_dir("iidm", args.source, args.n_labeled, args.seed))
+        for name, no_src, suffix in (("target-only (L_t)", True, "_target_only"),
+                                     ("source+target (L_s+L_t)", False, "_source_target")):
+            baseline = copy.copy(args)
+            baseline.no_inter = baseline.no_intra = True
+            baseline.no_src_sup, baseline.out_dir = no_src, base_dir + suffix
+            results[name] = train(baseline)["mIoU"]
+        print(f"demo target val mIoU ({args.n_labeled} labeled): " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()))
+    return metrics
+
+
+if __name__ == "__main__":
+    common.run_script(main)

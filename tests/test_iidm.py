@@ -1,0 +1,227 @@
+"""iidm.py: short runs for every source, the mixing streams, the schedule, and one test per flag."""
+import json
+import types
+
+import pytest
+import torch
+
+import common
+import iidm
+from conftest import make_cityscapes, make_gta5, make_synthia
+
+TINY = ["--iters", "2", "--layers", "1", "1", "1", "1", "--init", "none", "--source-size", "64", "32",
+        "--target-size", "64", "32", "--crop-size", "32", "32", "--n-labeled", "2", "--rcs-min-pixels", "40",
+        "--workers", "0", "--log-every", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    r = tmp_path_factory.mktemp("data")
+    make_gta5(r)
+    make_synthia(r)
+    make_cityscapes(r)
+    return r
+
+
+def run(root, out, *flags):
+    metrics = iidm.main([*TINY, "--data-root", str(root), "--out-dir", str(out), *map(str, flags)])
+    return metrics, torch.load(out / "checkpoint.pth", weights_only=True)
+
+
+@pytest.mark.parametrize("source", ["gta5", "synthia"])
+def test_two_iterations_outputs(root, tmp_path, source):
+    metrics, ckpt = run(root, tmp_path / "run", "--source", source)
+    n = 16 if source == "synthia" else 19
+    assert set(ckpt) >= {"model", "ema_model", "optimizer", "iteration", "rng", "args"} and ckpt["iteration"] == 2
+    assert ckpt["model"]["layer5.conv2d_list.0.weight"].shape[0] == n
+    assert list(ckpt["model"]) == list(common.DeepLabV2(n, layers=(1, 1, 1, 1)).state_dict())
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["num_classes"] == (16 if source == "synthia" else 19) and ("mIoU13" in saved) == (n == 16)
+    assert saved["iteration"] == 2 and saved["model"] == "student"
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert {"loss_s", "loss_t", "loss_inter", "loss_intra", "q", "lr"} <= set(log[-1])
+    assert len((tmp_path / "run" / "split.txt").read_text().split()) == 2
+    assert (tmp_path / "run" / "rcs_counts_0.json").is_file()          # RCS on the source only (A5)
+    assert not (tmp_path / "run" / "rcs_counts_1.json").exists()
+
+
+def test_demo_runs_iidm_and_both_baselines(tmp_path, capsys):
+    out = tmp_path / "run"
+    iidm.main(["--demo", "--iters", "2", "--data-root", str(tmp_path / "data"), "--out-dir", str(out)])
+    assert json.loads((out / "config.json").read_text())["n_labeled"] == 10
+    for suffix in ("_target_only", "_source_target"):
+        assert (tmp_path / f"run{suffix}" / "metrics.json").is_file()
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert "IIDM" in last and "target-only" in last and "source+target" in last
+
+
+def test_learning_rate_table(root, tmp_path):
+    """Warm-up (ratio 1e-6) times poly (power 1), set before each step; the head gets 10x."""
+    run(root, tmp_path / "run", "--iters", "4", "--warmup-iters", "2", "--no-inter", "--no-intra")
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    expect = [6e-5 * 1e-6, 6e-5 * 0.75 * (1 - 0.5 * (1 - 1e-6)), 6e-5 * 0.5, 6e-5 * 0.25]
+    assert lrs == pytest.approx(expect, rel=1e-9)
+    groups = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["optimizer"]["param_groups"]
+    assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"]) and groups[0]["weight_decay"] == 0.01
+    assert groups[0]["betas"] == (0.9, 0.999)
+
+
+def test_no_mixing_means_no_teacher(root, tmp_path):
+    _, ckpt = run(root, tmp_path / "run", "--no-inter", "--no-intra")
+    assert "ema_model" not in ckpt
+
+
+def test_source_only_row_needs_no_labeled_target(root, tmp_path):
+    _, ckpt = run(root, tmp_path / "run", "--n-labeled", "0", "--no-tgt-sup", "--no-inter", "--no-intra")
+    assert (tmp_path / "run" / "split.txt").read_text() == ""
+    with pytest.raises(common.DataError, match="--n-labeled 0"):
+        iidm.parse_args([*TINY, "--n-labeled", "0"])
+
+
+def test_resume_from_checkpoint_is_exact(root, tmp_path):
+    _, full = run(root, tmp_path / "a", "--iters", "3")
+    run(root, tmp_path / "b", "--iters", "3", "--save-every", "1", "--keep-checkpoints")
+    _, resumed = run(root, tmp_path / "c", "--iters", "3", "--resume", tmp_path / "b" / "checkpoint_2.pth")
+    for key in ("model", "ema_model"):
+        assert all(torch.equal(full[key][k], resumed[key][k]) for k in full[key])
+
+
+def test_eval_only_and_wrong_class_count(root, tmp_path, capsys):
+    metrics, _ = run(root, tmp_path / "run")
+    again = iidm.main([*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / "ev"), "--eval-only",
+                       "--checkpoint", str(tmp_path / "run" / "checkpoint.pth")])
+    assert again["mIoU"] == pytest.approx(metrics["mIoU"])
+    with pytest.raises(common.DataError, match="19 classes, expected 16"):
+        iidm.main([*TINY, "--source", "synthia", "--data-root", str(root), "--out-dir", str(tmp_path / "ev2"),
+                   "--eval-only", "--checkpoint", str(tmp_path / "run" / "checkpoint.pth")])
+
+
+# ------------------------------------------------------------------ the mixing streams
+
+def _args(**kw):
+    base = dict(classmix_select="image", mix_strategy="one-two", no_inter=False, no_intra=False, lam=1.0, mu=2.0,
+                q_everywhere=False)
+    return types.SimpleNamespace(**{**base, **kw})
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    y_s = torch.randint(0, 6, (2, 12, 12), generator=g)
+    y_s[:, :3] = 255                                       # ignore rows in the source labels
+    y_t = torch.randint(6, 12, (2, 12, 12), generator=g)
+    y_t[:, -2:] = 255
+    y_u = torch.randint(12, 19, (2, 12, 12), generator=g)
+    x_s, x_t, x_u = (torch.full((2, 3, 12, 12), v) for v in (1.0, 2.0, 3.0))
+    return x_s, y_s, x_t, y_t, x_u, y_u, torch.tensor(0.25)
+
+
+def test_streams_paste_ground_truth_classes_onto_the_same_unlabeled_image():
+    x_s, y_s, x_t, y_t, x_u, y_u, q = _batch()
+    streams = iidm.mixed_streams(x_s, y_s, x_t, y_t, (x_u, y_u, q), (x_u, y_u, q), torch.Generator().manual_seed(1),
+                                 _args())
+    assert [(s[0], s[1]) for s in streams] == [("loss_inter", 1.0), ("loss_intra", 2.0)]
+    for (_, _, x, y, w), value, y_gt in zip(streams, (1.0, 2.0), (y_s, y_t)):
+        for k in range(2):
+            pasted = x[k, 0] == value                      # everything else shows the same x_u
+            assert ((x[k, 0] == value) | (x[k, 0] == 3.0)).all()
+            assert torch.equal(y[k][pasted], y_gt[k][pasted]) and torch.equal(y[k][~pasted], y_u[k][~pasted])
+            classes = set(y_gt[k].unique().tolist()) - {255}
+            chosen = set(y_gt[k][pasted].unique().tolist())
+            assert 255 not in chosen and len(chosen) == (len(classes) + 1) // 2      # ceil(n/2), no ignore
+            assert all(pasted[y_gt[k] == c].unique().numel() == 1 for c in classes)  # whole classes
+            assert (w[k][pasted] == 1).all() and (w[k][~pasted] == 0.25).all()       # 1 on GT, shared q
+
+
+def test_masks_never_come_from_pseudo_labels(monkeypatch):
+    x_s, y_s, x_t, y_t, x_u, y_u, q = _batch()
+    seen = []
+    mask = common.class_mix_mask
+    monkeypatch.setattr(common, "class_mix_mask", lambda labels, *a, **k: seen.append(labels) or mask(labels, *a, **k))
+    iidm.mixed_streams(x_s, y_s, x_t, y_t, (x_u, y_u, q), (x_u, y_u, q), torch.Generator(), _args())
+    assert len(seen) == 2 and seen[0] is y_s and seen[1] is y_t
+
+
+def test_q_everywhere_batch_selection_and_one_one():
+    x_s, y_s, x_t, y_t, x_u, y_u, q = _batch()
+    g = torch.Generator().manual_seed(2)
+    (_, _, _, _, w), = iidm.mixed_streams(x_s, y_s, x_t, y_t, (x_u, y_u, q), None, g, _args(no_intra=True,
+                                                                                             q_everywhere=True))
+    assert (w == 0.25).all()
+    drawn = set()
+    for seed in range(20):                                 # DAFormer's batch union: 255 is a candidate
+        (_, _, x, y, _), = iidm.mixed_streams(x_s, y_s, x_t, y_t, (x_u, y_u, q), None,
+                                              torch.Generator().manual_seed(seed), _args(no_intra=True,
+                                                                                         classmix_select="batch"))
+        drawn |= set(y[x[:, 0] == 1.0].unique().tolist())
+    assert 255 in drawn
+    (name, weight, x, y, w), = iidm.mixed_streams(x_s, y_s, x_t, y_t, (x_u, y_u, q), (x_u, y_u, q), g,
+                                                  _args(mix_strategy="one-one"))
+    assert name == "loss_mix" and weight == 1.0 and set(x[:, 0].unique().tolist()) == {1.0, 2.0, 3.0}
+    src, tgt = x[:, 0] == 1.0, x[:, 0] == 2.0
+    assert torch.equal(y[src], y_s[src]) and torch.equal(y[tgt], y_t[tgt])
+    assert (w[src | tgt] == 1).all() and (w[~(src | tgt)] == 0.25).all()
+
+
+# ------------------------------------------------------------------ each flag changes what it should
+
+T = ["--tau", "0.01"]  # confident everywhere, so that pseudo-labels and q matter within 3 iterations
+FLAG_CASES = [  # (flags, baseline flags): the flag must change the trained weights after 3 iterations
+    (["--no-src-sup"], []),
+    (["--no-tgt-sup"], []),
+    (["--no-inter"], []),
+    (["--no-intra"], []),
+    (["--mix-strategy", "two-two"], []),
+    (["--mix-strategy", "one-one"], []),
+    (["--lambda", "0.1"], []),
+    (["--mu", "1"], []),
+    (["--tau", "0.01"], []),
+    (["--ema-alpha", "0.3", *T], T),
+    (["--classmix-select", "batch"], []),
+    (["--q-per-image", "--tau", "0.3"], ["--tau", "0.3"]),
+    (["--q-everywhere", "--tau", "0.3"], ["--tau", "0.3"]),   # 0 < q < 1
+    (["--no-jitter"], []),
+    (["--no-blur"], []),
+    (["--teacher-eval-bn", *T], T),
+    (["--frozen-bn"], []),
+    (["--rcs", "both"], []),
+    (["--rcs", "none"], []),
+    (["--rcs-min-pixels", "110"], []),   # 79-140 pixels per class and image in the generated labels
+    (["--head-lr-mult", "1"], []),
+    (["--weight-decay", "0", "--warmup-iters", "0"], ["--warmup-iters", "0"]),
+    (["--warmup-iters", "0"], []),
+    (["--n-labeled", "3"], []),
+    (["--split-seed", "4"], []),
+]
+
+
+@pytest.fixture(scope="module")
+def weights(root, tmp_path_factory):
+    cache = {}
+
+    def get(flags):
+        if tuple(flags) not in cache:
+            cache[tuple(flags)] = run(root, tmp_path_factory.mktemp("flag"), "--iters", "3", *flags)[1]["model"]
+        return cache[tuple(flags)]
+    return get
+
+
+@pytest.mark.parametrize("flags,base", FLAG_CASES, ids=[" ".join(f) for f, _ in FLAG_CASES])
+def test_flag_changes_training(weights, flags, base):
+    a, b = weights(flags), weights(base)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_same_flags_same_weights(weights, root, tmp_path):
+    again = run(root, tmp_path / "again", "--iters", "3")[1]["model"]
+    assert all(torch.equal(again[k], weights([])[k]) for k in again)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--no-src-sup", "--no-tgt-sup"], "no supervised loss"),
+    (["--mix-strategy", "two-two", "--no-intra"], "needs both"),
+    (["--n-labeled", "9"], "--n-labeled 9"),
+])
+def test_bad_arguments(root, tmp_path, flags, needle):
+    with pytest.raises(common.DataError, match=needle):
+        run(root, tmp_path / "x", *flags)
+    assert not (tmp_path / "x").exists()

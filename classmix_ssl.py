@@ -136,13 +136,36 @@ def unsupervised_weight(conf, i, args):
     return torch.full_like(conf, sigmoid_rampup(i) if args.pixel_weight == "sigmoid" else 1.0)
 
 
+def cutmix_mask(n, h, w, generator, device="cpu"):
+    """CutMix (ClassMix ablation): a box of area HW/2, width U{W/2..W}; mask 0 inside, 1 outside."""
+    area = h * w / 2
+    bw = torch.randint(math.ceil(w / 2), w + 1, (n,), generator=generator)
+    bh = (area / bw).round().clamp(max=h).long()
+    x0 = (torch.rand(n, generator=generator) * (w - bw + 1)).long()
+    y0 = (torch.rand(n, generator=generator) * (h - bh + 1)).long()
+    ys, xs = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
+    inside = ((ys >= y0[:, None, None]) & (ys < (y0 + bh)[:, None, None])
+              & (xs >= x0[:, None, None]) & (xs < (x0 + bw)[:, None, None]))
+    return (~inside).float().to(device, non_blocking=True)
+
+
+def cowmix_mask(n, h, w, generator, device="cpu", sigma_range=(8.0, 32.0), p=0.5):
+    """CowMix (ClassMix ablation): Gaussian noise smoothed with sigma log-uniform in range, cut at quantile p."""
+    log_lo, log_hi = math.log(sigma_range[0]), math.log(sigma_range[1])
+    sigma = torch.exp(log_lo + torch.rand(n, generator=generator) * (log_hi - log_lo))
+    noise = torch.randn(n, 1, h, w, generator=generator).to(device, non_blocking=True)
+    smooth = common.blur_batch(noise, sigma.to(device, non_blocking=True), kernel=(common.odd_kernel(h, 1.0), common.odd_kernel(w, 1.0)))
+    flat = smooth.view(n, -1)
+    return (flat > flat.quantile(p, dim=1, keepdim=True)).float().view(n, h, w)
+
+
 def mixing_mask(teacher_label, g, args):
     """M_k: classes of pseudo-label k (ClassMix) or a CutMix / CowMix mask, 1 = pixel from image k."""
     n, h, w = teacher_label.shape
     if args.mask == "cut":
-        return common.cutmix_mask(n, h, w, g, teacher_label.device)
+        return cutmix_mask(n, h, w, g, teacher_label.device)
     if args.mask == "cow":
-        return common.cowmix_mask(n, h, w, g, teacher_label.device)
+        return cowmix_mask(n, h, w, g, teacher_label.device)
     return common.class_mix_mask(teacher_label, g, rule=args.mask_rounding, drop_ignore=True)
 
 

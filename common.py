@@ -1,8 +1,9 @@
-"""Shared foundation of the six domain-adaptation scripts: model, data, evaluation.
+"""Shared foundation of the six domain-adaptation scripts.
 
 Facts follow the authors' code (vikolss/DACS, WilhelmT/ClassMix, wasidennis/AdaptSegNet,
-lhoyer/DAFormer); each function names its source. Sections: model, data, evaluation,
-data checking (``python common.py check-data``).
+lhoyer/DAFormer); each function names its source. Sections: model, data, mixing and augmentation,
+losses, training utilities, the shared command line, evaluation, data checking
+(``python common.py check-data``).
 """
 import argparse
 import contextlib
@@ -722,29 +723,6 @@ def one_mix(mask, a, b):
     m = mask if a.dim() == mask.dim() else mask.unsqueeze(1)
     out = m * a + (1 - m) * b
     return out.to(a.dtype) if not a.is_floating_point() else out
-
-
-def cutmix_mask(n, h, w, generator, device="cpu"):
-    """CutMix (ClassMix ablation): a box of area HW/2, width U{W/2..W}; mask 0 inside, 1 outside."""
-    area = h * w / 2
-    bw = torch.randint(math.ceil(w / 2), w + 1, (n,), generator=generator)
-    bh = (area / bw).round().clamp(max=h).long()
-    x0 = (torch.rand(n, generator=generator) * (w - bw + 1)).long()
-    y0 = (torch.rand(n, generator=generator) * (h - bh + 1)).long()
-    ys, xs = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
-    inside = ((ys >= y0[:, None, None]) & (ys < (y0 + bh)[:, None, None])
-              & (xs >= x0[:, None, None]) & (xs < (x0 + bw)[:, None, None]))
-    return (~inside).float().to(device, non_blocking=True)
-
-
-def cowmix_mask(n, h, w, generator, device="cpu", sigma_range=(8.0, 32.0), p=0.5):
-    """CowMix (ClassMix ablation): Gaussian noise smoothed with sigma log-uniform in range, cut at quantile p."""
-    log_lo, log_hi = math.log(sigma_range[0]), math.log(sigma_range[1])
-    sigma = torch.exp(log_lo + torch.rand(n, generator=generator) * (log_hi - log_lo))
-    noise = torch.randn(n, 1, h, w, generator=generator).to(device, non_blocking=True)
-    smooth = blur_batch(noise, sigma.to(device, non_blocking=True), kernel=(odd_kernel(h, 1.0), odd_kernel(w, 1.0)))
-    flat = smooth.view(n, -1)
-    return (flat > flat.quantile(p, dim=1, keepdim=True)).float().view(n, h, w)
 
 
 def odd_kernel(size, fraction=0.1):

@@ -107,6 +107,19 @@ def test_masks_come_from_the_teacher_argmax():
     assert cow.mean().item() == pytest.approx(0.5, abs=0.01) and not torch.equal(cow, cut)
 
 
+def test_cutmix_and_cowmix_masks():
+    m = classmix_ssl.cutmix_mask(50, 16, 32, torch.Generator().manual_seed(0))
+    zeros = (m == 0).sum((1, 2)).float()
+    assert ((zeros - 256).abs() <= 16).all()  # box area = HW/2 up to rounding of the height
+    for k in range(5):
+        ys, xs = torch.nonzero(m[k] == 0, as_tuple=True)
+        assert len(ys) == (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)  # one rectangle
+        assert xs.max() - xs.min() + 1 >= 16
+    c = classmix_ssl.cowmix_mask(4, 64, 64, torch.Generator().manual_seed(0))
+    assert c.shape == (4, 64, 64) and torch.allclose(c.mean((1, 2)), torch.full((4,), 0.5), atol=0.01)
+    assert (c[:, 1:] == c[:, :-1]).float().mean() > 0.9  # smooth blobs, not salt and pepper
+
+
 def test_soft_ce_equals_hard_ce_on_one_hot_targets():
     logits, target = torch.randn(2, 5, 4, 4), torch.randint(0, 5, (2, 4, 4))
     one_hot = torch.nn.functional.one_hot(target, 5).permute(0, 3, 1, 2).float()

@@ -71,19 +71,6 @@ def test_mix_operators_direction():
     assert common.one_mix(mask[:1], lab[:1], torch.zeros_like(lab[:1])).dtype == lab.dtype
 
 
-def test_cutmix_and_cowmix_masks():
-    m = common.cutmix_mask(50, 16, 32, gen())
-    zeros = (m == 0).sum((1, 2)).float()
-    assert ((zeros - 256).abs() <= 16).all()  # box area = HW/2 up to rounding of the height
-    for k in range(5):
-        ys, xs = torch.nonzero(m[k] == 0, as_tuple=True)
-        assert len(ys) == (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)  # one rectangle
-        assert xs.max() - xs.min() + 1 >= 16
-    c = common.cowmix_mask(4, 64, 64, gen())
-    assert c.shape == (4, 64, 64) and torch.allclose(c.mean((1, 2)), torch.full((4,), 0.5), atol=0.01)
-    assert (c[:, 1:] == c[:, :-1]).float().mean() > 0.9  # smooth blobs, not salt and pepper
-
-
 # --- augmentation ----------------------------------------------------------------------------------
 
 def test_blur_kernel_sizes_and_reference():

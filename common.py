@@ -927,10 +927,13 @@ def step_generator(seed, i):
 
 
 def select_device(name):
-    """--device auto|cuda|cpu -> torch.device (DataError when cuda is asked for but absent)."""
+    """--device auto|cuda|cpu -> torch.device (DataError when cuda is asked for but absent); on CUDA,
+    cudnn picks the fastest kernels as in the authors' scripts (cudnn.benchmark)."""
     if name == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    return device
 
 
 class Amp:
@@ -960,12 +963,16 @@ def prepare_model(model, device, amp):
 
 
 class Logger:
-    """Console line every `every` iterations, log.jsonl, TensorBoard if installed; losses stay on device."""
+    """Console line every `every` iterations, log.jsonl, TensorBoard if installed; losses stay on device.
+
+    it/s is measured over the last log window; on CUDA the record also holds the peak GPU memory.
+    """
 
     def __init__(self, out_dir, every, max_iter, start_iter=0):
         import time
         self.path, self.every, self.max_iter = Path(out_dir) / "log.jsonl", every, max_iter
-        self.sums, self.count, self.t0, self.i0, self.clock = {}, 0, time.time(), start_iter, time.time
+        self.sums, self.count, self.clock = {}, 0, time.time
+        self.t0, self.i0 = self.clock(), start_iter
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(out_dir))
@@ -979,17 +986,20 @@ class Logger:
         self.count += 1
         if (i + 1) % self.every and i + 1 != self.max_iter:
             return
-        rate = (i + 1 - self.i0) / max(self.clock() - self.t0, 1e-9)
-        rec = {"iteration": i + 1, **{k: float(v) / self.count for k, v in self.sums.items()},
-               "lr": lr, "it_per_s": rate, "eta_s": (self.max_iter - i - 1) / rate}
+        values = {k: float(v) / self.count for k, v in self.sums.items()}
+        now = self.clock()
+        rate = (i + 1 - self.i0) / max(now - self.t0, 1e-9)
+        rec = {"iteration": i + 1, **values, "lr": lr, "it_per_s": rate, "eta_s": (self.max_iter - i - 1) / rate}
+        if torch.cuda.is_available():
+            rec["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        print(f"it {i + 1}/{self.max_iter} " + " ".join(f"{k} {rec[k]:.4f}" for k in self.sums)
+        print(f"it {i + 1}/{self.max_iter} " + " ".join(f"{k} {rec[k]:.4f}" for k in values)
               + f" lr {lr:.3g} {rate:.2f} it/s eta {rec['eta_s'] / 60:.1f} min", flush=True)
         if self.tb is not None:
-            for k in self.sums:
+            for k in values:
                 self.tb.add_scalar(k, rec[k], i + 1)
-        self.sums, self.count = {}, 0
+        self.sums, self.count, self.t0, self.i0 = {}, 0, now, i + 1
 
 
 def rng_states():

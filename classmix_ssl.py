@@ -221,7 +221,7 @@ def train(args):
     loader_u = None if data_u is None else common.infinite_loader(
         data_u, common.IterationSampler(len(data_u), args.batch_size, args.seed, 1, start, args.iters), args.workers)
     log = common.Logger(out_dir, args.log_every, args.iters, start)
-    metrics = None
+    metrics = None  # the last evaluation
     # ---------------------------------------------------------------- training loop (CM/trainSSL.py order)
     for i in range(start, args.iters):
         student.train()
@@ -265,17 +265,12 @@ def train(args):
             common.ema_update(teacher, student, i, args.ema_alpha, buffers=args.teacher_eval_bn)
         log.log(i, losses, lr)
         # ------------------------------------------------------------ checkpoints, evaluation
-        if (i + 1) % args.save_every == 0 or i + 1 == args.iters:
+        if common.is_due(i, args.save_every, args.iters):
             common.write_checkpoints(out_dir, common.training_state(i + 1, student, optimizer, scheduler, args,
                                                                     teacher), args.keep_checkpoints)
-        if (args.eval_every and (i + 1) % args.eval_every == 0) or i + 1 == args.iters:
-            metrics = common.evaluate(student, val, device, out_dir=out_dir, iteration=i + 1,
-                                      amp_dtype=amp.dtype if amp.enabled else None)
-            common.write_metrics(out_dir, metrics)
-    if metrics is None:  # resumed a finished run: report its final model
-        metrics = common.evaluate(student, val, device, out_dir=out_dir, iteration=start)
-        common.write_metrics(out_dir, metrics)
-    return metrics
+        if common.is_due(i, args.eval_every, args.iters):
+            metrics = common.evaluate_and_write(student, val, device, out_dir, i + 1, amp=amp)
+    return metrics or common.evaluate_and_write(student, val, device, out_dir, start)  # a finished run
 
 
 def main(argv=None):

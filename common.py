@@ -1180,6 +1180,19 @@ def cityscapes_val(root, size, eval_res, norm, num_classes=19):
                                label_res="input" if eval_res == "half" else "full")
 
 
+def is_due(i, every, max_iter):
+    """True after loop iteration i when a periodic action (every N; 0 = never) or the last iteration is due."""
+    return (every > 0 and (i + 1) % every == 0) or i + 1 == max_iter
+
+
+def evaluate_and_write(model, val, device, out_dir, iteration, synthia=False, amp=None, align_corners=True):
+    """Evaluate the student on val (vis/ in out_dir) and write metrics.json; returns the metrics."""
+    metrics = evaluate(model, val, device, synthia=synthia, out_dir=out_dir, iteration=iteration,
+                       amp_dtype=amp.dtype if amp is not None and amp.enabled else None, align_corners=align_corners)
+    write_metrics(out_dir, metrics)
+    return metrics
+
+
 def write_metrics(out_dir, metrics, name="metrics.json"):
     """Write an evaluation atomically and print its one-line summary."""
     atomic_write_text(Path(out_dir) / name, json.dumps(metrics, indent=1))

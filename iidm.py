@@ -237,7 +237,7 @@ def train(args):
     loader_u = None if teacher is None else common.infinite_loader(data_u, sampler(data_u, 2, n_u, False),
                                                                    args.workers)
     log = common.Logger(out_dir, args.log_every, args.iters, start)
-    metrics = None
+    metrics = None  # the last evaluation
 
     def pseudo_label(x_u):
         """Teacher pseudo-label y_u and quality q (eq. 6) on the un-mixed crops."""
@@ -296,18 +296,14 @@ def train(args):
         scheduler.step()
         log.log(i, losses, lr)
         # ------------------------------------------------------------ checkpoints, evaluation
-        if (i + 1) % args.save_every == 0 or i + 1 == args.iters:
+        if common.is_due(i, args.save_every, args.iters):
             common.write_checkpoints(out_dir, common.training_state(i + 1, student, optimizer, scheduler, args,
                                                                     teacher), args.keep_checkpoints)
-        if (args.eval_every and (i + 1) % args.eval_every == 0) or i + 1 == args.iters:
-            metrics = common.evaluate(student, val, device, synthia=synthia, out_dir=out_dir, iteration=i + 1,
-                                      amp_dtype=amp.dtype if amp.enabled else None, align_corners=False)
-            common.write_metrics(out_dir, metrics)
-    if metrics is None:  # resumed a finished run: report its final model
-        metrics = common.evaluate(student, val, device, synthia=synthia, out_dir=out_dir, iteration=start,
-                                  align_corners=False)
-        common.write_metrics(out_dir, metrics)
-    return metrics
+        if common.is_due(i, args.eval_every, args.iters):
+            metrics = common.evaluate_and_write(student, val, device, out_dir, i + 1, synthia, amp,
+                                                align_corners=False)
+    return metrics or common.evaluate_and_write(student, val, device, out_dir, start, synthia,
+                                                align_corners=False)  # resumed a finished run
 
 
 def main(argv=None):

@@ -1,4 +1,6 @@
-"""Generated tiny datasets in the official on-disk layouts (never downloaded)."""
+"""Generated tiny datasets in the official on-disk layouts (never downloaded), and method-run helpers."""
+import hashlib
+import shutil
 import struct
 import subprocess
 import sys
@@ -7,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,3 +104,35 @@ def data_root(tmp_path):
     make_synthia(tmp_path)
     make_cityscapes(tmp_path)
     return tmp_path
+
+
+def script_runner(module, tiny):
+    """run(root, out, *flags) -> (metrics, checkpoint) of a method script's main() with tiny settings."""
+    def run(root, out, *flags):
+        metrics = module.main([*tiny, "--data-root", str(root), "--out-dir", str(out), *map(str, flags)])
+        return metrics, torch.load(Path(out) / "checkpoint.pth", weights_only=True)
+    return run
+
+
+def weights_after(run, root, tmp_path_factory, iters=3):
+    """get(flags) -> a digest of the student's weights after `iters` iterations with those flags (cached;
+    the run folder, ~140 MB of checkpoint, is removed at once)."""
+    cache = {}
+
+    def get(flags):
+        if tuple(flags) not in cache:
+            out = tmp_path_factory.mktemp("flag")
+            state = run(root, out, "--iters", iters, *flags)[1]["model"]
+            cache[tuple(flags)] = weights_digest(state)
+            shutil.rmtree(out)
+        return cache[tuple(flags)]
+    return get
+
+
+def weights_digest(state):
+    """sha256 over every tensor of a state dict: equal digests = bit-identical weights."""
+    h = hashlib.sha256()
+    for k, v in state.items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

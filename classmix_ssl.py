@@ -169,6 +169,13 @@ def mixing_mask(teacher_label, g, args):
     return common.class_mix_mask(teacher_label, g, rule=args.mask_rounding, drop_ignore=True)
 
 
+def class_mix(x_u, P, g, args):
+    """Alg. 1 on the unlabeled batch: the mask of teacher map k pastes image k onto image k+1 (mix_pairs);
+    the teacher's soft maps are mixed with the same masks (the targets)."""
+    M = mixing_mask(P.argmax(1), g, args)
+    return common.mix_pairs(M, x_u), common.mix_pairs(M, P)
+
+
 def soft_ce_weighted(logits, target_prob, weight):
     """Cross-entropy against soft targets, times a pixel weight, mean over all pixels."""
     return (-(target_prob * F.log_softmax(logits.float(), 1)).sum(1) * weight).mean()
@@ -237,13 +244,11 @@ def train(args):
             x_u = next(loader_u)["image"].to(device, non_blocking=True)
             with torch.no_grad(), amp.autocast():
                 P = common.upsample(teacher(x_u).float(), x_u.shape[2:]).softmax(1)   # weak view = identity
-            M = mixing_mask(P.argmax(1), g, args)
-            x_m = common.mix_pairs(M, x_u)                     # classes of u_k pasted onto u_{k+1}
+            x_m, P_m = class_mix(x_u, P, g, args)
             if args.extra_aug:  # one gate, factors per image, one op order and one sigma per call (§9.6)
                 x_m = common.color_jitter(x_m, norm, g, gate=args.jitter_gate, per_image_order=False)
                 x_m = common.gaussian_blur(x_m, g, per_image=False)
-            P_m = common.mix_pairs(M, P)                       # mixed soft maps (= mixing the argmax maps)
-            conf, y_m = P_m.max(1)
+            conf, y_m = P_m.max(1)                             # (= mixing the argmax maps)
             w = unsupervised_weight(conf, i, args)
             with amp.autocast():
                 logits_m = common.upsample(student(x_m), y_m.shape[1:])

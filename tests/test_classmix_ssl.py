@@ -118,6 +118,19 @@ def test_cutmix_and_cowmix_masks():
     assert (c[:, 1:] == c[:, :-1]).float().mean() > 0.9  # smooth blobs, not salt and pepper
 
 
+def test_class_mix_pastes_pseudo_label_classes_onto_the_next_image_and_mixes_soft_maps():
+    P = torch.softmax(torch.randn(3, 19, 10, 10) * 3, 1)
+    x_u = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 3, 10, 10)   # image k is filled with the value k
+    x_m, P_m = classmix_ssl.class_mix(x_u, P, torch.Generator().manual_seed(0), _args())
+    for k in range(3):
+        from_k = x_m[k, 0] == k                               # pixels of image k, the rest from image k+1
+        assert ((x_m[k, 0] == (k + 1) % 3) | from_k).all()
+        a = P[k].argmax(0)
+        assert len(a[from_k].unique()) == len(a.unique()) // 2 and all(
+            from_k[a == c].unique().numel() == 1 for c in a.unique())         # whole classes of teacher map k
+        assert torch.equal(P_m[k], torch.where(from_k, P[k], P[(k + 1) % 3]))  # soft maps, same mask
+
+
 def test_soft_ce_equals_hard_ce_on_one_hot_targets():
     logits, target = torch.randn(2, 5, 4, 4), torch.randint(0, 5, (2, 4, 4))
     one_hot = torch.nn.functional.one_hot(target, 5).permute(0, 3, 1, 2).float()

@@ -215,7 +215,11 @@ def initialise(model, init):
     if init == "imagenet":
         import torchvision  # torchvision's weights API downloads and caches the file (never in tests)
         weights = torchvision.models.ResNet101_Weights.IMAGENET1K_V1
-        state = weights.get_state_dict(progress=True)
+        try:
+            state = weights.get_state_dict(progress=True)
+        except OSError as exc:  # offline, or the download failed
+            raise DataError(f"--init imagenet: could not fetch {weights.url} ({exc}); put the file into "
+                            f"{Path(torch.hub.get_dir()) / 'checkpoints'} or pass --init PATH") from None
     else:
         path = download_coco_init() if init == "coco" else init
         state = load_state_file(path)
@@ -232,7 +236,11 @@ def download_coco_init():
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(COCO_INIT_URL).name
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(COCO_INIT_URL, str(path), hash_prefix=COCO_INIT_SHA256_PREFIX)
+        try:
+            torch.hub.download_url_to_file(COCO_INIT_URL, str(path), hash_prefix=COCO_INIT_SHA256_PREFIX)
+        except (OSError, RuntimeError) as exc:  # offline, failed download, or a file with the wrong hash
+            raise DataError(f"--init coco: could not fetch {COCO_INIT_URL} ({exc}); put the file at {path} "
+                            f"or pass --init PATH") from None
     return path
 
 

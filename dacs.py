@@ -214,7 +214,7 @@ def train(args):
             else:
                 prob_t = logits_t.softmax(1)
                 if p_model is not None:  # §2.5.6: running mean of the predictions, then alignment
-                    p_model.lerp_(prob_t.mean((0, 2, 3)), 1 - args.ema_alpha)
+                    p_model.lerp_(prob_t.mean((0, 2, 3)), 0.01)   # EMA 0.99 (thesis §5.2.2)
                     prob_t = align_distribution(prob_t, p_target, p_model)
                 x_m, y_m, w, q = intra_domain_mix(x_t, prob_t, g, args)
             if not args.no_jitter:  # §3.4; one gate per iteration, own factors and op order per image (D6)

@@ -187,3 +187,18 @@ def test_init_convention_pairs_weights_with_stride_style_and_input():
     assert common.init_convention("coco") == ("caffe", "imagenet_bgr")
     assert common.init_convention("none", ("caffe", "cityscapes_bgr")) == ("caffe", "cityscapes_bgr")
     assert common.init_convention("/some/file.pth") == ("caffe", "imagenet_bgr")
+
+
+def test_offline_init_download_is_a_one_line_error(tmp_path, monkeypatch):
+    import urllib.error
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    model = common.DeepLabV2(19, layers=(1, 1, 1, 1))
+    for init in ("coco", "imagenet"):
+        with pytest.raises(common.DataError, match=f"--init {init}: could not fetch .*no network"):
+            common.initialise(model, init)
+    assert not any(tmp_path.rglob("*.pth"))

@@ -45,7 +45,6 @@ Deviations and assumptions:
   default; the thesis does not give the loss form (assumed: soft-target cross-entropy).
 - --demo trains from a random init with Adam on a light --layers 1 1 1 1 network.
 """
-import argparse
 import copy
 import math
 from pathlib import Path
@@ -75,7 +74,7 @@ OFFICIAL_SPLIT_SEED = {1: 10, 2: 1}  # CM split_1.pkl / split_2.pkl = these Rand
 
 def parse_args(argv=None):
     p = common.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[common.shared_parser(PAPER)],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=common.HelpFormatter)
     p.add_argument("--dataset", choices=["cityscapes", "demo"], default="cityscapes", help="the dataset")
     common.add_split_args(p, 372, "1/8 of 2975; CM configCityscapes.json labeled_samples", split_seed=1,
                           seed_help="; 1 = the permutation of CM split_2.pkl, 10 = split_1.pkl")

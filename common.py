@@ -1066,6 +1066,10 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the module docstring's layout and shows every flag's default."""
+
+
 def shared_parser(defaults):
     """The flags every method script shares (cli.md); `defaults` maps a flag's dest to (value, source)."""
     p = argparse.ArgumentParser(add_help=False)
@@ -1076,9 +1080,7 @@ def shared_parser(defaults):
         dest = flag.lstrip("-").replace("-", "_")
         if dest in d:
             kw["default"] = d[dest]
-            help += f" (default: {d[dest]}; {src[dest]})"
-        elif "default" in kw:
-            help += f" (default: {kw['default']})"
+            help += f" (default: %(default)s; {src[dest]})"
         p.add_argument(flag, help=help, **kw)
 
     add("--data-root", "folder holding gta5/, synthia/, cityscapes/", default="./data")

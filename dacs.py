@@ -45,7 +45,6 @@ Deviations and assumptions:
 - --demo trains from a random init with Adam (the paper's SGD 2.5e-4 needs the COCO init) on a light
   --layers 1 1 1 1 network; it is a demonstration of the loop, not of the paper's numbers.
 """
-import argparse
 import copy
 from pathlib import Path
 
@@ -74,7 +73,7 @@ SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
 
 def parse_args(argv=None):
     p = common.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[common.shared_parser(PAPER)],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=common.HelpFormatter)
     p.add_argument("--source", choices=["gta5", "synthia", "demo"], default="gta5", help="source domain")
     p.add_argument("--source-only", action="store_true",
                    help="baseline: supervised source loss only, no teacher (thesis 'Source' rows)")

@@ -52,7 +52,6 @@ ResNet-V1c deep stem and contract_dilation are not reproduced (its mmcv weights 
 Logits are upsampled with align_corners=False as in mmseg. --demo trains from a random init with a short
 warm-up and a higher learning rate on a light --layers 1 1 1 1 network.
 """
-import argparse
 import copy
 from pathlib import Path
 
@@ -83,7 +82,7 @@ SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
 
 def parse_args(argv=None):
     p = common.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[common.shared_parser(PAPER)],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=common.HelpFormatter)
     p.add_argument("--source", choices=["gta5", "synthia", "demo"], default="gta5", help="source domain")
     common.add_split_args(p, 100, "IIDM Table 1 (100/200/500/1000)")
     p.add_argument("--no-src-sup", action="store_true",

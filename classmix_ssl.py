@@ -95,7 +95,8 @@ def parse_args(argv=None):
     p.add_argument("--consistency-weight", type=float, default=1.0,
                    help="lambda of L_u (CM configCityscapes.json consistency_weight)")
     p.add_argument("--consistency-loss", choices=["ce", "mse"], default="ce",
-                   help="L_u: pixel-weighted CE (default) or squared error on the softmax (Table 5.1)")
+                   help="L_u: pixel-weighted CE (default) or squared error between softmax and the mixed teacher "
+                        "maps, times q (Table 5.1; CM/trainSSL.py)")
     p.add_argument("--soft-targets", action="store_true",
                    help="no pseudo-label: CE against the mixed soft teacher maps (Table 5.1)")
     p.add_argument("--extra-aug", action="store_true",
@@ -251,8 +252,8 @@ def train(args):
             w = unsupervised_weight(conf, i, args)
             with amp.autocast():
                 logits_m = common.upsample(student(x_m), y_m.shape[1:])
-                if args.consistency_loss == "mse":                       # eq. 2.1 ablation
-                    loss_u = common.mse_softmax(logits_m, P_m, w)
+                if args.consistency_loss == "mse":  # eq. 2.1 ablation; CM scales it by q whatever the weight
+                    loss_u = common.mse_softmax(logits_m, P_m) * (conf >= args.tau).float().mean()
                 elif args.soft_targets:
                     loss_u = soft_ce_weighted(logits_m, P_m, w)
                 else:

@@ -150,7 +150,7 @@ FLAG_CASES = [  # (flags, baseline flags): the flag must change the trained weig
     (["--pixel-weight", "threshold", "--tau", "0.1"], ["--tau", "0.1"]),
     (["--pixel-weight", "sigmoid"], []),
     (["--pixel-weight", "none"], []),
-    (["--consistency-loss", "mse"], ["--pixel-weight", "none"]),
+    (["--consistency-loss", "mse", *T], T),
     (["--soft-targets", "--pixel-weight", "none"], ["--pixel-weight", "none"]),
     (["--extra-aug", "--jitter-gate", "0"], []),
     (["--extra-aug", "--jitter-gate", "1"], ["--extra-aug", "--jitter-gate", "0"]),

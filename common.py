@@ -1103,6 +1103,8 @@ def shared_parser(defaults):
         nargs="?", const="auto", default=None)
     add("--eval-only", "evaluate --checkpoint and exit", action="store_true")
     add("--checkpoint", "checkpoint to evaluate with --eval-only", default=None)
+    add("--eval-model", "with --eval-only: the checkpoint's student (`model`, what the papers report) or its "
+        "EMA teacher (`ema_model`)", choices=["student", "teacher"], default="student")
     add("--save-predictions", "with --eval-only: write predictions/<stem>_labelIds.png", action="store_true")
     add("--eval-every", "evaluate every N iterations (0 = only at the end)", type=int, default=0)
     add("--save-every", "write checkpoint.pth every N iterations (and checkpoint_<iter>.pth with "
@@ -1210,9 +1212,12 @@ def write_metrics(out_dir, metrics, name="metrics.json"):
 
 
 def eval_only(args, model, val, device, out_dir, synthia=False, align_corners=True):
-    """--eval-only: load --checkpoint's `model` (class count checked, weights_only) and evaluate it."""
+    """--eval-only: load --checkpoint's `model` or `ema_model` (--eval-model; class count checked,
+    weights_only) and evaluate it."""
     ckpt = load_checkpoint(args.checkpoint, model.num_classes)
-    state = ckpt.get("model", ckpt)
+    if args.eval_model == "teacher" and "ema_model" not in ckpt:
+        raise DataError(f"{args.checkpoint}: no 'ema_model' (teacher) in this checkpoint; use --eval-model student")
+    state = ckpt["ema_model"] if args.eval_model == "teacher" else ckpt.get("model", ckpt)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -1221,7 +1226,7 @@ def eval_only(args, model, val, device, out_dir, synthia=False, align_corners=Tr
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     metrics = evaluate(model, val, device, synthia=synthia, out_dir=out_dir,
                        save_predictions=args.save_predictions, iteration=ckpt.get("iteration"),
-                       align_corners=align_corners)
+                       model_name=args.eval_model, align_corners=align_corners)
     write_metrics(out_dir, metrics)
     return metrics
 

@@ -65,6 +65,14 @@ def test_eval_only_reproduces_final_metrics_and_writes_predictions(root, tmp_pat
     assert again["mIoU"] == pytest.approx(metrics["mIoU"])
     preds = sorted((tmp_path / "ev" / "predictions").iterdir())
     assert len(preds) == 2 and preds[0].name.endswith("_labelIds.png")
+    teacher = dacs.main([*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / "evt"), "--eval-only",
+                         "--checkpoint", str(tmp_path / "run" / "checkpoint.pth"), "--eval-model", "teacher"])
+    assert teacher["model"] == "teacher"
+    assert json.loads((tmp_path / "evt" / "metrics.json").read_text())["model"] == "teacher"
+    run(root, tmp_path / "so", "--source-only")
+    with pytest.raises(common.DataError, match="no 'ema_model'"):
+        dacs.main([*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / "evs"), "--eval-only",
+                   "--checkpoint", str(tmp_path / "so" / "checkpoint.pth"), "--eval-model", "teacher"])
 
 
 def test_resume_from_checkpoint_is_exact(root, tmp_path):

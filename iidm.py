@@ -207,13 +207,6 @@ def train(args):
     data_u = None if not use_teacher else common.SegmentationDataset(
         "cityscapes", target_root, resize=args.target_size, crop=crop, flip=True, norm=norm,
         num_classes=num_classes, stems=unlabeled)
-
-    def sampler(dataset, stream, batch_size, rcs):
-        if rcs:  # DAFormer rare-class sampling; per-image class counts cached in the run folder
-            counts = common.rcs_statistics(dataset, cache=out_dir / f"rcs_counts_{stream}.json")
-            return common.RareClassSampler(counts, num_classes, batch_size, args.seed, stream, start, args.iters,
-                                           temperature=args.rcs_temp, min_pixels=args.rcs_min_pixels)
-        return common.IterationSampler(len(dataset), batch_size, args.seed, stream, start, args.iters)
     # ---------------------------------------------------------------- models, optimiser
     common.initialise(student, args.init)
     teacher = common.prepare_model(common.ema_teacher(student, build), device, amp) if use_teacher else None
@@ -227,6 +220,14 @@ def train(args):
     if ckpt is not None:
         start = common.restore_training(ckpt, student, optimizer, scheduler, teacher)
     common.write_run_files(out_dir, args, labeled)
+
+    def sampler(dataset, stream, batch_size, rcs):
+        if rcs:  # DAFormer rare-class sampling; per-image class counts cached in the run folder
+            counts = common.rcs_statistics(dataset, cache=out_dir / f"rcs_counts_{stream}.json")
+            return common.RareClassSampler(counts, num_classes, batch_size, args.seed, stream, start, args.iters,
+                                           temperature=args.rcs_temp, min_pixels=args.rcs_min_pixels)
+        return common.IterationSampler(len(dataset), batch_size, args.seed, stream, start, args.iters)
+
     B = args.batch_size
     loader_s = None if source is None else common.infinite_loader(
         source, sampler(source, 0, B, args.rcs != "none"), args.workers)

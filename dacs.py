@@ -80,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--mix", choices=["inter", "intra", "intra-aligned"], default="inter",
                    help="Table 5.2: InterMix = DACS (default), IntraMix = ClassMix within the target, "
                         "intra-aligned = IntraMix + distribution alignment to the target label frequencies")
+    p.add_argument("--pixel-weight", choices=["threshold_uniform", "threshold", "none"], default="threshold_uniform",
+                   help="weight of the pseudo-labelled pixels: share q of confident target pixels (default), "
+                        "1 on each confident pixel only, or 1 everywhere (DACS configUDA.json pixel_weight options)")
     p.add_argument("--tau", type=float, default=0.968, help="confidence threshold of q (DACS/trainUDA.py)")
     p.add_argument("--ema-alpha", type=float, default=0.99, help="teacher EMA momentum (DACS/trainUDA.py)")
     p.add_argument("--consistency-weight", type=float, default=1.0,
@@ -116,7 +119,8 @@ def parse_args(argv=None):
 
 def cross_domain_mix(x_s, y_s, x_t, teacher_logits, g, args):
     """InterMix (§3.2): classes of source GT k pasted onto target image k; weight 1 on pasted pixels, q elsewhere."""
-    y_t, q, _ = common.pseudo_label(teacher_logits, args.tau, "uniform")  # q over both target images (D2)
+    mode = {"threshold_uniform": "uniform", "threshold": "pixel", "none": "none"}[args.pixel_weight]
+    y_t, q, _ = common.pseudo_label(teacher_logits, args.tau, mode)  # uniform: q over both target images (D2)
     M = common.class_mix_mask(y_s, g, rule=args.mask_rounding, drop_ignore=args.mask_exclude_ignore)
     x_m = common.one_mix(M, x_s, x_t)
     y_m = common.one_mix(M, y_s, y_t)                 # pasted ignore pixels keep 255 (ignored)

@@ -223,7 +223,7 @@ def train(args):
 
     def sampler(dataset, stream, batch_size, rcs):
         if rcs:  # DAFormer rare-class sampling; per-image class counts cached in the run folder
-            counts = common.rcs_statistics(dataset, cache=out_dir / f"rcs_counts_{stream}.json")
+            counts = common.rcs_statistics(dataset, cache=out_dir / f"rcs_counts_{stream}.json", workers=args.workers)
             return common.RareClassSampler(counts, num_classes, batch_size, args.seed, stream, start, args.iters,
                                            temperature=args.rcs_temp, min_pixels=args.rcs_min_pixels)
         return common.IterationSampler(len(dataset), batch_size, args.seed, stream, start, args.iters)

@@ -86,7 +86,7 @@ def test_resume_from_checkpoint_is_exact(root, tmp_path):
 # ------------------------------------------------------------------ the mixing pieces
 
 def _args(**kw):
-    base = dict(tau=0.968, mask_rounding="ceil", mask_exclude_ignore=False)
+    base = dict(tau=0.968, mask_rounding="ceil", mask_exclude_ignore=False, pixel_weight="threshold_uniform")
     return types.SimpleNamespace(**{**base, **kw})
 
 
@@ -108,6 +108,20 @@ def test_cross_domain_mix_pastes_source_classes_onto_target():
         assert all(M[k][y_s[k] == c].unique().numel() == 1 for c in present)   # whole classes only
         assert torch.equal(y_m[k][M[k]], y_s[k][M[k]]) and torch.equal(y_m[k][~M[k]], logits[k].argmax(0)[~M[k]])
         assert (w[k][M[k]] == 1).all() and torch.allclose(w[k][~M[k]], torch.tensor(0.75))
+
+
+def test_cross_domain_mix_pixel_weight_options():
+    logits = torch.zeros(1, 19, 4, 4)
+    logits[0, 2, :2] = 10.0                                # top half confident
+    y_s = torch.full((1, 4, 4), 255)                      # only ignore: nothing of the target is covered
+    x = torch.zeros(1, 3, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    args = _args(mask_exclude_ignore=True)
+    w_pixel = dacs.cross_domain_mix(x, y_s, x, logits, g, _args(mask_exclude_ignore=True, pixel_weight="threshold"))[2]
+    assert torch.equal(w_pixel[0], torch.tensor([[1.0] * 4] * 2 + [[0.0] * 4] * 2))
+    assert (dacs.cross_domain_mix(x, y_s, x, logits, g, args)[2] == 0.5).all()
+    w_none = dacs.cross_domain_mix(x, y_s, x, logits, g, _args(mask_exclude_ignore=True, pixel_weight="none"))[2]
+    assert (w_none == 1).all()
 
 
 def test_intra_domain_mix_uses_teacher_argmax_and_mixed_soft_maps():
@@ -148,6 +162,8 @@ FLAG_CASES = [  # (flags, baseline flags): the flag must change the trained weig
     (["--teacher-eval-bn", "--tau", "0.01"], ["--tau", "0.01"]),   # q > 0 so the pseudo-labels count
     (["--clean-param-groups"], []),
     (["--tau", "0.01"], []),
+    (["--pixel-weight", "threshold", "--tau", "0.1"], ["--tau", "0.1"]),
+    (["--pixel-weight", "none"], []),
     (["--ema-alpha", "0.3", "--tau", "0.01"], ["--tau", "0.01"]),
     (["--consistency-weight", "0.5"], []),
     (["--lr", "1e-3"], []),

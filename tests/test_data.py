@@ -247,6 +247,7 @@ def test_rcs_statistics_and_retry(tmp_path):
     lab = common.read_label(ds.pairs[0][1], "gta5")
     assert counts[0] == {c: int((lab == c).sum()) for c in np.unique(lab) if c != IGNORE}
     assert common.rcs_statistics(ds, cache=tmp_path / "rcs.json") == counts
+    assert common.rcs_statistics(ds, workers=2) == counts          # the same counts from worker processes
     from conftest import write_palette
     lab = np.full((24, 40), 7, np.uint8)
     lab[:, 32:] = 26  # car in the right 8 columns: a plain 8x8 crop holds > 20 car pixels w.p. 6/33

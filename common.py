@@ -506,13 +506,20 @@ class IterationSampler(torch.utils.data.Sampler):
     def __init__(self, n, batch_size, seed, stream, start_iter=0, num_iters=None):
         self.n, self.bs, self.seed, self.stream = n, batch_size, seed, stream
         self.start, self.num_iters = start_iter, num_iters
+        self._epoch = (None, None)  # (epoch, its permutation): the last one drawn
+
+    def permutation(self, epoch):
+        """The image order of one epoch, a function of (seed, stream, epoch) only."""
+        if self._epoch[0] != epoch:
+            self._epoch = (epoch, np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.n))
+        return self._epoch[1]
 
     def batch(self, i):
         out = []
         for k in range(self.bs):
             pos = i * self.bs + k
-            perm = np.random.default_rng([self.seed, self.stream, pos // self.n]).permutation(self.n)
-            out.append((int(perm[pos % self.n]), item_seed(self.seed, self.stream, i, k), -1))
+            index = int(self.permutation(pos // self.n)[pos % self.n])
+            out.append((index, item_seed(self.seed, self.stream, i, k), -1))
         return out
 
     def __iter__(self):

@@ -223,25 +223,21 @@ def train(args):
     if ckpt is not None:
         start = common.restore_training(ckpt, student, optimizer, scheduler, teacher)
     common.write_run_files(out_dir, args, labeled)
-    loader_l = common.infinite_loader(data_l, common.IterationSampler(len(data_l), args.batch_size, args.seed, 0,
-                                                                      start, args.iters), args.workers)
-    loader_u = None if data_u is None else common.infinite_loader(
-        data_u, common.IterationSampler(len(data_u), args.batch_size, args.seed, 1, start, args.iters), args.workers)
+    loader_l = common.shuffled_loader(data_l, args, 0, start)
+    loader_u = None if data_u is None else common.shuffled_loader(data_u, args, 1, start)
     log = common.Logger(out_dir, args.log_every, args.iters, start)
     metrics = None  # the last evaluation
     # ---------------------------------------------------------------- training loop (CM/trainSSL.py order)
     for i in range(start, args.iters):
         student.train()
         g = common.step_generator(args.seed, i)
-        batch = next(loader_l)
-        x_l = batch["image"].to(device, non_blocking=True)
-        y_l = batch["label"].to(device, non_blocking=True)
+        x_l, y_l = common.next_batch(loader_l, device)
         with amp.autocast():
             loss_l = common.ce_loss(common.upsample(student(x_l), y_l.shape[1:]), y_l)   # L_l, supervised CE
         losses = {"loss_l": loss_l}
         loss = loss_l
         if teacher is not None:
-            x_u = next(loader_u)["image"].to(device, non_blocking=True)
+            x_u, _ = common.next_batch(loader_u, device)                 # labels unused
             with torch.no_grad(), amp.autocast():
                 P = common.upsample(teacher(x_u).float(), x_u.shape[2:]).softmax(1)   # weak view = identity
             x_m, P_m = class_mix(x_u, P, g, args)

@@ -1282,6 +1282,19 @@ def restore_training(ckpt, model, optimizer, scheduler, teacher=None):
     return ckpt["iteration"]
 
 
+def shuffled_loader(dataset, args, stream, start, batch_size=None):
+    """Training loader drawing `dataset` epoch by epoch in seeded order (IterationSampler) from iteration
+    `start`; `stream` keeps the draws of different loaders independent."""
+    sampler = IterationSampler(len(dataset), batch_size or args.batch_size, args.seed, stream, start, args.iters)
+    return infinite_loader(dataset, sampler, args.workers)
+
+
+def next_batch(loader, device):
+    """The next (images, labels) of a training loader on `device` (pinned memory, non-blocking copies)."""
+    batch = next(loader)
+    return batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+
+
 def infinite_loader(dataset, sampler, workers):
     """DataLoader over an iteration-indexed batch sampler (order and crops fixed by seed and iteration)."""
     return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,

@@ -191,25 +191,21 @@ def train(args):
         if p_model is not None:
             p_model.copy_(ckpt["p_model"])
     common.write_run_files(out_dir, args)
-    loader_s = common.infinite_loader(source, common.IterationSampler(len(source), args.batch_size, args.seed, 0,
-                                                                      start, args.iters), args.workers)
-    loader_t = None if args.source_only else common.infinite_loader(
-        target, common.IterationSampler(len(target), args.batch_size, args.seed, 1, start, args.iters), args.workers)
+    loader_s = common.shuffled_loader(source, args, 0, start)
+    loader_t = None if args.source_only else common.shuffled_loader(target, args, 1, start)
     log = common.Logger(out_dir, args.log_every, args.iters, start)
     metrics = None  # the last evaluation
     # ---------------------------------------------------------------- training loop (DACS/trainUDA.py order)
     for i in range(start, args.iters):
         student.train()
         g = common.step_generator(args.seed, i)
-        batch = next(loader_s)
-        x_s = batch["image"].to(device, non_blocking=True)
-        y_s = batch["label"].to(device, non_blocking=True)
+        x_s, y_s = common.next_batch(loader_s, device)
         with amp.autocast():
             loss_l = common.ce_loss(common.upsample(student(x_s), y_s.shape[1:]), y_s)   # L_l, source CE
         losses = {"loss_l": loss_l}
         loss = loss_l
         if teacher is not None:
-            x_t = next(loader_t)["image"].to(device, non_blocking=True)
+            x_t, _ = common.next_batch(loader_t, device)                 # target labels unused
             with torch.no_grad(), amp.autocast():
                 logits_t = common.upsample(teacher(x_t).float(), x_t.shape[2:])
             if args.mix == "inter":

@@ -221,21 +221,20 @@ def train(args):
         start = common.restore_training(ckpt, student, optimizer, scheduler, teacher)
     common.write_run_files(out_dir, args, labeled)
 
-    def sampler(dataset, stream, batch_size, rcs):
-        if rcs:  # DAFormer rare-class sampling; per-image class counts cached in the run folder
-            counts = common.rcs_statistics(dataset, cache=out_dir / f"rcs_counts_{stream}.json", workers=args.workers)
-            return common.RareClassSampler(counts, num_classes, batch_size, args.seed, stream, start, args.iters,
-                                           temperature=args.rcs_temp, min_pixels=args.rcs_min_pixels)
-        return common.IterationSampler(len(dataset), batch_size, args.seed, stream, start, args.iters)
+    def loader(dataset, stream, rcs):
+        """Training loader: rare-class sampling (DAFormer; class counts cached in the run folder) or uniform."""
+        if not rcs:
+            return common.shuffled_loader(dataset, args, stream, start)
+        counts = common.rcs_statistics(dataset, cache=out_dir / f"rcs_counts_{stream}.json", workers=args.workers)
+        return common.infinite_loader(dataset, common.RareClassSampler(
+            counts, num_classes, args.batch_size, args.seed, stream, start, args.iters, temperature=args.rcs_temp,
+            min_pixels=args.rcs_min_pixels), args.workers)
 
     B = args.batch_size
-    loader_s = None if source is None else common.infinite_loader(
-        source, sampler(source, 0, B, args.rcs != "none"), args.workers)
-    loader_t = None if args.no_tgt_sup and args.no_intra else common.infinite_loader(
-        data_t, sampler(data_t, 1, B, args.rcs == "both"), args.workers)
+    loader_s = None if source is None else loader(source, 0, args.rcs != "none")
+    loader_t = None if args.no_tgt_sup and args.no_intra else loader(data_t, 1, args.rcs == "both")
     n_u = 2 * B if args.mix_strategy == "two-two" else B                      # A17: 4 unlabeled crops
-    loader_u = None if teacher is None else common.infinite_loader(data_u, sampler(data_u, 2, n_u, False),
-                                                                   args.workers)
+    loader_u = None if teacher is None else common.shuffled_loader(data_u, args, 2, start, n_u)
     log = common.Logger(out_dir, args.log_every, args.iters, start)
     metrics = None  # the last evaluation
 
@@ -265,18 +264,16 @@ def train(args):
         losses = {}
         x_s = y_s = x_t = y_t = None
         if loader_s is not None:
-            batch = next(loader_s)
-            x_s, y_s = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+            x_s, y_s = common.next_batch(loader_s, device)
             losses["loss_s"] = supervised(x_s, y_s)                           # L_s, eq. 9
             amp.backward(losses["loss_s"])
         if loader_t is not None:
-            batch = next(loader_t)
-            x_t, y_t = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+            x_t, y_t = common.next_batch(loader_t, device)
             if not args.no_tgt_sup:
                 losses["loss_t"] = supervised(x_t, y_t)                       # L_t, eq. 10
                 amp.backward(losses["loss_t"])
         if teacher is not None:
-            x_u = next(loader_u)["image"].to(device, non_blocking=True)
+            x_u, _ = common.next_batch(loader_u, device)                 # labels unused
             x_u_inter, x_u_intra = (x_u[:B], x_u[B:]) if args.mix_strategy == "two-two" else (x_u, x_u)
             y_u, q = pseudo_label(x_u_inter)                                  # one y_u and q for both streams
             y_u2, q2 = pseudo_label(x_u_intra) if args.mix_strategy == "two-two" else (y_u, q)

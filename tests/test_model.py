@@ -202,3 +202,14 @@ def test_offline_init_download_is_a_one_line_error(tmp_path, monkeypatch):
         with pytest.raises(common.DataError, match=f"--init {init}: could not fetch .*no network"):
             common.initialise(model, init)
     assert not any(tmp_path.rglob("*.pth"))
+
+
+def test_torchvision_resnet101_weights_fill_the_pytorch_style_backbone():
+    """--init imagenet: every torchvision ResNet-101 tensor but `fc` lands in the backbone of the same name."""
+    import torchvision
+    tv = torchvision.models.resnet101(weights=None).state_dict()
+    model = DeepLabV2(19, style="pytorch")
+    assert load_init(model, tv) == len(tv) - 2                      # all but fc.weight / fc.bias
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in tv.items() if not k.startswith("fc."))
+    assert model.layer2[0].conv2.stride == (2, 2) and model.layer2[0].conv1.stride == (1, 1)  # as torchvision

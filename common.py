@@ -960,13 +960,16 @@ def select_device(name):
 
 
 class Amp:
-    """autocast (bf16 where supported, else fp16 with a GradScaler) behind one switch; off = fp32."""
+    """autocast (bf16 where supported, else fp16 with a GradScaler) behind one switch; off = fp32.
+
+    On the CPU it is bf16 autocast (what lets the tests run the AMP code path without a GPU).
+    """
 
     def __init__(self, device, enabled):
-        self.enabled = enabled and device.type == "cuda"
-        self.dtype = (torch.bfloat16 if self.enabled and torch.cuda.is_bf16_supported() else torch.float16)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
-        self.device_type = device.type
+        self.enabled, self.device_type = enabled, device.type
+        bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
+        self.dtype = torch.bfloat16 if bf16 else torch.float16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=enabled and self.dtype == torch.float16)
 
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
@@ -980,7 +983,7 @@ class Amp:
 
 
 def prepare_model(model, device, amp):
-    """Move to device; channels_last when AMP runs on the GPU."""
+    """Move to device; channels_last with AMP."""
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if amp.enabled else model
 

@@ -163,6 +163,7 @@ FLAG_CASES = [  # (flags, baseline flags): the flag must change the trained weig
     (["--consistency-weight", "0.5", *T], T),
     (["--split-seed", "3"], []),
     (["--n-labeled", "3"], []),
+    (["--amp", "--extra-aug"], ["--extra-aug"]),   # bf16 autocast on the CPU: the AMP code path runs
 ]
 
 

@@ -167,6 +167,7 @@ FLAG_CASES = [  # (flags, baseline flags): the flag must change the trained weig
     (["--ema-alpha", "0.3", "--tau", "0.01"], ["--tau", "0.01"]),
     (["--consistency-weight", "0.5"], []),
     (["--lr", "1e-3"], []),
+    (["--amp"], []),   # bf16 autocast + channels_last on the CPU: the AMP code path runs
 ]
 
 

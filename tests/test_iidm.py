@@ -189,6 +189,7 @@ FLAG_CASES = [  # (flags, baseline flags): the flag must change the trained weig
     (["--warmup-iters", "0"], []),
     (["--n-labeled", "3"], []),
     (["--split-seed", "4"], []),
+    (["--amp"], []),   # bf16 autocast + channels_last on the CPU: the AMP code path runs
 ]
 
 

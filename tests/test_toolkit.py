@@ -372,3 +372,16 @@ def test_keep_checkpoints(city):
     ck = torch.load(city / "run" / "checkpoint_1.pth", weights_only=True)
     assert {"model", "ema_model", "optimizer", "iteration", "rng", "args", "scheduler"} <= set(ck)
     assert set(ck["model"]) == set(common.DeepLabV2(layers=(1, 1, 1, 1)).state_dict())
+
+
+def test_amp_autocasts_in_bf16_and_off_means_fp32():
+    conv = torch.nn.Conv2d(3, 4, 3)
+    x = torch.rand(1, 3, 8, 8)
+    on, off = common.Amp(torch.device("cpu"), True), common.Amp(torch.device("cpu"), False)
+    with on.autocast():
+        assert conv(x).dtype == torch.bfloat16
+    with off.autocast():
+        assert conv(x).dtype == torch.float32
+    assert not on.scaler.is_enabled()                      # bf16 needs no loss scaling
+    model = common.prepare_model(common.DeepLabV2(19, layers=(1, 1, 1, 1)), torch.device("cpu"), on)
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)

@@ -189,8 +189,7 @@ def train(args):
     if norm == "imagenet_bgr":
         norm = "cityscapes_bgr"  # ClassMix subtracts the Cityscapes RGB mean from BGR images (quirk C9)
     common.seed_everything(args.seed)
-    name = "cityscapes" + "_baseline" * args.no_unlabeled if args.dataset == "cityscapes" else \
-        "demo" + "_baseline" * args.no_unlabeled
+    name = args.dataset + "_baseline" * args.no_unlabeled
     out_dir = Path(args.out_dir or common.default_out_dir("classmix_ssl", name, args.n_labeled, args.seed))
     # ---------------------------------------------------------------- data
     root = demo.ensure_demo(args.data_root) / "cityscapes" if args.dataset == "demo" else \

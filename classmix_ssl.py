@@ -53,7 +53,6 @@ import torch
 import torch.nn.functional as F
 
 import common
-import demo
 
 PAPER = {  # dest: (value, source) — shown in --help
     "iters": (40000, "CM configCityscapes.json; thesis §4.1.2"),
@@ -192,8 +191,7 @@ def train(args):
     name = args.dataset + "_baseline" * args.no_unlabeled
     out_dir = Path(args.out_dir or common.default_out_dir("classmix_ssl", name, args.n_labeled, args.seed))
     # ---------------------------------------------------------------- data
-    root = demo.ensure_demo(args.data_root) / "cityscapes" if args.dataset == "demo" else \
-        common.dataset_root(args, "cityscapes")
+    root = common.data_roots(args, args.dataset)[2]
     val = common.cityscapes_val(root, args.target_size, args.eval_res, norm)
     build = lambda: common.DeepLabV2(19, aspp_full=args.aspp_full, style=style, layers=args.layers)  # noqa: E731
     student = common.prepare_model(build(), device, amp)
@@ -212,9 +210,8 @@ def train(args):
         "cityscapes", root, resize=args.target_size, crop=crop, norm=norm, stems=unlabeled)
     # ---------------------------------------------------------------- models, optimiser
     common.initialise(student, args.init)
-    teacher = None if args.no_unlabeled else common.prepare_model(common.ema_teacher(student, build), device, amp)
-    if teacher is not None:
-        teacher.train(not args.teacher_eval_bn)  # the authors' teacher stays in train mode (quirk C4)
+    teacher = None if args.no_unlabeled else common.prepare_model(    # train-mode BN as the authors' (C4)
+        common.ema_teacher(student, build, train_bn=not args.teacher_eval_bn), device, amp)
     optimizer = common.deeplab_optimizer(student, args.lr, args.optimizer, not args.clean_param_groups)
     scheduler = common.lr_scheduler(optimizer, lambda i: common.poly_factor(i, args.iters))
     start = 0

@@ -926,14 +926,15 @@ def ema_update(teacher, student, i, alpha_max=0.99, buffers=False):
             t.lerp_(s, 1 - a) if t.is_floating_point() else t.copy_(s)
 
 
-def ema_teacher(student, build):
-    """A fresh model from `build()` holding the student's parameters (not buffers), in train mode."""
+def ema_teacher(student, build, train_bn=True):
+    """A fresh model from `build()` holding the student's parameters (not buffers); in train mode as the
+    authors' teacher (BN batch statistics), or eval mode with `train_bn=False`."""
     teacher = build().to(next(student.parameters()).device)
     with torch.no_grad():
         for t, s in zip(teacher.parameters(), student.parameters()):
             t.copy_(s)
             t.requires_grad_(False)
-    return teacher.train()
+    return teacher.train(train_bn)
 
 
 def seed_everything(seed):
@@ -1010,7 +1011,7 @@ class Logger:
         for k, v in losses.items():
             self.sums[k] = self.sums.get(k, 0) + v.detach().float()
         self.count += 1
-        if (i + 1) % self.every and i + 1 != self.max_iter:
+        if not is_due(i, self.every, self.max_iter):
             return
         values = {k: float(v) / self.count for k, v in self.sums.items()}
         now = self.clock()
@@ -1184,6 +1185,16 @@ def dataset_root(args, kind):
     return Path(getattr(args, f"{kind}_root") or Path(args.data_root) / kind)
 
 
+def data_roots(args, domain):
+    """(source kind, source root, Cityscapes root) for --source/--dataset `domain`; 'demo' is the generated
+    demo data (GTA5 layout source, Cityscapes layout target), written under <data-root>/demo once."""
+    if domain == "demo":
+        import demo
+        root = demo.ensure_demo(args.data_root)
+        return "gta5", root / "gta5", root / "cityscapes"
+    return domain, dataset_root(args, domain), dataset_root(args, "cityscapes")
+
+
 def write_run_files(out_dir, args, split=None):
     """Create out_dir; write config.json (every resolved argument) and split.txt."""
     out_dir = Path(out_dir)
@@ -1215,10 +1226,12 @@ def is_due(i, every, max_iter):
     return (every > 0 and (i + 1) % every == 0) or i + 1 == max_iter
 
 
-def evaluate_and_write(model, val, device, out_dir, iteration, synthia=False, amp=None, align_corners=True):
-    """Evaluate the student on val (vis/ in out_dir) and write metrics.json; returns the metrics."""
+def evaluate_and_write(model, val, device, out_dir, iteration, synthia=False, amp=None, align_corners=True,
+                       model_name="student", save_predictions=False):
+    """Evaluate a model on val (vis/, and predictions/ if asked, in out_dir) and write metrics.json."""
     metrics = evaluate(model, val, device, synthia=synthia, out_dir=out_dir, iteration=iteration,
-                       amp_dtype=amp.dtype if amp is not None and amp.enabled else None, align_corners=align_corners)
+                       amp_dtype=amp.dtype if amp is not None and amp.enabled else None, align_corners=align_corners,
+                       model_name=model_name, save_predictions=save_predictions)
     write_metrics(out_dir, metrics)
     return metrics
 
@@ -1244,11 +1257,9 @@ def eval_only(args, model, val, device, out_dir, synthia=False, align_corners=Tr
         raise DataError(f"{args.checkpoint}: not a state_dict of this model "
                         f"({str(exc).splitlines()[0][:200]})") from None
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    metrics = evaluate(model, val, device, synthia=synthia, out_dir=out_dir,
-                       save_predictions=args.save_predictions, iteration=ckpt.get("iteration"),
-                       model_name=args.eval_model, align_corners=align_corners)
-    write_metrics(out_dir, metrics)
-    return metrics
+    return evaluate_and_write(model, val, device, out_dir, ckpt.get("iteration"), synthia,
+                              align_corners=align_corners, model_name=args.eval_model,
+                              save_predictions=args.save_predictions)
 
 
 def default_out_dir(script, source, n_labeled, seed):

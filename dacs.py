@@ -51,7 +51,6 @@ from pathlib import Path
 import torch
 
 import common
-import demo
 
 PAPER = {  # dest: (value, source) — shown in --help
     "iters": (250000, "DACS configUDA.json; thesis §4.1.3"),
@@ -152,12 +151,7 @@ def train(args):
     out_dir = Path(args.out_dir or common.default_out_dir("dacs", args.source + "_source_only" * args.source_only,
                                                           None, args.seed))
     # ---------------------------------------------------------------- data
-    if args.source == "demo":
-        demo_root = demo.ensure_demo(args.data_root)
-        source_root, target_root, source_kind = demo_root / "gta5", demo_root / "cityscapes", "gta5"
-    else:
-        source_root, source_kind = common.dataset_root(args, args.source), args.source
-        target_root = common.dataset_root(args, "cityscapes")
+    source_kind, source_root, target_root = common.data_roots(args, args.source)
     val = common.cityscapes_val(target_root, args.target_size, args.eval_res, norm)
     build = lambda: common.DeepLabV2(19, aspp_full=args.aspp_full, style=style, layers=args.layers)  # noqa: E731
     student = common.prepare_model(build(), device, amp)
@@ -170,9 +164,8 @@ def train(args):
                                         norm=norm)
     # ---------------------------------------------------------------- models, optimiser
     common.initialise(student, args.init)
-    teacher = None if args.source_only else common.prepare_model(common.ema_teacher(student, build), device, amp)
-    if teacher is not None:
-        teacher.train(not args.teacher_eval_bn)  # the authors' teacher stays in train mode (quirk Q3)
+    teacher = None if args.source_only else common.prepare_model(      # train-mode BN as the authors' (Q3)
+        common.ema_teacher(student, build, train_bn=not args.teacher_eval_bn), device, amp)
     optimizer = common.deeplab_optimizer(student, args.lr, args.optimizer, not args.clean_param_groups)
     scheduler = common.lr_scheduler(optimizer, lambda i: common.poly_factor(i, args.iters))
     p_target = p_model = None

@@ -58,7 +58,6 @@ from pathlib import Path
 import torch
 
 import common
-import demo
 
 PAPER = {  # dest: (value, source) — shown in --help
     "iters": (40000, "IIDM §Implementation Details"),
@@ -179,12 +178,7 @@ def train(args):
     out_dir = Path(args.out_dir or common.default_out_dir("iidm", args.source, args.n_labeled, args.seed))
     up = lambda logits, size: common.upsample(logits, size, align_corners=False)  # noqa: E731 (mmseg resize)
     # ---------------------------------------------------------------- data
-    if args.source == "demo":
-        demo_root = demo.ensure_demo(args.data_root)
-        source_root, target_root, source_kind = demo_root / "gta5", demo_root / "cityscapes", "gta5"
-    else:
-        source_root, source_kind = common.dataset_root(args, args.source), args.source
-        target_root = common.dataset_root(args, "cityscapes")
+    source_kind, source_root, target_root = common.data_roots(args, args.source)
     val = common.cityscapes_val(target_root, args.target_size, args.eval_res, norm, num_classes)
     build = lambda: common.DeepLabV2(num_classes, style=style, layers=args.layers,  # noqa: E731
                                      freeze_bn_affine=args.frozen_bn)
@@ -209,9 +203,8 @@ def train(args):
         num_classes=num_classes, stems=unlabeled)
     # ---------------------------------------------------------------- models, optimiser
     common.initialise(student, args.init)
-    teacher = common.prepare_model(common.ema_teacher(student, build), device, amp) if use_teacher else None
-    if teacher is not None:
-        teacher.train(not args.teacher_eval_bn)                               # A8
+    teacher = common.prepare_model(common.ema_teacher(student, build, train_bn=not args.teacher_eval_bn),  # A8
+                                   device, amp) if use_teacher else None
     optimizer = torch.optim.AdamW(common.param_groups(student, args.lr, args.head_lr_mult, official_duplicates=False),
                                   lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)   # A10
     scheduler = common.lr_scheduler(optimizer, lambda i: common.warmup_poly_factor(i, args.iters, args.warmup_iters))
@@ -248,7 +241,7 @@ def train(args):
     def supervised(x, y):
         """eq. 9/10: CE averaged over all pixels, ignored ones included (mmseg; A16)."""
         with amp.autocast():
-            return common.ce_pixel_weighted(up(student(x), y.shape[1:]), y, torch.ones_like(y, dtype=torch.float))
+            return common.ce_pixel_weighted(up(student(x), y.shape[1:]), y, 1.0)
 
     def mixed(x, y, w):
         """eq. 7/8: q-weighted CE of the student on a mixed batch."""

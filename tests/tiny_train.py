@@ -39,14 +39,12 @@ def main():
     if ckpt is not None:
         start = common.restore_training(ckpt, model, optimizer, scheduler, teacher)
     common.write_run_files(out_dir, args, labeled)
-    loader = common.infinite_loader(train, common.IterationSampler(len(train), args.batch_size, args.seed, 0,
-                                                                   start, args.iters), args.workers)
+    loader = common.shuffled_loader(train, args, 0, start)
     amp = common.Amp(device, args.amp)
     log = common.Logger(out_dir, args.log_every, args.iters, start)
     for i in range(start, args.iters):
-        batch = next(loader)
         g = common.step_generator(args.seed, i)
-        x, y = batch["image"].to(device), batch["label"].to(device)
+        x, y = common.next_batch(loader, device)
         with torch.no_grad():
             q_label, q, _ = common.pseudo_label(common.upsample(teacher(x), y.shape[1:]))
         mask = common.class_mix_mask(y, g)
@@ -62,7 +60,7 @@ def main():
         scheduler.step()
         common.ema_update(teacher, model, i)
         log.log(i, {"loss_s": loss_s, "loss_u": loss_u}, lr)
-        if (i + 1) % args.save_every == 0 or i + 1 == args.iters:
+        if common.is_due(i, args.save_every, args.iters):
             common.write_checkpoints(out_dir, common.training_state(i + 1, model, optimizer, scheduler, args, teacher),
                                      args.keep_checkpoints)
 

@@ -1262,6 +1262,20 @@ def eval_only(args, model, val, device, out_dir, synthia=False, align_corners=Tr
                               save_predictions=args.save_predictions)
 
 
+def write_demo_summary(out_dir, script, method, baselines, iterations, seconds):
+    """Write <out_dir>/demo.json (method and baseline mIoUs of a --demo run) and print its one-line summary;
+    `method` is (name, metrics), `baselines` a list of (name, metrics)."""
+    entry = lambda name, m: {"name": name, "mIoU": round(m["mIoU"], 2)}  # noqa: E731
+    summary = {"script": script, "method": entry(*method), "baselines": [entry(*b) for b in baselines],
+               "iterations": iterations, "seconds": round(seconds, 1), "torch": torch.__version__}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(out_dir) / "demo.json", json.dumps(summary, indent=1))
+    others = ", ".join(f"{b['name']} {b['mIoU']:.2f}" for b in summary["baselines"])
+    print(f"demo target val mIoU: {summary['method']['name']} {summary['method']['mIoU']:.2f} vs {others} "
+          f"({iterations} iterations, {seconds:.0f} s, torch {torch.__version__})", flush=True)
+    return summary
+
+
 def default_out_dir(script, source, n_labeled, seed):
     """runs/<script>_<source>_<n>_s<seed> (cli.md); without a label budget (UDA) runs/<script>_<source>_s<seed>."""
     n = "" if n_labeled is None else f"_{n_labeled}"

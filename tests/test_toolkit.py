@@ -385,3 +385,14 @@ def test_amp_autocasts_in_bf16_and_off_means_fp32():
     assert not on.scaler.is_enabled()                      # bf16 needs no loss scaling
     model = common.prepare_model(common.DeepLabV2(19, layers=(1, 1, 1, 1)), torch.device("cpu"), on)
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_write_demo_summary_schema(tmp_path, capsys):
+    import json
+    s = common.write_demo_summary(tmp_path / "d", "x.py", ("X", {"mIoU": 41.234}), [("base", {"mIoU": 30.0})],
+                                  200, 61.27)
+    saved = json.loads((tmp_path / "d" / "demo.json").read_text())
+    assert saved == s and set(saved) == {"script", "method", "baselines", "iterations", "seconds", "torch"}
+    assert saved["method"] == {"name": "X", "mIoU": 41.23} and saved["baselines"] == [{"name": "base", "mIoU": 30.0}]
+    assert saved["iterations"] == 200 and saved["torch"] == torch.__version__
+    assert "X 41.23 vs base 30.00" in capsys.readouterr().out

@@ -1,5 +1,5 @@
 """ClassMix: Segmentation-Based Data Augmentation for Semi-Supervised Learning (Olsson, Tranheden, Pinto,
-Svensson, WACV 2021; Tranheden & Olsson, MSc thesis 2020, ../shared/papers/classmix_dacs_thesis.txt) —
+Svensson, WACV 2021; Tranheden & Olsson, MSc thesis, Chalmers 2020) —
 semi-supervised semantic segmentation on Cityscapes.
 
     python classmix_ssl.py --n-labeled 372                  # thesis Table 4.1, 1/8 labels: 61.35
@@ -28,7 +28,7 @@ Table 5.1 ablations: --mask cut|cow, --pixel-weight sigmoid|threshold|none, --co
 --soft-targets, --crop-size 512 512 (random crop; with --no-unlabeled its baseline), --extra-aug (colour
 jitter + blur, the released config), --iters 80000.
 
-Authors' quirks kept by default (../shared/specs/classmix_ssl_and_dacs.md A.7, common.md §14), with the
+Authors' quirks kept by default (docs/quirks.md, C1-C12 and Q1-Q12), with the
 clean variant as a flag: floor(n/2) classes (--mask-rounding ceil = thesis Alg. 1), two-branch ASPP sum
 (--aspp-full), train-mode teacher BN without averaged buffers (--teacher-eval-bn), duplicated 1x parameter
 group with the PyTorch-1.5 SGD (--clean-param-groups), jitter applied when U > 0.2 (--jitter-gate 0.5 =
@@ -104,11 +104,11 @@ def parse_args(argv=None):
     p.add_argument("--jitter-gate", type=float, default=0.2,
                    help="with --extra-aug, jitter applied when U(0,1) > gate: 0.2 = 80 %% (CM code), 0.5 = thesis")
     p.add_argument("--aspp-full", action="store_true",
-                   help="clean variant: sum all four ASPP branches (the authors' code sums two; quirk Q1)")
+                   help="clean variant: sum all four ASPP branches (the authors' code sums two; docs/quirks.md Q1)")
     p.add_argument("--teacher-eval-bn", action="store_true",
-                   help="clean variant: eval-mode teacher BN with EMA-averaged running stats (quirk Q3)")
+                   help="clean variant: eval-mode teacher BN with EMA-averaged running stats (docs/quirks.md Q3)")
     p.add_argument("--clean-param-groups", action="store_true",
-                   help="clean variant: each tensor once in the 1x group (changes results; quirk Q4)")
+                   help="clean variant: each tensor once in the 1x group (changes results; docs/quirks.md Q4)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
                    help="sgd = the authors' SGD 0.9 / wd 5e-4; adam is for the random-init demo")
     args = common.parse_with_demo(p, DEMO, argv)
@@ -129,7 +129,7 @@ def unsupervised_weight(conf, i, args):
     """Per-pixel weight of L_u (§2.5.4) from the mixed confidences `conf` (N,H,W)."""
     confident = (conf >= args.tau).float()
     if args.pixel_weight == "threshold_uniform":
-        return confident.mean() * torch.ones_like(conf)          # one q for the batch (quirk C3)
+        return confident.mean() * torch.ones_like(conf)          # one q for the batch (docs/quirks.md C3)
     if args.pixel_weight == "threshold":
         return confident
     return torch.full_like(conf, sigmoid_rampup(i) if args.pixel_weight == "sigmoid" else 1.0)
@@ -186,7 +186,7 @@ def train(args):
     amp = common.Amp(device, args.amp)
     style, norm = common.init_convention(args.init)
     if norm == "imagenet_bgr":
-        norm = "cityscapes_bgr"  # ClassMix subtracts the Cityscapes RGB mean from BGR images (quirk C9)
+        norm = "cityscapes_bgr"  # ClassMix subtracts the Cityscapes RGB mean from BGR images (docs/quirks.md C9)
     common.seed_everything(args.seed)
     name = args.dataset + "_baseline" * args.no_unlabeled
     out_dir = Path(args.out_dir or common.default_out_dir("classmix_ssl", name, args.n_labeled, args.seed))
@@ -237,7 +237,7 @@ def train(args):
             with torch.no_grad(), amp.autocast():
                 P = common.upsample(teacher(x_u).float(), x_u.shape[2:]).softmax(1)   # weak view = identity
             x_m, P_m = class_mix(x_u, P, g, args)
-            if args.extra_aug:  # one gate, factors per image, one op order and one sigma per call (§9.6)
+            if args.extra_aug:  # one gate, factors per image, one op order and one sigma per call (CM/trainSSL.py)
                 x_m = common.color_jitter(x_m, norm, g, gate=args.jitter_gate, per_image_order=False)
                 x_m = common.gaussian_blur(x_m, g, per_image=False)
             conf, y_m = P_m.max(1)                             # (= mixing the argmax maps)

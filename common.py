@@ -24,7 +24,7 @@ IGNORE = 255  # the single internal void value; every loss and the evaluation sk
 CLASS_NAMES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
                "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
                "truck", "bus", "train", "motorcycle", "bicycle")
-# SYNTHIA protocols (common.md §6.3): 16 classes drop terrain/truck/train; 13 drop wall/fence/pole too.
+# SYNTHIA protocols (DACS/BDL evaluation): 16 classes drop terrain/truck/train; 13 drop wall/fence/pole too.
 TRAIN_IDS_16 = tuple(c for c in range(19) if c not in (9, 14, 16))
 TRAIN_IDS_13 = tuple(c for c in TRAIN_IDS_16 if c not in (3, 4, 5))
 PALETTE = np.array([(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
@@ -43,7 +43,7 @@ class DataError(Exception):
 
 
 # ======================================================================================
-# Model: DeepLabv2-ResNet101 exactly as Res_Deeplab / DeeplabMulti (common.md §1)
+# Model: DeepLabv2-ResNet101 exactly as Res_Deeplab / DeeplabMulti (AdaptSegNet, DACS)
 # ======================================================================================
 
 class Bottleneck(nn.Module):
@@ -71,7 +71,7 @@ class Bottleneck(nn.Module):
 
 
 class ClassifierModule(nn.Module):
-    """ASPP head: four dilated 3x3 convs; the official forward sums only the first two (quirk Q1)."""
+    """ASPP head: four dilated 3x3 convs; the official forward sums only the first two (docs/quirks.md Q1)."""
 
     def __init__(self, inplanes, num_classes, dilations=(6, 12, 18, 24), full=False):
         super().__init__()
@@ -245,7 +245,7 @@ def download_coco_init():
 
 
 def param_groups(model, lr, head_mult=10.0, official_duplicates=True):
-    """1x backbone / 10x head groups; `official_duplicates` repeats tensors as `optim_parameters` does (§3)."""
+    """1x backbone / 10x head groups; `official_duplicates` repeats tensors as `optim_parameters` does (docs/quirks.md Q4)."""
     if official_duplicates:  # every sub-module's recursive parameters: a tensor once per ancestor
         backbone = [p for top in model.backbone_modules() for m in top.modules()
                     for p in m.parameters() if p.requires_grad]
@@ -264,7 +264,7 @@ def deeplab_optimizer(model, lr, kind="sgd", official_duplicates=True):
 
 
 class LegacySGD(torch.optim.Optimizer):
-    """SGD with the PyTorch-1.5 per-entry update, so duplicated tensors compound as for the authors (§3).
+    """SGD with the PyTorch-1.5 per-entry update, so duplicated tensors compound as for the authors (docs/quirks.md Q4).
 
     For each entry in order: d = grad + wd*p (p current), buf = m*buf + d (d on first use, buffer shared
     per tensor), p -= lr*buf. torch.optim.SGD(foreach=False) collapses duplicates differently.
@@ -293,7 +293,7 @@ class LegacySGD(torch.optim.Optimizer):
 
 
 # ======================================================================================
-# Data: label maps, normalisation, GTA5 / SYNTHIA / Cityscapes, splits, samplers (§5-7)
+# Data: label maps, normalisation, GTA5 / SYNTHIA / Cityscapes, splits, samplers
 # ======================================================================================
 
 def _lut(pairs, size=256):
@@ -314,10 +314,10 @@ SYNTHIA_TO_TRAINID = _lut({3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 
 # 19 train ids -> the 16-class space (IIDM/DLDM 16-way head): terrain/truck/train -> ignore.
 TRAINID_TO_16 = _lut({c: i for i, c in enumerate(TRAIN_IDS_16)})
 
-# Normalisations (common.md §5, iidm.md §3.2): (channel order, scale, mean, std) applied to 0-255 RGB.
+# Normalisations (the authors' loaders; torchvision for ImageNet): (channel order, scale, mean, std) applied to 0-255 RGB.
 NORMALISATIONS = {
     "imagenet_bgr": ("bgr", (104.00698793, 116.66876762, 122.67891434), (1.0, 1.0, 1.0)),   # DACS, ASN
-    # ClassMix subtracts the Cityscapes RGB mean from a BGR image (quirk Q6, kept).
+    # ClassMix subtracts the Cityscapes RGB mean from a BGR image (docs/quirks.md Q6, kept).
     "cityscapes_bgr": ("bgr", (73.15835921, 82.90891754, 72.39239876), (1.0, 1.0, 1.0)),
     "imagenet_rgb": ("rgb", (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),          # torchvision/DAFormer
 }
@@ -431,7 +431,7 @@ def _is_paired_label(path):
 
 
 def dataset_files(kind, root, split="train", strict=True):
-    """(pairs, orphans) for a dataset in its official layout (cli.md 'Data on disk')."""
+    """(pairs, orphans) for a dataset in its official layout (README 'Datasets')."""
     root = _require_dir(root, f"the {kind} dataset root")
     if kind == "gta5":
         img_dir, lab_dir = _require_dir(root / "images", "GTA5 images/*.png"), _require_dir(
@@ -468,7 +468,7 @@ def stem_of(path):
 
 
 def labeled_split(stems, n_labeled, seed=0, split_file=None):
-    """(labeled, unlabeled) stems: sorted list, `RandomState(seed)` permutation, first N labeled (§7).
+    """(labeled, unlabeled) stems: sorted list, `RandomState(seed)` permutation, first N labeled (README 'Label spaces and the labeled split').
 
     The permutation only depends on the seed and the list, so splits are nested across N.
     `split_file` (one stem per line, e.g. a previous run's split.txt) overrides the draw.
@@ -556,7 +556,7 @@ def rcs_statistics(dataset, cache=None, workers=0):
 
 
 def rcs_probabilities(counts, num_classes, temperature=0.01, min_pixels=3000):
-    """P(c) = softmax((1 - f_c)/T) over occurring classes and images_with(c) (iidm.md §2.4)."""
+    """P(c) = softmax((1 - f_c)/T) over occurring classes and images_with(c) (rare-class sampling of DAFormer, Hoyer et al., CVPR 2022)."""
     total = np.zeros(num_classes)
     for d in counts:
         for c, n in d.items():
@@ -596,7 +596,7 @@ class RareClassSampler(IterationSampler):
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    """Image/label pairs of one dataset with one pipeline (common.md §6, iidm.md §2.3).
+    """Image/label pairs of one dataset with one pipeline (README 'Pipelines').
 
     resize: (W, H) or None; keep_ratio fits the image into (W, H) like mmseg; interp: PIL filter of the
     image resize (antialiased, as the authors' PIL/scipy resizes). crop: (h, w) random crop after the
@@ -706,7 +706,7 @@ def atomic_write_text(path, text):
 
 
 # ======================================================================================
-# Mixing and augmentation on GPU batches (common.md §9); randomness from a CPU torch.Generator, copied
+# Mixing and augmentation on GPU batches; randomness from a CPU torch.Generator, copied
 # to the batch's device with non_blocking=True (a blocking host-to-device copy would sync the stream)
 # ======================================================================================
 
@@ -846,7 +846,7 @@ def hflip(x, flags):
 
 
 # ======================================================================================
-# Losses (common.md §8); logits are upsampled to the label size first (`upsample`)
+# Losses; logits are upsampled to the label size first (`upsample`)
 # ======================================================================================
 
 def ce_loss(logits, target, ignore=IGNORE):
@@ -891,7 +891,7 @@ def pseudo_label(teacher_logits, tau=0.968, mode="uniform", per_image=False):
 
 
 # ======================================================================================
-# Training utilities: schedules, EMA, seeding, device/AMP, logging, checkpoints (common.md §4, §11, §12)
+# Training utilities: schedules, EMA, seeding, device/AMP, logging, checkpoints
 # ======================================================================================
 
 def poly_factor(i, max_iter, power=0.9):
@@ -1074,7 +1074,7 @@ def load_checkpoint(path, num_classes=None):
 
 
 # ======================================================================================
-# The shared command line (cli.md) and run set-up
+# The shared command line (README 'The shared command line and outputs') and run set-up
 # ======================================================================================
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1090,7 +1090,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def shared_parser(defaults):
-    """The flags every method script shares (cli.md); `defaults` maps a flag's dest to (value, source)."""
+    """The flags every method script shares; `defaults` maps a flag's dest to (value, source)."""
     p = argparse.ArgumentParser(add_help=False)
     d = {k: v[0] for k, v in defaults.items()}
     src = {k: v[1] for k, v in defaults.items()}
@@ -1151,7 +1151,7 @@ def parse_with_demo(parser, demo, argv=None):
 
 
 def add_split_args(parser, n_labeled, source, split_seed=0, seed_help=""):
-    """--n-labeled / --split-seed / --split-file (cli.md) for the scripts with labeled Cityscapes images."""
+    """--n-labeled / --split-seed / --split-file for the scripts with labeled Cityscapes images."""
     parser.add_argument("--n-labeled", type=int, default=n_labeled,
                         help=f"labeled Cityscapes train images (default: {n_labeled}; {source})")
     parser.add_argument("--split-seed", type=int, default=split_seed,
@@ -1277,7 +1277,7 @@ def write_demo_summary(out_dir, script, method, baselines, iterations, seconds):
 
 
 def default_out_dir(script, source, n_labeled, seed):
-    """runs/<script>_<source>_<n>_s<seed> (cli.md); without a label budget (UDA) runs/<script>_<source>_s<seed>."""
+    """runs/<script>_<source>_<n>_s<seed>; without a label budget (UDA) runs/<script>_<source>_s<seed>."""
     n = "" if n_labeled is None else f"_{n_labeled}"
     return Path("runs") / f"{script}_{source}{n}_s{seed}"
 
@@ -1340,7 +1340,7 @@ def run_script(main):
 
 
 # ======================================================================================
-# Evaluation: confusion matrix, IoU, protocols, predictions (common.md §10)
+# Evaluation: confusion matrix, IoU, protocols, predictions
 # ======================================================================================
 
 def confusion_matrix(pred, gt, num_classes):

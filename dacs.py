@@ -1,5 +1,5 @@
 """DACS: Domain Adaptation via Cross-domain Mixed Sampling (Tranheden, Olsson, Pinto, Svensson, WACV 2021;
-Tranheden & Olsson, MSc thesis 2020, ../shared/papers/classmix_dacs_thesis.txt) — GTA5/SYNTHIA -> Cityscapes.
+Tranheden & Olsson, MSc thesis, Chalmers 2020) — GTA5/SYNTHIA -> Cityscapes.
 
     python dacs.py --source gta5                  # the released configuration (thesis Table 4.3: 52.14)
     python dacs.py --source synthia               # thesis Table 4.4: 48.34 (16 classes) / 54.81 (13 classes)
@@ -24,7 +24,7 @@ Thesis -> code:
     Table 5.2 ablations: InterMix (default), IntraMix, distribution-aligned IntraMix -> --mix
     §2.5.6 distribution alignment (ReMixMatch, EMA 0.99 of predictions)    -> `align_distribution`
 
-Authors' quirks kept by default (../shared/specs/classmix_ssl_and_dacs.md B.7, common.md §14), each with
+Authors' quirks kept by default (docs/quirks.md, D1-D13 and Q1-Q12), each with
 its clean variant as a flag: two-branch ASPP sum (--aspp-full), BN in train mode with frozen affine and a
 train-mode teacher whose buffers are not averaged (--teacher-eval-bn), duplicated 1x parameter group with
 the PyTorch-1.5 SGD (--clean-param-groups), ceil(n/2) classes with the ignore value as a candidate
@@ -90,19 +90,19 @@ def parse_args(argv=None):
                    help="classes pasted from n: ceil(n/2) (DACS code, default for --mix inter) or floor(n/2) "
                         "(ClassMix code, default for IntraMix)")
     p.add_argument("--mask-exclude-ignore", action="store_true",
-                   help="clean variant: never draw the ignore value as a class (DACS draws it; quirk D1)")
+                   help="clean variant: never draw the ignore value as a class (DACS draws it; docs/quirks.md D1)")
     p.add_argument("--no-jitter", action="store_true", help="no colour jitter on mixed images (config: on)")
     p.add_argument("--no-blur", action="store_true", help="no Gaussian blur on mixed images (config: on)")
     p.add_argument("--jitter-gate", type=float, default=0.2,
                    help="jitter applied when U(0,1) > gate: 0.2 = 80 %% (DACS code), 0.5 = thesis §5.2.1")
     p.add_argument("--aspp-full", action="store_true",
-                   help="clean variant: sum all four ASPP branches (the authors' code sums two; quirk Q1)")
+                   help="clean variant: sum all four ASPP branches (the authors' code sums two; docs/quirks.md Q1)")
     p.add_argument("--teacher-eval-bn", action="store_true",
                    help="clean variant: teacher predicts with eval-mode BN and EMA-averaged running stats "
-                        "(authors: train-mode BN on the target batch, buffers not averaged; quirk Q3)")
+                        "(authors: train-mode BN on the target batch, buffers not averaged; docs/quirks.md Q3)")
     p.add_argument("--clean-param-groups", action="store_true",
                    help="clean variant: each tensor once in the 1x group (changes results: ~3x lower "
-                        "effective backbone LR than the authors' duplicated group; quirk Q4)")
+                        "effective backbone LR than the authors' duplicated group; docs/quirks.md Q4)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
                    help="sgd = the authors' SGD 0.9 / wd 5e-4; adam is for the random-init demo")
     args = common.parse_with_demo(p, DEMO, argv)

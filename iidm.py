@@ -1,12 +1,12 @@
 """IIDM: Inter- and Intra-Domain Mixing for semi-supervised domain adaptation in semantic segmentation
-(Fu et al., AAAI 2024, ../shared/papers/iidm.txt) — GTA5/SYNTHIA + a few labeled Cityscapes images -> Cityscapes.
+(Fu et al., AAAI 2024) — GTA5/SYNTHIA + a few labeled Cityscapes images -> Cityscapes.
 
     python iidm.py --source gta5 --n-labeled 100        # paper Table 1: 69.5 mIoU (200: 70.0, 500: 70.6, 1000: 72.8)
     python iidm.py --source synthia --n-labeled 100     # paper Table 2: 74.2 13-class mIoU
     python iidm.py --demo                                # IIDM and two baselines on the demo data, CPU, minutes
 
 No public IIDM code exists; the set-up is reconstructed from the paper and the DAFormer code it follows
-(../shared/specs/iidm.md, assumptions A1-A18 below). A mean teacher predicts a pseudo-label y_u and one
+(lhoyer/DAFormer; assumptions A1-A18 below). A mean teacher predicts a pseudo-label y_u and one
 quality q for each unlabeled target crop x_u. The same x_u is mixed twice: half of the classes of the
 source ground truth y_s are pasted onto it (inter-domain stream, mask M1), and half of the classes of the
 labeled-target ground truth y_t are pasted onto it (intra-domain stream, mask M2). The student learns
@@ -25,7 +25,7 @@ Paper -> code:
     Table 4 loss ablations -> --no-src-sup/--no-tgt-sup/--no-inter/--no-intra; Table 5 -> --mix-strategy;
     Table 6 -> --lambda/--mu; Table 7 -> --n-labeled.
 
-Assumptions (the paper is silent; iidm.md §11), each with a flag where an alternative exists:
+Assumptions (the paper is silent), each with a flag where an alternative exists:
     A1  SYNTHIA: 16-way head; Cityscapes terrain/truck/train -> ignore; 13-class mIoU reported (mIoU13).
     A2  split: sorted train list, RandomState(--split-seed) permutation, first N labeled (nested), split.txt.
     A3  labeled target = DAFormer's target pipeline (flip, no cat_max_ratio); no photometric aug on clean streams.

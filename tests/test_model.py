@@ -10,7 +10,7 @@ BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
 def official_keys(num_classes=19, multi_level=False):
-    """Key -> shape of the official Res_Deeplab / DeeplabMulti, written out from common.md §1.5."""
+    """Key -> shape of the official Res_Deeplab / DeeplabMulti, written out from the authors' deeplab_multi.py / model.py."""
     keys = {"conv1.weight": (64, 3, 7, 7)}
     keys.update({f"bn1.{s}": (64,) for s in BN})
     inplanes = 64

@@ -1153,10 +1153,10 @@ def parse_with_demo(parser, demo, argv=None):
 def add_split_args(parser, n_labeled, source, split_seed=0, seed_help=""):
     """--n-labeled / --split-seed / --split-file for the scripts with labeled Cityscapes images."""
     parser.add_argument("--n-labeled", type=int, default=n_labeled,
-                        help=f"labeled Cityscapes train images (default: {n_labeled}; {source})")
+                        help=f"labeled Cityscapes train images (default: %(default)s; {source})")
     parser.add_argument("--split-seed", type=int, default=split_seed,
                         help=f"seed of the permutation of the sorted train list; the first N are labeled "
-                             f"(default: {split_seed}){seed_help}")
+                             f"(default: %(default)s){seed_help}")
     parser.add_argument("--split-file", default=None,
                         help="reuse a list of labeled image stems, one per line (e.g. a run's split.txt)")
 

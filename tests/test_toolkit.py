@@ -1,5 +1,6 @@
 """Foundation II: mixing masks, augmentation, losses, schedules, EMA, checkpoints, CLI errors, exact resume."""
 import json
+import re
 import os
 import signal
 import subprocess
@@ -388,7 +389,6 @@ def test_amp_autocasts_in_bf16_and_off_means_fp32():
 
 
 def test_write_demo_summary_schema(tmp_path, capsys):
-    import json
     s = common.write_demo_summary(tmp_path / "d", "x.py", ("X", {"mIoU": 41.234}), [("base", {"mIoU": 30.0})],
                                   200, 61.27)
     saved = json.loads((tmp_path / "d" / "demo.json").read_text())
@@ -396,3 +396,11 @@ def test_write_demo_summary_schema(tmp_path, capsys):
     assert saved["method"] == {"name": "X", "mIoU": 41.23} and saved["baselines"] == [{"name": "base", "mIoU": 30.0}]
     assert saved["iterations"] == 200 and saved["torch"] == torch.__version__
     assert "X 41.23 vs base 30.00" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in ROOT.glob("*.py") if p.name not in ("common.py", "demo.py")))
+def test_help_shows_each_default_once(script):
+    out = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, check=True)
+    text = " ".join(out.stdout.split())
+    assert "(default:" in text
+    assert not re.search(r"\(default: [^()]*\) \(default:", text), re.search(r".{80}\(default: [^()]*\) \(default:.{20}", text)

@@ -927,13 +927,17 @@ def ema_update(teacher, student, i, alpha_max=0.99, buffers=False):
 
 
 def ema_teacher(student, build, train_bn=True):
-    """A fresh model from `build()` holding the student's parameters (not buffers); in train mode as the
-    authors' teacher (BN batch statistics), or eval mode with `train_bn=False`."""
+    """A fresh model from `build()` holding the student's parameters; in train mode as the authors' teacher
+    (BN batch statistics, buffers not copied), or in eval mode with `train_bn=False`, which needs and gets
+    the student's BN running statistics too."""
     teacher = build().to(next(student.parameters()).device)
     with torch.no_grad():
         for t, s in zip(teacher.parameters(), student.parameters()):
             t.copy_(s)
             t.requires_grad_(False)
+        if not train_bn:
+            for t, s in zip(teacher.buffers(), student.buffers()):
+                t.copy_(s)
     return teacher.train(train_bn)
 
 

@@ -217,6 +217,19 @@ def test_ema_alpha_and_update():
     assert teacher.bn1.running_mean.eq(0).all()  # buffers untouched
 
 
+
+def test_ema_teacher_buffers_per_bn_mode():
+    build = lambda: common.DeepLabV2(layers=(1, 1, 1, 1))  # noqa: E731
+    student = build()
+    student.bn1.running_mean.fill_(2.0)
+    student.layer4[0].bn3.running_var.fill_(5.0)
+    train_mode = common.ema_teacher(student, build)            # the authors': buffers not copied
+    assert train_mode.training and train_mode.bn1.running_mean.eq(0).all()
+    eval_mode = common.ema_teacher(student, build, train_bn=False)
+    assert not eval_mode.training
+    assert all(torch.equal(t, s) for t, s in zip(eval_mode.buffers(), student.buffers()))
+    assert eval_mode.layer4[0].bn3.running_var.eq(5).all()
+
 # --- checkpoints -----------------------------------------------------------------------------------
 
 def test_checkpoint_roundtrip_rng_and_class_check(tmp_path):

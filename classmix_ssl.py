@@ -149,13 +149,16 @@ def cutmix_mask(n, h, w, generator, device="cpu"):
 
 
 def cowmix_mask(n, h, w, generator, device="cpu", sigma_range=(8.0, 32.0), p=0.5):
-    """CowMix (ClassMix ablation): Gaussian noise smoothed with sigma log-uniform in range, cut at quantile p."""
+    """CowMix (ClassMix ablation): Gaussian noise smoothed with sigma log-uniform in range, cut where a normal
+    distribution with the smoothed noise's mean and std has mass p below (CowMask's erfinv threshold)."""
     log_lo, log_hi = math.log(sigma_range[0]), math.log(sigma_range[1])
     sigma = torch.exp(log_lo + torch.rand(n, generator=generator) * (log_hi - log_lo))
     noise = torch.randn(n, 1, h, w, generator=generator).to(device, non_blocking=True)
     smooth = common.blur_batch(noise, sigma.to(device, non_blocking=True), kernel=(common.odd_kernel(h, 1.0), common.odd_kernel(w, 1.0)))
     flat = smooth.view(n, -1)
-    return (flat > flat.quantile(p, dim=1, keepdim=True)).float().view(n, h, w)
+    std, mean = torch.std_mean(flat, dim=1, correction=0, keepdim=True)       # numpy's std
+    threshold = torch.erfinv(torch.tensor(2 * p - 1.0)) * math.sqrt(2) * std + mean
+    return (flat > threshold).float().view(n, h, w)
 
 
 def mixing_mask(teacher_label, g, args):

@@ -113,9 +113,15 @@ def test_cutmix_and_cowmix_masks():
         ys, xs = torch.nonzero(m[k] == 0, as_tuple=True)
         assert len(ys) == (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)  # one rectangle
         assert xs.max() - xs.min() + 1 >= 16
-    c = classmix_ssl.cowmix_mask(4, 64, 64, torch.Generator().manual_seed(0))
-    assert c.shape == (4, 64, 64) and torch.allclose(c.mean((1, 2)), torch.full((4,), 0.5), atol=0.01)
+    c = classmix_ssl.cowmix_mask(16, 64, 64, torch.Generator().manual_seed(0))
+    assert c.shape == (16, 64, 64) and c.mean().item() == pytest.approx(0.5, abs=0.1)
     assert (c[:, 1:] == c[:, :-1]).float().mean() > 0.9  # smooth blobs, not salt and pepper
+    # CowMask's threshold erfinv(2p-1) sqrt(2) std + mean (p = 0.5: the mean), not a per-image quantile
+    assert (c.mean((1, 2)) - 0.5).abs().max() > 0.02
+    g = torch.Generator().manual_seed(1)
+    for p, frac in ((0.5, 0.5), (0.8, 0.2)):
+        c = classmix_ssl.cowmix_mask(64, 48, 48, g, sigma_range=(1.0, 1.0), p=p)   # near-white noise
+        assert c.mean().item() == pytest.approx(frac, abs=0.02)
 
 
 def test_class_mix_pastes_pseudo_label_classes_onto_the_next_image_and_mixes_soft_maps():

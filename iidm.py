@@ -69,7 +69,7 @@ PAPER = {  # dest: (value, source) — shown in --help
     "eval_res": ("full", "DAFormer whole-image inference at full resolution (A9)"),
     "init": ("imagenet", "ImageNet-1k, IIDM §Implementation Details (A6)"),
     "eval_every": (4000, "DAFormer evaluation interval"),
-    "save_every": (4000, "DAFormer checkpoint interval"),
+    "save_every": (4000, "a resumable checkpoint at each DAFormer evaluation; DAFormer itself saves once, at 40k"),
 }
 DEMO = {"source": "demo", "n_labeled": 10, "iters": 160, "lr": 1e-3, "head_lr_mult": 1.0, "warmup_iters": 20,
         "rcs_min_pixels": 12,  # 3000 px of a 1914x1052 GTA5 label, scaled to the 128x64 demo images
@@ -86,7 +86,7 @@ def parse_args(argv=None):
     common.add_split_args(p, 100, "IIDM Table 1 (100/200/500/1000)")
     p.add_argument("--no-src-sup", action="store_true",
                    help="drop L_s (and the source: implies --no-inter); Table 4 rows 2 and 4")
-    p.add_argument("--no-tgt-sup", action="store_true", help="drop L_t (Table 4 row 1)")
+    p.add_argument("--no-tgt-sup", action="store_true", help="drop L_t (Table 4 row 1 = --n-labeled 0 --no-tgt-sup --no-inter --no-intra)")
     p.add_argument("--no-inter", action="store_true", help="drop the inter-domain stream L_inter (Table 4)")
     p.add_argument("--no-intra", action="store_true", help="drop the intra-domain stream L_intra (Table 4)")
     p.add_argument("--mix-strategy", choices=["one-two", "two-two", "one-one"], default="one-two",
@@ -281,6 +281,8 @@ def train(args):
                 losses[name] = mixed(x_all[k * B:(k + 1) * B], y, w)
                 amp.backward(weight * losses[name])
             losses["q"] = q.mean()
+            if args.mix_strategy == "two-two":                                # A17: the second stream's own q
+                losses["q_intra"] = q2.mean()
         amp.step(optimizer)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()

@@ -43,6 +43,14 @@ def test_two_iterations_outputs(root, tmp_path, source):
     assert not (tmp_path / "run" / "rcs_counts_1.json").exists()
 
 
+
+def test_two_two_logs_the_q_of_each_stream(root, tmp_path):
+    run(root, tmp_path / "run", "--mix-strategy", "two-two")
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert {"q", "q_intra"} <= set(log[-1])
+    run(root, tmp_path / "one", "--iters", "1")
+    assert "q_intra" not in json.loads((tmp_path / "one" / "log.jsonl").read_text().splitlines()[0])
+
 def test_demo_runs_iidm_and_both_baselines(tmp_path, capsys):
     out = tmp_path / "run"
     iidm.main(["--demo", "--iters", "2", "--data-root", str(tmp_path / "data"), "--out-dir", str(out)])

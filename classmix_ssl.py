@@ -220,7 +220,7 @@ def train(args):
     start = 0
     ckpt = common.resume_state(args, out_dir, 19)
     if ckpt is not None:
-        start = common.restore_training(ckpt, student, optimizer, scheduler, teacher)
+        start = common.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed)
     common.write_run_files(out_dir, args, labeled)
     loader_l = common.shuffled_loader(data_l, args, 0, start)
     loader_u = None if data_u is None else common.shuffled_loader(data_u, args, 1, start)

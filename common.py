@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1303,15 +1304,36 @@ def write_checkpoints(out_dir, state, keep=False):
         save_checkpoint(Path(out_dir) / f"checkpoint_{state['iteration']}.pth", state)
 
 
-def restore_training(ckpt, model, optimizer, scheduler, teacher=None):
-    """Load a `training_state` checkpoint into the run's objects; returns the iteration to start at."""
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    if teacher is not None:
-        teacher.load_state_dict(ckpt["ema_model"])
-    set_rng_states(ckpt["rng"])
-    return ckpt["iteration"]
+def restore_training(ckpt, model, optimizer, scheduler, teacher=None, seed=0):
+    """Load a checkpoint into the run's objects; returns the iteration to start at. An authors' checkpoint
+    (`model`, `ema_model`, `optimizer`, `iteration` only) continues at its iteration: the schedule is
+    fast-forwarded to it and the RNGs are re-seeded from `seed`, which is said on the console."""
+    missing = [k for k in ("model", "optimizer", "iteration") + ("ema_model",) * (teacher is not None)
+               if k not in ckpt]
+    if missing:
+        raise DataError(f"--resume: the checkpoint has no {', '.join(map(repr, missing))}")
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if teacher is not None:
+            teacher.load_state_dict(ckpt["ema_model"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise DataError(f"--resume: the checkpoint does not fit this run ({str(exc).splitlines()[0][:200]})") from None
+    start = ckpt["iteration"]
+    if "scheduler" in ckpt:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    else:
+        scheduler.last_epoch = start - 1
+        with warnings.catch_warnings():        # "scheduler.step() before optimizer.step()": intended here
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
+    if "rng" in ckpt:
+        set_rng_states(ckpt["rng"])
+    else:
+        seed_everything(seed)
+        print(f"resuming an external checkpoint at iteration {start}: no RNG state in it, re-seeded from "
+              f"--seed {seed}", flush=True)
+    return start
 
 
 def shuffled_loader(dataset, args, stream, start, batch_size=None):

@@ -180,7 +180,7 @@ def train(args):
     start = 0
     ckpt = common.resume_state(args, out_dir, 19)
     if ckpt is not None:
-        start = common.restore_training(ckpt, student, optimizer, scheduler, teacher)
+        start = common.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed)
         if p_model is not None:
             p_model.copy_(ckpt["p_model"])
     common.write_run_files(out_dir, args)

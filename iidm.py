@@ -211,7 +211,7 @@ def train(args):
     start = 0
     ckpt = common.resume_state(args, out_dir, num_classes)
     if ckpt is not None:
-        start = common.restore_training(ckpt, student, optimizer, scheduler, teacher)
+        start = common.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed)
     common.write_run_files(out_dir, args, labeled)
 
     def loader(dataset, stream, rcs):

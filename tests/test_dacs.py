@@ -83,6 +83,26 @@ def test_resume_from_checkpoint_is_exact(root, tmp_path):
         assert all(torch.equal(full[key][k], resumed[key][k]) for k in full[key])
 
 
+
+def test_resume_from_an_authors_checkpoint(root, tmp_path, capsys):
+    """The authors' trainUDA.py saves model/ema_model/optimizer/iteration only: continue at that iteration
+    on the poly schedule with the RNGs re-seeded (every draw here follows from seed and iteration anyway)."""
+    _, full = run(root, tmp_path / "a", "--iters", "3")
+    run(root, tmp_path / "b", "--iters", "3", "--save-every", "1", "--keep-checkpoints")
+    ckpt = torch.load(tmp_path / "b" / "checkpoint_2.pth", weights_only=True)
+    authors = {k: ckpt[k] for k in ("model", "ema_model", "optimizer", "iteration")}
+    torch.save(authors, tmp_path / "authors.pth")
+    _, resumed = run(root, tmp_path / "c", "--iters", "3", "--resume", tmp_path / "authors.pth")
+    assert "re-seeded from --seed 0" in capsys.readouterr().out
+    for key in ("model", "ema_model"):
+        assert all(torch.equal(full[key][k], resumed[key][k]) for k in full[key])
+    log = [json.loads(line) for line in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log] == [3] and log[0]["lr"] == pytest.approx(2.5e-4 * (1 - 2 / 3) ** 0.9)
+    del authors["ema_model"]
+    torch.save(authors, tmp_path / "no_teacher.pth")
+    with pytest.raises(common.DataError, match="no 'ema_model'"):
+        run(root, tmp_path / "d", "--iters", "3", "--resume", tmp_path / "no_teacher.pth")
+
 # ------------------------------------------------------------------ the mixing pieces
 
 def _args(**kw):

@@ -596,11 +596,31 @@ class RareClassSampler(IterationSampler):
         return out
 
 
+def resize_image(rgb, size, interp):
+    """HxWx3 uint8 image to size (W, H): PIL's antialiased 'bilinear'/'bicubic', or 'cv2' = OpenCV's
+    INTER_LINEAR as mmcv.imresize calls it (half-pixel centres, no antialiasing; float arithmetic, so a
+    value can differ from OpenCV's fixed-point result by one grey level)."""
+    if interp != "cv2":
+        return np.asarray(Image.fromarray(rgb).resize(size, {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[interp]))
+    x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=(size[1], size[0]), mode="bilinear", align_corners=False, antialias=False)
+    return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def resize_label(label, size, interp):
+    """Label map to size (W, H) by nearest neighbour: PIL's (pixel centres) or, for 'cv2', OpenCV's
+    INTER_NEAREST (source index floor(i * scale), which torch's 'nearest' also uses)."""
+    if interp != "cv2":
+        return np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+    y = torch.from_numpy(np.array(label))[None, None].float()
+    return F.interpolate(y, size=(size[1], size[0]), mode="nearest")[0, 0].to(torch.uint8).numpy()
+
+
 class SegmentationDataset(torch.utils.data.Dataset):
     """Image/label pairs of one dataset with one pipeline (README 'Pipelines').
 
-    resize: (W, H) or None; keep_ratio fits the image into (W, H) like mmseg; interp: PIL filter of the
-    image resize (antialiased, as the authors' PIL/scipy resizes). crop: (h, w) random crop after the
+    resize: (W, H) or None; keep_ratio fits the image into (W, H) like mmseg; interp: 'bilinear'/'bicubic'
+    (PIL, antialiased, as the AdaptSegNet/DACS loaders) or 'cv2' (mmcv/DAFormer, see resize_image). crop: (h, w) random crop after the
     resize (padded with ignore if larger); cat_max_ratio: mmseg's retry rule; flip: h-flip p=0.5.
     label_res: 'input' (label resized with the image) or 'full' (label at its own resolution, eval only).
     num_classes 16 maps train ids to the 16-class space. Items are (index, item_seed, rcs_class) tuples
@@ -616,7 +636,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
             by_stem = {stem_of(img): (img, lab) for img, lab in self.pairs}
             self.pairs = [by_stem[s] for s in stems]
         self.resize, self.keep_ratio, self.crop = resize, keep_ratio, crop
-        self.interp = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[interp]
+        if interp not in ("bilinear", "bicubic", "cv2"):
+            raise ValueError(f"interp {interp!r}")
+        self.interp = interp
         self.cat_max_ratio, self.flip, self.label_res = cat_max_ratio, flip, label_res
         self.rcs_min_crop_pixels = rcs_min_crop_pixels
 
@@ -648,9 +670,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         h, w = rgb.shape[:2]
         size = self.target_size(w, h)
         if size != (w, h):
-            rgb = np.asarray(Image.fromarray(rgb).resize(size, self.interp))
+            rgb = resize_image(rgb, size, self.interp)
         if label.shape != rgb.shape[:2]:  # also fixes GTA5's size-mismatched pairs, as the resize does there
-            label = np.asarray(Image.fromarray(label).resize(rgb.shape[1::-1], Image.NEAREST))
+            label = resize_label(label, rgb.shape[1::-1], self.interp)
         return rgb, label, full
 
     def random_crop(self, rgb, label, rng):
@@ -1219,11 +1241,11 @@ def resume_state(args, out_dir, num_classes):
     return load_checkpoint(path, num_classes)
 
 
-def cityscapes_val(root, size, eval_res, norm, num_classes=19):
+def cityscapes_val(root, size, eval_res, norm, num_classes=19, interp="bilinear"):
     """Cityscapes val as the protocols read it: image resized to `size` (W, H), bilinear; labels
     nearest-downsampled to the input ('half', DACS/ClassMix) or at full resolution ('full', AdaptSegNet)."""
     return SegmentationDataset("cityscapes", root, "val", resize=tuple(size), norm=norm, num_classes=num_classes,
-                               label_res="input" if eval_res == "half" else "full")
+                               label_res="input" if eval_res == "half" else "full", interp=interp)
 
 
 def is_due(i, every, max_iter):

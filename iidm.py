@@ -29,7 +29,8 @@ Assumptions (the paper is silent), each with a flag where an alternative exists:
     A1  SYNTHIA: 16-way head; Cityscapes terrain/truck/train -> ignore; 13-class mIoU reported (mIoU13).
     A2  split: sorted train list, RandomState(--split-seed) permutation, first N labeled (nested), split.txt.
     A3  labeled target = DAFormer's target pipeline (flip, no cat_max_ratio); no photometric aug on clean streams.
-    A4  source resize keeps the aspect ratio: GTA5 -> 1280x704, SYNTHIA 1280x760.
+    A4  source resize keeps the aspect ratio: GTA5 -> 1280x704, SYNTHIA 1280x760; every resize is mmcv's
+        (OpenCV bilinear without antialiasing, nearest for labels; --resize bilinear: PIL antialiased).
     A5  rare-class sampling on the source only (--rcs both: also over the labeled target; none: off).
     A6  ImageNet-1k torchvision init with RGB mean/std (--init coco is a flagged deviation: BGR, caffe style).
     A7  separate student forwards of batch 2 per stream, each followed by its own backward.
@@ -98,6 +99,9 @@ def parse_args(argv=None):
     p.add_argument("--ema-alpha", type=float, default=0.99, help="teacher EMA momentum (eq. 5; IIDM 'following DACS')")
     p.add_argument("--head-lr-mult", type=float, default=10.0, help="decoder lr / encoder lr (6e-4 / 6e-5; IIDM)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (IIDM)")
+    p.add_argument("--resize", choices=["cv2", "bilinear"], default="cv2",
+                   help="image resizes: OpenCV bilinear without antialiasing as DAFormer's mmcv (cv2), or PIL's "
+                        "antialiased bilinear of the DACS-style loaders")
     p.add_argument("--warmup-iters", type=int, default=1500, help="linear warm-up length (DAFormer poly10warm)")
     p.add_argument("--rcs", choices=["source", "both", "none"], default="source",
                    help="rare-class sampling over the source (DAFormer; A5), also the labeled target, or off")
@@ -179,7 +183,7 @@ def train(args):
     up = lambda logits, size: common.upsample(logits, size, align_corners=False)  # noqa: E731 (mmseg resize)
     # ---------------------------------------------------------------- data
     source_kind, source_root, target_root = common.data_roots(args, args.source)
-    val = common.cityscapes_val(target_root, args.target_size, args.eval_res, norm, num_classes)
+    val = common.cityscapes_val(target_root, args.target_size, args.eval_res, norm, num_classes, args.resize)
     build = lambda: common.DeepLabV2(num_classes, style=style, layers=args.layers,  # noqa: E731
                                      freeze_bn_affine=args.frozen_bn)
     student = common.prepare_model(build(), device, amp)
@@ -193,13 +197,13 @@ def train(args):
     out_dir.mkdir(parents=True, exist_ok=True)
     crop = args.crop_size if min(args.crop_size) > 0 else None
     source = None if args.no_src_sup else common.SegmentationDataset(
-        source_kind, source_root, resize=args.source_size, keep_ratio=True, crop=crop, cat_max_ratio=0.75,
-        flip=True, norm=norm, num_classes=num_classes, rcs_min_crop_pixels=args.rcs_min_pixels // 2)
+        source_kind, source_root, resize=args.source_size, keep_ratio=True, interp=args.resize, crop=crop,
+        cat_max_ratio=0.75, flip=True, norm=norm, num_classes=num_classes, rcs_min_crop_pixels=args.rcs_min_pixels // 2)
     data_t = None if not labeled else common.SegmentationDataset(
-        "cityscapes", target_root, resize=args.target_size, crop=crop, flip=True, norm=norm,
+        "cityscapes", target_root, resize=args.target_size, interp=args.resize, crop=crop, flip=True, norm=norm,
         num_classes=num_classes, stems=labeled, rcs_min_crop_pixels=args.rcs_min_pixels // 2)
     data_u = None if not use_teacher else common.SegmentationDataset(
-        "cityscapes", target_root, resize=args.target_size, crop=crop, flip=True, norm=norm,
+        "cityscapes", target_root, resize=args.target_size, interp=args.resize, crop=crop, flip=True, norm=norm,
         num_classes=num_classes, stems=unlabeled)
     # ---------------------------------------------------------------- models, optimiser
     common.initialise(student, args.init)

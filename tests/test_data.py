@@ -131,6 +131,16 @@ def test_resize_interpolation_is_pil_antialiased(tmp_path):
     assert np.allclose(ds[0]["image"][0].numpy(), rgb[..., 2] - 104.00698793, atol=1e-4)
 
 
+
+def test_cv2_resize_is_mmcv_bilinear_without_antialiasing_and_floor_nearest():
+    row = np.array([0, 100, 200, 250], dtype=np.uint8)
+    rgb = np.repeat(np.repeat(row[None, :, None], 3, 2), 2, 0)                      # 2x4x3
+    assert common.resize_image(rgb, (2, 2), "cv2")[0, :, 0].tolist() == [50, 225]   # half-pixel bilinear
+    assert common.resize_image(rgb, (2, 2), "bilinear")[0, 0, 0] > 60               # PIL's antialiased filter
+    label = np.arange(6, dtype=np.uint8)[None].repeat(2, 0)                          # 2x6
+    assert common.resize_label(label, (4, 2), "cv2")[0].tolist() == [0, 1, 3, 4]     # floor(i * 1.5)
+    assert common.resize_label(label, (4, 2), "bilinear")[0].tolist() == [0, 2, 3, 5]  # pixel centres
+
 def test_keep_ratio_resize_matches_mmseg_rule():
     ds = SegmentationDataset.__new__(SegmentationDataset)
     ds.resize, ds.keep_ratio = (1280, 720), True

@@ -197,6 +197,7 @@ FLAG_CASES = [  # (flags, baseline flags): the flag must change the trained weig
     (["--warmup-iters", "0"], []),
     (["--n-labeled", "3"], []),
     (["--split-seed", "4"], []),
+    (["--resize", "bilinear"], []),   # the generated images are resized to 64x32
     (["--amp"], []),   # bf16 autocast + channels_last on the CPU: the AMP code path runs
 ]
 

@@ -212,7 +212,7 @@ def train(args):
     data_u = None if args.no_unlabeled else common.SegmentationDataset(
         "cityscapes", root, resize=args.target_size, crop=crop, norm=norm, stems=unlabeled)
     # ---------------------------------------------------------------- models, optimiser
-    common.initialise(student, args.init)
+    common.initialise(student, args.init, norm, args.data_root)
     teacher = None if args.no_unlabeled else common.prepare_model(    # train-mode BN as the authors' (C4)
         common.ema_teacher(student, build, train_bn=not args.teacher_eval_bn), device, amp)
     optimizer = common.deeplab_optimizer(student, args.lr, args.optimizer, not args.clean_param_groups)

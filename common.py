@@ -209,10 +209,15 @@ def init_convention(init, default=("caffe", "imagenet_bgr")):
     return {"imagenet": ("pytorch", "imagenet_rgb"), "coco": ("caffe", "imagenet_bgr")}.get(init, default)
 
 
-def initialise(model, init):
-    """Apply `--init` (coco|imagenet|none|PATH); return copied-tensor count, refuse a zero copy."""
+def initialise(model, init, norm="imagenet_bgr", data_root="./data"):
+    """Apply `--init` (coco|imagenet|demo|none|PATH); return copied-tensor count, refuse a zero copy.
+    `demo` is the demo's stand-in for pretraining (demo.ensure_demo_init), for this network and `norm`."""
     if init == "none":
         return 0
+    if init == "demo":
+        import demo
+        layers = [len(stage) for stage in (model.layer1, model.layer2, model.layer3, model.layer4)]
+        init = demo.ensure_demo_init(data_root, layers, model.style, norm)
     if init == "imagenet":
         import torchvision  # torchvision's weights API downloads and caches the file (never in tests)
         weights = torchvision.models.ResNet101_Weights.IMAGENET1K_V1
@@ -1143,7 +1148,8 @@ def shared_parser(defaults):
     add("--crop-size", "random crop H W after the resize (0 0 = no crop)", type=int, nargs=2, metavar=("H", "W"))
     add("--eval-res", "evaluate against labels at the network input size (half) or at full resolution",
         choices=["half", "full"])
-    add("--init", "backbone initialisation: coco, imagenet, none or a weights file")
+    add("--init", "backbone initialisation: coco, imagenet, demo (the demo's stand-in pretraining), none or a "
+        "weights file")
     add("--layers", "Bottleneck blocks per ResNet stage (3 4 23 3 = ResNet-101; the demo uses 1 1 1 1)",
         type=int, nargs=4, default=[3, 4, 23, 3])
     add("--out-dir", "output folder (default runs/<script>_<source>_<n>_s<seed>)", default=None)

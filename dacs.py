@@ -163,7 +163,7 @@ def train(args):
     target = common.SegmentationDataset("cityscapes", target_root, resize=args.target_size, crop=args.crop_size,
                                         norm=norm)
     # ---------------------------------------------------------------- models, optimiser
-    common.initialise(student, args.init)
+    common.initialise(student, args.init, norm, args.data_root)
     teacher = None if args.source_only else common.prepare_model(      # train-mode BN as the authors' (Q3)
         common.ema_teacher(student, build, train_bn=not args.teacher_eval_bn), device, amp)
     optimizer = common.deeplab_optimizer(student, args.lr, args.optimizer, not args.clean_param_groups)

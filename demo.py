@@ -11,16 +11,26 @@ it, a road below with sidewalks at its sides, cars and buses on the road, riders
 motorcycles, pedestrians on the sidewalks, poles carrying traffic signs and lights.
 The same dataset classes read it as read the real data (`python common.py check-data --data-root
 <data_root>/demo` works on it). `python demo.py --data-root DIR` writes it without training anything.
+
+`ensure_demo_init(...)` plays the part of the papers' ImageNet/COCO pretraining for `--init demo`: the
+demo network trained once, supervised, on the demo *source*, saved without its classifier (as the
+papers' init files, whose classifiers never fit), cached under `<data_root>/demo/` by a digest of this
+file, the network's code and the recipe, so that a change to either rebuilds it.
 """
 import argparse
+import hashlib
+import inspect
+import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 VERSION = "1"
+INIT_RECIPE = {"iters": 150, "batch_size": 4, "lr": 1e-3, "seed": 0}  # Adam, whole 128x64 source images
 SIZE = (64, 128)  # H, W of every demo image
 COUNTS = {"source": 160, "train": 120, "val": 40}
 CITIES = {"train": ("demoville", "synthburg"), "val": ("testtown",)}
@@ -175,6 +185,36 @@ def ensure_demo(data_root, seed=0):
     os.replace(tmp, root)
     return root
 
+
+def ensure_demo_init(data_root, layers, style, norm, iters=INIT_RECIPE["iters"]):
+    """Path of the demo init for this network (Bottlenecks per stage, stride style, input normalisation),
+    trained on the demo source on first use and cached by digest."""
+    import torch
+    import common
+    recipe = {**INIT_RECIPE, "iters": iters, "layers": list(layers), "style": style, "norm": norm}
+    code = inspect.getsource(common.Bottleneck) + inspect.getsource(common.ClassifierModule) + \
+        inspect.getsource(common.DeepLabV2) + Path(__file__).read_text()
+    digest = hashlib.sha256((json.dumps(recipe, sort_keys=True) + code).encode()).hexdigest()[:12]
+    path = ensure_demo(data_root) / f"init_{digest}.pth"
+    if path.is_file():
+        return path
+    t0 = time.time()
+    print(f"building the demo init (once): {iters} iterations on the demo source -> {path}", flush=True)
+    torch.manual_seed(recipe["seed"])
+    model = common.DeepLabV2(19, style=style, layers=layers)
+    source = common.SegmentationDataset("gta5", path.parent / "gta5", norm=norm)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=recipe["lr"])
+    for items in common.IterationSampler(len(source), recipe["batch_size"], recipe["seed"], 0, 0, iters):
+        batch = torch.utils.data.default_collate([source[it] for it in items])
+        x, y = batch["image"], batch["label"]
+        loss = common.ce_loss(common.upsample(model(x), y.shape[1:]), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    backbone = {k: v for k, v in model.state_dict().items() if not k.startswith("layer5.")}
+    common.save_checkpoint(path, backbone)
+    print(f"demo init built in {time.time() - t0:.0f} s", flush=True)
+    return path
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Write the demo dataset under <data-root>/demo.")

@@ -63,12 +63,15 @@ def test_demo_runs_iidm_and_both_baselines(tmp_path, capsys):
 
 def test_learning_rate_table(root, tmp_path):
     """Warm-up (ratio 1e-6) times poly (power 1), set before each step; the head gets 10x."""
-    run(root, tmp_path / "run", "--iters", "4", "--warmup-iters", "2", "--no-inter", "--no-intra")
+    run(root, tmp_path / "run", "--iters", "4", "--warmup-iters", "2", "--no-inter", "--no-intra",
+        "--save-every", "1", "--keep-checkpoints")
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     expect = [6e-5 * 1e-6, 6e-5 * 0.75 * (1 - 0.5 * (1 - 1e-6)), 6e-5 * 0.5, 6e-5 * 0.25]
     assert lrs == pytest.approx(expect, rel=1e-9)
-    groups = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["optimizer"]["param_groups"]
-    assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"]) and groups[0]["weight_decay"] == 0.01
+    # the optimizer after 2 iterations holds the lr of iteration 3 (poly 0.5): encoder 3e-5, decoder 10x
+    groups = torch.load(tmp_path / "run" / "checkpoint_2.pth", weights_only=True)["optimizer"]["param_groups"]
+    assert groups[0]["lr"] == pytest.approx(3e-5) and groups[1]["lr"] == pytest.approx(3e-4)
+    assert groups[0]["weight_decay"] == 0.01
     assert groups[0]["betas"] == (0.9, 0.999)
 
 

@@ -213,3 +213,30 @@ def test_torchvision_resnet101_weights_fill_the_pytorch_style_backbone():
     own = model.state_dict()
     assert all(torch.equal(own[k], v) for k, v in tv.items() if not k.startswith("fc."))
     assert model.layer2[0].conv2.stride == (2, 2) and model.layer2[0].conv1.stride == (1, 1)  # as torchvision
+
+
+def test_pytorch_style_backbone_computes_torchvision_resnet101_layers():
+    """With torchvision's weights the pytorch-style backbone gives torchvision's layer1-4 outputs (eval mode);
+    for layer3/4 torchvision is built with dilation instead of stride and its first block dilated too, as
+    DeepLabv2 dilates every block (65x65: ceil- and floor-mode max-pool agree)."""
+    import torchvision
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet101(weights=None, replace_stride_with_dilation=[False, True, True]).eval()
+    for layer, d in ((tv.layer3, 2), (tv.layer4, 4)):
+        layer[0].conv2.dilation, layer[0].conv2.padding = (d, d), (d, d)
+    with torch.no_grad():
+        for m in tv.modules():   # non-trivial BN statistics and affine parameters
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    model = DeepLabV2(19, style="pytorch").eval()
+    load_init(model, tv.state_dict())
+    x = torch.randn(1, 3, 65, 65)
+    with torch.no_grad():
+        a = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
+        b = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            a, b = getattr(tv, name)(a), getattr(model, name)(b)
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4, rtol=1e-4), name

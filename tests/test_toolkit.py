@@ -70,6 +70,9 @@ def test_mix_operators_direction():
     one = common.one_mix(mask[:1], src, tgt)  # source pixels pasted onto the target
     assert one[0, :, 0].eq(9).all() and one[0, :, 1].eq(0).all()
     assert common.one_mix(mask[:1], lab[:1], torch.zeros_like(lab[:1])).dtype == lab.dtype
+    three = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 1, 2, 2)   # k+1, not k-1: only 3 images tell
+    out = common.mix_pairs(torch.zeros(3, 2, 2), three)                  # nothing pasted: all from k+1
+    assert out[:, 0, 0, 0].tolist() == [1.0, 2.0, 0.0]
 
 
 # --- augmentation ----------------------------------------------------------------------------------
@@ -83,6 +86,17 @@ def test_blur_kernel_sizes_and_reference():
     for k in range(2):  # torchvision's reflect-padded Gaussian blur, one image at a time
         ref = TF.gaussian_blur(x[k], [5, 5], [sigma[k].item()] * 2)
         assert torch.allclose(out[k], ref, atol=1e-5)
+
+
+def test_blur_sigma_is_uniform_on_0_15_to_1_15(monkeypatch):
+    seen = []
+    monkeypatch.setattr(common, "blur_batch", lambda x, sigma, kernel: seen.append(sigma.clone()) or x)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        common.gaussian_blur(torch.zeros(4, 3, 8, 8), g, gate=0.0)
+    sigma = torch.cat(seen)
+    assert len(sigma) == 800 and sigma.min() >= 0.15 and sigma.max() <= 1.15
+    assert sigma.min() < 0.17 and sigma.max() > 1.13 and abs(sigma.mean().item() - 0.65) < 0.03
 
 
 def test_blur_gate():

@@ -185,3 +185,39 @@ def test_flag_changes_training(weights, flags, base):
 
 def test_same_flags_same_weights(weights, root, tmp_path):
     assert weights_digest(run(root, tmp_path / "again", "--iters", "3")[1]["model"]) == weights([])
+
+
+def test_defaults_are_the_table_4_1_configuration():
+    """WilhelmT/ClassMix configCityscapes.json + trainSSL.py (augmentations off as in Table 4.1), written out."""
+    a = vars(classmix_ssl.parse_args([]))
+    expect = {"iters": 40000, "batch_size": 2, "lr": 2.5e-4, "target_size": (1024, 512), "crop_size": (0, 0),
+              "eval_res": "half", "init": "coco", "layers": [3, 4, 23, 3], "dataset": "cityscapes",
+              "n_labeled": 372, "split_seed": 1, "no_unlabeled": False, "mask": "class", "mask_rounding": "floor",
+              "pixel_weight": "threshold_uniform", "tau": 0.968, "ema_alpha": 0.99, "consistency_weight": 1.0,
+              "consistency_loss": "ce", "soft_targets": False, "extra_aug": False, "jitter_gate": 0.2,
+              "aspp_full": False, "teacher_eval_bn": False, "clean_param_groups": False, "optimizer": "sgd"}
+    assert {k: a[k] for k in expect} == expect
+    assert classmix_ssl.parse_args(["--official-split", "1"]).split_seed == 10
+
+
+def test_teacher_is_updated_after_the_step(root, tmp_path):
+    """trainSSL.py order: step, then EMA with alpha(0) = 0: after one iteration teacher parameters = student's."""
+    _, ckpt = run(root, tmp_path / "a", "--iters", "1")
+    s, t = ckpt["model"], ckpt["ema_model"]
+    params = [k for k in s if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert all(torch.equal(s[k], t[k]) for k in params)
+    assert not torch.equal(s["bn1.running_mean"], t["bn1.running_mean"])
+
+
+def test_targets_and_q_come_from_the_mixed_teacher_maps(root, tmp_path, monkeypatch):
+    """The pseudo-label, its confidence and q are read off the *mixed* soft maps (CM/trainSSL.py)."""
+    seen = {}
+    class_mix, weight = classmix_ssl.class_mix, classmix_ssl.unsupervised_weight
+    monkeypatch.setattr(classmix_ssl, "class_mix", lambda *a: seen.setdefault("mix", class_mix(*a)))
+    monkeypatch.setattr(classmix_ssl, "unsupervised_weight", lambda conf, i, args: seen.setdefault(
+        "conf", conf) is not None and weight(conf, i, args))
+    run(root, tmp_path / "a", "--iters", "1", "--tau", "0.06")
+    P_m = seen["mix"][1]
+    assert torch.equal(seen["conf"], P_m.max(1).values)
+    q = json.loads((tmp_path / "a" / "log.jsonl").read_text().splitlines()[0])["q"]
+    assert q == pytest.approx((P_m.max(1).values >= 0.06).float().mean().item())

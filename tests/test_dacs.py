@@ -226,3 +226,29 @@ def test_bad_flags(root, tmp_path, capsys, flags, needle):
         dacs.main([*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / "x"), *flags])
     text = str(exc.value) + capsys.readouterr().err
     assert needle in text and not (tmp_path / "x").exists()
+
+
+def test_defaults_are_the_released_configuration():
+    """vikolss/DACS configUDA.json + trainUDA.py, written out here (not read from the script's PAPER dict)."""
+    a = vars(dacs.parse_args([]))
+    expect = {"iters": 250000, "batch_size": 2, "lr": 2.5e-4, "source_size": (1280, 720), "target_size": (1024, 512),
+              "crop_size": (512, 512), "eval_res": "half", "init": "coco", "layers": [3, 4, 23, 3],
+              "source": "gta5", "mix": "inter", "pixel_weight": "threshold_uniform", "tau": 0.968,
+              "ema_alpha": 0.99, "consistency_weight": 1.0, "mask_rounding": "ceil", "mask_exclude_ignore": False,
+              "no_jitter": False, "no_blur": False, "jitter_gate": 0.2, "aspp_full": False,
+              "teacher_eval_bn": False, "clean_param_groups": False, "optimizer": "sgd", "amp": False}
+    assert {k: a[k] for k in expect} == expect
+    assert dacs.parse_args(["--source", "synthia"]).source_size == (1280, 760)
+    assert dacs.parse_args(["--mix", "intra"]).mask_rounding == "floor"
+
+
+def test_teacher_is_updated_after_the_step_without_bn_buffers(root, tmp_path):
+    """trainUDA.py order: optimizer step, then EMA with alpha(0) = 0, so after one iteration the teacher's
+    parameters equal the updated student's; its BN buffers are its own (train mode, not averaged)."""
+    _, ckpt = run(root, tmp_path / "a", "--iters", "1")
+    s, t = ckpt["model"], ckpt["ema_model"]
+    params = [k for k in s if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert all(torch.equal(s[k], t[k]) for k in params)
+    assert not torch.equal(s["bn1.running_mean"], t["bn1.running_mean"])
+    _, ckpt = run(root, tmp_path / "b", "--iters", "1", "--teacher-eval-bn")
+    assert torch.equal(ckpt["model"]["bn1.running_mean"], ckpt["ema_model"]["bn1.running_mean"])

@@ -228,3 +228,39 @@ def test_bad_arguments(root, tmp_path, flags, needle):
     with pytest.raises(common.DataError, match=needle):
         run(root, tmp_path / "x", *flags)
     assert not (tmp_path / "x").exists()
+
+
+def test_defaults_are_the_papers_and_daformers():
+    """IIDM §Implementation Details and DAFormer's configs, written out here."""
+    a = vars(iidm.parse_args([]))
+    expect = {"iters": 40000, "batch_size": 2, "lr": 6e-5, "head_lr_mult": 10.0, "weight_decay": 0.01,
+              "warmup_iters": 1500, "source_size": (1280, 720), "target_size": (1024, 512), "crop_size": (512, 512),
+              "eval_res": "full", "init": "imagenet", "layers": [3, 4, 23, 3], "source": "gta5", "n_labeled": 100,
+              "mix_strategy": "one-two", "lam": 1.0, "mu": 2.0, "tau": 0.968, "ema_alpha": 0.99, "rcs": "source",
+              "rcs_temp": 0.01, "rcs_min_pixels": 3000, "classmix_select": "image", "q_per_image": False,
+              "q_everywhere": False, "no_jitter": False, "no_blur": False, "teacher_eval_bn": False,
+              "frozen_bn": False, "resize": "cv2"}
+    assert {k: a[k] for k in expect} == expect
+    assert iidm.parse_args(["--source", "synthia"]).source_size == (1280, 760)
+
+
+def test_teacher_is_updated_before_the_step(root, tmp_path):
+    """DAFormer order: EMA at the start of iteration i > 0, from the student of the end of i - 1, so the
+    teacher after iteration 2 is alpha(1) = 0.5 of the teacher after 1 plus 0.5 of the student after 1."""
+    run(root, tmp_path / "a", "--iters", "2", "--save-every", "1", "--keep-checkpoints")
+    c1 = torch.load(tmp_path / "a" / "checkpoint_1.pth", weights_only=True)
+    c2 = torch.load(tmp_path / "a" / "checkpoint_2.pth", weights_only=True)
+    params = [k for k in c1["model"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert not torch.equal(c1["model"]["layer5.conv2d_list.0.weight"], c1["ema_model"]["layer5.conv2d_list.0.weight"])
+    for k in params:
+        assert torch.allclose(c2["ema_model"][k], 0.5 * c1["ema_model"][k] + 0.5 * c1["model"][k], atol=1e-7), k
+
+
+def test_supervised_losses_average_over_all_pixels(root, tmp_path, monkeypatch):
+    """eq. 9/10 as mmseg computes them: CE over all pixels, ignored ones included (pixel weight 1)."""
+    calls = []
+    weighted = common.ce_pixel_weighted
+    monkeypatch.setattr(common, "ce_pixel_weighted", lambda logits, y, w: calls.append(w) or weighted(logits, y, w))
+    monkeypatch.setattr(common, "ce_loss", lambda *a, **k: pytest.fail("ce_loss averages over valid pixels only"))
+    run(root, tmp_path / "a", "--iters", "1", "--no-inter", "--no-intra")
+    assert calls == [1.0, 1.0]                                      # L_s and L_t

@@ -46,6 +46,7 @@ Deviations and assumptions:
 - --demo trains from a random init with Adam on a light --layers 1 1 1 1 network.
 """
 import copy
+import time
 import math
 from pathlib import Path
 
@@ -66,7 +67,7 @@ PAPER = {  # dest: (value, source) — shown in --help
     "save_every": (5000, "CM configCityscapes.json"),
 }
 DEMO = {"dataset": "demo", "n_labeled": 20, "iters": 200, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1],
-        "init": "none", "target_size": [128, 64], "eval_every": 0, "save_every": 100, "log_every": 25,
+        "init": "demo", "target_size": [128, 64], "eval_every": 0, "save_every": 100, "log_every": 25,
         "workers": 0}
 OFFICIAL_SPLIT_SEED = {1: 10, 2: 1}  # CM split_1.pkl / split_2.pkl = these RandomState permutations
 
@@ -275,13 +276,15 @@ def train(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    t0 = time.time()
     metrics = train(args)
     if args.demo and not args.no_unlabeled and not args.eval_only:
         baseline = copy.copy(args)
         baseline.no_unlabeled, baseline.out_dir = True, None if args.out_dir is None else args.out_dir + "_baseline"
         base = train(baseline)
-        print(f"demo target val mIoU ({args.n_labeled} labeled): ClassMix {metrics['mIoU']:.2f} "
-              f"vs supervised baseline {base['mIoU']:.2f}")
+        out_dir = args.out_dir or common.default_out_dir("classmix_ssl", args.dataset, args.n_labeled, args.seed)
+        common.write_demo_summary(out_dir, "classmix_ssl.py", ("ClassMix", metrics),
+                                  [(f"supervised ({args.n_labeled} labeled)", base)], args.iters, time.time() - t0)
     return metrics
 
 

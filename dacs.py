@@ -46,6 +46,7 @@ Deviations and assumptions:
   --layers 1 1 1 1 network; it is a demonstration of the loop, not of the paper's numbers.
 """
 import copy
+import time
 from pathlib import Path
 
 import torch
@@ -64,7 +65,7 @@ PAPER = {  # dest: (value, source) — shown in --help
     "eval_every": (5000, "DACS configUDA.json"),
     "save_every": (5000, "DACS configUDA.json"),
 }
-DEMO = {"source": "demo", "iters": 200, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1], "init": "none",
+DEMO = {"source": "demo", "iters": 200, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1], "init": "demo",
         "source_size": [128, 64], "target_size": [128, 64], "crop_size": [64, 64], "eval_every": 0,
         "save_every": 100, "log_every": 25, "workers": 0}
 SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
@@ -239,12 +240,15 @@ def train(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    t0 = time.time()
     metrics = train(args)
     if args.demo and not args.source_only and not args.eval_only:
         baseline = copy.copy(args)
         baseline.source_only, baseline.out_dir = True, None if args.out_dir is None else args.out_dir + "_source_only"
         base = train(baseline)
-        print(f"demo target val mIoU: DACS {metrics['mIoU']:.2f} vs source-only {base['mIoU']:.2f}")
+        out_dir = args.out_dir or common.default_out_dir("dacs", args.source, None, args.seed)
+        common.write_demo_summary(out_dir, "dacs.py", ("DACS", metrics), [("source-only", base)], args.iters,
+                                  time.time() - t0)
     return metrics
 
 

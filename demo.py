@@ -186,12 +186,13 @@ def ensure_demo(data_root, seed=0):
     return root
 
 
-def ensure_demo_init(data_root, layers, style, norm, iters=INIT_RECIPE["iters"]):
+def ensure_demo_init(data_root, layers, style, norm):
     """Path of the demo init for this network (Bottlenecks per stage, stride style, input normalisation),
     trained on the demo source on first use and cached by digest."""
     import torch
     import common
-    recipe = {**INIT_RECIPE, "iters": iters, "layers": list(layers), "style": style, "norm": norm}
+    recipe = {**INIT_RECIPE, "layers": list(layers), "style": style, "norm": norm}
+    iters = recipe["iters"]
     code = inspect.getsource(common.Bottleneck) + inspect.getsource(common.ClassifierModule) + \
         inspect.getsource(common.DeepLabV2) + Path(__file__).read_text()
     digest = hashlib.sha256((json.dumps(recipe, sort_keys=True) + code).encode()).hexdigest()[:12]

@@ -54,6 +54,7 @@ Logits are upsampled with align_corners=False as in mmseg. --demo trains from a 
 warm-up and a higher learning rate on a light --layers 1 1 1 1 network.
 """
 import copy
+import time
 from pathlib import Path
 
 import torch
@@ -74,7 +75,7 @@ PAPER = {  # dest: (value, source) — shown in --help
 }
 DEMO = {"source": "demo", "n_labeled": 10, "iters": 160, "lr": 1e-3, "head_lr_mult": 1.0, "warmup_iters": 20,
         "rcs_min_pixels": 12,  # 3000 px of a 1914x1052 GTA5 label, scaled to the 128x64 demo images
-        "layers": [1, 1, 1, 1], "init": "none", "source_size": [128, 64], "target_size": [128, 64],
+        "layers": [1, 1, 1, 1], "init": "demo", "source_size": [128, 64], "target_size": [128, 64],
         "crop_size": [64, 64], "eval_res": "full", "eval_every": 0, "save_every": 100, "log_every": 25,
         "workers": 0}
 SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
@@ -304,17 +305,18 @@ def train(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    t0 = time.time()
     metrics = train(args)
     if args.demo and not args.eval_only and not (args.no_inter or args.no_intra or args.no_tgt_sup):
-        results = {"IIDM": metrics["mIoU"]}
+        baselines = []
         base_dir = args.out_dir or str(common.default_out_dir("iidm", args.source, args.n_labeled, args.seed))
         for name, no_src, suffix in (("target-only (L_t)", True, "_target_only"),
                                      ("source+target (L_s+L_t)", False, "_source_target")):
             baseline = copy.copy(args)
             baseline.no_inter = baseline.no_intra = True
             baseline.no_src_sup, baseline.out_dir = no_src, base_dir + suffix
-            results[name] = train(baseline)["mIoU"]
-        print(f"demo target val mIoU ({args.n_labeled} labeled): " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()))
+            baselines.append((name, train(baseline)))
+        common.write_demo_summary(base_dir, "iidm.py", ("IIDM", metrics), baselines, args.iters, time.time() - t0)
     return metrics
 
 

@@ -136,3 +136,10 @@ def weights_digest(state):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def quick_demo_init(monkeypatch):
+    """`--init demo` pretrains for 2 iterations in tests (the real recipe takes a minute or two)."""
+    import demo
+    monkeypatch.setitem(demo.INIT_RECIPE, "iters", 2)

@@ -56,6 +56,12 @@ def test_demo_runs_method_and_baseline(tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["layers"] == [1, 1, 1, 1]
     assert (tmp_path / "run_source_only" / "metrics.json").is_file()
     assert "DACS" in capsys.readouterr().out.splitlines()[-1]
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["script"] == "dacs.py" and summary["method"]["name"] == "DACS" and summary["iterations"] == 2
+    assert [b["name"] for b in summary["baselines"]] == ["source-only"]
+    assert set(summary) == {"script", "method", "baselines", "iterations", "seconds", "torch"}
+    assert json.loads((out / "config.json").read_text())["init"] == "demo"
+    assert list((tmp_path / "data" / "demo").glob("init_*.pth"))                       # the demo init was built
 
 
 def test_eval_only_reproduces_final_metrics_and_writes_predictions(root, tmp_path):

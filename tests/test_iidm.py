@@ -59,6 +59,12 @@ def test_demo_runs_iidm_and_both_baselines(tmp_path, capsys):
         assert (tmp_path / f"run{suffix}" / "metrics.json").is_file()
     last = capsys.readouterr().out.splitlines()[-1]
     assert "IIDM" in last and "target-only" in last and "source+target" in last
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["script"] == "iidm.py" and summary["method"]["name"] == "IIDM" and summary["iterations"] == 2
+    assert [b["name"] for b in summary["baselines"]] == ["target-only (L_t)", "source+target (L_s+L_t)"]
+    assert set(summary) == {"script", "method", "baselines", "iterations", "seconds", "torch"}
+    assert json.loads((out / "config.json").read_text())["init"] == "demo"
+    assert list((tmp_path / "data" / "demo").glob("init_*.pth"))                       # the demo init was built
 
 
 def test_learning_rate_table(root, tmp_path):

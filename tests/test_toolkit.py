@@ -431,3 +431,18 @@ def test_help_shows_each_default_once(script):
     text = " ".join(out.stdout.split())
     assert "(default:" in text
     assert not re.search(r"\(default: [^()]*\) \(default:", text), re.search(r".{80}\(default: [^()]*\) \(default:.{20}", text)
+
+
+def test_demo_init_is_built_once_and_rebuilt_for_another_network(tmp_path, capsys):
+    path = demo.ensure_demo_init(tmp_path, [1, 1, 1, 1], "caffe", "imagenet_bgr")
+    assert "building the demo init" in capsys.readouterr().out
+    state = torch.load(path, weights_only=True)
+    assert "layer1.0.conv1.weight" in state and not any(k.startswith("layer5.") for k in state)  # no classifier
+    mtime = path.stat().st_mtime_ns
+    assert demo.ensure_demo_init(tmp_path, [1, 1, 1, 1], "caffe", "imagenet_bgr") == path
+    assert path.stat().st_mtime_ns == mtime and "building" not in capsys.readouterr().out   # reused
+    other = demo.ensure_demo_init(tmp_path, [1, 1, 2, 1], "caffe", "imagenet_bgr")          # another network
+    assert other != path and other.is_file() and "building" in capsys.readouterr().out
+    assert demo.ensure_demo_init(tmp_path, [1, 1, 1, 1], "pytorch", "imagenet_rgb") not in (path, other)
+    model = common.DeepLabV2(19, layers=(1, 1, 2, 1))
+    assert common.initialise(model, "demo", "imagenet_bgr", tmp_path) == len(torch.load(other, weights_only=True))

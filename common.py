@@ -723,8 +723,12 @@ def atomic_path(path):
     """Yield a temp path beside `path`; rename it onto `path` when the block ends without error."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    yield tmp
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:  # a failed write (disk full, a signal) leaves no temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path, text):
@@ -1021,16 +1025,23 @@ def prepare_model(model, device, amp):
     return model.to(memory_format=torch.channels_last) if amp.enabled else model
 
 
+class Diverged(Exception):
+    """A non-finite loss or weight: the run stops with exit 3 and keeps its last good checkpoint."""
+
+
 class Logger:
     """Console line every `every` iterations, log.jsonl, TensorBoard if installed; losses stay on device.
 
-    it/s is measured over the last log window; on CUDA the record also holds the peak GPU memory.
+    it/s is measured over the last log window; on CUDA the record also holds the peak GPU memory. The
+    divergence guard notes, on the device, the first iteration at which each loss is not finite and raises
+    `Diverged` at the next log step (no host sync in between).
     """
 
     def __init__(self, out_dir, every, max_iter, start_iter=0):
         import time
         self.path, self.every, self.max_iter = Path(out_dir) / "log.jsonl", every, max_iter
         self.sums, self.count, self.clock = {}, 0, time.time
+        self.first_bad = {}  # loss name -> (iteration, value) of its first non-finite value, on the device
         self.t0, self.i0 = self.clock(), start_iter
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -1041,10 +1052,15 @@ class Logger:
     def log(self, i, losses, lr):
         """Accumulate this iteration's losses; at a log step, write the means (the only host sync)."""
         for k, v in losses.items():
-            self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+            v = v.detach().float().mean()
+            self.sums[k] = self.sums.get(k, 0) + v
+            it, val = self.first_bad.get(k, (torch.full_like(v, -1), v))
+            new = ~torch.isfinite(v) & (it < 0)
+            self.first_bad[k] = torch.where(new, i + 1, it), torch.where(new, v, val)
         self.count += 1
         if not is_due(i, self.every, self.max_iter):
             return
+        self.check_finite()
         values = {k: float(v) / self.count for k, v in self.sums.items()}
         now = self.clock()
         rate = (i + 1 - self.i0) / max(now - self.t0, 1e-9)
@@ -1059,6 +1075,48 @@ class Logger:
             for k in values:
                 self.tb.add_scalar(k, rec[k], i + 1)
         self.sums, self.count, self.t0, self.i0 = {}, 0, now, i + 1
+
+    def check_finite(self):
+        """Raise Diverged naming the first non-finite loss seen so far (one host sync)."""
+        for k, (it, val) in self.first_bad.items():
+            if it >= 0:
+                raise Diverged(f"iteration {int(it)}: {k} is {float(val)}; training stopped, the last checkpoint "
+                               f"written before it is kept (continue from it with --resume auto)")
+
+
+class StopSignals:
+    """SIGTERM / SIGINT (a cluster's preemption, Ctrl-C) set a flag instead of killing the run: the loop
+    finishes its iteration, writes a checkpoint and exits with 128 + the signal. A second one stops at once."""
+
+    def __init__(self):
+        import signal
+        self.signum, self.previous = None, {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    @property
+    def requested(self):
+        return self.signum is not None
+
+    def exit_if_requested(self, iteration, out_dir):
+        """After the checkpoint: say how to resume and exit 128 + signal, if a signal came."""
+        import signal
+        if self.signum is None:
+            return
+        print(f"stopped by {signal.Signals(self.signum).name} after iteration {iteration}; checkpoint written to "
+              f"{Path(out_dir) / 'checkpoint.pth'}: continue with --resume auto", flush=True)
+        sys.exit(128 + self.signum)
+
+    def restore(self):
+        """Put back the handlers that were there before."""
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def rng_states():
@@ -1228,10 +1286,43 @@ def data_roots(args, domain):
     return domain, dataset_root(args, domain), dataset_root(args, "cityscapes")
 
 
+def lock_run_dir(out_dir):
+    """Claim out_dir for this process (run.lock: pid and host, removed at exit); DataError if a live run
+    holds it; the lock of a process that is gone is taken over with a note."""
+    import atexit
+    import socket
+    path, mine = Path(out_dir) / "run.lock", f"{os.getpid()} {socket.gethostname()}"
+    if path.is_file():
+        held = path.read_text().split()
+        if held == mine.split():
+            return
+        pid, host = (int(held[0]), held[1]) if len(held) == 2 and held[0].isdigit() else (None, None)
+        if host is not None and host != socket.gethostname():
+            raise DataError(f"{out_dir}: in use by a run on {host} (pid {pid}); pick another --out-dir, or delete "
+                            f"{path} if that run is gone")
+        if pid is not None and process_alive(pid):
+            raise DataError(f"{out_dir}: in use by a running process (pid {pid}); pick another --out-dir")
+        print(f"note: {path} of a process that is gone (pid {pid}) taken over", flush=True)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, mine + "\n")
+    atexit.register(lambda: path.is_file() and path.read_text().split() == mine.split() and path.unlink())
+
+
+def process_alive(pid):
+    """True if a process with this pid exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_run_files(out_dir, args, split=None):
-    """Create out_dir; write config.json (every resolved argument) and split.txt."""
+    """Claim out_dir (lock_run_dir); write config.json (every resolved argument) and split.txt."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(out_dir)
     atomic_write_text(out_dir / "config.json", json.dumps(vars(args), indent=1, default=str))
     if split is not None:
         atomic_write_text(out_dir / "split.txt", "".join(s + "\n" for s in split))
@@ -1244,7 +1335,28 @@ def resume_state(args, out_dir, num_classes):
     path = Path(out_dir) / "checkpoint.pth" if args.resume == "auto" else Path(args.resume)
     if args.resume == "auto" and not path.is_file():
         return None
-    return load_checkpoint(path, num_classes)
+    ckpt = load_checkpoint(path, num_classes)
+    if "args" in ckpt:  # the authors' checkpoints hold no arguments
+        check_same_run(ckpt["args"], vars(args), path)
+    return ckpt
+
+
+RUN_ONLY_ARGS = {"data_root", "gta5_root", "synthia_root", "cityscapes_root", "out_dir", "resume", "eval_only",
+                 "checkpoint", "eval_model", "save_predictions", "eval_every", "save_every", "keep_checkpoints",
+                 "log_every", "device", "amp", "workers", "demo"}
+
+
+def check_same_run(saved, current, path):
+    """DataError naming the differences when a checkpoint was made by another script or configuration
+    (arguments that only say where and how fast to run may differ)."""
+    norm = lambda d: {k: json.loads(json.dumps(v, default=str)) for k, v in d.items() if k not in RUN_ONLY_ARGS}  # noqa: E731
+    saved, current = norm(saved), norm(current)
+    if saved.keys() != current.keys():
+        only = sorted(saved.keys() - current.keys())[:5]
+        raise DataError(f"--resume {path}: made by another script (its arguments {only} do not exist here)")
+    diff = [f"--{k.replace('_', '-')} {saved[k]} (here {current[k]})" for k in sorted(saved) if saved[k] != current[k]]
+    if diff:
+        raise DataError(f"--resume {path}: made with other settings: {'; '.join(diff[:5])}")
 
 
 def cityscapes_val(root, size, eval_res, norm, num_classes=19, interp="bilinear"):
@@ -1326,7 +1438,13 @@ def training_state(i, model, optimizer, scheduler, args, teacher=None):
 
 
 def write_checkpoints(out_dir, state, keep=False):
-    """checkpoint.pth (atomically), plus checkpoint_<iter>.pth when `keep`."""
+    """checkpoint.pth (atomically), plus checkpoint_<iter>.pth when `keep`; Diverged instead of writing
+    non-finite weights (the previous checkpoint stays)."""
+    for name in ("model", "ema_model"):
+        bad = [k for k, v in state.get(name, {}).items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise Diverged(f"iteration {state['iteration']}: non-finite weights in {name} ({bad[0]}, ...); "
+                           f"not saved, {Path(out_dir) / 'checkpoint.pth'} is the last good checkpoint")
     save_checkpoint(Path(out_dir) / "checkpoint.pth", state)
     if keep:
         save_checkpoint(Path(out_dir) / f"checkpoint_{state['iteration']}.pth", state)
@@ -1381,15 +1499,32 @@ def infinite_loader(dataset, sampler, workers):
     """DataLoader over an iteration-indexed batch sampler (order and crops fixed by seed and iteration)."""
     return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                             pin_memory=torch.cuda.is_available(),
-                                            persistent_workers=workers > 0))
+                                            persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals))
+
+
+def ignore_stop_signals(worker_id):
+    """Data-loading workers leave SIGINT/SIGTERM to the main process, which stops the run cleanly."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def run_script(main):
-    """Call main(); DataError (bad data/arguments) -> one line `error: ...` on stderr and exit 2."""
+    """Call main(); bad data or arguments (also raised in a data-loading worker) and disk errors -> one line
+    `error: ...` on stderr and exit 2; a diverged run -> exit 3."""
+    import errno
     try:
         main()
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (DataError, Diverged) as exc:
+        lines = str(exc).strip().splitlines()
+        if len(lines) > 1 and lines[0].startswith("Caught "):  # re-raised from a DataLoader worker
+            lines = [lines[-1].split(": ", 1)[-1]]
+        print(f"error: {lines[0]}", file=sys.stderr)
+        sys.exit(3 if isinstance(exc, Diverged) else 2)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        print(f"error: {exc.filename or 'writing a file'}: {exc.strerror}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -190,6 +190,7 @@ def train(args):
     log = common.Logger(out_dir, args.log_every, args.iters, start)
     metrics = None  # the last evaluation
     # ---------------------------------------------------------------- training loop (DACS/trainUDA.py order)
+    stop = common.StopSignals()         # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, args.iters):
         student.train()
         g = common.step_generator(args.seed, i)
@@ -228,13 +229,15 @@ def train(args):
             common.ema_update(teacher, student, i, args.ema_alpha, buffers=args.teacher_eval_bn)
         log.log(i, losses, lr)
         # ------------------------------------------------------------ checkpoints, evaluation
-        if common.is_due(i, args.save_every, args.iters):
+        if common.is_due(i, args.save_every, args.iters) or stop.requested:
             state = common.training_state(i + 1, student, optimizer, scheduler, args, teacher)
             if p_model is not None:
                 state["p_model"] = p_model
             common.write_checkpoints(out_dir, state, args.keep_checkpoints)
+            stop.exit_if_requested(i + 1, out_dir)
         if common.is_due(i, args.eval_every, args.iters):
             metrics = common.evaluate_and_write(student, val, device, out_dir, i + 1, synthia, amp)
+    stop.restore()
     return metrics or common.evaluate_and_write(student, val, device, out_dir, start, synthia)  # a finished run
 
 

@@ -253,6 +253,7 @@ def train(args):
         with amp.autocast():
             return common.ce_pixel_weighted(up(student(x), y.shape[1:]), y, w)
     # ---------------------------------------------------------------- training loop (DAFormer dacs.py order)
+    stop = common.StopSignals()         # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, args.iters):
         student.train()
         g = common.step_generator(args.seed, i)
@@ -293,12 +294,14 @@ def train(args):
         scheduler.step()
         log.log(i, losses, lr)
         # ------------------------------------------------------------ checkpoints, evaluation
-        if common.is_due(i, args.save_every, args.iters):
+        if common.is_due(i, args.save_every, args.iters) or stop.requested:
             common.write_checkpoints(out_dir, common.training_state(i + 1, student, optimizer, scheduler, args,
                                                                     teacher), args.keep_checkpoints)
+            stop.exit_if_requested(i + 1, out_dir)
         if common.is_due(i, args.eval_every, args.iters):
             metrics = common.evaluate_and_write(student, val, device, out_dir, i + 1, synthia, amp,
                                                 align_corners=False)
+    stop.restore()
     return metrics or common.evaluate_and_write(student, val, device, out_dir, start, synthia,
                                                 align_corners=False)  # resumed a finished run
 

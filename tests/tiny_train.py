@@ -42,6 +42,7 @@ def main():
     loader = common.shuffled_loader(train, args, 0, start)
     amp = common.Amp(device, args.amp)
     log = common.Logger(out_dir, args.log_every, args.iters, start)
+    stop = common.StopSignals()         # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, args.iters):
         g = common.step_generator(args.seed, i)
         x, y = common.next_batch(loader, device)
@@ -60,9 +61,10 @@ def main():
         scheduler.step()
         common.ema_update(teacher, model, i)
         log.log(i, {"loss_s": loss_s, "loss_u": loss_u}, lr)
-        if common.is_due(i, args.save_every, args.iters):
+        if common.is_due(i, args.save_every, args.iters) or stop.requested:
             common.write_checkpoints(out_dir, common.training_state(i + 1, model, optimizer, scheduler, args, teacher),
                                      args.keep_checkpoints)
+            stop.exit_if_requested(i + 1, out_dir)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ PAPER = {  # dest: (value, source) — shown in --help
     "save_every": (5000, "AdaptSegNet SAVE_PRED_EVERY"),
 }
 DEMO = {"source": "demo", "n_labeled": 10, "iters": 200, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1],
-        "init": "none", "source_size": [128, 64], "target_size": [128, 64], "eval_every": 0, "save_every": 0,
+        "init": "demo", "source_size": [128, 64], "target_size": [128, 64], "eval_every": 0, "save_every": 0,
         "log_every": 50, "workers": 0}
 SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
 
@@ -478,9 +478,7 @@ def train(args):
                                                           args.seed))
     # ---------------------------------------------------------------- data
     source_kind, source_root, target_root = common.data_roots(args, args.source)
-    val = common.SegmentationDataset("cityscapes", target_root, "val", resize=tuple(args.target_size),
-                                     interp="bicubic", norm=norm,
-                                     label_res="full" if args.eval_res == "full" else "input")
+    val = common.cityscapes_val(target_root, args.target_size, args.eval_res, norm, interp="bicubic")
     model = common.prepare_model(common.DeepLabV2(NUM_CLASSES, multi_level=True, aspp_full=args.aspp_full,
                                                   style=style, layers=args.layers), device, amp)
     if args.eval_only:                                          # the main head (layer6), as AdaptSegNet evaluates
@@ -499,7 +497,8 @@ def train(args):
     data_l = city(labeled) if labeled else None
     data_u = city(pool) if args.use_ga else None
     # ---------------------------------------------------------------- models, optimisers
-    common.initialise(model, str(adaptsegnet_init_path()) if args.init == "adaptsegnet" else args.init)
+    common.initialise(model, str(adaptsegnet_init_path()) if args.init == "adaptsegnet" else args.init, norm,
+                      args.data_root)
     discs = nn.ModuleDict({k: common.prepare_model(d, device, amp) for k, d in build_discriminators(args).items()})
     opt_g, opt_d, sched_g, sched_d = build_optimisers(model, discs, args)
     start, best = 0, {}
@@ -514,6 +513,7 @@ def train(args):
     log = common.Logger(out_dir, args.log_every, args.iters, start)
     metrics = None  # the last evaluation
     # ---------------------------------------------------------------- training loop (AdaptSegNet order)
+    stop = common.StopSignals()         # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, args.iters):
         model.train()                                           # BN batch statistics, as AdaptSegNet
         opt_g.zero_grad(set_to_none=True)
@@ -533,9 +533,11 @@ def train(args):
         if common.is_due(i, args.eval_every, args.iters):
             metrics = common.evaluate_and_write(model, val, device, out_dir, i + 1, synthia, amp)
             update_best(best, metrics, out_dir, synthia)
-        if common.is_due(i, args.save_every, args.iters):
+        if common.is_due(i, args.save_every, args.iters) or stop.requested:
             common.write_checkpoints(out_dir, training_state(i + 1, model, opt_g, sched_g, discs, opt_d, sched_d,
                                                              best, args), args.keep_checkpoints)
+            stop.exit_if_requested(i + 1, out_dir)
+    stop.restore()
     return metrics or common.evaluate_and_write(model, val, device, out_dir, start, synthia)  # a finished run
 
 

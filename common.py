@@ -1513,19 +1513,23 @@ def run_script(main):
     """Call main(); bad data or arguments (also raised in a data-loading worker) and disk errors -> one line
     `error: ...` on stderr and exit 2; a diverged run -> exit 3."""
     import errno
+    import gc
     try:
         main()
+        return
     except (DataError, Diverged) as exc:
         lines = str(exc).strip().splitlines()
         if len(lines) > 1 and lines[0].startswith("Caught "):  # re-raised from a DataLoader worker
             lines = [lines[-1].split(": ", 1)[-1]]
         print(f"error: {lines[0]}", file=sys.stderr)
-        sys.exit(3 if isinstance(exc, Diverged) else 2)
+        code = 3 if isinstance(exc, Diverged) else 2
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
             raise
         print(f"error: {exc.filename or 'writing a file'}: {exc.strerror}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
+    gc.collect()  # free the loaders the traceback held, so their workers are shut down before the exit
+    sys.exit(code)
 
 
 # ======================================================================================

@@ -263,6 +263,7 @@ def reference_stats(target_root, cache, workers=0):
     else:
         stats = [_stats_of_file(p) for p in paths]
     if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
         common.atomic_write_text(cache, json.dumps([list(map(float, s)) for s in stats]))
     return np.asarray(stats)
 

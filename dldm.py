@@ -439,12 +439,15 @@ def bdl_thresholds(hist, portion=0.5, cap=0.9):
     return np.minimum(th, cap)
 
 
-def confidence_histogram(prob, bins):
-    """(C, bins) counts of max-probability per predicted class of a batch of probability maps."""
+def confidence_histogram(prob, bins, hist=None):
+    """(C, bins) counts of max-probability per predicted class of a batch of probability maps, added to
+    `hist` in place when given (no copy of the probabilities is kept)."""
     conf, pred = prob.max(1)
-    index = pred * bins + (conf * bins).long().clamp(max=bins - 1)
-    hist = torch.zeros(prob.shape[1] * bins, dtype=torch.long, device=prob.device)
-    return hist.index_add_(0, index.view(-1), torch.ones_like(index.view(-1))).view(prob.shape[1], bins)
+    index = (pred * bins + (conf * bins).long().clamp(max=bins - 1)).view(-1)
+    if hist is None:
+        hist = torch.zeros(prob.shape[1], bins, dtype=torch.long, device=prob.device)
+    hist.view(-1).index_add_(0, index, torch.ones_like(index))
+    return hist
 
 
 def apply_thresholds(prob, th):
@@ -778,7 +781,7 @@ def pseudo_stage(run, r):
     else:
         hist = torch.zeros(run.num_classes, a.pl_bins, dtype=torch.long, device=run.device)
         for batch in batches():                                                        # pass 1
-            hist += confidence_histogram(probabilities(batch["image"]), a.pl_bins)
+            confidence_histogram(probabilities(batch["image"]), a.pl_bins, hist)
         th = bdl_thresholds(hist, a.pl_portion, a.pl_cap)
         common.atomic_write_text(th_path, json.dumps({"thresholds": th.tolist(), "complete": False,
                                                       "pixels_per_class": hist.sum(1).tolist()}))

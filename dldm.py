@@ -114,9 +114,9 @@ PAPER = {  # dest: (value, source) — shown in --help
     "eval_every": (0, "0 = evaluate at the end of each stage; 2000 = AdvEnt's snapshot step (A15)"),
     "save_every": (2000, "AdvEnt SAVE_PRED_EVERY"),
 }
-DEMO = {"source": "demo", "n_labeled": 10, "rounds": 2, "iters": 120, "poly_iters": 120, "lr": 1e-3,
+DEMO = {"source": "demo", "n_labeled": 10, "rounds": 2, "iters": 80, "poly_iters": 80, "lr": 1e-3,
         "optimizer": "adam", "layers": [1, 1, 1, 1], "init": "none", "source_size": [128, 64],
-        "target_size": [128, 64], "eval_res": "full", "save_every": 60, "log_every": 40, "workers": 0,
+        "target_size": [128, 64], "eval_res": "full", "save_every": 40, "log_every": 40, "workers": 0,
         "pl_batch_size": 8}
 SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
 ADVENT_INIT_URL = "https://github.com/valeoai/ADVENT/releases/download/v0.1/DeepLab_resnet_pretrained_imagenet.pth"

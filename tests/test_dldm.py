@@ -427,3 +427,4 @@ def test_bad_input_exits_2_with_one_line(root, tmp_path):
                         str(tmp_path / "x"), "--stage", "student"], capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.startswith("error: ") and len(p.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+

@@ -1,0 +1,937 @@
+"""DLDM: Semi-supervised Domain Adaptation based on Dual-level Domain Mixing for Semantic Segmentation
+(Chen, Jia, He, Shi, Liu, CVPR 2021; the authors call it DDM) — GTA5/SYNTHIA + N labeled Cityscapes -> Cityscapes.
+
+    python dldm.py --source gta5 --n-labeled 100       # Table 1: 61.2 mIoU (200: 60.5, 500: 64.3, 1000: 66.6)
+    python dldm.py --source synthia --n-labeled 100    # Table 2: 68.4 13-class mIoU
+    python dldm.py --demo                               # two short rounds + the supervised baseline, CPU
+
+Algorithm 1, for R rounds (4 for GTA5, 3 for SYNTHIA, 1 when every train image is labeled): a region-level
+teacher M_RL learns from labeled target images with a CutMix box of a labeled source image pasted in; a
+sample-level teacher M_SL learns from one source and one target image per iteration; a student M_S learns
+to match the averaged teacher predictions on the unlabeled target images (KL) and the labeled target
+images (CE). The student then labels the unlabeled images with BDL's per-class confidence rule, and the
+next round's teachers and student train on the labeled target images plus these pseudo-labels.
+Source images are colour-translated to a random Cityscapes image in LAB space first (He et al. [14]).
+
+The authors released inference code only (mindspore-ai/models research/cv/DDM: README.md, config.py,
+dataset/base_dataset.py, eval.py); its config.py still holds the training defaults, which builds on
+AdvEnt (valeoai/ADVENT advent/domain_adaptation/config.py, advent/model/deeplabv2.py). The pseudo-label
+rule is BDL's (liyunsheng13/BDL SSL.py), which the paper follows ("following [23]").
+
+Paper -> code:
+    Eq. 1  x_rl = M x_t + (1 - M) x_s, y_rl likewise    -> `region_mix` (M from `box_mask`: 0 in the box = source)
+    Eq. 2  L_RL = CE(M_RL(x_rl), y_rl)                   -> `loss_rl` in `teacher_step` (+0.1 CE on the aux head, A1)
+    Eq. 3  L_SL = CE(M_SL(x_s), y_s) + CE(M_SL(x_t), y_t) -> `loss_sl_s`, `loss_sl_t` (a sum, one step)
+    Eq. 4  L_S = l_kl KL(E(M_RL(x_u), M_SL(x_u)) || M_S(x_u)) + l_ce CE(M_S(x_t), y_t)
+                                                          -> `ensemble_probs`, `kd_loss`, `student_step`
+    Alg. 1 lines 1-8 (rounds, stages, return M_S^R)      -> `run_all`; each stage in `train_model`/`pseudo_stage`
+    Alg. 1 line 5 pseudo-labels "following [23]" (BDL)    -> `pseudo_stage`, `bdl_thresholds`, `apply_thresholds`
+    Alg. 1 line 6 merge into D_T                          -> `target_set` (ground truth wins, A13)
+    §4.2 LAB translation "following [14]"                 -> `LabSourceDataset`, `lab_transfer` (--lab, --lab-mode)
+    §4.2 SGD 2.5e-4, momentum 0.9, wd 1e-4, poly 0.9     -> `make_optimizer`, common.poly_factor(--poly-iters)
+    §4.2 l_kl 0.5, l_ce 1, portion 0.5, threshold 0.9    -> --lambda-kl, --lambda-ce, --pl-portion, --pl-cap
+    Table 3 (test-time ensembles E(a, b))                  -> --stage eval --ensemble A B
+    Table 4 (M_RL^r, M_SL^r, M_S^r of every round)        -> round<r>/{rl,sl,student}/metrics.json, metrics.json "rounds"
+    Table 5 (round 1, with/without LAB)                    -> --rounds 1 --lab on|off
+    Tables 1-2 "Supervised DeeplabV2"                      -> --stage supervised
+
+Assumptions (the paper is silent; each alternative is a flag):
+    A1  The network is AdvEnt's multi-level DeepLabv2 (aux classifier on layer3, main on layer4, as DDM's
+        net and config): every CE term adds 0.1 x CE of the aux head (--aux-weight); KD, pseudo-labels and
+        evaluation use the main head only.
+    A2  The classifiers learn 10x faster than the backbone (DeepLab/AdvEnt/BDL convention).
+    A3  Every model of every round trains 120k iterations of a poly schedule whose horizon is 250k, one
+        source + one target image per iteration (AdvEnt's EARLY_STOP / MAX_ITERS kept in DDM's config.py):
+        --iters / --poly-iters.
+    A4  For the region-level mix the resized source (1280x720) is cut to a random target-size window
+        (1024x512), so the box keeps the source's scale (--src-fit resize: squeeze it to 1024x512).
+    A5  Every M_RL iteration sees one mixed image and nothing else (Eq. 2 has no unmixed term).
+    A6  The box follows CutMix [46]: lambda ~ U(0,1), sides W*sqrt(1-lambda) x H*sqrt(1-lambda), centre uniform,
+        clipped to the image (--box french: French et al.'s box of half the area, random aspect ratio).
+    A7  From round 2 the student's CE term also draws from the merged set (Alg. 1 literally;
+        --student-ce gt keeps it on the ground-truth images).
+    A8  Logits are bilinearly upsampled (align_corners=True) to the input size before CE and KL.
+    A9  KD temperature 10 (DDM config.py KL_T) with the usual T^2 factor, KL summed over classes and averaged
+        over pixels (--kd-temp, --no-kd-t2).
+    A10 "Averaging the outputs" = averaging the teachers' softened probabilities (--ens logits: averaging
+        logits); the test-time ensemble E(a, b) of Table 3 averages probabilities at T = 1.
+    A11 Every model of every round restarts from the ImageNet weights, as Alg. 1's M^0 inputs and BDL's
+        self-training do (--warm-start: M^r starts from M^(r-1) of the same kind).
+    A12 BDL sorts every confidence of the unlabeled set in memory; here per-class histograms of 2^20 bins over
+        [0, 1] give the median's bin, and its lower edge is the threshold (--pl-bins). Pixels within one
+        bin (width < 1e-6) below the exact median are kept where BDL would drop them.
+    A13 A labeled image keeps its ground truth; pseudo-labels only cover D_U minus the labeled images.
+    A14 Teachers sample the merged set uniformly, ground-truth and pseudo-labeled alike
+        (--merge-sampling balanced: alternate ground-truth and pseudo-labeled images 1:1).
+    A15 Every stage keeps its last iteration; no selection on val. With --eval-every the best snapshot is
+        also logged (best_snapshot.json), labelled as selection on val (DDM's README evaluates a
+        best_model checkpoint and AdvEnt's test mode 'best' scans snapshots every 2000 iterations).
+    A16 D_U = all 2975 train images, labeled ones included (DDM's DEL_XL=False; Table 4 distils at N=2975)
+        (--exclude-labeled-from-u).
+    A17 The LAB reference is a fresh uniformly drawn Cityscapes train image at every load, from all train
+        images (DDM dataset/base_dataset.py) (--lab-mode offline: one fixed reference per source image,
+        translated once and cached as PNG in the run folder).
+    A18 No crop, flip or scale augmentation beyond the fixed resize and the mixes (AdvEnt/BDL/DDM loaders).
+
+Other decisions: the paper's weight decay 1e-4 is used (DDM config.py has AdvEnt's 5e-4: --weight-decay);
+the ASPP classifier sums all four branches as AdvEnt's does (not AdaptSegNet's two); BN layers have frozen
+affine parameters and batch statistics in training (AdvEnt); the 1x parameter group repeats tensors as
+AdvEnt's `optim_parameters` does, with the per-entry SGD update of PyTorch 0.4-1.5 (common.LegacySGD;
+--clean-param-groups lists each tensor once). The paper has LAB on "in most experiments" (all but
+Table 5's F column) while DDM's config.py ships SOURCE_TRANS = False: the default here follows the paper.
+Init: --init advent (default) is AdvEnt's caffe-style ImageNet DeepLab file
+DeepLab_resnet_pretrained_imagenet.pth from the ADVENT v0.1 release, which DDM's BGR-mean normalisation
+implies; no digest is published, so its sha256 is written to <out-dir>/init_sha256.txt and checked against
+--init-sha256 when given. --init imagenet is torchvision's ResNet-101 (pytorch style, RGB mean/std).
+--demo trains from a random init with Adam (SGD 2.5e-4 needs pretrained weights) on a light network.
+"""
+import argparse
+import copy
+import hashlib
+import json
+import math
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import common
+
+PAPER = {  # dest: (value, source) — shown in --help
+    "iters": (120000, "iterations of every teacher/student stage: DDM config.py EARLY_STOP (AdvEnt; A3)"),
+    "batch_size": (1, "1 source + 1 target image: DDM config.py BATCH_SIZE_SOURCE / BATCH_SIZE_TARGET"),
+    "lr": (2.5e-4, "DLDM §4.2; classifiers x10 (A2)"),
+    "source_size": (None, "GTA5 1280 720 (DDM config.py), SYNTHIA 1280 760 (BDL data/__init__.py)"),
+    "target_size": ((1024, 512), "DDM config.py INPUT_SIZE_TARGET"),
+    "crop_size": ((0, 0), "no random crop (A18); M_RL's source window is --src-fit"),
+    "eval_res": ("full", "DDM eval.py: main logits upsampled to 2048x1024"),
+    "init": ("advent", "AdvEnt's caffe-style ImageNet DeepLab (ADVENT release v0.1); imagenet = torchvision"),
+    "eval_every": (0, "0 = evaluate at the end of each stage; 2000 = AdvEnt's snapshot step (A15)"),
+    "save_every": (2000, "AdvEnt SAVE_PRED_EVERY"),
+}
+DEMO = {"source": "demo", "n_labeled": 10, "rounds": 2, "iters": 80, "poly_iters": 80, "lr": 1e-3,
+        "optimizer": "adam", "layers": [1, 1, 1, 1], "init": "none", "source_size": [128, 64],
+        "target_size": [128, 64], "eval_res": "full", "save_every": 40, "log_every": 40, "workers": 0,
+        "pl_batch_size": 8}
+SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
+ADVENT_INIT_URL = "https://github.com/valeoai/ADVENT/releases/download/v0.1/DeepLab_resnet_pretrained_imagenet.pth"
+STAGE_IDS = {"rl": 0, "sl": 1, "student": 2, "pseudo": 3, "supervised": 4}
+TRAINED = ("rl", "sl", "student", "supervised")
+
+
+def parse_args(argv=None):
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[common.shared_parser(PAPER)],
+                              formatter_class=common.HelpFormatter)
+    p.add_argument("--source", choices=["gta5", "synthia", "demo"], default="gta5", help="source domain")
+    common.add_split_args(p, 100, "DLDM Tables 1-2: 100/200/500/1000/2975")
+    p.add_argument("--stage", choices=["all", "rl", "sl", "student", "pseudo", "eval", "supervised"],
+                   default="all", help="Algorithm 1 in full, or one stage of round --round (rl/sl: teachers, "
+                   "student: distillation, pseudo: pseudo-labels from the student, eval: --ensemble, "
+                   "supervised: CE on the labeled target only, the 'Supervised DeeplabV2' row)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="R: 4 for GTA5, 3 for SYNTHIA (DLDM §4.2), 1 when every train image is labeled (Table 4)")
+    p.add_argument("--round", type=int, default=1, help="the round a single --stage belongs to")
+    p.add_argument("--poly-iters", type=int, default=250000,
+                   help="poly schedule horizon: DDM config.py MAX_ITERS (AdvEnt; A3)")
+    p.add_argument("--lab", choices=["on", "off"], default="on",
+                   help="LAB colour translation of source images (DLDM §4.2 'in most experiments'; Table 5 F = off; "
+                        "DDM config.py ships SOURCE_TRANS = False)")
+    p.add_argument("--lab-mode", choices=["online", "offline"], default="online",
+                   help="online: a fresh random Cityscapes reference at every load (DDM base_dataset.py; A17); "
+                        "offline: one fixed reference per source image, cached")
+    p.add_argument("--lambda-kl", type=float, default=0.5, help="weight of the KL term of Eq. 4 (DLDM §4.2)")
+    p.add_argument("--lambda-ce", type=float, default=1.0, help="weight of the CE term of Eq. 4 (DLDM §4.2)")
+    p.add_argument("--kd-temp", type=float, default=10.0, help="KD temperature T (DDM config.py KL_T; A9)")
+    p.add_argument("--kd-t2", action=argparse.BooleanOptionalAction, default=True,
+                   help="scale the KL term by T^2 (A9; --no-kd-t2 drops it)")
+    p.add_argument("--ens", choices=["probs", "logits"], default="probs",
+                   help="teacher ensemble E: mean of softmax maps or of logits (A10)")
+    p.add_argument("--box", choices=["cutmix", "french"], default="cutmix",
+                   help="region-level box: CutMix's rule [46] or French et al.'s 50%%-area box [10] (A6)")
+    p.add_argument("--src-fit", choices=["crop", "resize"], default="crop",
+                   help="fit the source to the target canvas for M_RL: random window or resize (A4)")
+    p.add_argument("--aux-weight", type=float, default=0.1,
+                   help="CE weight of the aux (layer3) head: DDM/AdvEnt config LAMBDA_SEG_AUX (A1)")
+    p.add_argument("--pl-portion", type=float, default=0.5,
+                   help="per-class portion of kept pseudo-labels (BDL SSL.py; DLDM §4.2)")
+    p.add_argument("--pl-cap", type=float, default=0.9,
+                   help="cap of the per-class confidence threshold (BDL SSL.py; DLDM §4.2)")
+    p.add_argument("--pl-bins", type=int, default=2 ** 20, help="histogram bins over [0, 1] for the median (A12)")
+    p.add_argument("--pl-batch-size", type=int, default=4, help="images per batch when pseudo-labelling")
+    p.add_argument("--pseudo-dir", default=None,
+                   help="pseudo-label folder (<stem>.png) for round --round >= 2 (default: the previous round's)")
+    p.add_argument("--merge-sampling", choices=["uniform", "balanced"], default="uniform",
+                   help="draw from GT + pseudo-labeled images uniformly or 1:1 (A14)")
+    p.add_argument("--student-ce", choices=["merged", "gt"], default="merged",
+                   help="labeled images of the student's CE from round 2: merged set or ground truth only (A7)")
+    p.add_argument("--warm-start", action="store_true",
+                   help="start M^r from M^(r-1) of the same kind instead of the ImageNet weights (A11)")
+    p.add_argument("--exclude-labeled-from-u", action="store_true",
+                   help="D_U without the labeled images (default: all train images, DDM DEL_XL=False; A16)")
+    p.add_argument("--teachers", nargs=2, metavar=("RL", "SL"), default=None,
+                   help="teacher checkpoints for --stage student (default: round<r>/rl and round<r>/sl)")
+    p.add_argument("--ensemble", nargs="+", metavar="CKPT", default=None,
+                   help="--stage eval: one checkpoint, or two averaged at T = 1 (Table 3 E(a, b))")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (DLDM §4.2; DDM config 5e-4)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (DLDM §4.2)")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                   help="sgd = the paper's; adam is for the random-init demo")
+    p.add_argument("--clean-param-groups", action="store_true",
+                   help="each tensor once in the 1x group (AdvEnt's optim_parameters repeats them)")
+    p.add_argument("--init-sha256", default=None, help="expected sha256 of the --init advent file")
+    args = common.parse_with_demo(p, DEMO, argv)
+    common.check_args(args)
+    if args.resume not in (None, "auto"):
+        raise common.DataError(f"--resume {args.resume}: dldm.py resumes every stage from its own folder; "
+                               f"use --resume auto")
+    if args.poly_iters < args.iters:
+        raise common.DataError(f"--poly-iters {args.poly_iters}: expected >= --iters {args.iters}")
+    if not (args.kd_temp > 0 and 0 < args.pl_portion <= 1 and 0 < args.pl_cap <= 1 and args.pl_bins >= 2
+            and args.pl_batch_size >= 1 and args.aux_weight >= 0):
+        raise common.DataError("expected --kd-temp > 0, --pl-portion and --pl-cap in (0, 1], --pl-bins >= 2, "
+                               "--pl-batch-size >= 1, --aux-weight >= 0")
+    if args.stage == "eval" and not (args.ensemble and len(args.ensemble) <= 2):
+        raise common.DataError("--stage eval needs --ensemble CKPT [CKPT] (one or two checkpoints)")
+    if args.source_size is None:
+        args.source_size = SOURCE_SIZE[args.source]
+    return args
+
+
+# ======================================================================================
+# LAB colour translation (He et al. [14]; DDM dataset/base_dataset.py), skimage's conventions
+# ======================================================================================
+
+XYZ_FROM_RGB = np.array([[0.412453, 0.357580, 0.180423],
+                         [0.212671, 0.715160, 0.072169],
+                         [0.019334, 0.119193, 0.950227]])
+RGB_FROM_XYZ = np.linalg.inv(XYZ_FROM_RGB)
+WHITE_D65 = np.array([0.95047, 1.0, 1.08883])
+
+
+def rgb_to_lab(rgb):
+    """uint8 HxWx3 sRGB -> float64 CIELAB (D65, 2 degree observer; skimage.color.rgb2lab)."""
+    x = rgb.astype(np.float64) / 255.0
+    x = np.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
+    xyz = (x @ XYZ_FROM_RGB.T) / WHITE_D65
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16.0 / 116.0)
+    return np.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])], -1)
+
+
+def lab_to_rgb(lab):
+    """float CIELAB -> float RGB in [0, 1], gamut-clipped (skimage.color.lab2rgb)."""
+    fy = (lab[..., 0] + 16.0) / 116.0
+    f = np.stack([lab[..., 1] / 500.0 + fy, fy, np.maximum(fy - lab[..., 2] / 200.0, 0)], -1)
+    xyz = np.where(f > 0.2068966, f ** 3, (f - 16.0 / 116.0) / 7.787) * WHITE_D65
+    x = xyz @ RGB_FROM_XYZ.T
+    x = np.where(x > 0.0031308, 1.055 * np.power(np.maximum(x, 1e-12), 1 / 2.4) - 0.055, 12.92 * x)
+    return np.clip(x, 0, 1)
+
+
+def lab_stats(rgb):
+    """Whole-image mean and population std of L, a, b: the 6 numbers a reference contributes."""
+    lab = rgb_to_lab(rgb[..., :3]).reshape(-1, 3)
+    return np.concatenate([lab.mean(0), lab.std(0)])
+
+
+def lab_match(lab, stats, eps=1e-8):
+    """Per-channel affine map of a LAB image onto a reference's mean/std (step 4 of the transfer)."""
+    flat = lab.reshape(-1, 3)
+    mean, std = flat.mean(0), flat.std(0)
+    return (lab - mean) / (std + eps) * stats[3:] + stats[:3]
+
+
+def lab_transfer(rgb, stats):
+    """Source uint8 RGB -> uint8 RGB with the reference's LAB statistics (truncated, as the authors' cast)."""
+    out = lab_to_rgb(lab_match(rgb_to_lab(rgb[..., :3]), np.asarray(stats, dtype=np.float64)))
+    return np.clip(out * 255.0, 0, 255).astype(np.uint8)
+
+
+def reference_stats(target_root, cache, workers=0):
+    """LAB mean/std of every Cityscapes train image (the reference pool of A17), cached as JSON."""
+    if cache is not None and Path(cache).is_file():
+        return np.asarray(json.loads(Path(cache).read_text()))
+    paths = [img for img, _ in common.dataset_files("cityscapes", target_root, "train")[0]]
+    if workers > 0:
+        import multiprocessing
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            stats = pool.map(_stats_of_file, paths, chunksize=16)
+    else:
+        stats = [_stats_of_file(p) for p in paths]
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        common.atomic_write_text(cache, json.dumps([list(map(float, s)) for s in stats]))
+    return np.asarray(stats)
+
+
+def _stats_of_file(path):
+    """lab_stats of one image file (a picklable worker function)."""
+    return lab_stats(common.read_rgb(path))
+
+
+class LabSourceDataset(common.SegmentationDataset):
+    """Source images LAB-translated at their original resolution before the resize (DDM base_dataset.py).
+
+    online: the reference is drawn uniformly from `ref_stats` with the item's seed (a fresh draw at every
+    load); offline: one reference per image from (run seed, index), translated once and cached as PNG.
+    """
+
+    def __init__(self, *a, ref_stats, mode="online", seed=0, cache_dir=None, **kw):
+        super().__init__(*a, **kw)
+        self.ref_stats, self.mode, self.seed, self.cache_dir = ref_stats, mode, seed, cache_dir
+        self.reference = None
+
+    def __getitem__(self, item):
+        index, seed, _ = (item, 0, -1) if isinstance(item, int) else item
+        rng = np.random.default_rng([self.seed, index] if self.mode == "offline" else [seed, 7])
+        self.reference = int(rng.integers(len(self.ref_stats)))
+        return super().__getitem__(item)
+
+    def translated(self, index):
+        """The LAB-translated source image at its original size."""
+        img_path = self.pairs[index][0]
+        if self.mode == "offline":
+            cached = Path(self.cache_dir) / f"{common.stem_of(img_path)}.png"
+            if cached.is_file():
+                return common.read_rgb(cached)
+            rgb = lab_transfer(common.read_rgb(img_path), self.ref_stats[self.reference])
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            common.save_png(cached, rgb)
+            return rgb
+        return lab_transfer(common.read_rgb(img_path), self.ref_stats[self.reference])
+
+    def load(self, index):
+        rgb = self.translated(index)
+        label = self.map_label(common.read_label(self.pairs[index][1], self.kind))
+        full = label
+        size = self.target_size(rgb.shape[1], rgb.shape[0])
+        if size != rgb.shape[1::-1]:
+            rgb = np.asarray(Image.fromarray(rgb).resize(size, self.interp))
+        if label.shape != rgb.shape[:2]:
+            label = np.asarray(Image.fromarray(label).resize(rgb.shape[1::-1], Image.NEAREST))
+        return rgb, label, full
+
+
+class TargetDataset(common.SegmentationDataset):
+    """Labeled target images: Cityscapes ground truth, or a pseudo-label PNG (train ids) for listed stems."""
+
+    def __init__(self, *a, pseudo=None, **kw):
+        super().__init__(*a, **kw)
+        self.pseudo = pseudo or {}  # stem -> PNG path
+
+    def load(self, index):
+        stem = common.stem_of(self.pairs[index][0])
+        if stem not in self.pseudo:
+            return super().load(index)
+        rgb = common.read_rgb(self.pairs[index][0])
+        label = np.asarray(Image.open(self.pseudo[stem]))   # already in the model's label space
+        size = self.target_size(rgb.shape[1], rgb.shape[0])
+        if size != rgb.shape[1::-1]:
+            rgb = np.asarray(Image.fromarray(rgb).resize(size, self.interp))
+        if label.shape != rgb.shape[:2]:
+            label = np.asarray(Image.fromarray(label).resize(rgb.shape[1::-1], Image.NEAREST))
+        return rgb, label, label
+
+
+class BalancedSampler(common.IterationSampler):
+    """1:1 stream of ground-truth and pseudo-labeled images (A14 alternative): even iterations draw a
+    ground-truth image, odd ones a pseudo-labeled one, each from its own seeded epoch order."""
+
+    def __init__(self, n_gt, n_pseudo, batch_size, seed, stream, start_iter=0, num_iters=None):
+        super().__init__(n_gt + n_pseudo, batch_size, seed, stream, start_iter, num_iters)
+        self.gt = common.IterationSampler(n_gt, batch_size, seed, stream * 10 + 1)
+        self.ps = common.IterationSampler(n_pseudo, batch_size, seed, stream * 10 + 2)
+        self.n_gt = n_gt
+
+    def batch(self, i):
+        if i % 2 == 0:
+            return self.gt.batch(i // 2)
+        return [(self.n_gt + index, s, c) for index, s, c in self.ps.batch(i // 2)]
+
+
+# ======================================================================================
+# The method's pieces: region-level mix, losses, ensemble, BDL pseudo-labels
+# ======================================================================================
+
+def box_mask(n, h, w, generator, rule="cutmix"):
+    """M (n,1,h,w): 0 inside one random box per image (where the source shows), 1 elsewhere (A6)."""
+    mask = torch.ones(n, 1, h, w)
+    for k in range(n):
+        u = torch.rand(3, generator=generator, dtype=torch.float64).tolist()   # CPU draws: no device sync
+        if rule == "cutmix":  # Yun et al. [46] rand_bbox, lambda ~ Beta(1,1)
+            cut = math.sqrt(1.0 - u[0])
+            ch, cw = int(h * cut), int(w * cut)
+            cy, cx = int(u[1] * h), int(u[2] * w)
+            y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+            x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        else:  # French et al. [10] BoxMaskGenerator, area 0.5, random aspect ratio, fully inside
+            hf = math.exp(u[0] * math.log(0.5))
+            bh, bw = round(hf * h), round(0.5 / hf * w)
+            y0, x0 = round((h - bh) * u[1]), round((w - bw) * u[2])
+            y1, x1 = y0 + bh, x0 + bw
+        mask[k, :, y0:y1, x0:x1] = 0
+    return mask
+
+
+def region_mix(mask, x_s, y_s, x_t, y_t):
+    """Eq. 1: x_rl = M x_t + (1 - M) x_s and y_rl = M y_t + (1 - M) y_s (a source box at the same place)."""
+    x_rl = mask * x_t + (1 - mask) * x_s
+    y_rl = torch.where(mask[:, 0].bool(), y_t, y_s)
+    return x_rl, y_rl
+
+
+def up(logits, size):
+    """Bilinear upsampling with align_corners=True, as AdvEnt/BDL (A8)."""
+    return common.upsample(logits, size, align_corners=True)
+
+
+def seg_loss(model, x, y, aux_weight):
+    """CE of the main head + aux_weight x CE of the aux head, both at label size (AdvEnt; A1)."""
+    aux, main = model(x)
+    loss = common.ce_loss(up(main, y.shape[1:]), y)
+    return loss + aux_weight * common.ce_loss(up(aux, y.shape[1:]), y) if aux_weight else loss
+
+
+def ensemble_probs(logits, temperature=1.0, mode="probs"):
+    """E(.): mean of softmax(z/T) over the members (A10), or softmax of their mean logits (--ens logits)."""
+    if mode == "logits":
+        return F.softmax(torch.stack([z.float() for z in logits]).mean(0) / temperature, 1)
+    return torch.stack([F.softmax(z.float() / temperature, 1) for z in logits]).mean(0)
+
+
+def kd_loss(student_logits, teacher_probs, temperature, t2=True):
+    """KL(p_E || softmax(z_S/T)) summed over classes, averaged over pixels, times T^2 (A9)."""
+    log_q = F.log_softmax(student_logits.float() / temperature, 1)
+    kl = (torch.special.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_q).sum(1).mean()
+    return kl * temperature ** 2 if t2 else kl
+
+
+class Ensemble(nn.Module):
+    """Test-time ensemble E(a, b) (Table 3): the members' main-head softmax maps averaged at T = 1."""
+
+    def __init__(self, members, mode="probs"):
+        super().__init__()
+        self.members, self.mode = nn.ModuleList(members), mode
+        self.num_classes = members[0].num_classes
+
+    def forward(self, x):
+        return ensemble_probs([m(x)[1] for m in self.members], 1.0, self.mode)
+
+
+def bdl_thresholds(hist, portion=0.5, cap=0.9):
+    """Per-class thresholds of BDL SSL.py from per-class confidence histograms (C, bins) over [0, 1]:
+    the value at sorted index round(portion * n_c) (its bin's lower edge, A12), 0 for a class never
+    predicted, capped at `cap`. Returns float64 (C,)."""
+    hist = hist.cpu().long()
+    bins = hist.shape[1]
+    cum = hist.cumsum(1)
+    th = np.zeros(hist.shape[0])
+    for c in range(hist.shape[0]):
+        n = int(cum[c, -1])
+        if n == 0:
+            continue
+        k = min(int(np.round(n * portion)), n - 1)       # numpy rounds halves to even, as BDL's np.round
+        th[c] = int(torch.searchsorted(cum[c], k, right=True)) / bins
+    return np.minimum(th, cap)
+
+
+def confidence_histogram(prob, bins, hist=None):
+    """(C, bins) counts of max-probability per predicted class of a batch of probability maps, added to
+    `hist` in place when given (no copy of the probabilities is kept)."""
+    conf, pred = prob.max(1)
+    index = (pred * bins + (conf * bins).long().clamp(max=bins - 1)).view(-1)
+    if hist is None:
+        hist = torch.zeros(prob.shape[1], bins, dtype=torch.long, device=prob.device)
+    hist.view(-1).index_add_(0, index, torch.ones_like(index))
+    return hist
+
+
+def apply_thresholds(prob, th):
+    """BDL's rule: keep argmax where its max-probability >= the class threshold, else ignore (uint8)."""
+    conf, pred = prob.max(1)
+    keep = conf.double() >= th.to(prob.device)[pred]       # float64 compare, as BDL's float64 arrays
+    return torch.where(keep, pred, torch.full_like(pred, common.IGNORE)).to(torch.uint8)
+
+
+# ======================================================================================
+# Run context: data, models, stage folders
+# ======================================================================================
+
+class Run:
+    """Everything the stages share: arguments, device, datasets, splits and the run folder."""
+
+    def __init__(self, args):
+        self.args = args
+        self.device = common.select_device(args.device)
+        self.amp = common.Amp(self.device, args.amp)
+        self.style, self.norm = common.init_convention(args.init, default=("caffe", "imagenet_bgr"))
+        self.num_classes = 16 if args.source == "synthia" else 19
+        self.synthia = self.num_classes == 16
+        self.out = Path(args.out_dir or common.default_out_dir("dldm", args.source, args.n_labeled, args.seed))
+        self.source_kind, self.source_root, self.target_root = common.data_roots(args, args.source)
+        self.train_stems = sorted(common.SegmentationDataset("cityscapes", self.target_root).stems())
+        self.labeled, rest = common.labeled_split(self.train_stems, args.n_labeled, args.split_seed,
+                                                  args.split_file)
+        if not self.labeled:
+            raise common.DataError(f"--n-labeled {args.n_labeled}: DLDM needs labeled target images")
+        self.unlabeled = rest if args.exclude_labeled_from_u else list(self.train_stems)      # D_U (A16)
+        if args.rounds is None:
+            args.rounds = {"gta5": 4, "synthia": 3, "demo": 2}[args.source] if rest else 1
+        if args.rounds < 1 or not 1 <= args.round <= args.rounds:
+            raise common.DataError(f"--round {args.round}: expected 1..--rounds ({args.rounds})")
+        size = tuple(args.target_size)
+        self.val = common.SegmentationDataset("cityscapes", self.target_root, "val", resize=size, interp="bicubic",
+                                              norm=self.norm, num_classes=self.num_classes, label_res="full")
+        self.init_path = None
+
+    def stage_dir(self, r, stage):
+        return self.out / f"round{r}" / stage
+
+    def seed(self, r, stage):
+        """The seed of one stage: model init, data order and boxes follow from (run seed, round, stage)."""
+        return common.item_seed(self.args.seed, 2000 + r, STAGE_IDS[stage], 0)
+
+    def resolve_init(self):
+        """Fetch --init advent once (hub cache), check --init-sha256, record the digest; else pass through."""
+        if self.args.init != "advent":
+            return self.args.init
+        if self.init_path is None:
+            path = Path(torch.hub.get_dir()) / "checkpoints" / Path(ADVENT_INIT_URL).name
+            if not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    torch.hub.download_url_to_file(ADVENT_INIT_URL, str(path))
+                except (OSError, RuntimeError) as exc:
+                    raise common.DataError(f"--init advent: could not fetch {ADVENT_INIT_URL} ({exc}); put the "
+                                           f"file at {path} or pass --init imagenet|PATH") from None
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if self.args.init_sha256 and digest != self.args.init_sha256.lower():
+                raise common.DataError(f"{path}: sha256 {digest} differs from --init-sha256 {self.args.init_sha256}")
+            self.init_path, self.init_digest = str(path), digest
+        return self.init_path
+
+    def new_model(self, seed, warm_from=None):
+        """AdvEnt's multi-level DeepLabv2 (four ASPP branches summed), ImageNet init or a warm start."""
+        common.seed_everything(seed)
+        model = common.DeepLabV2(self.num_classes, multi_level=True, aspp_full=True, style=self.style,
+                                 layers=self.args.layers)
+        if warm_from is not None:
+            model.load_state_dict(common.load_checkpoint(warm_from, self.num_classes)["model"])
+        else:
+            common.initialise(model, self.resolve_init())
+        return common.prepare_model(model, self.device, self.amp)
+
+    def load_model(self, path):
+        """A frozen eval-mode model from a checkpoint (class count checked, weights_only)."""
+        ckpt = common.load_checkpoint(path, self.num_classes)
+        model = common.DeepLabV2(self.num_classes, multi_level=True, aspp_full=True, style=self.style,
+                                 layers=self.args.layers)
+        try:
+            model.load_state_dict(ckpt.get("model", ckpt))
+        except RuntimeError as exc:
+            raise common.DataError(f"{path}: not a multi-level DeepLabv2 state_dict of this network "
+                                   f"({str(exc).splitlines()[0][:160]})") from None
+        model.requires_grad_(False)
+        return common.prepare_model(model, self.device, self.amp).eval()
+
+    def dataset(self, cls, **kw):
+        """A dataset with the run's normalisation and label space; bicubic image resize (AdvEnt)."""
+        return cls(**{"norm": self.norm, "num_classes": self.num_classes, "interp": "bicubic", **kw})
+
+    def source_set(self, for_region_mix):
+        """D_S, LAB-translated if --lab on; for M_RL fitted to the target canvas (A4)."""
+        a = self.args
+        w, h = a.target_size
+        resize, crop = tuple(a.source_size), None
+        if for_region_mix:
+            resize, crop = ((w, h), None) if a.src_fit == "resize" else (resize, (h, w))
+        kw = dict(root=self.source_root, kind=self.source_kind, resize=resize, crop=crop)
+        if a.lab == "off":
+            return self.dataset(common.SegmentationDataset, **kw)
+        stats = reference_stats(self.target_root, self.out / "lab_reference_stats.json", a.workers)
+        return self.dataset(LabSourceDataset, ref_stats=stats, mode=a.lab_mode, seed=a.seed,
+                            cache_dir=self.out / "lab_offline", **kw)
+
+    def pseudo_dir(self, r):
+        """The folder of the pseudo-labels used in round r (>= 2): --pseudo-dir or round<r-1>/pseudo."""
+        return Path(self.args.pseudo_dir) if self.args.pseudo_dir else self.stage_dir(r - 1, "pseudo")
+
+    def check_pseudo(self, r):
+        """{stem: png} of round r's pseudo-labels; DataError unless the folder matches D_U exactly."""
+        folder = self.pseudo_dir(r)
+        if not folder.is_dir():
+            raise common.DataError(f"{folder}: pseudo-label folder not found (run --stage pseudo --round {r - 1} "
+                                   f"first, or pass --pseudo-dir)")
+        found = {p.stem: p for p in folder.glob("*.png")}
+        missing = sorted(set(self.unlabeled) - set(found))
+        extra = sorted(set(found) - set(self.unlabeled))
+        if missing or extra:
+            what = f"has no {missing[0]}.png" if missing else f"holds {extra[0]}.png"
+            raise common.DataError(f"{folder}: does not match the unlabeled list ({len(self.unlabeled)} images): "
+                                   f"it {what} ({len(missing)} missing, {len(extra)} not in D_U)")
+        return found
+
+    def target_set(self, r, gt_only=False):
+        """D_T^r: the labeled images (ground truth) plus, from round 2, pseudo-labeled D_U minus them (A13)."""
+        labeled = set(self.labeled)
+        pseudo = {} if r == 1 or gt_only else {s: p for s, p in self.check_pseudo(r).items() if s not in labeled}
+        stems = list(self.labeled) + sorted(pseudo)
+        return self.dataset(TargetDataset, kind="cityscapes", root=self.target_root, stems=stems, pseudo=pseudo,
+                            resize=tuple(self.args.target_size)), len(self.labeled), len(pseudo)
+
+    def unlabeled_set(self):
+        """D_U images at the target size (their labels are never used)."""
+        return self.dataset(common.SegmentationDataset, kind="cityscapes", root=self.target_root,
+                            stems=self.unlabeled, resize=tuple(self.args.target_size))
+
+
+def make_optimizer(model, args):
+    """SGD over AdvEnt's 1x/10x groups (DLDM §4.2), or Adam with one learning rate for the demo."""
+    if args.optimizer == "adam":
+        return torch.optim.Adam(common.param_groups(model, args.lr, 1.0, official_duplicates=False), lr=args.lr)
+    groups = common.param_groups(model, args.lr, 10.0, official_duplicates=not args.clean_param_groups)
+    return common.LegacySGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+def stage_finished(stage_dir, iters):
+    """A trained stage is done when its final evaluation (metrics.json at --iters) and checkpoint exist."""
+    path = stage_dir / "metrics.json"
+    return (path.is_file() and (stage_dir / "checkpoint.pth").is_file()
+            and json.loads(path.read_text()).get("iteration") == iters)
+
+
+def loader(run, dataset, seed, stream, start, sampler=None):
+    """An iteration-indexed training loader (order and draws follow from the stage seed and iteration)."""
+    a = run.args
+    sampler = sampler or common.IterationSampler(len(dataset), a.batch_size, seed, stream, start, a.iters)
+    return common.infinite_loader(dataset, sampler, a.workers)
+
+
+def target_loader(run, r, seed, stream, start, gt_only=False):
+    """Loader over D_T^r: uniform over the merged set or the 1:1 balanced stream (A14)."""
+    data, n_gt, n_pseudo = run.target_set(r, gt_only)
+    a = run.args
+    sampler = None
+    if a.merge_sampling == "balanced" and n_pseudo:
+        sampler = BalancedSampler(n_gt, n_pseudo, a.batch_size, seed, stream, start, a.iters)
+    return loader(run, data, seed, stream, start, sampler)
+
+
+# ======================================================================================
+# Stages
+# ======================================================================================
+
+def train_model(run, r, stage, teachers=None):
+    """Train M_RL^r, M_SL^r, M_S^r or the supervised baseline; resumes inside the stage with --resume auto.
+
+    Returns the final evaluation (the stage's metrics.json).
+    """
+    a, device, amp = run.args, run.device, run.amp
+    stage_dir = run.stage_dir(r, stage)
+    if a.resume and stage_finished(stage_dir, a.iters):
+        return json.loads((stage_dir / "metrics.json").read_text())
+    seed = run.seed(r, stage)
+    warm = run.stage_dir(r - 1, stage) / "checkpoint.pth" if a.warm_start and r > 1 else None
+    model = run.new_model(seed, warm)
+    optimizer = make_optimizer(model, a)
+    scheduler = common.lr_scheduler(optimizer, lambda i: common.poly_factor(i, a.poly_iters))
+    start = 0
+    if a.resume and (stage_dir / "checkpoint.pth").is_file():
+        start = common.restore_training(common.load_checkpoint(stage_dir / "checkpoint.pth", run.num_classes),
+                                        model, optimizer, scheduler)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    if start == 0:  # a fresh stage: no log or best snapshot of an earlier attempt
+        for stale in ("log.jsonl", "best_snapshot.json"):
+            (stage_dir / stale).unlink(missing_ok=True)
+    # data streams of this stage (stream ids keep their draws independent)
+    if stage == "rl":
+        loaders = {"s": loader(run, run.source_set(True), seed, 0, start), "t": target_loader(run, r, seed, 1, start)}
+    elif stage == "sl":
+        loaders = {"s": loader(run, run.source_set(False), seed, 0, start), "t": target_loader(run, r, seed, 1, start)}
+    elif stage == "student":
+        loaders = {"u": loader(run, run.unlabeled_set(), seed, 0, start),
+                   "t": target_loader(run, r, seed, 1, start, gt_only=a.student_ce == "gt")}
+    else:
+        loaders = {"t": target_loader(run, 1, seed, 1, start)}
+    log = common.Logger(stage_dir, a.log_every, a.iters, start)
+    step = {"rl": rl_step, "sl": sl_step, "student": student_step, "supervised": supervised_step}[stage]
+    metrics = None
+    for i in range(start, a.iters):
+        model.train()
+        g = common.step_generator(seed, i)
+        optimizer.zero_grad(set_to_none=True)
+        batches = {k: common.next_batch(v, device) for k, v in loaders.items()}
+        losses = step(model, batches, g, run, teachers)
+        amp.step(optimizer)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        log.log(i, losses, lr)
+        if common.is_due(i, a.save_every, a.iters):
+            common.write_checkpoints(stage_dir, common.training_state(i + 1, model, optimizer, scheduler, a),
+                                     a.keep_checkpoints)
+        if common.is_due(i, a.eval_every, a.iters) and i + 1 < a.iters:
+            metrics = evaluate(run, model, stage_dir, i + 1, stage)
+    if metrics is None or metrics["iteration"] != a.iters:
+        metrics = evaluate(run, model, stage_dir, a.iters, stage)
+    return metrics
+
+
+def evaluate(run, model, stage_dir, iteration, name):
+    """Main head at full resolution on val (DDM eval.py); metrics.json, and best_snapshot.json (A15)."""
+    metrics = common.evaluate_and_write(model, run.val, run.device, stage_dir, iteration, run.synthia, run.amp,
+                                        align_corners=True, model_name=name)
+    best_path = stage_dir / "best_snapshot.json"
+    best = json.loads(best_path.read_text()) if best_path.is_file() else None
+    if best is None or metrics["mIoU"] > best["mIoU"]:
+        common.atomic_write_text(best_path, json.dumps({**metrics, "selection": "best snapshot on val"}, indent=1))
+    return metrics
+
+
+def rl_step(model, b, g, run, _):
+    """Eq. 1-2: one labeled target image with a box of a labeled source image pasted at the same place."""
+    (x_s, y_s), (x_t, y_t) = b["s"], b["t"]
+    mask = box_mask(x_t.shape[0], *x_t.shape[2:], g, run.args.box).to(x_t.device, non_blocking=True)
+    x_rl, y_rl = region_mix(mask, x_s, y_s, x_t, y_t)
+    with run.amp.autocast():
+        loss_rl = seg_loss(model, x_rl, y_rl, run.args.aux_weight)                        # Eq. 2
+    run.amp.backward(loss_rl)
+    return {"loss_rl": loss_rl, "source_share": 1 - mask.mean()}
+
+
+def sl_step(model, b, g, run, _):
+    """Eq. 3: a source and a target image in the same iteration; CE summed (two backward passes, one step)."""
+    (x_s, y_s), (x_t, y_t) = b["s"], b["t"]
+    with run.amp.autocast():
+        loss_sl_s = seg_loss(model, x_s, y_s, run.args.aux_weight)
+    run.amp.backward(loss_sl_s)
+    with run.amp.autocast():
+        loss_sl_t = seg_loss(model, x_t, y_t, run.args.aux_weight)
+    run.amp.backward(loss_sl_t)
+    return {"loss_sl_s": loss_sl_s, "loss_sl_t": loss_sl_t}
+
+
+def student_step(model, b, g, run, teachers):
+    """Eq. 4: KL to the teachers' ensemble on x_u (main heads) + CE on labeled x_t."""
+    a = run.args
+    x_u, (x_t, y_t) = b["u"][0], b["t"]
+    size = x_u.shape[2:]
+    with torch.no_grad(), run.amp.autocast():
+        z_teachers = [up(t(x_u)[1].float(), size) for t in teachers]                  # z_RL, z_SL (A8)
+    p_e = ensemble_probs(z_teachers, a.kd_temp, a.ens)                                 # E(M_RL, M_SL) (A10)
+    with run.amp.autocast():
+        loss_kl = kd_loss(up(model(x_u)[1], size), p_e, a.kd_temp, a.kd_t2)          # L_kl (A9)
+    run.amp.backward(a.lambda_kl * loss_kl)
+    with run.amp.autocast():
+        loss_ce = seg_loss(model, x_t, y_t, a.aux_weight)                             # L_ce
+    run.amp.backward(a.lambda_ce * loss_ce)
+    return {"loss_kl": loss_kl, "loss_ce": loss_ce}
+
+
+def supervised_step(model, b, g, run, _):
+    """The 'Supervised DeeplabV2' row: CE on the labeled target images only."""
+    x_t, y_t = b["t"]
+    with run.amp.autocast():
+        loss_ce = seg_loss(model, x_t, y_t, run.args.aux_weight)
+    run.amp.backward(loss_ce)
+    return {"loss_ce": loss_ce}
+
+
+def teacher_paths(run, r):
+    """Checkpoints of M_RL^r and M_SL^r (or --teachers); DataError before anything is written if absent."""
+    paths = [Path(p) for p in run.args.teachers] if run.args.teachers else [
+        run.stage_dir(r, "rl") / "checkpoint.pth", run.stage_dir(r, "sl") / "checkpoint.pth"]
+    for p in paths:
+        if not p.is_file():
+            raise common.DataError(f"{p}: teacher checkpoint not found (run --stage rl and --stage sl of round {r} "
+                                   f"first, or pass --teachers RL SL)")
+    return paths
+
+
+@torch.no_grad()
+def pseudo_stage(run, r):
+    """Alg. 1 line 5 (BDL SSL.py): pseudo-labels for D_U from M_S^r in two passes; resumable in pass 2.
+
+    Pass 1 histograms the max-probability per predicted class (softmax at the output stride, probabilities
+    upsampled to the target size); pass 2 recomputes the maps and writes <stem>.png with worker threads.
+    """
+    a = run.args
+    folder = run.stage_dir(r, "pseudo")
+    ckpt = run.stage_dir(r, "student") / "checkpoint.pth"
+    th_path = folder / "thresholds.json"
+    if a.resume and th_path.is_file() and json.loads(th_path.read_text())["complete"]:
+        return folder
+    student = run.load_model(ckpt)
+    data = run.unlabeled_set()
+    batches = lambda: torch.utils.data.DataLoader(  # noqa: E731 (in order, no randomness)
+        data, batch_size=a.pl_batch_size, num_workers=a.workers, pin_memory=run.device.type == "cuda")
+    w, h = a.target_size
+
+    def probabilities(x):
+        with run.amp.autocast():
+            z = student(x.to(run.device, non_blocking=True))[1]
+        return up(F.softmax(z.float(), 1), (h, w))                                  # BDL: softmax, then upsample
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if a.resume and th_path.is_file():
+        th = np.asarray(json.loads(th_path.read_text())["thresholds"])
+    else:
+        hist = torch.zeros(run.num_classes, a.pl_bins, dtype=torch.long, device=run.device)
+        for batch in batches():                                                        # pass 1
+            confidence_histogram(probabilities(batch["image"]), a.pl_bins, hist)
+        th = bdl_thresholds(hist, a.pl_portion, a.pl_cap)
+        common.atomic_write_text(th_path, json.dumps({"thresholds": th.tolist(), "complete": False,
+                                                      "pixels_per_class": hist.sum(1).tolist()}))
+    th_t = torch.from_numpy(th)
+    stems = data.stems()
+    with ThreadPoolExecutor(max_workers=4) as pool:                                     # pass 2
+        pending = []
+        for batch in batches():
+            names = [folder / f"{stems[i]}.png" for i in batch["index"].tolist()]
+            if a.resume and all(p.is_file() for p in names):
+                continue
+            labels = apply_thresholds(probabilities(batch["image"]), th_t).cpu().numpy()
+            pending += [pool.submit(common.save_png, p, lab) for p, lab in zip(names, labels)]
+        for job in pending:
+            job.result()
+    kept = {"thresholds": th.tolist(), "complete": True}
+    common.atomic_write_text(th_path, json.dumps({**json.loads(th_path.read_text()), **kept}))
+    return folder
+
+
+def evaluate_ensemble(run, paths):
+    """--stage eval / --eval-only: one model, or E(a, b) averaged at T = 1 (Table 3); class counts must agree."""
+    counts = {}
+    for p in paths:
+        ckpt = common.load_checkpoint(p)
+        state = ckpt.get("model", ckpt)
+        if "layer6.conv2d_list.0.weight" not in state:
+            raise common.DataError(f"{p}: no multi-level DeepLabv2 main head ('layer6') in 'model'")
+        counts[p] = state["layer6.conv2d_list.0.weight"].shape[0]
+    if len(set(counts.values())) > 1:
+        raise common.DataError("--ensemble: the checkpoints have different class counts ("
+                               + ", ".join(f"{p}: {n}" for p, n in counts.items()) + ")")
+    members = [run.load_model(p) for p in paths]
+    model = members[0] if len(members) == 1 else Ensemble(members, run.args.ens)
+    name = "+".join(str(p) for p in paths)
+    run.out.mkdir(parents=True, exist_ok=True)
+    common.write_run_files(run.out, run.args)
+    return common.evaluate_and_write(model, run.val, run.device, run.out, None, run.synthia, run.amp,
+                                     align_corners=True, model_name=f"E({name})" if len(paths) > 1 else name,
+                                     save_predictions=run.args.save_predictions)
+
+
+def round_summary(run):
+    """metrics.json of the run: the final student's evaluation at the top, plus every round's three models
+    (Table 4), 'final (M_S^R)' and 'best over rounds' (what Table 1 reports, A15), each labelled."""
+    rounds = []
+    for r in range(1, run.args.rounds + 1):
+        entry = {"round": r}
+        for stage in ("rl", "sl", "student"):
+            path = run.stage_dir(r, stage) / "metrics.json"
+            if path.is_file():
+                entry[{"rl": "M_RL", "sl": "M_SL", "student": "M_S"}[stage]] = json.loads(path.read_text())
+        rounds.append(entry)
+    students = [e for e in rounds if "M_S" in e]
+    summary = {"rounds": rounds}
+    if students:
+        last = run.stage_dir(run.args.rounds, "student") / "metrics.json"
+        if last.is_file():
+            summary = {**json.loads(last.read_text()), **summary, "final (M_S^R)": json.loads(last.read_text())}
+        best = max(students, key=lambda e: e["M_S"]["mIoU"])
+        summary["best over rounds"] = {"round": best["round"], **best["M_S"],
+                                       "selection": "best student over rounds, on val (as Table 1 reads)"}
+    common.atomic_write_text(run.out / "metrics.json", json.dumps(summary, indent=1))
+    return summary
+
+
+def link_final_checkpoint(run):
+    """<out-dir>/checkpoint.pth = M_S^R's checkpoint (hard link, else a copy)."""
+    src, dst = run.stage_dir(run.args.rounds, "student") / "checkpoint.pth", run.out / "checkpoint.pth"
+    dst.unlink(missing_ok=True)
+    try:
+        dst.hardlink_to(src)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def check_inputs(run):
+    """Validate the inputs a single stage needs before anything is written (exit 2 on bad input)."""
+    a, r = run.args, run.args.round
+    if a.stage == "student":
+        teacher_paths(run, r)
+    if a.stage in ("rl", "sl", "student") and r > 1 and not (a.stage == "student" and a.student_ce == "gt"):
+        run.check_pseudo(r)
+    if a.stage == "pseudo" and not (run.stage_dir(r, "student") / "checkpoint.pth").is_file():
+        raise common.DataError(f"{run.stage_dir(r, 'student') / 'checkpoint.pth'}: student checkpoint not found "
+                               f"(run --stage student --round {r} first)")
+    if a.warm_start and r > 1 and a.stage in TRAINED:
+        warm = run.stage_dir(r - 1, a.stage) / "checkpoint.pth"
+        if not warm.is_file():
+            raise common.DataError(f"{warm}: --warm-start needs the previous round's checkpoint")
+
+
+def run_stage(run, r, stage):
+    """One stage of round r; the teachers of a student stage are loaded frozen in eval mode."""
+    if stage == "pseudo":
+        return pseudo_stage(run, r)
+    teachers = [run.load_model(p) for p in teacher_paths(run, r)] if stage == "student" else None
+    return train_model(run, r, stage, teachers)
+
+
+def run_all(run):
+    """Algorithm 1: for r = 1..R train M_RL^r, M_SL^r, then M_S^r, evaluate all three; pseudo-label if r < R."""
+    for r in range(1, run.args.rounds + 1):
+        for stage in ("rl", "sl", "student"):                                          # lines 2-4
+            run_stage(run, r, stage)
+            round_summary(run)
+        if r < run.args.rounds:
+            run_stage(run, r, "pseudo")                                                # lines 5-6
+    link_final_checkpoint(run)
+    return round_summary(run)                                                          # line 8: M_S^R
+
+
+def main_run(args):
+    """Set up, validate, then run the requested stage(s); returns the metrics (summary for --stage all)."""
+    run = Run(args)
+    if args.eval_only or args.stage == "eval":
+        return evaluate_ensemble(run, [Path(p) for p in (args.ensemble or [args.checkpoint])])
+    check_inputs(run)
+    run.resolve_init()
+    common.write_run_files(run.out, args, run.labeled)
+    if args.init == "advent":
+        common.atomic_write_text(run.out / "init_sha256.txt", f"{run.init_digest}  {run.init_path}\n")
+    if args.stage == "all":
+        return run_all(run)
+    result = run_stage(run, args.round, args.stage)
+    if args.stage != "supervised":
+        round_summary(run)
+    return result if isinstance(result, dict) else {"pseudo_dir": str(result)}
+
+
+def main(argv=None):
+    import time
+    args = parse_args(argv)
+    t0 = time.time()
+    summary = main_run(args)
+    if args.demo and args.stage == "all" and not args.eval_only:
+        baseline = copy.copy(args)
+        baseline.stage = "supervised"
+        supervised = main_run(baseline)
+        R = args.rounds
+        others = [("supervised (labeled target only)", supervised)]
+        for e in summary["rounds"]:
+            others += [(f"{k}^{e['round']}", e[k]) for k in ("M_RL", "M_SL", "M_S") if k in e and
+                       not (k == "M_S" and e["round"] == R)]
+        common.write_demo_summary(Path(args.out_dir or common.default_out_dir("dldm", args.source, args.n_labeled,
+                                                                              args.seed)),
+                                  "dldm.py", (f"DLDM M_S^{R}", summary["final (M_S^R)"]), others,
+                                  args.iters * (3 * R + 1), time.time() - t0)
+    return summary
+
+
+if __name__ == "__main__":
+    common.run_script(main)

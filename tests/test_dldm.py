@@ -1,0 +1,430 @@
+"""dldm.py: the rounds end to end, exact resume inside a stage, each equation against a hand computation,
+the BDL rule, the merge, LAB, ensembles, one test per flag, and bad input."""
+import json
+import shutil
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import common
+import dldm
+from conftest import ROOT, make_cityscapes, make_gta5, make_synthia, weights_digest
+
+TINY = ["--layers", "1", "1", "1", "1", "--init", "none", "--source-size", "64", "32", "--target-size", "64", "32",
+        "--n-labeled", "2", "--workers", "0", "--log-every", "1", "--device", "cpu", "--iters", "2",
+        "--poly-iters", "10", "--pl-bins", "4096"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    r = tmp_path_factory.mktemp("data")
+    make_gta5(r)
+    make_synthia(r)
+    make_cityscapes(r)
+    return r
+
+
+def run(root, out, *flags):
+    """dldm.main with the tiny settings; returns its metrics."""
+    return dldm.main([*TINY, "--data-root", str(root), "--out-dir", str(out), *map(str, flags)])
+
+
+def ckpt(path):
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def base(root, tmp_path_factory):
+    """A finished 2-round run: every stage of Algorithm 1 (its folders feed the single-stage tests)."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    run(root, out, "--rounds", 2, "--save-every", 1, "--keep-checkpoints")
+    return out
+
+
+# ------------------------------------------------------------------ the whole algorithm
+
+def test_two_rounds_end_to_end(base):
+    for r in (1, 2):
+        for stage in ("rl", "sl", "student"):
+            m = json.loads((base / f"round{r}" / stage / "metrics.json").read_text())
+            assert m["iteration"] == 2 and m["model"] == stage and m["num_classes"] == 19
+            assert list(ckpt(base / f"round{r}" / stage / "checkpoint.pth")["model"]) == list(
+                common.DeepLabV2(19, multi_level=True, layers=(1, 1, 1, 1)).state_dict())   # DeeplabMulti keys
+    pseudo = base / "round1" / "pseudo"
+    assert len(list(pseudo.glob("*.png"))) == 6                          # all of D_U (A16)
+    assert json.loads((pseudo / "thresholds.json").read_text())["complete"]
+    assert not (base / "round2" / "pseudo").exists()                     # none after the last round
+    summary = json.loads((base / "metrics.json").read_text())
+    assert [e["round"] for e in summary["rounds"]] == [1, 2]
+    assert all({"M_RL", "M_SL", "M_S"} <= set(e) for e in summary["rounds"])
+    assert summary["final (M_S^R)"] == summary["rounds"][1]["M_S"] and summary["mIoU"] == summary["rounds"][1]["M_S"]["mIoU"]
+    assert summary["best over rounds"]["mIoU"] == max(e["M_S"]["mIoU"] for e in summary["rounds"])
+    assert "selection" in summary["best over rounds"]
+    assert weights_digest(ckpt(base / "checkpoint.pth")["model"]) == weights_digest(
+        ckpt(base / "round2" / "student" / "checkpoint.pth")["model"])
+    assert len((base / "split.txt").read_text().split()) == 2
+    log = [json.loads(x) for x in (base / "round2" / "student" / "log.jsonl").read_text().splitlines()]
+    assert {"loss_kl", "loss_ce", "lr"} <= set(log[-1])
+
+
+def test_synthia_sixteen_classes(root, tmp_path):
+    m = run(root, tmp_path / "run", "--source", "synthia", "--rounds", 1)
+    assert m["num_classes"] == 16 and "mIoU13" in m
+    assert ckpt(tmp_path / "run" / "round1" / "rl" / "checkpoint.pth")["model"]["layer6.conv2d_list.0.weight"].shape[0] == 16
+
+
+def test_kill_inside_round_two_student_and_resume_is_exact(root, base, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(base, out)
+    # the state a kill right after iteration 1 of round 2's student leaves behind
+    student = out / "round2" / "student"
+    shutil.copyfile(student / "checkpoint_1.pth", student / "checkpoint.pth")
+    for f in ("metrics.json", "best_snapshot.json", "checkpoint_2.pth"):
+        (student / f).unlink()
+    (out / "checkpoint.pth").unlink()
+    before = (out / "round1" / "rl" / "checkpoint.pth").stat().st_mtime_ns
+    run(root, out, "--rounds", 2, "--save-every", 1, "--resume", "auto")
+    assert (out / "round1" / "rl" / "checkpoint.pth").stat().st_mtime_ns == before      # finished stages skipped
+    assert weights_digest(ckpt(out / "checkpoint.pth")["model"]) == weights_digest(ckpt(base / "checkpoint.pth")["model"])
+
+
+def test_stages_one_by_one_equal_all(root, base, tmp_path):
+    out = tmp_path / "run"
+    for r, stages in ((1, ("rl", "sl", "student", "pseudo")), (2, ("rl", "sl", "student"))):
+        for stage in stages:
+            run(root, out, "--rounds", 2, "--stage", stage, "--round", r)
+    assert weights_digest(ckpt(out / "round2" / "student" / "checkpoint.pth")["model"]) == weights_digest(
+        ckpt(base / "round2" / "student" / "checkpoint.pth")["model"])
+    assert json.loads((out / "metrics.json").read_text())["final (M_S^R)"]["mIoU"] == pytest.approx(
+        json.loads((base / "metrics.json").read_text())["final (M_S^R)"]["mIoU"])
+
+
+def test_learning_rate_and_optimiser(root, tmp_path):
+    """poly 0.9 over --poly-iters set before each step; SGD momentum 0.9, wd 1e-4, classifiers x10."""
+    run(root, tmp_path / "run", "--stage", "rl", "--iters", 3, "--poly-iters", 6)
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "run" / "round1" / "rl" / "log.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([2.5e-4 * (1 - i / 6) ** 0.9 for i in range(3)], rel=1e-9)
+    groups = ckpt(tmp_path / "run" / "round1" / "rl" / "checkpoint.pth")["optimizer"]["param_groups"]
+    assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])
+    assert groups[0]["weight_decay"] == 1e-4 and groups[0]["momentum"] == 0.9
+
+
+def test_defaults_match_the_paper_and_the_authors_config():
+    a = dldm.parse_args([])
+    literal = {"iters": 120000, "poly_iters": 250000, "batch_size": 1, "lr": 2.5e-4, "momentum": 0.9,
+               "weight_decay": 1e-4, "lambda_kl": 0.5, "lambda_ce": 1.0, "kd_temp": 10.0, "kd_t2": True,
+               "pl_portion": 0.5, "pl_cap": 0.9, "aux_weight": 0.1, "target_size": (1024, 512),
+               "source_size": (1280, 720), "eval_res": "full", "lab": "on", "lab_mode": "online", "box": "cutmix",
+               "src_fit": "crop", "ens": "probs", "merge_sampling": "uniform", "student_ce": "merged",
+               "warm_start": False, "exclude_labeled_from_u": False, "n_labeled": 100, "init": "advent",
+               "stage": "all", "optimizer": "sgd", "clean_param_groups": False}
+    assert {k: getattr(a, k) for k in literal} == literal
+    assert tuple(dldm.parse_args(["--source", "synthia"]).source_size) == (1280, 760)
+
+
+def test_rounds_default(root, tmp_path):
+    args = dldm.parse_args([*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / "x")])
+    assert dldm.Run(args).args.rounds == 4                                    # GTA5
+    args = dldm.parse_args([*TINY, "--source", "synthia", "--data-root", str(root)])
+    assert dldm.Run(args).args.rounds == 3
+    args = dldm.parse_args([*TINY, "--n-labeled", "6", "--data-root", str(root)])
+    assert dldm.Run(args).args.rounds == 1                                    # every train image labeled
+
+
+# ------------------------------------------------------------------ equations
+
+def test_box_pastes_source_onto_target_and_mixes_labels_identically():
+    x_s, x_t = torch.full((2, 3, 16, 24), 1.0), torch.full((2, 3, 16, 24), 2.0)
+    y_s, y_t = torch.full((2, 16, 24), 3), torch.full((2, 16, 24), 7)
+    y_s[:, 0, 0] = 255
+    for rule in ("cutmix", "french"):
+        for seed in range(10):
+            mask = dldm.box_mask(2, 16, 24, torch.Generator().manual_seed(seed), rule)
+            x, y = dldm.region_mix(mask, x_s, y_s, x_t, y_t)
+            from_source = x[:, 0] == 1.0
+            assert torch.equal(from_source, mask[:, 0] == 0)                  # 0 in M = the source box
+            assert torch.equal(y == 7, ~from_source) and torch.equal(y[from_source] != 7, torch.ones_like(y[from_source], dtype=torch.bool))
+            for k in range(2):
+                rows, cols = from_source[k].any(1).nonzero(), from_source[k].any(0).nonzero()
+                if len(rows):                                                # one axis-aligned rectangle
+                    assert from_source[k, rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+                    if rule == "french":
+                        assert from_source[k].float().mean() == pytest.approx(0.5, abs=0.05)
+    mask = dldm.box_mask(1, 16, 24, torch.Generator().manual_seed(0), "cutmix")
+    assert (1 - mask).mean() <= 1.0
+
+
+def test_cutmix_box_rule_by_hand():
+    g = torch.Generator().manual_seed(3)
+    u = torch.rand(3, generator=torch.Generator().manual_seed(3), dtype=torch.float64).tolist()
+    mask = dldm.box_mask(1, 20, 40, g, "cutmix")[0, 0]
+    cut = (1 - u[0]) ** 0.5
+    ch, cw, cy, cx = int(20 * cut), int(40 * cut), int(u[1] * 20), int(u[2] * 40)
+    expect = torch.ones(20, 40)
+    expect[max(cy - ch // 2, 0):min(cy + ch // 2, 20), max(cx - cw // 2, 0):min(cx + cw // 2, 40)] = 0
+    assert torch.equal(mask, expect)
+
+
+def test_kl_term_by_hand():
+    t = 10.0
+    z_s = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]]).T.reshape(1, 3, 1, 2)
+    p_e = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]).T.reshape(1, 3, 1, 2)
+    q = np.exp(z_s.numpy() / t) / np.exp(z_s.numpy() / t).sum(1, keepdims=True)
+    p = p_e.numpy()
+    kl = (p * (np.log(p) - np.log(q))).sum(1).mean()
+    assert dldm.kd_loss(z_s, p_e, t).item() == pytest.approx(100 * kl, rel=1e-5)        # T^2 = 100
+    assert dldm.kd_loss(z_s, p_e, t, t2=False).item() == pytest.approx(kl, rel=1e-5)
+    reverse = (q * (np.log(q) - np.log(p))).sum(1).mean()                               # KL(student || teacher)
+    assert abs(dldm.kd_loss(z_s, p_e, t, t2=False).item() - reverse) > 1e-3
+
+
+def test_ensembles_by_hand():
+    a = torch.tensor([2.0, 0.0, -1.0]).view(1, 3, 1, 1)
+    b = torch.tensor([-1.0, 1.0, 0.0]).view(1, 3, 1, 1)
+    sm = lambda z: np.exp(z) / np.exp(z).sum()  # noqa: E731
+    probs = (sm(a.numpy().ravel() / 10) + sm(b.numpy().ravel() / 10)) / 2
+    assert dldm.ensemble_probs([a, b], 10.0).ravel().numpy() == pytest.approx(probs, rel=1e-6)
+    logits = sm((a.numpy().ravel() + b.numpy().ravel()) / 2 / 10)
+    assert dldm.ensemble_probs([a, b], 10.0, "logits").ravel().numpy() == pytest.approx(logits, rel=1e-6)
+
+    class Fixed(torch.nn.Module):
+        num_classes = 3
+
+        def __init__(self, z):
+            super().__init__()
+            self.z = z
+
+        def forward(self, x):
+            return None, self.z
+    e = dldm.Ensemble([Fixed(a), Fixed(b)])
+    assert e(torch.zeros(1)).ravel().numpy() == pytest.approx((sm(a.numpy().ravel()) + sm(b.numpy().ravel())) / 2)
+
+
+def test_student_step_distils_teachers_on_unlabeled_and_supervises_on_labeled():
+    """Loop order of Eq. 4: teachers see x_u only, the KL compares their ensemble with the student on x_u,
+    the CE uses x_t and y_t."""
+    seen = []
+
+    class Net(torch.nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(scale))
+
+        def forward(self, x):
+            seen.append((self, x))
+            z = torch.cat([x[:, :1] * self.w, -x[:, :1] * self.w, x[:, 1:2]], 1)
+            return z * 0.5, z
+    student, rl, sl = Net(1.0), Net(2.0), Net(-1.0)
+    x_u, x_t = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
+    y_t = torch.randint(0, 3, (1, 4, 4))
+    args = types.SimpleNamespace(kd_temp=10.0, ens="probs", kd_t2=True, lambda_kl=0.5, lambda_ce=1.0, aux_weight=0.1)
+    r = types.SimpleNamespace(args=args, amp=common.Amp(torch.device("cpu"), False))
+    losses = dldm.student_step(student, {"u": (x_u, None), "t": (x_t, y_t)}, None, r, [rl, sl])
+    assert [m for m, x in seen if x is x_u] == [rl, sl, student] and [m for m, x in seen if x is x_t] == [student]
+    p_e = (F.softmax(rl(x_u)[1] / 10, 1) + F.softmax(sl(x_u)[1] / 10, 1)) / 2
+    assert losses["loss_kl"].item() == pytest.approx(dldm.kd_loss(student(x_u)[1], p_e, 10.0).item(), rel=1e-6)
+    ce = F.cross_entropy(student(x_t)[1], y_t) + 0.1 * F.cross_entropy(student(x_t)[0], y_t)
+    assert losses["loss_ce"].item() == pytest.approx(ce.item(), rel=1e-6)
+
+
+def bdl_reference(prob, portion=0.5, cap=0.9):
+    """BDL SSL.py, literally: sort the confidences of each predicted class, index round(n*portion), cap."""
+    pred, conf = prob.argmax(1), prob.max(1)
+    th = []
+    for c in range(prob.shape[1]):
+        x = np.sort(conf[pred == c])
+        th.append(0 if len(x) == 0 else x[int(np.round(len(x) * portion))])
+    th = np.minimum(np.array(th, dtype=np.float64), cap)
+    label = pred.copy()
+    for c in range(prob.shape[1]):
+        label[(conf < th[c]) & (pred == c)] = 255
+    return th, label
+
+
+def test_bdl_rule_on_a_toy_map():
+    """Per-class medians, the 0.9 cap, ignore for the rest; class 3 never predicted (threshold 0)."""
+    rng = np.random.default_rng(0)
+    levels = np.arange(40, 65) / 64                                     # exact in float32 and at 2^12 bins
+    n, c, h, w = 3, 4, 5, 7
+    prob = np.zeros((n, c, h, w), dtype=np.float32)
+    pred = rng.integers(0, 3, (n, h, w))
+    conf = rng.choice(levels, (n, h, w)).astype(np.float32)
+    conf[pred == 2] = rng.choice(np.arange(59, 65) / 64, (pred == 2).sum())   # class 2: median above 0.9
+    for k in range(c):
+        prob[:, k] = np.where(pred == k, conf, (1 - conf) / (c - 1))
+    th_ref, label_ref = bdl_reference(prob)
+    hist = dldm.confidence_histogram(torch.from_numpy(prob), 2 ** 12)
+    th = dldm.bdl_thresholds(hist)
+    assert th == pytest.approx(th_ref, abs=0) and th[2] == 0.9 and th[3] == 0
+    label = dldm.apply_thresholds(torch.from_numpy(prob), torch.from_numpy(th)).numpy()
+    assert np.array_equal(label, label_ref)
+    assert (label == 255).any() and set(np.unique(label)) <= {0, 1, 2, 255}
+    assert ((label == 2) == ((pred == 2) & (conf >= 0.9))).all()
+
+
+def test_pseudo_labels_come_from_the_student_softmax_then_upsampled(root, base):
+    """Alg. 1 line 5: M_S^1's softmax at the output stride, upsampled (align_corners) to the target size."""
+    args = dldm.parse_args([*TINY, "--data-root", str(root), "--out-dir", str(base), "--rounds", "2"])
+    r = dldm.Run(args)
+    student = r.load_model(base / "round1" / "student" / "checkpoint.pth")
+    data = r.unlabeled_set()
+    x = torch.stack([data[i]["image"] for i in range(len(data))])
+    with torch.no_grad():
+        prob = F.interpolate(F.softmax(student(x)[1], 1), size=(32, 64), mode="bilinear", align_corners=True)
+    th = dldm.bdl_thresholds(dldm.confidence_histogram(prob, 4096))
+    saved = json.loads((base / "round1" / "pseudo" / "thresholds.json").read_text())["thresholds"]
+    assert saved == pytest.approx(th.tolist())
+    label = dldm.apply_thresholds(prob, torch.from_numpy(th)).numpy()
+    for i, stem in enumerate(data.stems()):
+        assert np.array_equal(np.asarray(Image.open(base / "round1" / "pseudo" / f"{stem}.png")), label[i])
+
+
+def test_merge_ground_truth_wins(root, base):
+    args = dldm.parse_args([*TINY, "--data-root", str(root), "--out-dir", str(base), "--rounds", "2"])
+    r = dldm.Run(args)
+    data, n_gt, n_pseudo = r.target_set(2)
+    assert (n_gt, n_pseudo) == (2, 4) and data.stems()[:2] == r.labeled
+    gt = common.SegmentationDataset("cityscapes", r.target_root, resize=(64, 32), stems=r.labeled)
+    for i, stem in enumerate(data.stems()):
+        label = data.load(i)[1]
+        if stem in r.labeled:
+            assert np.array_equal(label, gt.load(r.labeled.index(stem))[1])
+        else:
+            assert np.array_equal(label, np.asarray(Image.open(base / "round1" / "pseudo" / f"{stem}.png")))
+    assert r.target_set(1)[2] == 0 and r.target_set(2, gt_only=True)[2] == 0
+
+
+# ------------------------------------------------------------------ LAB
+
+def test_lab_conversion_matches_skimage_values():
+    rgb = np.array([[[255, 255, 255], [255, 0, 0], [0, 0, 0]]], dtype=np.uint8)
+    lab = dldm.rgb_to_lab(rgb)
+    assert lab[0, 0] == pytest.approx([100.0, 0.0, 0.0], abs=1e-2)
+    assert lab[0, 1] == pytest.approx([53.2408, 80.0925, 67.2032], abs=1e-3)        # skimage rgb2lab of red
+    assert lab[0, 2] == pytest.approx([0.0, 0.0, 0.0], abs=1e-9)
+    img = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    assert dldm.lab_to_rgb(dldm.rgb_to_lab(img)) * 255 == pytest.approx(img.astype(float), abs=1e-6)
+
+
+def test_lab_transfer_matches_the_reference_statistics():
+    rng = np.random.default_rng(1)
+    src = rng.integers(60, 200, (32, 48, 3), dtype=np.uint8)
+    ref = np.clip(rng.normal([90, 110, 150], 20, (40, 40, 3)), 0, 255).astype(np.uint8)
+    stats = dldm.lab_stats(ref)
+    matched = dldm.lab_match(dldm.rgb_to_lab(src), stats).reshape(-1, 3)
+    assert matched.mean(0) == pytest.approx(stats[:3], abs=1e-9) and matched.std(0) == pytest.approx(stats[3:], rel=1e-9)
+    out = dldm.lab_stats(dldm.lab_transfer(src, stats))                # after gamut clip and uint8 truncation
+    assert out[:3] == pytest.approx(stats[:3], abs=1.0) and out[3:] == pytest.approx(stats[3:], abs=1.0)
+    assert dldm.lab_transfer(np.dstack([src, np.full(src.shape[:2], 7, np.uint8)]), stats).shape == src.shape
+
+
+def test_lab_reference_drawn_per_load_online_and_fixed_offline(root, tmp_path):
+    args = dldm.parse_args([*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / "r")])
+    r = dldm.Run(args)
+    online = r.source_set(False)
+    refs = set()
+    for s in range(12):
+        online[(0, s, -1)]
+        refs.add(online.reference)
+    assert len(refs) > 1 and len(r.train_stems) == len(online.ref_stats) == 6        # all train images (A17)
+    args.lab_mode = "offline"
+    offline = r.source_set(False)
+    a, b = offline[(0, 1, -1)], offline[(0, 2, -1)]
+    assert torch.equal(a["image"], b["image"]) and (tmp_path / "r" / "lab_offline" / "00001.png").is_file()
+
+
+# ------------------------------------------------------------------ each flag changes training
+
+def stage_digest(root, out, flags, path):
+    """Digest of a stage checkpoint's weights (or of the pseudo-label PNGs) after a run with `flags`."""
+    run(root, out, *flags)
+    p = out / path
+    if p.is_dir():
+        return "".join(sorted(str(np.asarray(Image.open(f)).tobytes()) for f in p.glob("*.png")))
+    return weights_digest(ckpt(p)["model"])
+
+
+def teachers(base, r=1):
+    return ["--teachers", base / f"round{r}" / "rl" / "checkpoint.pth", base / f"round{r}" / "sl" / "checkpoint.pth"]
+
+
+def test_each_flag_changes_training(root, base, tmp_path):
+    pseudo = ["--rounds", 2, "--round", 2, "--pseudo-dir", base / "round1" / "pseudo"]
+    cases = {  # stage: (checkpoint path, base flags, [flag sets that must change the result])
+        "rl": ("round1/rl/checkpoint.pth", ["--stage", "rl", "--source-size", 80, 40],   # a window to crop
+               [["--lab", "off"], ["--lab-mode", "offline"], ["--box", "french"], ["--src-fit", "resize"],
+                ["--aux-weight", 0], ["--clean-param-groups"], ["--weight-decay", 0.1], ["--optimizer", "adam"],
+                ["--poly-iters", 3], ["--amp"], ["--split-seed", 3]]),
+        "sl": ("round1/sl/checkpoint.pth", ["--stage", "sl"], [["--lab", "off"]]),
+        "student": ("round1/student/checkpoint.pth", ["--stage", "student", *teachers(base)],
+                    [["--lambda-kl", 2], ["--lambda-ce", 0.1], ["--kd-temp", 2], ["--no-kd-t2"], ["--ens", "logits"],
+                     ["--exclude-labeled-from-u"]]),
+        "rl2": ("round2/rl/checkpoint.pth", ["--stage", "rl", *pseudo], [["--merge-sampling", "balanced"]]),
+        "student2": ("round2/student/checkpoint.pth", ["--stage", "student", *pseudo, *teachers(base, 2)],
+                     [["--student-ce", "gt"]]),
+    }
+    for name, (path, flags, variants) in cases.items():
+        ref = stage_digest(root, tmp_path / name, flags, path)
+        if name == "rl":
+            assert stage_digest(root, tmp_path / f"{name}_again", flags, path) == ref     # deterministic
+        for extra in variants:
+            assert stage_digest(root, tmp_path / f"{name}_{extra[0]}", [*flags, *extra], path) != ref, extra
+
+
+def test_warm_start_and_pseudo_label_flags(root, base, tmp_path):
+    """--warm-start starts round 2 from round 1; --pl-portion / --pl-cap change the pseudo-labels."""
+    out = tmp_path / "warm"
+    shutil.copytree(base / "round1" / "rl", out / "round1" / "rl")
+    pseudo = ["--rounds", 2, "--round", 2, "--pseudo-dir", base / "round1" / "pseudo", "--stage", "rl"]
+    cold = stage_digest(root, tmp_path / "cold", pseudo, "round2/rl/checkpoint.pth")
+    assert stage_digest(root, out, [*pseudo, "--warm-start"], "round2/rl/checkpoint.pth") != cold
+    pl = {}
+    for flags in ([], ["--pl-portion", 0.99], ["--pl-cap", 0.01]):    # 0.01: below any max-probability
+        out = tmp_path / ("pl" + "".join(map(str, flags)))
+        shutil.copytree(base / "round1" / "student", out / "round1" / "student")
+        pl[tuple(flags)] = stage_digest(root, out, ["--rounds", 2, "--stage", "pseudo", "--pl-bins", 2 ** 20, *flags],
+                                        "round1/pseudo")
+    assert len(set(pl.values())) == 3
+
+
+# ------------------------------------------------------------------ evaluation, bad input
+
+def test_eval_single_and_ensemble(root, base, tmp_path):
+    rl = base / "round1" / "rl" / "checkpoint.pth"
+    single = run(root, tmp_path / "one", "--stage", "eval", "--ensemble", rl)
+    assert single["mIoU"] == pytest.approx(json.loads((base / "round1" / "rl" / "metrics.json").read_text())["mIoU"])
+    pair = run(root, tmp_path / "two", "--stage", "eval", "--ensemble", rl, base / "round1" / "sl" / "checkpoint.pth")
+    assert pair["model"].startswith("E(") and (tmp_path / "two" / "metrics.json").is_file()
+
+
+def test_bad_input_nothing_written(root, base, tmp_path):
+    with pytest.raises(common.DataError, match="teacher checkpoint not found"):
+        run(root, tmp_path / "a", "--stage", "student")
+    other = tmp_path / "c16.pth"
+    torch.save({"model": common.DeepLabV2(16, multi_level=True, layers=(1, 1, 1, 1)).state_dict()}, other)
+    with pytest.raises(common.DataError, match="different class counts"):
+        run(root, tmp_path / "b", "--stage", "eval", "--ensemble", base / "round1" / "rl" / "checkpoint.pth", other)
+    partial = tmp_path / "pseudo"
+    shutil.copytree(base / "round1" / "pseudo", partial)
+    next(partial.glob("*.png")).unlink()
+    with pytest.raises(common.DataError, match="does not match the unlabeled list"):
+        run(root, tmp_path / "c", "--stage", "rl", "--rounds", 2, "--round", 2, "--pseudo-dir", partial)
+    shutil.copytree(base / "round1" / "pseudo", partial, dirs_exist_ok=True)
+    Image.fromarray(np.zeros((32, 64), np.uint8)).save(partial / "nowhere_000000_000019.png")
+    with pytest.raises(common.DataError, match="nowhere_000000_000019.png"):
+        run(root, tmp_path / "d", "--stage", "sl", "--rounds", 2, "--round", 2, "--pseudo-dir", partial)
+    assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_bad_input_exits_2_with_one_line(root, tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "dldm.py"), *TINY, "--data-root", str(root), "--out-dir",
+                        str(tmp_path / "x"), "--stage", "student"], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+

@@ -1499,21 +1499,23 @@ def infinite_loader(dataset, sampler, workers):
     """DataLoader over an iteration-indexed batch sampler (order and crops fixed by seed and iteration)."""
     return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                             pin_memory=torch.cuda.is_available(),
-                                            persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals))
+                                            persistent_workers=workers > 0, worker_init_fn=worker_stop_signals))
 
 
-def ignore_stop_signals(worker_id):
-    """Data-loading workers leave SIGINT/SIGTERM to the main process, which stops the run cleanly."""
+def worker_stop_signals(worker_id):
+    """Data-loading workers leave Ctrl-C (SIGINT, sent to the whole process group) to the main process; on
+    SIGTERM (a scheduler signals every process) they keep serving for 5 s, so the main process can finish
+    its iteration and checkpoint, then end with status 0, which raises no error in the main process."""
     import signal
+    import threading
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: threading.Timer(5.0, os._exit, (0,)).start())
 
 
 def run_script(main):
     """Call main(); bad data or arguments (also raised in a data-loading worker) and disk errors -> one line
     `error: ...` on stderr and exit 2; a diverged run -> exit 3."""
     import errno
-    import gc
     try:
         main()
         return
@@ -1528,7 +1530,6 @@ def run_script(main):
             raise
         print(f"error: {exc.filename or 'writing a file'}: {exc.strerror}", file=sys.stderr)
         code = 2
-    gc.collect()  # free the loaders the traceback held, so their workers are shut down before the exit
     sys.exit(code)
 
 

@@ -115,7 +115,7 @@ PAPER = {  # dest: (value, source) — shown in --help
     "save_every": (2000, "AdvEnt SAVE_PRED_EVERY"),
 }
 DEMO = {"source": "demo", "n_labeled": 10, "rounds": 2, "iters": 80, "poly_iters": 80, "lr": 1e-3,
-        "optimizer": "adam", "layers": [1, 1, 1, 1], "init": "none", "source_size": [128, 64],
+        "optimizer": "adam", "layers": [1, 1, 1, 1], "init": "demo", "source_size": [128, 64],
         "target_size": [128, 64], "eval_res": "full", "save_every": 40, "log_every": 40, "workers": 0,
         "pl_batch_size": 8}
 SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
@@ -484,8 +484,7 @@ class Run:
         if args.rounds < 1 or not 1 <= args.round <= args.rounds:
             raise common.DataError(f"--round {args.round}: expected 1..--rounds ({args.rounds})")
         size = tuple(args.target_size)
-        self.val = common.SegmentationDataset("cityscapes", self.target_root, "val", resize=size, interp="bicubic",
-                                              norm=self.norm, num_classes=self.num_classes, label_res="full")
+        self.val = common.cityscapes_val(self.target_root, size, "full", self.norm, self.num_classes, "bicubic")
         self.init_path = None
 
     def stage_dir(self, r, stage):
@@ -522,7 +521,7 @@ class Run:
         if warm_from is not None:
             model.load_state_dict(common.load_checkpoint(warm_from, self.num_classes)["model"])
         else:
-            common.initialise(model, self.resolve_init())
+            common.initialise(model, self.resolve_init(), self.norm, self.args.data_root)
         return common.prepare_model(model, self.device, self.amp)
 
     def load_model(self, path):
@@ -660,6 +659,7 @@ def train_model(run, r, stage, teachers=None):
     log = common.Logger(stage_dir, a.log_every, a.iters, start)
     step = {"rl": rl_step, "sl": sl_step, "student": student_step, "supervised": supervised_step}[stage]
     metrics = None
+    stop = common.StopSignals()         # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, a.iters):
         model.train()
         g = common.step_generator(seed, i)
@@ -670,11 +670,13 @@ def train_model(run, r, stage, teachers=None):
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         log.log(i, losses, lr)
-        if common.is_due(i, a.save_every, a.iters):
+        if common.is_due(i, a.save_every, a.iters) or stop.requested:
             common.write_checkpoints(stage_dir, common.training_state(i + 1, model, optimizer, scheduler, a),
                                      a.keep_checkpoints)
+            stop.exit_if_requested(i + 1, stage_dir)
         if common.is_due(i, a.eval_every, a.iters) and i + 1 < a.iters:
             metrics = evaluate(run, model, stage_dir, i + 1, stage)
+    stop.restore()
     if metrics is None or metrics["iteration"] != a.iters:
         metrics = evaluate(run, model, stage_dir, a.iters, stage)
     return metrics

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -43,15 +42,19 @@ def test_divergence_stops_with_exit_3_and_keeps_the_last_good_checkpoint(city):
     assert not list((city / "run").glob(".*.tmp*"))
 
 
-def test_sigterm_with_workers_checkpoints_and_resume_is_exact(city):
+@pytest.mark.parametrize("target", ["process", "group"])   # kill PID, or a scheduler signalling every process
+def test_sigterm_with_workers_checkpoints_and_resume_is_exact(city, target):
     args = ["--data-root", city, *BASE, "--workers", 2, "--iters", 6, "--save-every", 100, "--lr", 1e-3]
     ref = run(*args, "--out-dir", city / "ref")
     assert ref.returncode == 0, ref.stderr
     proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args), "--out-dir", str(city / "run")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     first = proc.stdout.readline()                  # "it 1/6 ...": training is under way
     assert first.startswith("it 1/6"), first + proc.stderr.read()
-    proc.send_signal(signal.SIGTERM)
+    if target == "group":
+        os.killpg(proc.pid, signal.SIGTERM)         # the data-loading workers get it too
+    else:
+        proc.send_signal(signal.SIGTERM)
     rest, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM" in rest and "--resume auto" in rest

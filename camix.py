@@ -54,10 +54,10 @@ Paper vs code (the default follows the code; the flag gives the other):
    {bicycle, motorcycle} (one-way); flat, construction and nature groups are commented out.
  7 significance mask noise: the code's helper passes its clamp bounds swapped, so every copy gets the
    constant -0.2 and the N passes are identical (train-mode BN then removes the offset); --src-impl paper
-   draws N(0, 0.1^2) clipped to +-0.2. K_sup = ln 19, beta 0.75, gamma -5, t_max 130k (GTA5) / 10k
-   (SYNTHIA, so U_T ~ 1 long before phase B starts); U_T is thresholded at the network's output
-   resolution (65x65) and bilinearly upsampled (soft edges); the entropy has no epsilon (a 0 probability
-   gives NaN and U_T = 0 there) — all kept. Paper Eq. 7 typesets K_sup on the second term only; the code
+   draws N(0, 0.1^2) clipped to +-0.2 (+-2 std for --sigmask-noise-std). K_sup = ln 19, beta 0.75,
+   gamma -5, t_max 130k (GTA5) / 10k (SYNTHIA, so U_T ~ 1 long before phase B starts); U_T is
+   thresholded at the network's output resolution (65x65) and bilinearly upsampled (soft edges); the
+   entropy has no epsilon (a 0 probability gives NaN and U_T = 0 there) — all kept. Paper Eq. 7 typesets K_sup on the second term only; the code
    multiplies the bracket.
  8 SRC: the code multiplies the already averaged weighted CE (a scalar) by U_M and divides by sum U_M, so
    U_M cancels and L_con is DACS's loss (--src-impl code, default; the significance pass is then skipped
@@ -152,7 +152,8 @@ def parse_args(argv=None):
     p.add_argument("--sigmask-beta", type=float, default=0.75, help="beta of Eq. 7 (code sigmoid_ramp_up use)")
     p.add_argument("--sigmask-gamma", type=float, default=-5.0, help="gamma of Eq. 7 (code sigmoid_ramp_up)")
     p.add_argument("--sigmask-noise-std", type=float, default=0.1,
-                   help="--src-impl paper: std of the Gaussian input noise, clipped to +-0.2 (code noise_scale)")
+                   help="--src-impl paper: std of the Gaussian input noise, clipped to +-2 std (code noise_scale 0.1, "
+                        "bounds +-0.2)")
     p.add_argument("--prior", default=None,
                    help="spatial prior: .npy of shape (19,H,W) or (H,W,19) on the full-resolution Cityscapes "
                         "frame, or a folder of probarray_cls{0..18}.npy (the authors' SYNTHIA maps); written "
@@ -388,14 +389,15 @@ def significance_mask(teacher, x_t, threshold, passes, noise, size, amp):
 
 def sigmask_noise(impl, std, generator):
     """The input perturbation of the N passes: the code's constant -0.2 (clamp bounds swapped) or the
-    intended N(0, std^2) clipped to +-0.2 (--src-impl paper), drawn on the device from a seeded generator."""
+    intended N(0, std^2) clipped to +-2 std (the code's 0.1 / +-0.2; --src-impl paper), drawn on the device
+    from a seeded generator."""
     if impl == "code":
         return lambda x: torch.full_like(x, -0.2)
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
 
     def draw(x):
         g = torch.Generator(x.device).manual_seed(seed)
-        return (torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype) * std).clamp(-0.2, 0.2)
+        return (torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype) * std).clamp(-2 * std, 2 * std)
     return draw
 
 

@@ -15,7 +15,7 @@ from conftest import make_cityscapes, make_gta5, make_synthia, script_runner, we
 
 TINY = ["--iters", "2", "--warmup-iters", "1", "--layers", "1", "1", "1", "1", "--init", "none",
         "--source-size", "64", "32", "--target-size", "64", "32", "--val-size", "64", "32", "--crop-size", "32", "32",
-        "--workers", "0", "--log-every", "1", "--device", "cpu", "--eval-every", "0", "--build-prior"]
+        "--workers", "0", "--log-every", "1", "--device", "cpu", "--eval-every", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,12 @@ def root(tmp_path_factory):
     return r
 
 
-run = script_runner(camix, TINY)
+_run = script_runner(camix, TINY)
+
+
+def run(root, out, *flags):
+    """A tiny run; the spatial prior is built from the tiny source unless --prior is given."""
+    return _run(root, out, *([] if "--prior" in map(str, flags) else ["--build-prior"]), *flags)
 
 
 # ------------------------------------------------------------------ runs
@@ -36,7 +41,8 @@ run = script_runner(camix, TINY)
 def test_two_iterations_enter_phase_b(root, tmp_path, source):
     metrics, ckpt = run(root, tmp_path / "run", "--source", source)
     assert set(ckpt) >= {"model", "ema_model", "optimizer", "iteration", "rng", "args", "scheduler"}
-    assert ckpt["iteration"] == 2 and list(ckpt["model"]) == list(common.DeepLabV2(19, layers=(1, 1, 1, 1)).state_dict())
+    assert ckpt["iteration"] == 2
+    assert list(ckpt["model"]) == list(common.DeepLabV2(19, layers=(1, 1, 1, 1)).state_dict())
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["model"] == "student" and saved["iteration"] == 2
     assert saved["num_classes"] == (16 if source == "synthia" else 19) and ("mIoU13" in saved) == (source == "synthia")
@@ -59,6 +65,19 @@ def test_resume_across_the_phase_boundary_is_exact(root, tmp_path):
         assert weights_digest(full[key]) == weights_digest(resumed[key])
 
 
+def test_phase_a_is_dacs_py_exactly(root, tmp_path):
+    """A run that never leaves the warm-up trains exactly as dacs.py (same draws, same order, same loss)."""
+    import dacs
+    common_flags = ["--iters", "2", "--seed", "1", "--layers", "1", "1", "1", "1", "--init", "none", "--source-size",
+                    "64", "32", "--target-size", "64", "32", "--crop-size", "32", "32", "--workers", "0",
+                    "--device", "cpu", "--data-root", str(root), "--tau", "0.01"]
+    dacs.main([*common_flags, "--out-dir", str(tmp_path / "dacs")])
+    camix.main([*common_flags, "--warmup-iters", "2", "--val-size", "64", "32", "--out-dir", str(tmp_path / "camix")])
+    for key in ("model", "ema_model"):
+        a, b = (torch.load(tmp_path / d / "checkpoint.pth", weights_only=True)[key] for d in ("dacs", "camix"))
+        assert weights_digest(a) == weights_digest(b)
+
+
 def test_teacher_is_updated_after_the_step(root, tmp_path):
     """alpha_0 = 0 after step 0: the teacher equals the student of iteration 1 (EMA after the update)."""
     _, ckpt = run(root, tmp_path / "r", "--iters", "1", "--warmup-iters", "0")
@@ -78,7 +97,7 @@ def test_demo_writes_the_comparison(tmp_path, capsys):
 # ------------------------------------------------------------------ the released code's values
 
 def test_defaults_are_the_released_configuration():
-    a = camix.parse_args(["--build-prior"])
+    a = camix.parse_args(["--build-prior"])   # a camix run needs a prior
     expected = dict(iters=250000, batch_size=2, lr=2.5e-4, seed=1, crop_size=(512, 512), target_size=[2048, 1024],
                     val_size=[1024, 512], source_size=(1280, 720), init="coco", eval_res="half", eval_every=2000,
                     save_every=2000, mix="camix", warmup_iters=110000, consistency="src", src_impl="code",
@@ -123,7 +142,8 @@ def test_built_prior_counts_smooths_and_normalises(tmp_path):
     q = camix.build_prior(_source(tmp_path, [top_road, other]), (16, 32))
     assert q.shape == (19, 16, 32) and q.dtype == np.float32
     sums = q.reshape(19, -1).sum(1)
-    assert np.allclose(sums[[0, 10, 13]], 1, atol=1e-5) and np.all(sums[[c for c in range(19) if c not in (0, 10, 13)]] == 0)
+    absent = [c for c in range(19) if c not in (0, 10, 13)]
+    assert np.allclose(sums[[0, 10, 13]], 1, atol=1e-5) and np.all(sums[absent] == 0)
     assert q[0, :8].sum() > 0.9 and q[10, 8:].sum() > 0.9 and q[13, 8:, :16].sum() > 0.9
     assert q[0, 3, 5] > q[0, 12, 5]       # counts where the class is
     pixel = camix.build_prior(_source(tmp_path, [top_road, other]), (16, 32), norm="pixel")
@@ -289,26 +309,26 @@ def test_mse_row_compares_with_the_unmixed_teacher_softmax():
 
 # ------------------------------------------------------------------ each flag changes training
 
+PAPER_SRC = ["--src-impl", "paper", "--sigmask-beta", "0.95"]   # H high enough that U_T is partly 1 (random net)
 FLAG_CASES = [  # (flags, baseline flags): the flag must change the trained weights (iteration 1 is phase B)
     (["--mix", "idacs"], []),
     (["--mix", "dacs"], []),
     (["--mix", "none"], []),
     (["--mix", "cutmix"], []),
     (["--mix", "cowmix"], []),
-    (["--no-context", "--no-spatial-prior"], ["--no-spatial-prior"]),
+    (["--prior", "META_PRIOR", "--no-context"], ["--prior", "META_PRIOR"]),
     (["--no-spatial-prior"], []),
     (["--prior-norm", "pixel"], []),
     (["--warmup-iters", "0"], []),
     (["--consistency", "mse"], []),
     (["--src-impl", "paper"], []),
-    (["--src-impl", "paper", "--sigmask-passes", "2"], ["--src-impl", "paper"]),
+    ([*PAPER_SRC, "--sigmask-noise-std", "10", "--sigmask-passes", "2"], [*PAPER_SRC, "--sigmask-noise-std", "10"]),
     (["--src-impl", "paper", "--sigmask-tmax", "1"], ["--src-impl", "paper"]),
     (["--src-impl", "paper", "--sigmask-beta", "0.9"], ["--src-impl", "paper"]),
-    (["--src-impl", "paper", "--sigmask-gamma", "-1"], ["--src-impl", "paper"]),
-    (["--src-impl", "paper", "--sigmask-noise-std", "10"], ["--src-impl", "paper"]),
+    ([*PAPER_SRC, "--sigmask-gamma", "-1"], PAPER_SRC),
+    ([*PAPER_SRC, "--sigmask-noise-std", "10"], PAPER_SRC),
     (["--source-only"], []),
     (["--tau", "0.01"], []),
-    (["--ema-alpha", "0.3", "--tau", "0.01"], ["--tau", "0.01"]),
     (["--teacher-eval-bn"], []),
     (["--consistency-weight", "0.5"], []),
     (["--no-jitter"], []),
@@ -326,9 +346,32 @@ def weights(root, tmp_path_factory):
     return weights_after(run, root, tmp_path_factory, iters=2)
 
 
+@pytest.fixture(scope="module")
+def meta_prior(tmp_path_factory):
+    """A prior that allows only pole, light, sign, rider, motorcycle and bicycle: the meta-classes are present."""
+    q = np.zeros((19, 32, 64), np.float32)
+    q[[5, 6, 7, 12, 17, 18]] = 1.0
+    path = tmp_path_factory.mktemp("prior") / "meta.npy"
+    np.save(path, q)
+    return str(path)
+
+
 @pytest.mark.parametrize("flags,base", FLAG_CASES, ids=[" ".join(f) for f, _ in FLAG_CASES])
-def test_flag_changes_training(weights, flags, base):
-    assert weights(flags) != weights(base)
+def test_flag_changes_training(weights, meta_prior, flags, base):
+    sub = lambda fl: [meta_prior if f == "META_PRIOR" else f for f in fl]  # noqa: E731
+    assert weights(sub(flags)) != weights(sub(base))
+
+
+def test_passes_do_not_matter_at_the_codes_noise_scale(weights):
+    """Measured: N(0, 0.1^2) clipped to +-0.2 on the 0-255 scale leaves the N predictions (nearly) identical,
+    so 2 or 8 passes give the same U_T and the same weights; with larger noise (above) N matters."""
+    assert weights([*PAPER_SRC, "--sigmask-passes", "2"]) == weights(PAPER_SRC)
+
+
+def test_ema_alpha_changes_the_teacher(root, tmp_path_factory):
+    """alpha_i = min(1 - 1/(i+1), alpha): 0.3 instead of 0.99 acts from iteration 1; the student sees it at 2."""
+    weights3 = weights_after(run, root, tmp_path_factory, iters=3)
+    assert weights3(["--ema-alpha", "0.3", "--tau", "0.01"]) != weights3(["--tau", "0.01"])
 
 
 def test_same_flags_same_weights(weights, root, tmp_path):
@@ -364,12 +407,11 @@ def _bad_prior(tmp_path, shape):
     (lambda p: ["--mix", "spread"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(root, tmp_path, capsys, make, needle):
-    flags = [f for f in TINY if f != "--build-prior"]
     with pytest.raises((SystemExit, common.DataError)) as exc:
-        camix.main([*flags, "--data-root", str(root), "--out-dir", str(tmp_path / "x"), *map(str, make(tmp_path))])
+        camix.main([*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / "x"), *map(str, make(tmp_path))])
     assert needle in str(exc.value) + capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_camix_without_a_prior_is_refused(root, tmp_path):
     with pytest.raises(common.DataError, match="--prior PATH or --build-prior"):
-        camix.parse_args([a for a in TINY if a != "--build-prior"])
+        camix.parse_args(TINY)

@@ -1,5 +1,5 @@
 """CAMix: Context-Aware Mixup for Domain Adaptive Semantic Segmentation (Zhou, Feng, Gu, Pang, Cheng, Lu, Shi,
-Ma; arXiv 2108.03557, TCSVT 2022) — GTA5/SYNTHIA -> Cityscapes, as the authors' code qianyuzqy/CAMix trains it.
+Ma; IEEE TCSVT 2022) — GTA5/SYNTHIA -> Cityscapes, as the authors' code qianyuzqy/CAMix trains it.
 
     python camix.py --source gta5 --build-prior      # Table 1: 55.2 mIoU (19 classes); Q built once, then reused
     python camix.py --source gta5 --prior PRIOR.npy   # the same with a saved (or the authors') spatial prior
@@ -436,8 +436,10 @@ def prior_for_run(args, source, target_root, out_dir):
     frame = (frame_h, frame_w)
     if args.build_prior:
         count_frame = frame if args.source != "synthia" else tuple(args.source_size[::-1])   # A3
-        prior = torch.from_numpy(build_prior(source, count_frame, args.prior_norm))[None]
-        prior = F.interpolate(prior, size=frame, mode="bilinear", align_corners=True)[0].numpy()
+        prior = build_prior(source, count_frame, args.prior_norm)
+        if count_frame != frame:   # as the authors' SYNTHIA maps are upsampled to the Cityscapes frame
+            prior = F.interpolate(torch.from_numpy(prior)[None], size=frame, mode="bilinear",
+                                  align_corners=True)[0].numpy()
         path = Path(args.prior or Path(out_dir) / "spatial_prior.npy")
         path.parent.mkdir(parents=True, exist_ok=True)
         with common.atomic_path(path) as tmp, open(tmp, "wb") as f:

@@ -58,8 +58,7 @@ def test_two_iterations_enter_phase_b(root, tmp_path, source):
 
 def test_resume_across_the_phase_boundary_is_exact(root, tmp_path):
     flags = ["--iters", "3", "--src-impl", "paper", "--tau", "0.01"]     # every random draw is in play
-    _, full = run(root, tmp_path / "a", *flags)
-    run(root, tmp_path / "b", *flags, "--save-every", "1", "--keep-checkpoints")
+    _, full = run(root, tmp_path / "b", *flags, "--save-every", "1", "--keep-checkpoints")
     _, resumed = run(root, tmp_path / "c", *flags, "--resume", tmp_path / "b" / "checkpoint_1.pth")  # phase B next
     for key in ("model", "ema_model"):
         assert weights_digest(full[key]) == weights_digest(resumed[key])
@@ -87,7 +86,8 @@ def test_teacher_is_updated_after_the_step(root, tmp_path):
 
 def test_demo_writes_the_comparison(tmp_path, capsys):
     out = tmp_path / "run"
-    camix.main(["--demo", "--iters", "2", "--data-root", str(tmp_path / "data"), "--out-dir", str(out)])
+    camix.main(["--demo", "--iters", "2", "--val-size", "32", "16", "--data-root", str(tmp_path / "data"),
+                "--out-dir", str(out)])
     summary = json.loads((out / "demo.json").read_text())
     assert summary["method"]["name"] == "CAMix" and [b["name"] for b in summary["baselines"]] == ["DACS", "source-only"]
     assert json.loads((out / "config.json").read_text())["warmup_iters"] == 1      # 0.44 x 2 iterations

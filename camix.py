@@ -111,7 +111,7 @@ PRESETS = {  # per source: warm-up (cfg warm_up_iter), t_max (hard-coded max_ite
     "synthia": {"warmup_iters": 40000, "sigmask_tmax": 10000, "source_size": (1280, 760)},
     "demo": {"warmup_iters": 0.44, "sigmask_tmax": 0.52, "source_size": None},  # GTA5's 110k/130k of 250k, x --iters
 }
-DEMO = {"source": "demo", "iters": 200, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1], "init": "none",
+DEMO = {"source": "demo", "iters": 200, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1], "init": "demo",
         "source_size": [128, 64], "target_size": [128, 64], "val_size": [128, 64], "crop_size": [64, 64],
         "build_prior": True, "eval_every": 0, "save_every": 100, "log_every": 25, "workers": 0}
 MIXES = ("camix", "idacs", "dacs", "none", "cutmix", "cowmix")
@@ -483,7 +483,7 @@ def train(args):
     else:
         target = common.SegmentationDataset("cityscapes", target_root, resize=target_resize, crop=crop, norm=norm)
     # ---------------------------------------------------------------- models, optimiser
-    common.initialise(student, args.init)
+    common.initialise(student, args.init, norm, args.data_root)
     teacher = None if args.source_only else common.prepare_model(      # train-mode BN as the authors'
         common.ema_teacher(student, build, train_bn=not args.teacher_eval_bn), device, amp)
     optimizer = build_optimizer(student, args)
@@ -491,7 +491,7 @@ def train(args):
     start = 0
     ckpt = common.resume_state(args, out_dir, 19)
     if ckpt is not None:
-        start = common.restore_training(ckpt, student, optimizer, scheduler, teacher)
+        start = common.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed)
     common.write_run_files(out_dir, args)
     loader_s = common.shuffled_loader(source, args, 0, start)
     loader_t = None if args.source_only else common.shuffled_loader(target, args, 1, start)
@@ -501,6 +501,7 @@ def train(args):
         out_dir / "best_metrics.json").is_file() and start > 0 else None
     metrics = None  # the last evaluation
     # ---------------------------------------------------------------- training loop (train_ucspa_*.py order)
+    stop = common.StopSignals()         # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, args.iters):
         student.train()
         g = common.step_generator(args.seed, i)
@@ -551,14 +552,16 @@ def train(args):
             common.ema_update(teacher, student, i, args.ema_alpha, buffers=args.teacher_eval_bn)
         log.log(i, losses, lr)
         # ------------------------------------------------------------ checkpoints, evaluation (student)
-        if common.is_due(i, args.save_every, args.iters):
+        if common.is_due(i, args.save_every, args.iters) or stop.requested:
             common.write_checkpoints(out_dir, common.training_state(i + 1, student, optimizer, scheduler, args,
                                                                     teacher), args.keep_checkpoints)
+            stop.exit_if_requested(i + 1, out_dir)
         if common.is_due(i, args.eval_every, args.iters):
             metrics = common.evaluate_and_write(student, val, device, out_dir, i + 1, synthia, amp)
             if args.eval_every > 0 and (best is None or metrics["mIoU"] > best["mIoU"]):   # SYNTHIA: mIoU-16
                 best = metrics
                 common.atomic_write_text(out_dir / "best_metrics.json", json.dumps(best, indent=1))
+    stop.restore()
     return metrics or common.evaluate_and_write(student, val, device, out_dir, start, synthia)  # a finished run
 
 

@@ -1176,7 +1176,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the module docstring's layout and shows every flag's default."""
+    """--help keeps the module docstring's layout and shows every flag's default (once: a help text that
+    states its default itself, e.g. one per source, is left as it is)."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
 
 
 def shared_parser(defaults):
@@ -1348,8 +1352,12 @@ RUN_ONLY_ARGS = {"data_root", "gta5_root", "synthia_root", "cityscapes_root", "o
 
 def check_same_run(saved, current, path):
     """DataError naming the differences when a checkpoint was made by another script or configuration
-    (arguments that only say where and how fast to run may differ)."""
-    norm = lambda d: {k: json.loads(json.dumps(v, default=str)) for k, v in d.items() if k not in RUN_ONLY_ARGS}  # noqa: E731
+    (arguments that only say where and how fast to run may differ; paths inside the run folder are compared
+    relative to it)."""
+    def norm(d):
+        out = str(d.get("out_dir") or "\0")
+        return {k: json.loads(json.dumps(v, default=str).replace(out, "<out-dir>")) for k, v in d.items()
+                if k not in RUN_ONLY_ARGS}
     saved, current = norm(saved), norm(current)
     if saved.keys() != current.keys():
         only = sorted(saved.keys() - current.keys())[:5]

@@ -310,9 +310,9 @@ class LabSourceDataset(common.SegmentationDataset):
         full = label
         size = self.target_size(rgb.shape[1], rgb.shape[0])
         if size != rgb.shape[1::-1]:
-            rgb = np.asarray(Image.fromarray(rgb).resize(size, self.interp))
+            rgb = common.resize_image(rgb, size, self.interp)
         if label.shape != rgb.shape[:2]:
-            label = np.asarray(Image.fromarray(label).resize(rgb.shape[1::-1], Image.NEAREST))
+            label = common.resize_label(label, rgb.shape[1::-1], self.interp)
         return rgb, label, full
 
 
@@ -331,9 +331,9 @@ class TargetDataset(common.SegmentationDataset):
         label = np.asarray(Image.open(self.pseudo[stem]))   # already in the model's label space
         size = self.target_size(rgb.shape[1], rgb.shape[0])
         if size != rgb.shape[1::-1]:
-            rgb = np.asarray(Image.fromarray(rgb).resize(size, self.interp))
+            rgb = common.resize_image(rgb, size, self.interp)
         if label.shape != rgb.shape[:2]:
-            label = np.asarray(Image.fromarray(label).resize(rgb.shape[1::-1], Image.NEAREST))
+            label = common.resize_label(label, rgb.shape[1::-1], self.interp)
         return rgb, label, label
 
 

@@ -207,19 +207,6 @@ def resolve_preset(args):
 
 # ------------------------------------------------------------------ init, network, discriminators
 
-def adaptsegnet_init_path():
-    """Fetch (once) AdaptSegNet's init into torch's hub cache, checking its sha256 prefix; return its path."""
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(ADAPTSEGNET_INIT_URL).name
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(ADAPTSEGNET_INIT_URL, str(path), hash_prefix=ADAPTSEGNET_INIT_SHA256_PREFIX)
-        except (OSError, RuntimeError) as exc:  # offline, failed download, or a file with the wrong hash
-            raise common.DataError(f"--init adaptsegnet: could not fetch {ADAPTSEGNET_INIT_URL} ({exc}); put the "
-                                   f"file at {path} or pass --init PATH") from None
-    return path
-
-
 def segment(model, x):
     """(pred1, pred2, F): aux logits (layer5 on layer3), main logits (layer6 on layer4) and F = layer4 (R4).
 
@@ -497,8 +484,9 @@ def train(args):
     data_l = city(labeled) if labeled else None
     data_u = city(pool) if args.use_ga else None
     # ---------------------------------------------------------------- models, optimisers
-    common.initialise(model, str(adaptsegnet_init_path()) if args.init == "adaptsegnet" else args.init, norm,
-                      args.data_root)
+    init = args.init if args.init != "adaptsegnet" else str(common.download_init(      # AdaptSegNet's own file
+        "adaptsegnet", ADAPTSEGNET_INIT_URL, ADAPTSEGNET_INIT_SHA256_PREFIX))
+    common.initialise(model, init, norm, args.data_root)
     discs = nn.ModuleDict({k: common.prepare_model(d, device, amp) for k, d in build_discriminators(args).items()})
     opt_g, opt_d, sched_g, sched_d = build_optimisers(model, discs, args)
     start, best = 0, {}

@@ -227,7 +227,7 @@ def initialise(model, init, norm="imagenet_bgr", data_root="./data"):
             raise DataError(f"--init imagenet: could not fetch {weights.url} ({exc}); put the file into "
                             f"{Path(torch.hub.get_dir()) / 'checkpoints'} or pass --init PATH") from None
     else:
-        path = download_coco_init() if init == "coco" else init
+        path = download_init("coco", COCO_INIT_URL, COCO_INIT_SHA256_PREFIX) if init == "coco" else init
         state = load_state_file(path)
         state = state.get("model", state.get("state_dict", state))
     copied = load_init(model, state)
@@ -237,15 +237,16 @@ def initialise(model, init, norm="imagenet_bgr", data_root="./data"):
     return copied
 
 
-def download_coco_init():
-    """Fetch (once) the ImageNet+COCO DeepLab init into torch's hub cache; verify its sha256 prefix."""
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(COCO_INIT_URL).name
+def download_init(name, url, hash_prefix=None):
+    """Fetch (once) the init file of `--init name` into torch's hub cache, checking its sha256 prefix when
+    one is known; return its path."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            torch.hub.download_url_to_file(COCO_INIT_URL, str(path), hash_prefix=COCO_INIT_SHA256_PREFIX)
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=hash_prefix)
         except (OSError, RuntimeError) as exc:  # offline, failed download, or a file with the wrong hash
-            raise DataError(f"--init coco: could not fetch {COCO_INIT_URL} ({exc}); put the file at {path} "
+            raise DataError(f"--init {name}: could not fetch {url} ({exc}); put the file at {path} "
                             f"or pass --init PATH") from None
     return path
 

@@ -499,14 +499,7 @@ class Run:
         if self.args.init != "advent":
             return self.args.init
         if self.init_path is None:
-            path = Path(torch.hub.get_dir()) / "checkpoints" / Path(ADVENT_INIT_URL).name
-            if not path.is_file():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    torch.hub.download_url_to_file(ADVENT_INIT_URL, str(path))
-                except (OSError, RuntimeError) as exc:
-                    raise common.DataError(f"--init advent: could not fetch {ADVENT_INIT_URL} ({exc}); put the "
-                                           f"file at {path} or pass --init imagenet|PATH") from None
+            path = common.download_init("advent", ADVENT_INIT_URL)
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             if self.args.init_sha256 and digest != self.args.init_sha256.lower():
                 raise common.DataError(f"{path}: sha256 {digest} differs from --init-sha256 {self.args.init_sha256}")

@@ -201,6 +201,11 @@ def test_offline_init_download_is_a_one_line_error(tmp_path, monkeypatch):
     for init in ("coco", "imagenet"):
         with pytest.raises(common.DataError, match=f"--init {init}: could not fetch .*no network"):
             common.initialise(model, init)
+    import asss
+    import dldm
+    for name, url in (("adaptsegnet", asss.ADAPTSEGNET_INIT_URL), ("advent", dldm.ADVENT_INIT_URL)):
+        with pytest.raises(common.DataError, match=f"--init {name}: could not fetch {url} .*no network"):
+            common.download_init(name, url)
     assert not any(tmp_path.rglob("*.pth"))
 
 

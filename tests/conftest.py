@@ -143,3 +143,13 @@ def quick_demo_init(monkeypatch):
     """`--init demo` pretrains for 2 iterations in tests (the real recipe takes a minute or two)."""
     import demo
     monkeypatch.setitem(demo.INIT_RECIPE, "iters", 2)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """GTA5, SYNTHIA and Cityscapes trees for one test module's method runs (a module may define its own)."""
+    r = tmp_path_factory.mktemp("data")
+    make_gta5(r)
+    make_synthia(r)
+    make_cityscapes(r)
+    return r

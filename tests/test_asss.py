@@ -8,21 +8,12 @@ import torch.nn.functional as F
 
 import asss
 import common
-from conftest import script_runner, weights_after, weights_digest, make_cityscapes, make_gta5, make_synthia
+from conftest import script_runner, weights_after, weights_digest
 
 TINY = ["--iters", "2", "--layers", "1", "1", "1", "1", "--init", "none", "--source-size", "64", "32",
         "--target-size", "64", "32", "--n-labeled", "2", "--workers", "0", "--log-every", "1", "--device", "cpu",
         "--eval-every", "0"]
 NO_LABELS = ["--n-labeled", "0"]
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    r = tmp_path_factory.mktemp("data")
-    make_gta5(r)
-    make_synthia(r)
-    make_cityscapes(r)
-    return r
 
 
 run = script_runner(asss, TINY)

@@ -11,20 +11,11 @@ from PIL import Image
 
 import camix
 import common
-from conftest import make_cityscapes, make_gta5, make_synthia, script_runner, weights_after, weights_digest
+from conftest import script_runner, weights_after, weights_digest
 
 TINY = ["--iters", "2", "--warmup-iters", "1", "--layers", "1", "1", "1", "1", "--init", "none",
         "--source-size", "64", "32", "--target-size", "64", "32", "--val-size", "64", "32", "--crop-size", "32", "32",
         "--workers", "0", "--log-every", "1", "--device", "cpu", "--eval-every", "0"]
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    r = tmp_path_factory.mktemp("data")
-    make_gta5(r)
-    make_synthia(r)
-    make_cityscapes(r)
-    return r
 
 
 _run = script_runner(camix, TINY)

@@ -7,20 +7,11 @@ import torch
 
 import common
 import dacs
-from conftest import script_runner, weights_after, weights_digest, make_cityscapes, make_gta5, make_synthia
+from conftest import script_runner, weights_after, weights_digest
 
 TINY = ["--iters", "2", "--layers", "1", "1", "1", "1", "--init", "none", "--source-size", "64", "32",
         "--target-size", "64", "32", "--crop-size", "32", "32", "--workers", "0", "--log-every", "1",
         "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    r = tmp_path_factory.mktemp("data")
-    make_gta5(r)
-    make_synthia(r)
-    make_cityscapes(r)
-    return r
 
 
 run = script_runner(dacs, TINY)

@@ -14,20 +14,11 @@ from PIL import Image
 
 import common
 import dldm
-from conftest import ROOT, make_cityscapes, make_gta5, make_synthia, weights_digest
+from conftest import ROOT, weights_digest
 
 TINY = ["--layers", "1", "1", "1", "1", "--init", "none", "--source-size", "64", "32", "--target-size", "64", "32",
         "--n-labeled", "2", "--workers", "0", "--log-every", "1", "--device", "cpu", "--iters", "2",
         "--poly-iters", "10", "--pl-bins", "4096"]
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    r = tmp_path_factory.mktemp("data")
-    make_gta5(r)
-    make_synthia(r)
-    make_cityscapes(r)
-    return r
 
 
 def run(root, out, *flags):

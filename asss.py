@@ -106,7 +106,7 @@ PAPER = {  # dest: (value, source) — shown in --help
     "save_every": (5000, "AdaptSegNet SAVE_PRED_EVERY"),
 }
 DEMO = {"source": "demo", "n_labeled": 10, "iters": 200, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1],
-        "init": "demo", "source_size": [128, 64], "target_size": [128, 64], "eval_every": 0, "save_every": 0,
+        "width": 32, "init": "demo", "source_size": [128, 64], "target_size": [128, 64], "eval_every": 0, "save_every": 0,
         "log_every": 50, "workers": 0}
 SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
 
@@ -466,8 +466,8 @@ def train(args):
     # ---------------------------------------------------------------- data
     source_kind, source_root, target_root = common.data_roots(args, args.source)
     val = common.cityscapes_val(target_root, args.target_size, args.eval_res, norm, interp="bicubic")
-    model = common.prepare_model(common.DeepLabV2(NUM_CLASSES, multi_level=True, aspp_full=args.aspp_full,
-                                                  style=style, layers=args.layers), device, amp)
+    model = common.prepare_model(common.DeepLabV2(NUM_CLASSES, multi_level=True, aspp_full=args.aspp_full, style=style,
+                                                  layers=args.layers, width=args.width), device, amp)
     if args.eval_only:                                          # the main head (layer6), as AdaptSegNet evaluates
         return common.eval_only(args, model, val, device, out_dir, synthia)
     stems = common.SegmentationDataset("cityscapes", target_root).stems()

@@ -67,7 +67,7 @@ PAPER = {  # dest: (value, source) — shown in --help
     "save_every": (5000, "CM configCityscapes.json"),
 }
 DEMO = {"dataset": "demo", "n_labeled": 20, "iters": 200, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1],
-        "init": "demo", "target_size": [128, 64], "eval_every": 0, "save_every": 100, "log_every": 25,
+        "width": 32, "init": "demo", "target_size": [128, 64], "eval_every": 0, "save_every": 100, "log_every": 25,
         "workers": 0}
 OFFICIAL_SPLIT_SEED = {1: 10, 2: 1}  # CM split_1.pkl / split_2.pkl = these RandomState permutations
 
@@ -197,7 +197,8 @@ def train(args):
     # ---------------------------------------------------------------- data
     root = common.data_roots(args, args.dataset)[2]
     val = common.cityscapes_val(root, args.target_size, args.eval_res, norm)
-    build = lambda: common.DeepLabV2(19, aspp_full=args.aspp_full, style=style, layers=args.layers)  # noqa: E731
+    build = lambda: common.DeepLabV2(19, aspp_full=args.aspp_full, style=style, layers=args.layers,  # noqa: E731
+                                     width=args.width)
     student = common.prepare_model(build(), device, amp)
     if args.eval_only:
         return common.eval_only(args, student, val, device, out_dir)

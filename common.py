@@ -93,31 +93,32 @@ class ClassifierModule(nn.Module):
 class DeepLabV2(nn.Module):
     """DeepLabv2-ResNet; state_dict keys equal the official `Res_Deeplab` (or `DeeplabMulti` when multi_level).
 
-    `layers` sets the Bottleneck count per stage (default ResNet-101; the demo uses a light one with the
-    same names, strides, dilations and head). `freeze_bn_affine` keeps BN gamma/beta out of training as the
+    `layers` sets the Bottleneck count per stage and `width` the channels of the stem and first stage
+    (default ResNet-101: 3 4 23 3, 64; the demo uses a light one with the same names, strides, dilations and
+    head). `freeze_bn_affine` keeps BN gamma/beta out of training as the
     official code does; BN still uses batch statistics in train mode.
     """
 
     def __init__(self, num_classes=19, multi_level=False, aspp_full=False, style="caffe",
-                 layers=(3, 4, 23, 3), freeze_bn_affine=True):
+                 layers=(3, 4, 23, 3), freeze_bn_affine=True, width=64):
         super().__init__()
         if style not in ("caffe", "pytorch"):
             raise ValueError(f"style must be 'caffe' or 'pytorch', got {style!r}")
         self.num_classes, self.multi_level, self.style = num_classes, multi_level, style
-        self.inplanes = 64
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
-        self.layer1 = self._make_layer(64, layers[0])
-        self.layer2 = self._make_layer(128, layers[1], stride=2)
-        self.layer3 = self._make_layer(256, layers[2], dilation=2)
-        self.layer4 = self._make_layer(512, layers[3], dilation=4)
+        self.layer1 = self._make_layer(width, layers[0])
+        self.layer2 = self._make_layer(2 * width, layers[1], stride=2)
+        self.layer3 = self._make_layer(4 * width, layers[2], dilation=2)
+        self.layer4 = self._make_layer(8 * width, layers[3], dilation=4)
         if multi_level:  # AdaptSegNet: aux head on layer3 is `layer5`, main head on layer4 is `layer6`
-            self.layer5 = ClassifierModule(1024, num_classes, full=aspp_full)
-            self.layer6 = ClassifierModule(2048, num_classes, full=aspp_full)
+            self.layer5 = ClassifierModule(16 * width, num_classes, full=aspp_full)
+            self.layer6 = ClassifierModule(32 * width, num_classes, full=aspp_full)
         else:
-            self.layer5 = ClassifierModule(2048, num_classes, full=aspp_full)
+            self.layer5 = ClassifierModule(32 * width, num_classes, full=aspp_full)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 m.weight.data.normal_(0, 0.01)
@@ -217,7 +218,7 @@ def initialise(model, init, norm="imagenet_bgr", data_root="./data"):
     if init == "demo":
         import demo
         layers = [len(stage) for stage in (model.layer1, model.layer2, model.layer3, model.layer4)]
-        init = demo.ensure_demo_init(data_root, layers, model.style, norm)
+        init = demo.ensure_demo_init(data_root, layers, model.style, norm, model.conv1.out_channels)
     if init == "imagenet":
         import torchvision  # torchvision's weights API downloads and caches the file (never in tests)
         weights = torchvision.models.ResNet101_Weights.IMAGENET1K_V1
@@ -1215,6 +1216,8 @@ def shared_parser(defaults):
         "weights file")
     add("--layers", "Bottleneck blocks per ResNet stage (3 4 23 3 = ResNet-101; the demo uses 1 1 1 1)",
         type=int, nargs=4, default=[3, 4, 23, 3])
+    add("--width", "channels of the ResNet stem and first stage, doubling per stage (64 = ResNet-101; the demo "
+        "uses a narrower network)", type=int, default=64)
     add("--out-dir", "output folder (default runs/<script>_<source>_<n>_s<seed>)", default=None)
     add("--resume", "continue from <out-dir>/checkpoint.pth (auto; a fresh start if none) or a PATH",
         nargs="?", const="auto", default=None)

@@ -65,7 +65,7 @@ PAPER = {  # dest: (value, source) — shown in --help
     "eval_every": (5000, "DACS configUDA.json"),
     "save_every": (5000, "DACS configUDA.json"),
 }
-DEMO = {"source": "demo", "iters": 200, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1], "init": "demo",
+DEMO = {"source": "demo", "iters": 200, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1], "width": 32, "init": "demo",
         "source_size": [128, 64], "target_size": [128, 64], "crop_size": [64, 64], "eval_every": 0,
         "save_every": 100, "log_every": 25, "workers": 0}
 SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
@@ -154,7 +154,8 @@ def train(args):
     # ---------------------------------------------------------------- data
     source_kind, source_root, target_root = common.data_roots(args, args.source)
     val = common.cityscapes_val(target_root, args.target_size, args.eval_res, norm)
-    build = lambda: common.DeepLabV2(19, aspp_full=args.aspp_full, style=style, layers=args.layers)  # noqa: E731
+    build = lambda: common.DeepLabV2(19, aspp_full=args.aspp_full, style=style, layers=args.layers,  # noqa: E731
+                                     width=args.width)
     student = common.prepare_model(build(), device, amp)
     synthia = args.source == "synthia"
     if args.eval_only:

@@ -4,8 +4,8 @@
 - `gta5/images/*.png`, `gta5/labels/*.png` (palette PNG of Cityscapes label ids): the *source* domain —
   flat, saturated colours, bright daylight, many buses and trucks, few pedestrians;
 - `cityscapes/leftImg8bit/{train,val}/<city>/...`, `cityscapes/gtFine/{train,val}/<city>/..._labelIds.png`:
-  the *target* domain — other class colours, dimmer and bluer light, textured surfaces, sensor noise,
-  more cars, riders and pedestrians, fewer buses.
+  the *target* domain — the same class colours faded (less saturated, darker), bluer light, textured
+  surfaces, sensor noise, more cars, riders and pedestrians, fewer buses.
 Both share the scene structure the methods exploit: sky above a horizon, buildings and vegetation along
 it, a road below with sidewalks at its sides, cars and buses on the road, riders on bicycles and
 motorcycles, pedestrians on the sidewalks, poles carrying traffic signs and lights.
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-VERSION = "1"
+VERSION = "2"
 INIT_RECIPE = {"iters": 150, "batch_size": 4, "lr": 1e-3, "seed": 0}  # Adam, whole 128x64 source images
 SIZE = (64, 128)  # H, W of every demo image
 COUNTS = {"source": 160, "train": 120, "val": 40}
@@ -40,24 +40,35 @@ ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, S
     21, 22, 23
 PERSON, RIDER, CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE = 24, 25, 26, 27, 28, 31, 32, 33
 
-# per-domain base colours (RGB) and scene statistics
+# class colours (RGB) of the source domain
+SOURCE_COLOURS = {ROAD: (90, 90, 100), SIDEWALK: (200, 170, 190), BUILDING: (150, 110, 80), WALL: (180, 180, 140),
+                  FENCE: (160, 140, 120), POLE: (230, 230, 230), LIGHT: (250, 200, 0), SIGN: (250, 250, 40),
+                  VEGETATION: (40, 170, 40), TERRAIN: (150, 210, 90), SKY: (90, 170, 250), PERSON: (240, 30, 60),
+                  RIDER: (250, 110, 0), CAR: (30, 40, 220), TRUCK: (20, 90, 140), BUS: (20, 140, 160),
+                  TRAIN: (60, 120, 120), MOTORCYCLE: (120, 30, 250), BICYCLE: (160, 30, 80)}
+
+
+def faded_palette(palette, saturation=0.45, gain=0.85):
+    """The target's class colours: the source's, with their saturation and brightness reduced. Each class
+    keeps its hue, as a real car still looks like a car in another city; the source's colour boundaries
+    no longer fit, which is the gap adaptation closes."""
+    faded = {}
+    for cls, rgb in palette.items():
+        grey = sum(rgb) / 3
+        faded[cls] = tuple(int(gain * (grey + saturation * (c - grey))) for c in rgb)
+    return faded
+
+
+# per-domain class colours and scene statistics
 DOMAINS = {
     "source": {
-        "colour": {ROAD: (90, 90, 100), SIDEWALK: (200, 170, 190), BUILDING: (150, 110, 80), WALL: (180, 180, 140),
-                   FENCE: (160, 140, 120), POLE: (230, 230, 230), LIGHT: (250, 200, 0), SIGN: (250, 250, 40),
-                   VEGETATION: (40, 170, 40), TERRAIN: (150, 210, 90), SKY: (90, 170, 250), PERSON: (240, 30, 60),
-                   RIDER: (250, 110, 0), CAR: (30, 40, 220), TRUCK: (20, 90, 140), BUS: (20, 140, 160),
-                   TRAIN: (60, 120, 120), MOTORCYCLE: (120, 30, 250), BICYCLE: (160, 30, 80)},
+        "colour": SOURCE_COLOURS,
         "light": (1.1, 1.05, 1.0), "noise": 4.0, "texture": 0.0,
         "n_cars": (0, 3), "n_buses": (0, 2), "n_trucks": (0, 2), "n_people": (0, 2), "n_riders": (0, 1),
         "n_poles": (1, 3), "vegetation": 0.3,
     },
     "target": {
-        "colour": {ROAD: (70, 60, 80), SIDEWALK: (130, 120, 150), BUILDING: (90, 90, 110), WALL: (120, 110, 100),
-                   FENCE: (110, 120, 100), POLE: (140, 140, 150), LIGHT: (180, 120, 60), SIGN: (170, 170, 90),
-                   VEGETATION: (70, 110, 60), TERRAIN: (120, 130, 80), SKY: (170, 190, 210), PERSON: (170, 60, 90),
-                   RIDER: (190, 100, 70), CAR: (60, 70, 120), TRUCK: (70, 80, 90), BUS: (60, 100, 120),
-                   TRAIN: (90, 100, 100), MOTORCYCLE: (110, 70, 150), BICYCLE: (130, 60, 90)},
+        "colour": faded_palette(SOURCE_COLOURS),
         "light": (0.85, 0.9, 1.05), "noise": 10.0, "texture": 18.0,
         "n_cars": (1, 5), "n_buses": (0, 1), "n_trucks": (0, 1), "n_people": (1, 4), "n_riders": (0, 3),
         "n_poles": (1, 4), "vegetation": 0.6,
@@ -145,7 +156,7 @@ def write_palette_png(path, ids):
     """Label ids as an 8-bit palette PNG (the GTA5 encoding), coloured like GTA5's files."""
     im = Image.fromarray(ids, mode="P")
     palette = np.zeros((256, 3), np.uint8)
-    for cls, col in DOMAINS["source"]["colour"].items():
+    for cls, col in SOURCE_COLOURS.items():
         palette[cls] = col
     im.putpalette(palette.ravel().tolist())
     im.save(path)
@@ -186,12 +197,12 @@ def ensure_demo(data_root, seed=0):
     return root
 
 
-def ensure_demo_init(data_root, layers, style, norm):
-    """Path of the demo init for this network (Bottlenecks per stage, stride style, input normalisation),
-    trained on the demo source on first use and cached by digest."""
+def ensure_demo_init(data_root, layers, style, norm, width=64):
+    """Path of the demo init for this network (Bottlenecks per stage, stride style, input normalisation,
+    first-stage width), trained on the demo source on first use and cached by digest."""
     import torch
     import common
-    recipe = {**INIT_RECIPE, "layers": list(layers), "style": style, "norm": norm}
+    recipe = {**INIT_RECIPE, "layers": list(layers), "style": style, "norm": norm, "width": width}
     iters = recipe["iters"]
     code = inspect.getsource(common.Bottleneck) + inspect.getsource(common.ClassifierModule) + \
         inspect.getsource(common.DeepLabV2) + Path(__file__).read_text()
@@ -202,7 +213,7 @@ def ensure_demo_init(data_root, layers, style, norm):
     t0 = time.time()
     print(f"building the demo init (once): {iters} iterations on the demo source -> {path}", flush=True)
     torch.manual_seed(recipe["seed"])
-    model = common.DeepLabV2(19, style=style, layers=layers)
+    model = common.DeepLabV2(19, style=style, layers=layers, width=width)
     source = common.SegmentationDataset("gta5", path.parent / "gta5", norm=norm)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=recipe["lr"])
     for items in common.IterationSampler(len(source), recipe["batch_size"], recipe["seed"], 0, 0, iters):

@@ -115,7 +115,7 @@ PAPER = {  # dest: (value, source) — shown in --help
     "save_every": (2000, "AdvEnt SAVE_PRED_EVERY"),
 }
 DEMO = {"source": "demo", "n_labeled": 10, "rounds": 2, "iters": 80, "poly_iters": 80, "lr": 1e-3,
-        "optimizer": "adam", "layers": [1, 1, 1, 1], "init": "demo", "source_size": [128, 64],
+        "optimizer": "adam", "layers": [1, 1, 1, 1], "width": 32, "init": "demo", "source_size": [128, 64],
         "target_size": [128, 64], "eval_res": "full", "save_every": 40, "log_every": 40, "workers": 0,
         "pl_batch_size": 8}
 SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
@@ -510,7 +510,7 @@ class Run:
         """AdvEnt's multi-level DeepLabv2 (four ASPP branches summed), ImageNet init or a warm start."""
         common.seed_everything(seed)
         model = common.DeepLabV2(self.num_classes, multi_level=True, aspp_full=True, style=self.style,
-                                 layers=self.args.layers)
+                                 layers=self.args.layers, width=self.args.width)
         if warm_from is not None:
             model.load_state_dict(common.load_checkpoint(warm_from, self.num_classes)["model"])
         else:
@@ -521,7 +521,7 @@ class Run:
         """A frozen eval-mode model from a checkpoint (class count checked, weights_only)."""
         ckpt = common.load_checkpoint(path, self.num_classes)
         model = common.DeepLabV2(self.num_classes, multi_level=True, aspp_full=True, style=self.style,
-                                 layers=self.args.layers)
+                                 layers=self.args.layers, width=self.args.width)
         try:
             model.load_state_dict(ckpt.get("model", ckpt))
         except RuntimeError as exc:

@@ -73,9 +73,9 @@ PAPER = {  # dest: (value, source) — shown in --help
     "eval_every": (4000, "DAFormer evaluation interval"),
     "save_every": (4000, "a resumable checkpoint at each DAFormer evaluation; DAFormer itself saves once, at 40k"),
 }
-DEMO = {"source": "demo", "n_labeled": 10, "iters": 160, "lr": 1e-3, "head_lr_mult": 1.0, "warmup_iters": 20,
+DEMO = {"source": "demo", "n_labeled": 5, "iters": 400, "lr": 1e-3, "head_lr_mult": 1.0, "warmup_iters": 20,
         "rcs_min_pixels": 12,  # 3000 px of a 1914x1052 GTA5 label, scaled to the 128x64 demo images
-        "layers": [1, 1, 1, 1], "init": "demo", "source_size": [128, 64], "target_size": [128, 64],
+        "layers": [1, 1, 1, 1], "width": 32, "init": "demo", "source_size": [128, 64], "target_size": [128, 64],
         "crop_size": [64, 64], "eval_res": "full", "eval_every": 0, "save_every": 100, "log_every": 25,
         "workers": 0}
 SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
@@ -185,7 +185,7 @@ def train(args):
     # ---------------------------------------------------------------- data
     source_kind, source_root, target_root = common.data_roots(args, args.source)
     val = common.cityscapes_val(target_root, args.target_size, args.eval_res, norm, num_classes, args.resize)
-    build = lambda: common.DeepLabV2(num_classes, style=style, layers=args.layers,  # noqa: E731
+    build = lambda: common.DeepLabV2(num_classes, style=style, layers=args.layers, width=args.width,  # noqa: E731
                                      freeze_bn_affine=args.frozen_bn)
     student = common.prepare_model(build(), device, amp)
     if args.eval_only:

@@ -69,6 +69,18 @@ def test_bn_affine_frozen_and_init():
     assert trainable.bn1.weight.requires_grad
 
 
+def test_width_scales_every_stage_and_keeps_the_names():
+    narrow, full = DeepLabV2(19, multi_level=True, layers=(1, 1, 1, 1), width=16), DeepLabV2(19, multi_level=True,
+                                                                                            layers=(1, 1, 1, 1))
+    assert list(narrow.state_dict()) == list(full.state_dict())
+    assert narrow.conv1.out_channels == 16 and full.conv1.out_channels == 64
+    assert [s[0].conv3.out_channels for s in (narrow.layer1, narrow.layer2, narrow.layer3, narrow.layer4)] == \
+        [64, 128, 256, 512]
+    assert narrow.layer5.conv2d_list[0].in_channels == 256 and narrow.layer6.conv2d_list[0].in_channels == 512
+    with torch.no_grad():
+        assert narrow.eval()(torch.zeros(1, 3, 64, 64))[1].shape == (1, 19, 9, 9)
+
+
 @pytest.mark.parametrize("hw,out", [((512, 512), (65, 65)), ((512, 1024), (65, 129)), ((720, 1280), (91, 161))])
 def test_output_size(hw, out):
     model = DeepLabV2(layers=(1, 1, 1, 1)).eval()  # output size does not depend on the block count

@@ -79,8 +79,8 @@ Deviations: --seed seeds everything and fixes every data draw by (seed, stream, 
 defines a seed it never applies); AdaptSegNet ran PyTorch 0.3/0.4, whose SGD added the weight decay into
 p.grad in place, so the decay compounds over the duplicated listings slightly differently from the
 PyTorch-1.5 rule used here. --preset source-only (source CE only) is a demo baseline, not an ASS column.
---demo trains from a random init with Adam on a light --layers 1 1 1 1 network; it shows the loop working,
-not the paper's numbers.
+--demo trains a light network (--layers 1 1 1 1 --width 32) from the demo init with Adam, 5 labeled images;
+it shows the loop working and the paper's ordering (GA+CSA above its oracle), not the paper's numbers.
 """
 import copy
 import json
@@ -105,7 +105,7 @@ PAPER = {  # dest: (value, source) — shown in --help
     "eval_every": (5000, "AdaptSegNet SAVE_PRED_EVERY snapshots; best-of-snapshots logged (R15)"),
     "save_every": (5000, "AdaptSegNet SAVE_PRED_EVERY"),
 }
-DEMO = {"source": "demo", "n_labeled": 10, "iters": 200, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1],
+DEMO = {"source": "demo", "n_labeled": 5, "iters": 400, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1],
         "width": 32, "init": "demo", "source_size": [128, 64], "target_size": [128, 64], "eval_every": 0, "save_every": 0,
         "log_every": 50, "workers": 0}
 SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
@@ -232,7 +232,7 @@ def build_discriminators(args):
         discs["D_g1"] = common.FCDiscriminator(NUM_CLASSES)
         discs["D_g2"] = common.FCDiscriminator(NUM_CLASSES)
     if args.sa != "none":
-        discs["D_s"] = semantic_discriminator(args.sa)
+        discs["D_s"] = semantic_discriminator(args.sa, n=32 * args.width)   # F = layer4: 2048 channels at width 64
     return discs
 
 

@@ -75,8 +75,8 @@ the mixing step with M = 1: the jittered target with raw pseudo-labels. A9 CutMi
 mask generators (classmix_ssl.py), source pasted onto target. A10 the warm-up is applied to the
 target->source mixes (camix, idacs) only. Seeding: python/numpy/torch and every draw follow from --seed
 and the iteration (exact resume); the authors seed numpy only (GTA5) or numpy and torch (SYNTHIA).
---demo trains from a random init with Adam on a light network with the warm-up and t_max scaled to its
-length; it demonstrates the loop, not the paper's numbers.
+--demo trains a light network (--layers 1 1 1 1 --width 32) from the demo init with Adam, the warm-up
+and t_max scaled to its length; it demonstrates the loop, not the paper's numbers.
 """
 import copy
 import json
@@ -111,7 +111,7 @@ PRESETS = {  # per source: warm-up (cfg warm_up_iter), t_max (hard-coded max_ite
     "synthia": {"warmup_iters": 40000, "sigmask_tmax": 10000, "source_size": (1280, 760)},
     "demo": {"warmup_iters": 0.44, "sigmask_tmax": 0.52, "source_size": None},  # GTA5's 110k/130k of 250k, x --iters
 }
-DEMO = {"source": "demo", "iters": 200, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1], "width": 32, "init": "demo",
+DEMO = {"source": "demo", "iters": 400, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1], "width": 32, "init": "demo",
         "source_size": [128, 64], "target_size": [128, 64], "val_size": [128, 64], "crop_size": [64, 64],
         "build_prior": True, "eval_every": 0, "save_every": 100, "log_every": 25, "workers": 0}
 MIXES = ("camix", "idacs", "dacs", "none", "cutmix", "cowmix")

@@ -43,7 +43,7 @@ Deviations and assumptions:
 - Seeding of python/numpy/torch and of every draw from --seed and the iteration (exact resume).
 - --soft-targets ("no pseudo-label") trains with CE against the mixed soft teacher maps, weighted like the
   default; the thesis does not give the loss form (assumed: soft-target cross-entropy).
-- --demo trains from a random init with Adam on a light --layers 1 1 1 1 network.
+- --demo trains a light network (--layers 1 1 1 1 --width 32) from the demo init with Adam, 10 labeled.
 """
 import copy
 import time
@@ -66,7 +66,7 @@ PAPER = {  # dest: (value, source) — shown in --help
     "eval_every": (5000, "CM configCityscapes.json"),
     "save_every": (5000, "CM configCityscapes.json"),
 }
-DEMO = {"dataset": "demo", "n_labeled": 20, "iters": 200, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1],
+DEMO = {"dataset": "demo", "n_labeled": 10, "iters": 400, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1],
         "width": 32, "init": "demo", "target_size": [128, 64], "eval_every": 0, "save_every": 100, "log_every": 25,
         "workers": 0}
 OFFICIAL_SPLIT_SEED = {1: 10, 2: 1}  # CM split_1.pkl / split_2.pkl = these RandomState permutations

@@ -42,8 +42,8 @@ Deviations and assumptions:
   pasted onto target k+1, soft maps mixed, q from the mixed confidences) with DACS's augmentations; the
   distribution alignment uses the mean teacher softmax of each target batch for the EMA (alpha 0.99, start
   uniform) and the target train-label pixel frequencies as p(y) — the thesis leaves both details open.
-- --demo trains from a random init with Adam (the paper's SGD 2.5e-4 needs the COCO init) on a light
-  --layers 1 1 1 1 network; it is a demonstration of the loop, not of the paper's numbers.
+- --demo trains a light network (--layers 1 1 1 1 --width 32) from the demo init with Adam (the paper's
+  SGD 2.5e-4 needs the COCO init); it is a demonstration of the loop, not of the paper's numbers.
 """
 import copy
 import time
@@ -65,7 +65,7 @@ PAPER = {  # dest: (value, source) — shown in --help
     "eval_every": (5000, "DACS configUDA.json"),
     "save_every": (5000, "DACS configUDA.json"),
 }
-DEMO = {"source": "demo", "iters": 200, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1], "width": 32, "init": "demo",
+DEMO = {"source": "demo", "iters": 400, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1], "width": 32, "init": "demo",
         "source_size": [128, 64], "target_size": [128, 64], "crop_size": [64, 64], "eval_every": 0,
         "save_every": 100, "log_every": 25, "workers": 0}
 SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}

@@ -50,8 +50,8 @@ Deviations: the network is the classic DeepLabv2-ResNet-101 of common.py in the 
 (stride on the 3x3 conv, as the torchvision weights expect) with trainable BN affine parameters as in
 DAFormer, but with the classic 7x7 stem, ceil-mode max-pool and dilation in every layer3/4 block: DAFormer's
 ResNet-V1c deep stem and contract_dilation are not reproduced (its mmcv weights do not fit this layout).
-Logits are upsampled with align_corners=False as in mmseg. --demo trains from a random init with a short
-warm-up and a higher learning rate on a light --layers 1 1 1 1 network.
+Logits are upsampled with align_corners=False as in mmseg. --demo trains a light network
+(--layers 1 1 1 1 --width 32) from the demo init with a short warm-up and a higher learning rate, 5 labeled.
 """
 import copy
 import time

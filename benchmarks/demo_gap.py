@@ -1,7 +1,8 @@
 """Domain gap of the demo dataset: plain supervised training on the source vs on the target, scored on
-the target val split (light DeepLabv2 `--layers 1 1 1 1`, Adam 1e-3, batch 4, 150 iterations, CPU).
+the target val split (the demos' light DeepLabv2: `--layers 1 1 1 1 --width 32`; random init, Adam 1e-3,
+batch 4, 150 iterations, CPU).
 
-    python benchmarks/demo_gap.py [--data-root ./data] [--iters 150]
+    python benchmarks/demo_gap.py [--data-root ./data] [--iters 150] [--width 32] [--threads 2]
 """
 import argparse
 import json
@@ -16,9 +17,9 @@ import common  # noqa: E402
 import demo  # noqa: E402
 
 
-def train_and_score(train, val, iters, seed=0):
+def train_and_score(train, val, iters, width, seed=0):
     common.seed_everything(seed)
-    model = common.DeepLabV2(layers=(1, 1, 1, 1))
+    model = common.DeepLabV2(layers=(1, 1, 1, 1), width=width)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     t0 = time.time()
     for items in common.IterationSampler(len(train), 4, seed, 0, 0, iters):
@@ -36,10 +37,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default="./data")
     parser.add_argument("--iters", type=int, default=150)
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     root = demo.ensure_demo(args.data_root)
     val = common.SegmentationDataset("cityscapes", root / "cityscapes", split="val")
-    result = {name: train_and_score(common.SegmentationDataset(kind, root / kind), val, args.iters)
+    result = {name: train_and_score(common.SegmentationDataset(kind, root / kind), val, args.iters, args.width)
               for name, kind in (("source_only", "gta5"), ("target_supervised", "cityscapes"))}
     print(json.dumps(result, indent=1))

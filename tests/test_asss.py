@@ -162,7 +162,7 @@ def test_demo_runs_ga_csa_oracle_and_source_only(tmp_path):
     asss.main(["--demo", "--iters", "2", "--data-root", str(tmp_path / "data"), "--out-dir", str(out)])
     summary = json.loads((out / "demo.json").read_text())
     assert summary["method"]["name"] == "GA+CSA" and summary["iterations"] == 2
-    assert [b["name"] for b in summary["baselines"]] == ["oracle (10 labeled)", "source-only"]
+    assert [b["name"] for b in summary["baselines"]] == ["oracle (5 labeled)", "source-only"]
     assert json.loads((tmp_path / "run_oracle" / "config.json").read_text())["use_source"] is False
     assert json.loads((tmp_path / "run_source_only" / "config.json").read_text())["n_labeled"] == 0
 

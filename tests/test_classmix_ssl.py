@@ -60,12 +60,12 @@ def test_official_split_and_split_file(root, tmp_path):
 def test_demo_runs_method_and_baseline(tmp_path, capsys):
     out = tmp_path / "run"
     classmix_ssl.main(["--demo", "--iters", "2", "--data-root", str(tmp_path / "data"), "--out-dir", str(out)])
-    assert len((out / "split.txt").read_text().split()) == 20
+    assert len((out / "split.txt").read_text().split()) == 10
     assert (tmp_path / "run_baseline" / "metrics.json").is_file()
     assert "ClassMix" in capsys.readouterr().out.splitlines()[-1]
     summary = json.loads((out / "demo.json").read_text())
     assert summary["script"] == "classmix_ssl.py" and summary["method"]["name"] == "ClassMix" and summary["iterations"] == 2
-    assert [b["name"] for b in summary["baselines"]] == ["supervised (20 labeled)"]
+    assert [b["name"] for b in summary["baselines"]] == ["supervised (10 labeled)"]
     assert set(summary) == {"script", "method", "baselines", "iterations", "seconds", "torch"}
     assert json.loads((out / "config.json").read_text())["init"] == "demo"
     assert list((tmp_path / "data" / "demo").glob("init_*.pth"))                       # the demo init was built

@@ -45,7 +45,7 @@ def test_two_two_logs_the_q_of_each_stream(root, tmp_path):
 def test_demo_runs_iidm_and_both_baselines(tmp_path, capsys):
     out = tmp_path / "run"
     iidm.main(["--demo", "--iters", "2", "--data-root", str(tmp_path / "data"), "--out-dir", str(out)])
-    assert json.loads((out / "config.json").read_text())["n_labeled"] == 10
+    assert json.loads((out / "config.json").read_text())["n_labeled"] == 5
     for suffix in ("_target_only", "_source_target"):
         assert (tmp_path / f"run{suffix}" / "metrics.json").is_file()
     last = capsys.readouterr().out.splitlines()[-1]

@@ -92,6 +92,7 @@ import hashlib
 import json
 import math
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -909,7 +910,6 @@ def main_run(args):
 
 
 def main(argv=None):
-    import time
     args = parse_args(argv)
     t0 = time.time()
     summary = main_run(args)

@@ -419,3 +419,17 @@ def test_bad_input_exits_2_with_one_line(root, tmp_path):
     assert p.returncode == 2 and p.stderr.startswith("error: ") and len(p.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
 
+
+
+def test_demo_writes_the_comparison(tmp_path, capsys):
+    out = tmp_path / "run"
+    dldm.main(["--demo", "--iters", "2", "--poly-iters", "2", "--rounds", "1", "--data-root", str(tmp_path / "data"),
+               "--out-dir", str(out)])
+    summary = json.loads((out / "demo.json").read_text())
+    assert set(summary) == {"script", "method", "baselines", "iterations", "seconds", "torch"}
+    assert summary["script"] == "dldm.py" and summary["method"]["name"] == "DLDM M_S^1"
+    assert [b["name"] for b in summary["baselines"]] == ["supervised (labeled target only)", "M_RL^1", "M_SL^1"]
+    assert summary["iterations"] == 2 * (3 + 1)                  # M_RL, M_SL, M_S per round + the baseline
+    config = json.loads((out / "config.json").read_text())
+    assert (config["n_labeled"], config["width"], config["init"]) == (5, 32, "demo")
+    assert "DLDM M_S^1" in capsys.readouterr().out.splitlines()[-1]

@@ -1230,9 +1230,9 @@ class StopSignals:
             self.previous[sig] = signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
+        if self.signum is not None and self.dist.world == 1:  # under torchrun a repeat is torchrun forwarding
+            raise KeyboardInterrupt                           # the signal; it kills the workers 30 s later
+        self.signum = self.signum or signum
 
     @property
     def requested(self):

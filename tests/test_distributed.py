@@ -50,14 +50,19 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(script, root, out, *flags, nproc=2, env=None):
-    """torchrun of one script on `nproc` CPU processes; returns (completed process, spy folder)."""
+def command(script, root, out, *flags, env=None):
+    """(argv, environment, spy folder) of a 2-process torchrun of one script on the CPU."""
     spy = Path(str(out) + "_spy")
     spy.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
             str(Path(__file__)), script, *map(str, TINY + FLAGS[script]), "--data-root", str(root),
             "--out-dir", str(out), *map(str, flags)]
-    run_env = {**os.environ, "OMP_NUM_THREADS": "1", "DDP_TEST_SPY": str(spy), **(env or {})}
+    return argv, {**os.environ, "OMP_NUM_THREADS": "1", "DDP_TEST_SPY": str(spy), **(env or {})}, spy
+
+
+def launch(script, root, out, *flags, env=None):
+    """Run a 2-process torchrun of one script to its end; returns (completed process, spy folder)."""
+    argv, run_env, spy = command(script, root, out, *flags, env=env)
     return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=run_env, timeout=300), spy
 
 
@@ -122,6 +127,26 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(root, dacs_run, tmp_pat
     ours, ref = (torch.load(p / "checkpoint.pth", weights_only=True) for p in (out, ref_out))
     for key in ("model", "ema_model"):
         assert all(torch.equal(ours[key][k], ref[key][k]) for k in ref[key] if "running" not in k)
+
+
+def test_sigterm_to_every_process_checkpoints_once_and_stops_every_rank(root, tmp_path):
+    """A scheduler's SIGTERM to the whole process group (torchrun forwards it once more to the workers)."""
+    import time
+    out = tmp_path / "run"
+    argv, run_env, spy = command("dacs", root, out, "--iters", 60, "--save-every", 1000, "--eval-every", 0)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=run_env,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not ((out / "log.jsonl").is_file() and len((out / "log.jsonl").read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, "the run ended or never started"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and stdout.count("stopped by SIGTERM") == 1, stderr[-3000:]
+    iteration = torch.load(out / "checkpoint.pth", weights_only=True)["iteration"]
+    assert 2 <= iteration < 60
+    assert list(records(spy, 0)) == list(records(spy, 1)) == [iteration]   # both ranks, one checkpoint
+    assert records(spy, 0) == records(spy, 1) and written(spy, 1) == []
 
 
 def test_distributed_evaluation_equals_one_process_exactly(root, dacs_run, tmp_path, monkeypatch):

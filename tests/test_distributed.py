@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -216,10 +217,18 @@ def test_script_runs_under_two_processes(root, tmp_path, script):
     check_run(out, spy, proc, 2, out / "round2" / "student" if dldm else out, 6 if dldm else 1)
     a, b = ((spy / f"rank{r}.jsonl").read_text().splitlines() for r in (0, 1))
     assert a == b and len(a) == (6 if dldm else 1)   # identical weights on both ranks (dldm: every stage's)
-    if dldm:                        # the pseudo-labels of round 1: split over the ranks, thresholds once
-        pseudo = sorted(p.name for p in (out / "round1" / "pseudo").glob("*.png"))
-        assert len(pseudo) == 6 and written(spy, 1) and all("/pseudo/" in p for p in written(spy, 1))
-        assert json.loads((out / "round1" / "pseudo" / "thresholds.json").read_text())["complete"]
+    if dldm:                        # round 1's pseudo-labels: split over the ranks, equal to one process's
+        assert written(spy, 1) and all("/pseudo/" in p for p in written(spy, 1))
+        import dldm as module
+        one = tmp_path / "one"
+        (one / "round1" / "student").mkdir(parents=True)
+        shutil.copy(out / "round1" / "student" / "checkpoint.pth", one / "round1" / "student")
+        module.main([*map(str, TINY + FLAGS["dldm"]), "--data-root", str(root), "--out-dir", str(one),
+                     "--iters", "2", "--stage", "pseudo", "--round", "1"])
+        files = sorted(p.name for p in (one / "round1" / "pseudo").iterdir())
+        assert len(files) == 7 and files == sorted(p.name for p in (out / "round1" / "pseudo").iterdir())
+        for name in files:           # thresholds.json (from the summed histograms) and the 6 label maps
+            assert (one / "round1" / "pseudo" / name).read_bytes() == (out / "round1" / "pseudo" / name).read_bytes()
 
 
 def test_world_settings_resolved_or_refused_before_anything_is_written():

@@ -128,7 +128,7 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(root, dacs_run, tmp_pat
         assert records(spy, rank)[4] == records(ref_spy, rank)[4]
     ours, ref = (torch.load(p / "checkpoint.pth", weights_only=True) for p in (out, ref_out))
     for key in ("model", "ema_model"):
-        assert all(torch.equal(ours[key][k], ref[key][k]) for k in ref[key] if "running" not in k)
+        assert all(torch.equal(ours[key][k], ref[key][k]) for k in ref[key])   # BN statistics too (rank 0's)
 
 
 def test_sigterm_to_every_process_checkpoints_once_and_stops_every_rank(root, tmp_path):

@@ -288,7 +288,8 @@ def cpu_sync_batch_norm(self, x):
         self.running_mean.lerp_(mean, self.momentum)
         self.running_var.lerp_(var * n / (n - 1), self.momentum)
     shape = (1, c, 1, 1)
-    return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+    y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+    return y * self.weight.view(shape) + self.bias.view(shape)
 
 
 def rank_main(script, argv):
@@ -323,7 +324,8 @@ def rank_main(script, argv):
         write_checkpoints, atomic_path, metrics_from_confusion)
     if os.environ.get("DDP_TEST_CPU_SYNC_BN"):
         torch.nn.SyncBatchNorm.forward = cpu_sync_batch_norm
-        torch.nn.parallel.DistributedDataParallel._passing_sync_batchnorm_handle = lambda self, module: None  # its CPU refusal
+        ddp = torch.nn.parallel.DistributedDataParallel
+        ddp._passing_sync_batchnorm_handle = lambda self, module: None   # DDP's own refusal of CPU SyncBatchNorm
         common.SYNC_BN_DEVICES = ("cuda", "cpu")
     module = importlib.import_module(script)
     common.run_script(lambda: module.main(argv))

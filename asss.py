@@ -218,6 +218,17 @@ def segment(model, x):
     return model.layer5(x3), model.layer6(feat), feat
 
 
+class Segmenter(nn.Module):
+    """`segment` as a module's forward: what DistributedDataParallel wraps for the training passes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return segment(self.model, x)
+
+
 def semantic_discriminator(kind, n=2048, c=NUM_CLASSES):
     """D_s of ASS §4.1: CSA = 1x1 convs n -> 1024 -> 2c per pixel; FCSA = FC n -> 1024 -> 2c per class vector."""
     if kind == "csa":
@@ -328,19 +339,21 @@ def set_requires_grad(modules, flag):
             p.requires_grad_(flag)
 
 
-def generator_pass(model, discs, args, amp, source, labeled, unlabeled):
+def generator_pass(model, discs, args, amp, source, labeled, unlabeled, seg=None):
     """Eq. 9 (with AdaptSegNet's multi-level GA): backward of every G loss, D frozen.
 
-    source / labeled = (x, y) or None, unlabeled = x or None. Returns the losses and the detached tensors
-    the discriminators learn from (Eq. 10).
+    source / labeled = (x, y) or None, unlabeled = x or None; seg(x) = segment(model, x) (under torchrun
+    the DDP-wrapped Segmenter); discs: the raw discriminators (frozen here, so outside DDP). Returns the
+    losses and the detached tensors the discriminators learn from (Eq. 10).
     """
+    seg = seg or Segmenter(model)
     set_requires_grad(discs.values(), False)
     losses, saved = {}, {}
     lam1, lam2 = args.lambda_adv
     if source is not None:                                                     # S: segmentation + adaptation
         x_s, y_s = source
         with amp.autocast():
-            p1, p2, feat = segment(model, x_s)
+            p1, p2, feat = seg(x_s)
             losses["loss_seg_s"] = seg_loss(p1, p2, y_s, args.lambda_seg)     # Eq. 1 on I_s
             loss = losses["loss_seg_s"]
             if args.use_ga:
@@ -359,7 +372,7 @@ def generator_pass(model, discs, args, amp, source, labeled, unlabeled):
     if labeled is not None:                                                    # T_L: segmentation only
         x_l, y_l = labeled
         with amp.autocast():
-            p1, p2, feat = segment(model, x_l)
+            p1, p2, feat = seg(x_l)
             losses["loss_seg_tl"] = seg_loss(p1, p2, y_l, args.lambda_seg)    # Eq. 1 on I_tl
         amp.backward(losses["loss_seg_tl"])
         if args.sa != "none":
@@ -368,11 +381,11 @@ def generator_pass(model, discs, args, amp, source, labeled, unlabeled):
         x_u = unlabeled
         if args.ga_direction == "s2t":                # no graph needed; train-mode BN still updates its stats
             with torch.no_grad(), amp.autocast():
-                p1, p2, _ = segment(model, x_u)
+                p1, p2, _ = seg(x_u)
                 saved["P_tu"] = (d_input(p1, x_u.shape[2:]), d_input(p2, x_u.shape[2:]))
         else:                                         # AdaptSegNet: target maps -> "source"
             with amp.autocast():
-                p1, p2, _ = segment(model, x_u)
+                p1, p2, _ = seg(x_u)
                 P1, P2 = d_input(p1, x_u.shape[2:]), d_input(p2, x_u.shape[2:])
                 losses["loss_adv1"] = gan_loss(discs["D_g1"](P1), SOURCE)
                 losses["loss_adv2"] = gan_loss(discs["D_g2"](P2), SOURCE)
@@ -418,7 +431,7 @@ def training_state(i, model, opt_g, sched_g, discs, opt_d, sched_d, best, args):
     return state
 
 
-def restore(ckpt, path, model, opt_g, sched_g, discs, opt_d, sched_d):
+def restore(ckpt, path, model, opt_g, sched_g, discs, opt_d, sched_d, dist=common.Dist()):
     """Load a checkpoint into the run; DataError (nothing written yet) when its discriminator state is missing
     or belongs to another preset. Returns (start iteration, best snapshot)."""
     found = set(ckpt.get("discriminators", {})) & set(ckpt.get("optimizers_d", {})) & set(ckpt.get("schedulers_d", {}))
@@ -428,7 +441,7 @@ def restore(ckpt, path, model, opt_g, sched_g, discs, opt_d, sched_d):
                                f"{', '.join(sorted(found)) or 'none'}, but this run needs {need}; resume with the "
                                f"checkpoint of a run of the same --preset")
     try:
-        start = common.restore_training(ckpt, model, opt_g, sched_g)
+        start = common.restore_training(ckpt, model, opt_g, sched_g, dist=dist)
         for k in discs:
             discs[k].load_state_dict(ckpt["discriminators"][k])
             opt_d[k].load_state_dict(ckpt["optimizers_d"][k])
@@ -439,24 +452,28 @@ def restore(ckpt, path, model, opt_g, sched_g, discs, opt_d, sched_d):
     return start, ckpt.get("best", {})
 
 
-def update_best(best, metrics, out_dir, synthia):
-    """Best-of-snapshots on val (R15): model selection on the evaluation set, never the primary number."""
+def update_best(best, metrics, out_dir, synthia, main=True):
+    """Best-of-snapshots on val (R15): model selection on the evaluation set, never the primary number
+    (rank 0 writes and says it)."""
     key = "mIoU13" if synthia else "mIoU"
     if not best or metrics[key] > best[key]:
         best.clear()
         best.update({"iteration": metrics["iteration"], key: metrics[key]})
         record = {**best, "selection": "best of the evaluated snapshots on Cityscapes val (selected on the "
                                        "evaluation set; metrics.json holds the final snapshot, the primary number)"}
-        common.atomic_write_text(Path(out_dir) / "best_snapshot.json", json.dumps(record, indent=1))
-    print(f"best of snapshots so far (selected on val): {key} {best[key]:.2f} at iteration {best['iteration']}",
-          flush=True)
+        if main:
+            common.atomic_write_text(Path(out_dir) / "best_snapshot.json", json.dumps(record, indent=1))
+    if main:
+        print(f"best of snapshots so far (selected on val): {key} {best[key]:.2f} at iteration {best['iteration']}",
+              flush=True)
 
 
 # ------------------------------------------------------------------ training
 
 def train(args):
     # ---------------------------------------------------------------- setup
-    device = common.select_device(args.device)
+    dist, device = common.distributed(args.device)
+    common.apply_world(args, dist, device)
     amp = common.Amp(device, args.amp)
     style, norm = common.init_convention(args.init)
     common.seed_everything(args.seed)
@@ -469,7 +486,7 @@ def train(args):
     model = common.prepare_model(common.DeepLabV2(NUM_CLASSES, multi_level=True, aspp_full=args.aspp_full, style=style,
                                                   layers=args.layers, width=args.width), device, amp)
     if args.eval_only:                                          # the main head (layer6), as AdaptSegNet evaluates
-        return common.eval_only(args, model, val, device, out_dir, synthia)
+        return common.eval_only(args, model, val, device, out_dir, synthia, dist=dist)
     stems = common.SegmentationDataset("cityscapes", target_root).stems()
     labeled, rest = common.labeled_split(stems, args.n_labeled, args.split_seed, args.split_file)
     args.n_labeled = len(labeled)
@@ -493,15 +510,17 @@ def train(args):
     ckpt = common.resume_state(args, out_dir, NUM_CLASSES)
     if ckpt is not None:
         path = out_dir / "checkpoint.pth" if args.resume == "auto" else Path(args.resume)
-        start, best = restore(ckpt, path, model, opt_g, sched_g, discs, opt_d, sched_d)
-    common.write_run_files(out_dir, args, labeled)
-    loader_s = common.shuffled_loader(data_s, args, 0, start) if data_s is not None else None
-    loader_l = common.shuffled_loader(data_l, args, 1, start) if data_l is not None else None
-    loader_u = common.shuffled_loader(data_u, args, 2, start) if data_u is not None else None
-    log = common.Logger(out_dir, args.log_every, args.iters, start)
+        start, best = restore(ckpt, path, model, opt_g, sched_g, discs, opt_d, sched_d, dist)
+    common.write_run_files(out_dir, args, labeled, dist)
+    seg = common.ddp(Segmenter(model), dist, device, args.sync_bn)   # training passes; `model` for the rest
+    train_discs = {k: common.ddp(d, dist, device) for k, d in discs.items()}   # D's own pass (Eq. 10)
+    loader_s = common.shuffled_loader(data_s, args, 0, start, dist=dist) if data_s is not None else None
+    loader_l = common.shuffled_loader(data_l, args, 1, start, dist=dist) if data_l is not None else None
+    loader_u = common.shuffled_loader(data_u, args, 2, start, dist=dist) if data_u is not None else None
+    log = common.Logger(out_dir, args.log_every, args.iters, start, dist.main)
     metrics = None  # the last evaluation
     # ---------------------------------------------------------------- training loop (AdaptSegNet order)
-    stop = common.StopSignals()         # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
+    stop = common.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, args.iters):
         model.train()                                           # BN batch statistics, as AdaptSegNet
         opt_g.zero_grad(set_to_none=True)
@@ -510,8 +529,8 @@ def train(args):
         source = common.next_batch(loader_s, device) if loader_s is not None else None
         labeled_batch = common.next_batch(loader_l, device) if loader_l is not None else None
         unlabeled = common.next_batch(loader_u, device)[0] if loader_u is not None else None   # labels unused
-        losses, saved = generator_pass(model, discs, args, amp, source, labeled_batch, unlabeled)   # Eq. 9
-        losses.update(discriminator_pass(discs, args, amp, saved))                                 # Eq. 10
+        losses, saved = generator_pass(model, discs, args, amp, source, labeled_batch, unlabeled, seg)   # Eq. 9
+        losses.update(discriminator_pass(train_discs, args, amp, saved))                           # Eq. 10
         step_all(amp, [opt_g, *opt_d.values()])
         lr = sched_g.get_last_lr()[0]
         for sched in (sched_g, *sched_d.values()):
@@ -519,14 +538,15 @@ def train(args):
         log.log(i, losses, lr)
         # ------------------------------------------------------------ snapshots, evaluation
         if common.is_due(i, args.eval_every, args.iters):
-            metrics = common.evaluate_and_write(model, val, device, out_dir, i + 1, synthia, amp)
-            update_best(best, metrics, out_dir, synthia)
+            metrics = common.evaluate_and_write(model, val, device, out_dir, i + 1, synthia, amp, dist=dist)
+            update_best(best, metrics, out_dir, synthia, dist.main)
         if common.is_due(i, args.save_every, args.iters) or stop.requested:
             common.write_checkpoints(out_dir, training_state(i + 1, model, opt_g, sched_g, discs, opt_d, sched_d,
-                                                             best, args), args.keep_checkpoints)
+                                                             best, args), args.keep_checkpoints, dist)
             stop.exit_if_requested(i + 1, out_dir)
     stop.restore()
-    return metrics or common.evaluate_and_write(model, val, device, out_dir, start, synthia)  # a finished run
+    return metrics or common.evaluate_and_write(model, val, device, out_dir, start, synthia,
+                                                dist=dist)  # a finished run
 
 
 def baseline_args(args, preset, suffix):

@@ -455,7 +455,8 @@ def prior_for_run(args, source, target_root, out_dir):
 
 def train(args):
     # ---------------------------------------------------------------- setup
-    device = common.select_device(args.device)
+    dist, device = common.distributed(args.device)
+    common.apply_world(args, dist, device)
     amp = common.Amp(device, args.amp)
     style, norm = common.init_convention(args.init)
     common.seed_everything(args.seed)
@@ -470,7 +471,7 @@ def train(args):
                                      width=args.width)
     student = common.prepare_model(build(), device, amp)
     if args.eval_only:
-        return common.eval_only(args, student, val, device, out_dir, synthia)
+        return common.eval_only(args, student, val, device, out_dir, synthia, dist=dist)
     crop = args.crop_size if min(args.crop_size) > 0 else None
     source = common.SegmentationDataset(source_kind, source_root, resize=args.source_size, interp="bicubic",
                                         crop=crop, norm=norm)
@@ -479,8 +480,15 @@ def train(args):
         if crop is not None and (crop[0] > target_resize[1] or crop[1] > target_resize[0]):
             raise common.DataError(f"--crop-size {crop[0]} {crop[1]} exceeds the target frame "
                                    f"{target_resize[0]}x{target_resize[1]} (Q is cut with the crop window)")
-        target = TargetWithPrior(target_root, target_resize, crop, norm, prior_for_run(args, source, target_root,
-                                                                                        out_dir))
+        with common.main_first(dist):   # rank 0 builds and saves Q, the other ranks load that file
+            if dist.main or not args.build_prior:
+                prior = prior_for_run(args, source, target_root, out_dir)
+            else:
+                args.prior = str(Path(args.prior or Path(out_dir) / "spatial_prior.npy"))   # as rank 0 sets it
+                load_only = copy.copy(args)
+                load_only.build_prior = False
+                prior = prior_for_run(load_only, source, target_root, out_dir)
+        target = TargetWithPrior(target_root, target_resize, crop, norm, prior)
     else:
         target = common.SegmentationDataset("cityscapes", target_root, resize=target_resize, crop=crop, norm=norm)
     # ---------------------------------------------------------------- models, optimiser
@@ -492,23 +500,24 @@ def train(args):
     start = 0
     ckpt = common.resume_state(args, out_dir, 19)
     if ckpt is not None:
-        start = common.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed)
-    common.write_run_files(out_dir, args)
-    loader_s = common.shuffled_loader(source, args, 0, start)
-    loader_t = None if args.source_only else common.shuffled_loader(target, args, 1, start)
-    log = common.Logger(out_dir, args.log_every, args.iters, start)
+        start = common.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
+    common.write_run_files(out_dir, args, dist=dist)
+    model = common.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
+    loader_s = common.shuffled_loader(source, args, 0, start, dist=dist)
+    loader_t = None if args.source_only else common.shuffled_loader(target, args, 1, start, dist=dist)
+    log = common.Logger(out_dir, args.log_every, args.iters, start, dist.main)
     use_sigmask = args.consistency == "src" and (args.src_impl == "paper" or args.log_sigmask)
     best = json.loads((out_dir / "best_metrics.json").read_text()) if (
         out_dir / "best_metrics.json").is_file() and start > 0 else None
     metrics = None  # the last evaluation
     # ---------------------------------------------------------------- training loop (train_ucspa_*.py order)
-    stop = common.StopSignals()         # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
+    stop = common.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, args.iters):
         student.train()
-        g = common.step_generator(args.seed, i)
+        g = common.step_generator(args.seed, i, dist.rank)
         x_s, y_s = common.next_batch(loader_s, device)
         with amp.autocast():
-            loss_seg = common.ce_loss(common.upsample(student(x_s), y_s.shape[1:]), y_s)     # Eq. 10
+            loss_seg = common.ce_loss(common.upsample(model(x_s), y_s.shape[1:]), y_s)       # Eq. 10
         losses = {"loss_seg": loss_seg}
         loss = loss_seg
         if teacher is not None:
@@ -532,7 +541,7 @@ def train(args):
             if not args.no_blur:
                 x_m = common.gaussian_blur(x_m, g, per_image=True)
             with amp.autocast():
-                logits_m = common.upsample(student(x_m), y_m.shape[1:])
+                logits_m = common.upsample(model(x_m), y_m.shape[1:])
             if args.consistency == "mse":
                 loss_con = mse_consistency(logits_m, prob_t, w_t.mean())
             else:
@@ -555,15 +564,17 @@ def train(args):
         # ------------------------------------------------------------ checkpoints, evaluation (student)
         if common.is_due(i, args.save_every, args.iters) or stop.requested:
             common.write_checkpoints(out_dir, common.training_state(i + 1, student, optimizer, scheduler, args,
-                                                                    teacher), args.keep_checkpoints)
+                                                                    teacher), args.keep_checkpoints, dist)
             stop.exit_if_requested(i + 1, out_dir)
         if common.is_due(i, args.eval_every, args.iters):
-            metrics = common.evaluate_and_write(student, val, device, out_dir, i + 1, synthia, amp)
+            metrics = common.evaluate_and_write(student, val, device, out_dir, i + 1, synthia, amp, dist=dist)
             if args.eval_every > 0 and (best is None or metrics["mIoU"] > best["mIoU"]):   # SYNTHIA: mIoU-16
                 best = metrics
-                common.atomic_write_text(out_dir / "best_metrics.json", json.dumps(best, indent=1))
+                if dist.main:
+                    common.atomic_write_text(out_dir / "best_metrics.json", json.dumps(best, indent=1))
     stop.restore()
-    return metrics or common.evaluate_and_write(student, val, device, out_dir, start, synthia)  # a finished run
+    return metrics or common.evaluate_and_write(student, val, device, out_dir, start, synthia,
+                                                dist=dist)  # a finished run
 
 
 def main(argv=None):

@@ -186,7 +186,8 @@ def soft_ce_weighted(logits, target_prob, weight):
 
 def train(args):
     # ---------------------------------------------------------------- setup
-    device = common.select_device(args.device)
+    dist, device = common.distributed(args.device)
+    common.apply_world(args, dist, device, pairs_within_batch=not args.no_unlabeled)
     amp = common.Amp(device, args.amp)
     style, norm = common.init_convention(args.init)
     if norm == "imagenet_bgr":
@@ -201,7 +202,7 @@ def train(args):
                                      width=args.width)
     student = common.prepare_model(build(), device, amp)
     if args.eval_only:
-        return common.eval_only(args, student, val, device, out_dir)
+        return common.eval_only(args, student, val, device, out_dir, dist=dist)
     stems = common.SegmentationDataset("cityscapes", root).stems()
     labeled, unlabeled = common.labeled_split(stems, args.n_labeled, args.split_seed, args.split_file)
     if not labeled:
@@ -222,20 +223,21 @@ def train(args):
     start = 0
     ckpt = common.resume_state(args, out_dir, 19)
     if ckpt is not None:
-        start = common.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed)
-    common.write_run_files(out_dir, args, labeled)
-    loader_l = common.shuffled_loader(data_l, args, 0, start)
-    loader_u = None if data_u is None else common.shuffled_loader(data_u, args, 1, start)
-    log = common.Logger(out_dir, args.log_every, args.iters, start)
+        start = common.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
+    common.write_run_files(out_dir, args, labeled, dist)
+    model = common.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
+    loader_l = common.shuffled_loader(data_l, args, 0, start, dist=dist)
+    loader_u = None if data_u is None else common.shuffled_loader(data_u, args, 1, start, dist=dist)
+    log = common.Logger(out_dir, args.log_every, args.iters, start, dist.main)
     metrics = None  # the last evaluation
     # ---------------------------------------------------------------- training loop (CM/trainSSL.py order)
-    stop = common.StopSignals()         # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
+    stop = common.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, args.iters):
         student.train()
-        g = common.step_generator(args.seed, i)
+        g = common.step_generator(args.seed, i, dist.rank)
         x_l, y_l = common.next_batch(loader_l, device)
         with amp.autocast():
-            loss_l = common.ce_loss(common.upsample(student(x_l), y_l.shape[1:]), y_l)   # L_l, supervised CE
+            loss_l = common.ce_loss(common.upsample(model(x_l), y_l.shape[1:]), y_l)     # L_l, supervised CE
         losses = {"loss_l": loss_l}
         loss = loss_l
         if teacher is not None:
@@ -249,7 +251,7 @@ def train(args):
             conf, y_m = P_m.max(1)                             # (= mixing the argmax maps)
             w = unsupervised_weight(conf, i, args)
             with amp.autocast():
-                logits_m = common.upsample(student(x_m), y_m.shape[1:])
+                logits_m = common.upsample(model(x_m), y_m.shape[1:])
                 if args.consistency_loss == "mse":  # eq. 2.1 ablation; CM scales it by q whatever the weight
                     loss_u = common.mse_softmax(logits_m, P_m) * (conf >= args.tau).float().mean()
                 elif args.soft_targets:
@@ -270,12 +272,12 @@ def train(args):
         # ------------------------------------------------------------ checkpoints, evaluation
         if common.is_due(i, args.save_every, args.iters) or stop.requested:
             common.write_checkpoints(out_dir, common.training_state(i + 1, student, optimizer, scheduler, args,
-                                                                    teacher), args.keep_checkpoints)
+                                                                    teacher), args.keep_checkpoints, dist)
             stop.exit_if_requested(i + 1, out_dir)
         if common.is_due(i, args.eval_every, args.iters):
-            metrics = common.evaluate_and_write(student, val, device, out_dir, i + 1, amp=amp)
+            metrics = common.evaluate_and_write(student, val, device, out_dir, i + 1, amp=amp, dist=dist)
     stop.restore()
-    return metrics or common.evaluate_and_write(student, val, device, out_dir, start)  # a finished run
+    return metrics or common.evaluate_and_write(student, val, device, out_dir, start, dist=dist)  # a finished run
 
 
 def main(argv=None):

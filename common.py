@@ -13,6 +13,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -506,14 +507,16 @@ def item_seed(seed, stream, iteration, slot):
 
 
 class IterationSampler(torch.utils.data.Sampler):
-    """Batch sampler for training: iteration i's images and crop seeds follow from (seed, stream, i).
+    """Batch sampler for training: iteration i's images and crop seeds follow from (seed, stream, i, rank).
 
     Images are drawn epoch by epoch from a seeded permutation; yields lists of (index, item_seed, -1).
+    Under torchrun, rank r of `world` takes slots r*b..r*b+b-1 of a global batch of world*b: the K
+    processes together draw what one process with batch K*b draws, and rank 0 of 1 is today's draw.
     """
 
-    def __init__(self, n, batch_size, seed, stream, start_iter=0, num_iters=None):
+    def __init__(self, n, batch_size, seed, stream, start_iter=0, num_iters=None, rank=0, world=1):
         self.n, self.bs, self.seed, self.stream = n, batch_size, seed, stream
-        self.start, self.num_iters = start_iter, num_iters
+        self.start, self.num_iters, self.rank, self.world = start_iter, num_iters, rank, world
         self._epoch = (None, None)  # (epoch, its permutation): the last one drawn
 
     def permutation(self, epoch):
@@ -522,10 +525,14 @@ class IterationSampler(torch.utils.data.Sampler):
             self._epoch = (epoch, np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.n))
         return self._epoch[1]
 
+    def slots(self):
+        """This rank's slots of the global batch."""
+        return range(self.rank * self.bs, (self.rank + 1) * self.bs)
+
     def batch(self, i):
         out = []
-        for k in range(self.bs):
-            pos = i * self.bs + k
+        for k in self.slots():
+            pos = i * self.bs * self.world + k
             index = int(self.permutation(pos // self.n)[pos % self.n])
             out.append((index, item_seed(self.seed, self.stream, i, k), -1))
         return out
@@ -588,14 +595,14 @@ class RareClassSampler(IterationSampler):
     """Batch sampler for rare-class sampling: c ~ P, then an image with c; yields (index, item_seed, c)."""
 
     def __init__(self, counts, num_classes, batch_size, seed, stream, start_iter=0, num_iters=None,
-                 temperature=0.01, min_pixels=3000):
-        super().__init__(len(counts), batch_size, seed, stream, start_iter, num_iters)
+                 temperature=0.01, min_pixels=3000, rank=0, world=1):
+        super().__init__(len(counts), batch_size, seed, stream, start_iter, num_iters, rank, world)
         self.classes, self.prob, self.images_with = rcs_probabilities(counts, num_classes, temperature,
                                                                       min_pixels)
 
     def batch(self, i):
         out = []
-        for k in range(self.bs):
+        for k in self.slots():
             s = item_seed(self.seed, self.stream, i, k)
             rng = np.random.default_rng([s, 1])
             c = self.classes[rng.choice(len(self.classes), p=self.prob)]
@@ -956,6 +963,7 @@ def ema_update(teacher, student, i, alpha_max=0.99, buffers=False):
     a = ema_alpha(i, alpha_max)
     torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - a)
     if buffers:
+        sync_buffers(student)  # under torchrun: rank 0's statistics, as DDP's next forward would set them
         for t, s in zip(teacher.buffers(), student.buffers()):
             t.lerp_(s, 1 - a) if t.is_floating_point() else t.copy_(s)
 
@@ -983,9 +991,9 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def step_generator(seed, i):
-    """CPU generator for the random draws of iteration i (mix masks, augmentation): exact on resume."""
-    return torch.Generator().manual_seed(item_seed(seed, 1000, i, 0))
+def step_generator(seed, i, rank=0):
+    """CPU generator for the random draws of iteration i on one rank (mix masks, augmentation): exact on resume."""
+    return torch.Generator().manual_seed(item_seed(seed, 1000, i, rank))
 
 
 def select_device(name):
@@ -996,6 +1004,125 @@ def select_device(name):
     device = torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = device.type == "cuda"
     return device
+
+
+# Multi-GPU: torchrun + DistributedDataParallel (README 'Multi-GPU'). Every script keeps the raw model
+# for EMA, state_dict, checkpoints and evaluation and uses the DDP wrapper for its training forwards only.
+
+class Dist(NamedTuple):
+    """This process's place in a torchrun launch (rank 0 of 1 without torchrun); `group` is a gloo group
+    for the CPU-side agreements (stop signals, RNG states, barriers), None in one process."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    group: object = None
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+SYNC_BN_DEVICES = ("cuda",)  # torch.nn.SyncBatchNorm has no CPU kernels (batch_norm_stats)
+
+
+def distributed(device_name):
+    """(Dist, device). Without torchrun's RANK/WORLD_SIZE/LOCAL_RANK: no process group, select_device as
+    always. Under torchrun: cuda:LOCAL_RANK (or the CPU), one process group (NCCL on CUDA, gloo on the
+    CPU) destroyed at exit, and a gloo group for CPU-side agreements."""
+    if "RANK" not in os.environ:
+        return Dist(), select_device(device_name)
+    import atexit
+    import torch.distributed as td
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = select_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not td.is_initialized():
+        td.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(td.destroy_process_group)
+    group = td.new_group(backend="gloo") if device.type == "cuda" else td.group.WORLD
+    return Dist(rank, world, local, group), device
+
+
+def apply_world(args, dist, device, pairs_within_batch=False):
+    """Resolve the batch, learning rate and length of a K-process run (--global-batch, --scale-lr,
+    --scale-iters, --sync-bn) into `args` and say them on rank 0; nothing changes in one process.
+    `pairs_within_batch`: the method pairs image k with k+1 of a batch (ClassMix), so a rank needs two."""
+    if dist.world == 1:
+        return
+    k = dist.world
+    if args.demo:
+        raise DataError("--demo runs in one process (its baselines reuse the process): launch it without torchrun")
+    if args.sync_bn and device.type not in SYNC_BN_DEVICES:
+        raise DataError(f"--sync-bn: torch.nn.SyncBatchNorm runs on CUDA devices only (this run is on {device.type})")
+    if args.global_batch == "paper":
+        if args.scale_lr or args.scale_iters:
+            raise DataError("--scale-lr/--scale-iters scale with a K times larger global batch; with "
+                            "--global-batch paper the global batch is the paper's")
+        if args.batch_size % k or args.batch_size // k < (2 if pairs_within_batch else 1):
+            need = "an even share of at least 2 per process (ClassMix pairs image k with k+1)" if pairs_within_batch \
+                else "a multiple of the process count"
+            raise DataError(f"--global-batch paper: --batch-size {args.batch_size} over {k} processes; expected {need}")
+        args.batch_size //= k
+    if args.scale_lr:
+        for name in ("lr", "lr_d"):
+            if getattr(args, name, None):
+                setattr(args, name, getattr(args, name) * k)
+    if args.scale_iters:
+        for name in ("iters", "poly_iters", "warmup_iters"):
+            if getattr(args, name, None):
+                setattr(args, name, math.ceil(getattr(args, name) / k))
+    if dist.main:
+        print(f"torchrun: {k} processes, batch {args.batch_size} per process per stream (global "
+              f"{args.batch_size * k}), lr {args.lr:g}, iters {args.iters}, "
+              f"{'SyncBatchNorm' if args.sync_bn else 'BatchNorm statistics per process'}", flush=True)
+
+
+def ddp(model, dist, device, sync_bn=False, find_unused=True):
+    """The training forward of `model`: DistributedDataParallel under torchrun (BN -> SyncBatchNorm with
+    `sync_bn`, in place), the model itself in one process. find_unused_parameters: the two-branch ASPP
+    (docs/quirks.md Q1) and an unused aux head leave parameters without gradient, and dacs/classmix/camix
+    run two forwards before one backward, which DDP accepts only so; unused gradients stay None."""
+    if dist.world == 1:
+        return model
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               find_unused_parameters=find_unused)
+
+
+def barrier(dist):
+    """Wait for every process (no-op in one process)."""
+    if dist.world > 1:
+        torch.distributed.barrier(group=dist.group)
+
+
+@contextlib.contextmanager
+def main_first(dist):
+    """Run the block on rank 0 first (it writes a cache), then on the other ranks (they read the cache)."""
+    if not dist.main:
+        barrier(dist)
+    yield
+    if dist.main:
+        barrier(dist)
+
+
+def sync_buffers(model):
+    """Rank 0's buffers (BN running statistics) to every process, as DDP does before each forward; before
+    an evaluation or an EMA of the buffers. No-op without a process group."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        for b in model.buffers():
+            torch.distributed.broadcast(b, 0)
+
+
+def agree(dist, value, op="max"):
+    """An integer agreed by all processes (max or sum over ranks) through the CPU group."""
+    if dist.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    torch.distributed.all_reduce(t, getattr(torch.distributed.ReduceOp, op.upper()), group=dist.group)
+    return int(t)
 
 
 class Amp:
@@ -1036,20 +1163,22 @@ class Logger:
 
     it/s is measured over the last log window; on CUDA the record also holds the peak GPU memory. The
     divergence guard notes, on the device, the first iteration at which each loss is not finite and raises
-    `Diverged` at the next log step (no host sync in between).
+    `Diverged` at the next log step (no host sync in between). Under torchrun only rank 0 writes (its own
+    losses); every rank keeps the guard, so all stop together.
     """
 
-    def __init__(self, out_dir, every, max_iter, start_iter=0):
+    def __init__(self, out_dir, every, max_iter, start_iter=0, main=True):
         import time
-        self.path, self.every, self.max_iter = Path(out_dir) / "log.jsonl", every, max_iter
+        self.path, self.every, self.max_iter, self.main = Path(out_dir) / "log.jsonl", every, max_iter, main
         self.sums, self.count, self.clock = {}, 0, time.time
         self.first_bad = {}  # loss name -> (iteration, value) of its first non-finite value, on the device
         self.t0, self.i0 = self.clock(), start_iter
+        self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(out_dir))
+            self.tb = SummaryWriter(str(out_dir)) if main else None
         except Exception:  # TensorBoard is optional
-            self.tb = None
+            pass
 
     def log(self, i, losses, lr):
         """Accumulate this iteration's losses; at a log step, write the means (the only host sync)."""
@@ -1063,6 +1192,9 @@ class Logger:
         if not is_due(i, self.every, self.max_iter):
             return
         self.check_finite()
+        if not self.main:
+            self.sums, self.count = {}, 0
+            return
         values = {k: float(v) / self.count for k, v in self.sums.items()}
         now = self.clock()
         rate = (i + 1 - self.i0) / max(now - self.t0, 1e-9)
@@ -1088,30 +1220,35 @@ class Logger:
 
 class StopSignals:
     """SIGTERM / SIGINT (a cluster's preemption, Ctrl-C) set a flag instead of killing the run: the loop
-    finishes its iteration, writes a checkpoint and exits with 128 + the signal. A second one stops at once."""
+    finishes its iteration, writes a checkpoint and exits with 128 + the signal. A second one stops at once.
+    Under torchrun the ranks agree on the flag every iteration (a signal may reach them in different
+    iterations): all checkpoint in the same iteration (rank 0 writes) and all exit."""
 
-    def __init__(self):
+    def __init__(self, dist=Dist()):
         import signal
-        self.signum, self.previous = None, {}
+        self.signum, self.previous, self.dist = None, {}, dist
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.previous[sig] = signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
+        if self.signum is not None and self.dist.world == 1:  # under torchrun a repeat is torchrun forwarding
+            raise KeyboardInterrupt                           # the signal; it kills the workers 30 s later
+        self.signum = self.signum or signum
 
     @property
     def requested(self):
+        if self.dist.world > 1:
+            self.signum = agree(self.dist, self.signum or 0) or None
         return self.signum is not None
 
     def exit_if_requested(self, iteration, out_dir):
-        """After the checkpoint: say how to resume and exit 128 + signal, if a signal came."""
+        """After the checkpoint: say how to resume and exit 128 + signal, if a signal came (on every rank)."""
         import signal
-        if self.signum is None:
+        if not self.requested:
             return
-        print(f"stopped by {signal.Signals(self.signum).name} after iteration {iteration}; checkpoint written to "
-              f"{Path(out_dir) / 'checkpoint.pth'}: continue with --resume auto", flush=True)
+        if self.dist.main:
+                print(f"stopped by {signal.Signals(self.signum).name} after iteration {iteration}; checkpoint written "
+                  f"to {Path(out_dir) / 'checkpoint.pth'}: continue with --resume auto", flush=True)
         sys.exit(128 + self.signum)
 
     def restore(self):
@@ -1236,6 +1373,15 @@ def shared_parser(defaults):
         action=argparse.BooleanOptionalAction, default=False)
     add("--workers", "data-loading worker processes (the authors use 4)", type=int, default=4)
     add("--demo", "run on the generated demo dataset with the small demo settings", action="store_true")
+    add("--global-batch", "under torchrun (K processes): every process runs the paper's batch (per-rank: "
+        "global batch K x the paper's) or the paper's batch is split over the processes (paper)",
+        choices=["per-rank", "paper"], default="per-rank")
+    add("--scale-lr", "under torchrun with --global-batch per-rank: learning rate(s) x K (linear scaling)",
+        action="store_true")
+    add("--scale-iters", "under torchrun with --global-batch per-rank: --iters (and poly/warm-up lengths) / K",
+        action="store_true")
+    add("--sync-bn", "under torchrun: BatchNorm statistics over all processes' images (torch.nn.SyncBatchNorm, "
+        "CUDA only)", action="store_true")
     return p
 
 
@@ -1327,8 +1473,10 @@ def process_alive(pid):
     return True
 
 
-def write_run_files(out_dir, args, split=None):
-    """Claim out_dir (lock_run_dir); write config.json (every resolved argument) and split.txt."""
+def write_run_files(out_dir, args, split=None, dist=Dist()):
+    """Claim out_dir (lock_run_dir); write config.json (every resolved argument) and split.txt (rank 0 only)."""
+    if not dist.main:
+        return
     out_dir = Path(out_dir)
     lock_run_dir(out_dir)
     atomic_write_text(out_dir / "config.json", json.dumps(vars(args), indent=1, default=str))
@@ -1384,12 +1532,14 @@ def is_due(i, every, max_iter):
 
 
 def evaluate_and_write(model, val, device, out_dir, iteration, synthia=False, amp=None, align_corners=True,
-                       model_name="student", save_predictions=False):
-    """Evaluate a model on val (vis/, and predictions/ if asked, in out_dir) and write metrics.json."""
+                       model_name="student", save_predictions=False, dist=Dist()):
+    """Evaluate a model on val (vis/, and predictions/ if asked, in out_dir) and write metrics.json (split
+    over the ranks under torchrun; rank 0 writes)."""
     metrics = evaluate(model, val, device, synthia=synthia, out_dir=out_dir, iteration=iteration,
                        amp_dtype=amp.dtype if amp is not None and amp.enabled else None, align_corners=align_corners,
-                       model_name=model_name, save_predictions=save_predictions)
-    write_metrics(out_dir, metrics)
+                       model_name=model_name, save_predictions=save_predictions, dist=dist)
+    if dist.main:
+        write_metrics(out_dir, metrics)
     return metrics
 
 
@@ -1401,7 +1551,7 @@ def write_metrics(out_dir, metrics, name="metrics.json"):
           f"({metrics['num_classes']} classes)", flush=True)
 
 
-def eval_only(args, model, val, device, out_dir, synthia=False, align_corners=True):
+def eval_only(args, model, val, device, out_dir, synthia=False, align_corners=True, dist=Dist()):
     """--eval-only: load --checkpoint's `model` or `ema_model` (--eval-model; class count checked,
     weights_only) and evaluate it."""
     ckpt = load_checkpoint(args.checkpoint, model.num_classes)
@@ -1413,10 +1563,11 @@ def eval_only(args, model, val, device, out_dir, synthia=False, align_corners=Tr
     except RuntimeError as exc:
         raise DataError(f"{args.checkpoint}: not a state_dict of this model "
                         f"({str(exc).splitlines()[0][:200]})") from None
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    if dist.main:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
     return evaluate_and_write(model, val, device, out_dir, ckpt.get("iteration"), synthia,
                               align_corners=align_corners, model_name=args.eval_model,
-                              save_predictions=args.save_predictions)
+                              save_predictions=args.save_predictions, dist=dist)
 
 
 def write_demo_summary(out_dir, script, method, baselines, iterations, seconds):
@@ -1449,23 +1600,39 @@ def training_state(i, model, optimizer, scheduler, args, teacher=None):
     return state
 
 
-def write_checkpoints(out_dir, state, keep=False):
+def write_checkpoints(out_dir, state, keep=False, dist=Dist()):
     """checkpoint.pth (atomically), plus checkpoint_<iter>.pth when `keep`; Diverged instead of writing
-    non-finite weights (the previous checkpoint stays)."""
+    non-finite weights (the previous checkpoint stays). Under torchrun every rank calls it: rank 0 writes,
+    with every rank's RNG states (`rng_ranks`) and the process count (`world`)."""
+    if dist.world > 1:  # sent as torch.save bytes: gather_object's unpickler cannot rebuild tensors
+        import io
+        buf, ranks = io.BytesIO(), [None] * dist.world if dist.main else None
+        torch.save(state["rng"], buf)
+        torch.distributed.gather_object(buf.getvalue(), ranks, dst=0, group=dist.group)
+        rng = [torch.load(io.BytesIO(b), weights_only=True) for b in ranks] if dist.main else None
+        state = {**state, "rng_ranks": rng, "world": dist.world}
     for name in ("model", "ema_model"):
         bad = [k for k, v in state.get(name, {}).items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise Diverged(f"iteration {state['iteration']}: non-finite weights in {name} ({bad[0]}, ...); "
                            f"not saved, {Path(out_dir) / 'checkpoint.pth'} is the last good checkpoint")
+    if not dist.main:
+        return
     save_checkpoint(Path(out_dir) / "checkpoint.pth", state)
     if keep:
         save_checkpoint(Path(out_dir) / f"checkpoint_{state['iteration']}.pth", state)
 
 
-def restore_training(ckpt, model, optimizer, scheduler, teacher=None, seed=0):
+def restore_training(ckpt, model, optimizer, scheduler, teacher=None, seed=0, dist=Dist()):
     """Load a checkpoint into the run's objects; returns the iteration to start at. An authors' checkpoint
     (`model`, `ema_model`, `optimizer`, `iteration` only) continues at its iteration: the schedule is
-    fast-forwarded to it and the RNGs are re-seeded from `seed`, which is said on the console."""
+    fast-forwarded to it and the RNGs are re-seeded from `seed`, which is said on the console. Under
+    torchrun every rank loads rank 0's checkpoint and its own RNG states; the process count must match
+    (each rank's draws depend on it)."""
+    if "rng" in ckpt and ckpt.get("world", 1) != dist.world:
+        raise DataError(f"--resume: the checkpoint was written by a run of {ckpt.get('world', 1)} process(es), "
+                        f"this run has {dist.world} (the data draws depend on it); launch with "
+                        f"--nproc_per_node/--nnodes giving {ckpt.get('world', 1)}")
     missing = [k for k in ("model", "optimizer", "iteration") + ("ema_model",) * (teacher is not None)
                if k not in ckpt]
     if missing:
@@ -1486,7 +1653,7 @@ def restore_training(ckpt, model, optimizer, scheduler, teacher=None, seed=0):
             warnings.simplefilter("ignore", UserWarning)
             scheduler.step()
     if "rng" in ckpt:
-        set_rng_states(ckpt["rng"])
+        set_rng_states(ckpt["rng_ranks"][dist.rank] if "rng_ranks" in ckpt else ckpt["rng"])
     else:
         seed_everything(seed)
         print(f"resuming an external checkpoint at iteration {start}: no RNG state in it, re-seeded from "
@@ -1494,10 +1661,11 @@ def restore_training(ckpt, model, optimizer, scheduler, teacher=None, seed=0):
     return start
 
 
-def shuffled_loader(dataset, args, stream, start, batch_size=None):
+def shuffled_loader(dataset, args, stream, start, batch_size=None, dist=Dist()):
     """Training loader drawing `dataset` epoch by epoch in seeded order (IterationSampler) from iteration
-    `start`; `stream` keeps the draws of different loaders independent."""
-    sampler = IterationSampler(len(dataset), batch_size or args.batch_size, args.seed, stream, start, args.iters)
+    `start`; `stream` keeps the draws of different loaders independent; `dist` picks this rank's slots."""
+    sampler = IterationSampler(len(dataset), batch_size or args.batch_size, args.seed, stream, start, args.iters,
+                               dist.rank, dist.world)
     return infinite_loader(dataset, sampler, args.workers)
 
 
@@ -1592,46 +1760,62 @@ def upsample(logits, size, align_corners=True):
 
 @torch.no_grad()
 def evaluate(model, dataset, device, synthia=False, amp_dtype=None, out_dir=None, save_predictions=False,
-             n_vis=4, iteration=None, model_name="student", align_corners=True):
+             n_vis=4, iteration=None, model_name="student", align_corners=True, dist=Dist()):
     """Evaluate `model` in eval mode on a val dataset, one image at a time, no test-time augmentation.
 
     The dataset's label_res picks the protocol: 'input' = labels downsampled to the network input
     (DACS/ClassMix 'half'), 'full' = full label resolution (AdaptSegNet). With `save_predictions`, writes
-    predictions/<stem>_labelIds.png at full label resolution in Cityscapes label ids.
+    predictions/<stem>_labelIds.png at full label resolution in Cityscapes label ids. Under torchrun rank
+    r takes images r, r+K, ...: the confusion matrices are summed over the ranks (exact, integer counts),
+    rank 0 writes the files it gathers from the others.
     """
     was_training = model.training
     model.eval()
+    sync_buffers(model)                       # every rank evaluates rank 0's running statistics
     n = model.num_classes
     train_ids = TRAIN_IDS_16 if n == 16 else tuple(range(n))
     cm = torch.zeros(n, n, dtype=torch.long, device=device)
-    if out_dir is not None:
+    if out_dir is not None and dist.main:
         (Path(out_dir) / "vis").mkdir(parents=True, exist_ok=True)
         if save_predictions:
             (Path(out_dir) / "predictions").mkdir(parents=True, exist_ok=True)
-    for index in range(len(dataset)):
-        item = dataset[index]
-        x, y = item["image"][None].to(device), item["label"].to(device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
-        logits = (logits[1] if isinstance(logits, tuple) else logits).float()
-        pred = upsample(logits, y.shape, align_corners).argmax(1)[0]
-        cm += confusion_matrix(pred, y, n)
-        if out_dir is None:
-            continue
-        stem = stem_of(dataset.pairs[index][0])
-        if save_predictions:
-            w, h = image_size(dataset.pairs[index][1])
-            full = upsample(logits, (h, w), align_corners).argmax(1)[0].cpu().numpy()
-            ids = TRAINID_TO_LABELID[np.asarray(train_ids)[full]]
-            save_png(Path(out_dir) / "predictions" / f"{stem}_labelIds.png", ids)
-        if index < n_vis:
-            rgb = (denormalise(x, dataset.norm)[0].permute(1, 2, 0).clamp(0, 1) * 255).byte().cpu().numpy()
-            gt, pr = (np.asarray(Image.fromarray(a.astype(np.uint8)).resize(rgb.shape[1::-1], Image.NEAREST))
-                      for a in (y.cpu().numpy(), pred.cpu().numpy()))
-            save_png(Path(out_dir) / "vis" / f"{stem}.png",
-                     np.concatenate([rgb, colourise(gt, train_ids), colourise(pr, train_ids)], axis=1))
+    for first in range(0, len(dataset), dist.world):
+        index, files = first + dist.rank, []
+        if index < len(dataset):
+            cm += evaluate_image(model, dataset, index, device, amp_dtype, align_corners, train_ids, files,
+                                 out_dir is not None and save_predictions, out_dir is not None and index < n_vis)
+        if dist.world > 1 and out_dir is not None and (save_predictions or first < n_vis):
+            gathered = [None] * dist.world if dist.main else None
+            torch.distributed.gather_object(files, gathered, dst=0, group=dist.group)
+            files = [f for part in gathered for f in part] if dist.main else []
+        for name, array in files:
+            save_png(Path(out_dir) / name, array)
+    if dist.world > 1:
+        torch.distributed.all_reduce(cm)
     model.train(was_training)
     return metrics_from_confusion(cm, train_ids, iteration, model_name, synthia)
+
+
+def evaluate_image(model, dataset, index, device, amp_dtype, align_corners, train_ids, files, prediction, vis):
+    """Confusion matrix of one val image; appends (relative path, uint8 array) of its prediction / vis PNGs."""
+    item = dataset[index]
+    x, y = item["image"][None].to(device), item["label"].to(device)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(x)
+    logits = (logits[1] if isinstance(logits, tuple) else logits).float()
+    pred = upsample(logits, y.shape, align_corners).argmax(1)[0]
+    stem = stem_of(dataset.pairs[index][0])
+    if prediction:
+        w, h = image_size(dataset.pairs[index][1])
+        full = upsample(logits, (h, w), align_corners).argmax(1)[0].cpu().numpy()
+        files.append((f"predictions/{stem}_labelIds.png", TRAINID_TO_LABELID[np.asarray(train_ids)[full]]))
+    if vis:
+        rgb = (denormalise(x, dataset.norm)[0].permute(1, 2, 0).clamp(0, 1) * 255).byte().cpu().numpy()
+        gt, pr = (np.asarray(Image.fromarray(a.astype(np.uint8)).resize(rgb.shape[1::-1], Image.NEAREST))
+                  for a in (y.cpu().numpy(), pred.cpu().numpy()))
+        files.append((f"vis/{stem}.png", np.concatenate([rgb, colourise(gt, train_ids), colourise(pr, train_ids)],
+                                                        axis=1)))
+    return confusion_matrix(pred, y, model.num_classes)
 
 
 def save_png(path, array):

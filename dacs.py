@@ -145,7 +145,8 @@ def align_distribution(prob, p_target, p_model):
 
 def train(args):
     # ---------------------------------------------------------------- setup
-    device = common.select_device(args.device)
+    dist, device = common.distributed(args.device)
+    common.apply_world(args, dist, device, pairs_within_batch=args.mix != "inter" and not args.source_only)
     amp = common.Amp(device, args.amp)
     style, norm = common.init_convention(args.init)
     common.seed_everything(args.seed)
@@ -159,7 +160,7 @@ def train(args):
     student = common.prepare_model(build(), device, amp)
     synthia = args.source == "synthia"
     if args.eval_only:
-        return common.eval_only(args, student, val, device, out_dir, synthia)
+        return common.eval_only(args, student, val, device, out_dir, synthia, dist=dist)
     source = common.SegmentationDataset(source_kind, source_root, resize=args.source_size, interp="bicubic",
                                         crop=args.crop_size, norm=norm)
     target = common.SegmentationDataset("cityscapes", target_root, resize=args.target_size, crop=args.crop_size,
@@ -174,7 +175,9 @@ def train(args):
     if args.mix == "intra-aligned" and not args.source_only:
         out_dir.mkdir(parents=True, exist_ok=True)
         counts = torch.zeros(19, dtype=torch.float64)
-        for d in common.rcs_statistics(target, cache=out_dir / "target_class_counts.json"):
+        with common.main_first(dist):   # rank 0 writes the cache, the others read it
+            stats = common.rcs_statistics(target, cache=out_dir / "target_class_counts.json")
+        for d in stats:
             for c, n in d.items():
                 counts[c] += n
         p_target = (counts / counts.sum()).float().clamp(min=1e-6).to(device)
@@ -182,22 +185,23 @@ def train(args):
     start = 0
     ckpt = common.resume_state(args, out_dir, 19)
     if ckpt is not None:
-        start = common.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed)
+        start = common.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
         if p_model is not None:
             p_model.copy_(ckpt["p_model"])
-    common.write_run_files(out_dir, args)
-    loader_s = common.shuffled_loader(source, args, 0, start)
-    loader_t = None if args.source_only else common.shuffled_loader(target, args, 1, start)
-    log = common.Logger(out_dir, args.log_every, args.iters, start)
+    common.write_run_files(out_dir, args, dist=dist)
+    model = common.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
+    loader_s = common.shuffled_loader(source, args, 0, start, dist=dist)
+    loader_t = None if args.source_only else common.shuffled_loader(target, args, 1, start, dist=dist)
+    log = common.Logger(out_dir, args.log_every, args.iters, start, dist.main)
     metrics = None  # the last evaluation
     # ---------------------------------------------------------------- training loop (DACS/trainUDA.py order)
-    stop = common.StopSignals()         # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
+    stop = common.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, args.iters):
         student.train()
-        g = common.step_generator(args.seed, i)
+        g = common.step_generator(args.seed, i, dist.rank)
         x_s, y_s = common.next_batch(loader_s, device)
         with amp.autocast():
-            loss_l = common.ce_loss(common.upsample(student(x_s), y_s.shape[1:]), y_s)   # L_l, source CE
+            loss_l = common.ce_loss(common.upsample(model(x_s), y_s.shape[1:]), y_s)     # L_l, source CE
         losses = {"loss_l": loss_l}
         loss = loss_l
         if teacher is not None:
@@ -209,7 +213,11 @@ def train(args):
             else:
                 prob_t = logits_t.softmax(1)
                 if p_model is not None:  # §2.5.6: running mean of the predictions, then alignment
-                    p_model.lerp_(prob_t.mean((0, 2, 3)), 0.01)   # EMA 0.99 (thesis §5.2.2)
+                    batch_mean = prob_t.mean((0, 2, 3))
+                    if dist.world > 1:   # the global batch's mean: p_model stays the same on every rank
+                        torch.distributed.all_reduce(batch_mean)
+                        batch_mean /= dist.world
+                    p_model.lerp_(batch_mean, 0.01)   # EMA 0.99 (thesis §5.2.2)
                     prob_t = align_distribution(prob_t, p_target, p_model)
                 x_m, y_m, w, q = intra_domain_mix(x_t, prob_t, g, args)
             if not args.no_jitter:  # §3.4; one gate per iteration, own factors and op order per image (D6)
@@ -217,7 +225,7 @@ def train(args):
             if not args.no_blur:
                 x_m = common.gaussian_blur(x_m, g, per_image=True)
             with amp.autocast():
-                logits_m = common.upsample(student(x_m), y_m.shape[1:])
+                logits_m = common.upsample(model(x_m), y_m.shape[1:])
                 loss_u = args.consistency_weight * common.ce_pixel_weighted(logits_m, y_m, w)   # lambda * L_u
             losses.update(loss_u=loss_u, q=q)
             loss = loss_l + loss_u
@@ -234,12 +242,13 @@ def train(args):
             state = common.training_state(i + 1, student, optimizer, scheduler, args, teacher)
             if p_model is not None:
                 state["p_model"] = p_model
-            common.write_checkpoints(out_dir, state, args.keep_checkpoints)
+            common.write_checkpoints(out_dir, state, args.keep_checkpoints, dist)
             stop.exit_if_requested(i + 1, out_dir)
         if common.is_due(i, args.eval_every, args.iters):
-            metrics = common.evaluate_and_write(student, val, device, out_dir, i + 1, synthia, amp)
+            metrics = common.evaluate_and_write(student, val, device, out_dir, i + 1, synthia, amp, dist=dist)
     stop.restore()
-    return metrics or common.evaluate_and_write(student, val, device, out_dir, start, synthia)  # a finished run
+    return metrics or common.evaluate_and_write(student, val, device, out_dir, start, synthia,
+                                                dist=dist)  # a finished run
 
 
 def main(argv=None):

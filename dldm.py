@@ -343,10 +343,10 @@ class BalancedSampler(common.IterationSampler):
     """1:1 stream of ground-truth and pseudo-labeled images (A14 alternative): even iterations draw a
     ground-truth image, odd ones a pseudo-labeled one, each from its own seeded epoch order."""
 
-    def __init__(self, n_gt, n_pseudo, batch_size, seed, stream, start_iter=0, num_iters=None):
-        super().__init__(n_gt + n_pseudo, batch_size, seed, stream, start_iter, num_iters)
-        self.gt = common.IterationSampler(n_gt, batch_size, seed, stream * 10 + 1)
-        self.ps = common.IterationSampler(n_pseudo, batch_size, seed, stream * 10 + 2)
+    def __init__(self, n_gt, n_pseudo, batch_size, seed, stream, start_iter=0, num_iters=None, rank=0, world=1):
+        super().__init__(n_gt + n_pseudo, batch_size, seed, stream, start_iter, num_iters, rank, world)
+        self.gt = common.IterationSampler(n_gt, batch_size, seed, stream * 10 + 1, rank=rank, world=world)
+        self.ps = common.IterationSampler(n_pseudo, batch_size, seed, stream * 10 + 2, rank=rank, world=world)
         self.n_gt = n_gt
 
     def batch(self, i):
@@ -468,7 +468,8 @@ class Run:
 
     def __init__(self, args):
         self.args = args
-        self.device = common.select_device(args.device)
+        self.dist, self.device = common.distributed(args.device)
+        common.apply_world(args, self.dist, self.device)
         self.amp = common.Amp(self.device, args.amp)
         self.style, self.norm = common.init_convention(args.init, default=("caffe", "imagenet_bgr"))
         self.num_classes = 16 if args.source == "synthia" else 19
@@ -546,7 +547,8 @@ class Run:
         kw = dict(root=self.source_root, kind=self.source_kind, resize=resize, crop=crop)
         if a.lab == "off":
             return self.dataset(common.SegmentationDataset, **kw)
-        stats = reference_stats(self.target_root, self.out / "lab_reference_stats.json", a.workers)
+        with common.main_first(self.dist):   # rank 0 writes the cache, the others read it
+            stats = reference_stats(self.target_root, self.out / "lab_reference_stats.json", a.workers)
         return self.dataset(LabSourceDataset, ref_stats=stats, mode=a.lab_mode, seed=a.seed,
                             cache_dir=self.out / "lab_offline", **kw)
 
@@ -601,7 +603,8 @@ def stage_finished(stage_dir, iters):
 def loader(run, dataset, seed, stream, start, sampler=None):
     """An iteration-indexed training loader (order and draws follow from the stage seed and iteration)."""
     a = run.args
-    sampler = sampler or common.IterationSampler(len(dataset), a.batch_size, seed, stream, start, a.iters)
+    sampler = sampler or common.IterationSampler(len(dataset), a.batch_size, seed, stream, start, a.iters,
+                                                 run.dist.rank, run.dist.world)
     return common.infinite_loader(dataset, sampler, a.workers)
 
 
@@ -611,7 +614,8 @@ def target_loader(run, r, seed, stream, start, gt_only=False):
     a = run.args
     sampler = None
     if a.merge_sampling == "balanced" and n_pseudo:
-        sampler = BalancedSampler(n_gt, n_pseudo, a.batch_size, seed, stream, start, a.iters)
+        sampler = BalancedSampler(n_gt, n_pseudo, a.batch_size, seed, stream, start, a.iters, run.dist.rank,
+                                  run.dist.world)
     return loader(run, data, seed, stream, start, sampler)
 
 
@@ -624,7 +628,7 @@ def train_model(run, r, stage, teachers=None):
 
     Returns the final evaluation (the stage's metrics.json).
     """
-    a, device, amp = run.args, run.device, run.amp
+    a, device, amp, dist = run.args, run.device, run.amp, run.dist
     stage_dir = run.stage_dir(r, stage)
     if a.resume and stage_finished(stage_dir, a.iters):
         return json.loads((stage_dir / "metrics.json").read_text())
@@ -636,9 +640,9 @@ def train_model(run, r, stage, teachers=None):
     start = 0
     if a.resume and (stage_dir / "checkpoint.pth").is_file():
         start = common.restore_training(common.load_checkpoint(stage_dir / "checkpoint.pth", run.num_classes),
-                                        model, optimizer, scheduler)
+                                        model, optimizer, scheduler, dist=dist)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    if start == 0:  # a fresh stage: no log or best snapshot of an earlier attempt
+    if start == 0 and dist.main:  # a fresh stage: no log or best snapshot of an earlier attempt
         for stale in ("log.jsonl", "best_snapshot.json"):
             (stage_dir / stale).unlink(missing_ok=True)
     # data streams of this stage (stream ids keep their draws independent)
@@ -651,23 +655,25 @@ def train_model(run, r, stage, teachers=None):
                    "t": target_loader(run, r, seed, 1, start, gt_only=a.student_ce == "gt")}
     else:
         loaders = {"t": target_loader(run, 1, seed, 1, start)}
-    log = common.Logger(stage_dir, a.log_every, a.iters, start)
+    log = common.Logger(stage_dir, a.log_every, a.iters, start, dist.main)
     step = {"rl": rl_step, "sl": sl_step, "student": student_step, "supervised": supervised_step}[stage]
+    net = common.ddp(model, dist, device, a.sync_bn,   # training forwards; `model` for the rest
+                     find_unused=stage == "student" or not a.aux_weight)   # L_kl reads the main head only
     metrics = None
-    stop = common.StopSignals()         # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
+    stop = common.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, a.iters):
         model.train()
-        g = common.step_generator(seed, i)
+        g = common.step_generator(seed, i, dist.rank)
         optimizer.zero_grad(set_to_none=True)
         batches = {k: common.next_batch(v, device) for k, v in loaders.items()}
-        losses = step(model, batches, g, run, teachers)
+        losses = step(net, batches, g, run, teachers)
         amp.step(optimizer)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         log.log(i, losses, lr)
         if common.is_due(i, a.save_every, a.iters) or stop.requested:
             common.write_checkpoints(stage_dir, common.training_state(i + 1, model, optimizer, scheduler, a),
-                                     a.keep_checkpoints)
+                                     a.keep_checkpoints, dist)
             stop.exit_if_requested(i + 1, stage_dir)
         if common.is_due(i, a.eval_every, a.iters) and i + 1 < a.iters:
             metrics = evaluate(run, model, stage_dir, i + 1, stage)
@@ -680,7 +686,9 @@ def train_model(run, r, stage, teachers=None):
 def evaluate(run, model, stage_dir, iteration, name):
     """Main head at full resolution on val (DDM eval.py); metrics.json, and best_snapshot.json (A15)."""
     metrics = common.evaluate_and_write(model, run.val, run.device, stage_dir, iteration, run.synthia, run.amp,
-                                        align_corners=True, model_name=name)
+                                        align_corners=True, model_name=name, dist=run.dist)
+    if not run.dist.main:
+        return metrics
     best_path = stage_dir / "best_snapshot.json"
     best = json.loads(best_path.read_text()) if best_path.is_file() else None
     if best is None or metrics["mIoU"] > best["mIoU"]:
@@ -754,8 +762,10 @@ def pseudo_stage(run, r):
 
     Pass 1 histograms the max-probability per predicted class (softmax at the output stride, probabilities
     upsampled to the target size); pass 2 recomputes the maps and writes <stem>.png with worker threads.
+    Under torchrun rank r labels images r, r+K, ... and the integer histograms are summed over the ranks,
+    so the thresholds are exactly those of one process.
     """
-    a = run.args
+    a, dist = run.args, run.dist
     folder = run.stage_dir(r, "pseudo")
     ckpt = run.stage_dir(r, "student") / "checkpoint.pth"
     th_path = folder / "thresholds.json"
@@ -763,8 +773,9 @@ def pseudo_stage(run, r):
         return folder
     student = run.load_model(ckpt)
     data = run.unlabeled_set()
+    share = torch.utils.data.Subset(data, range(dist.rank, len(data), dist.world))   # this rank's images
     batches = lambda: torch.utils.data.DataLoader(  # noqa: E731 (in order, no randomness)
-        data, batch_size=a.pl_batch_size, num_workers=a.workers, pin_memory=run.device.type == "cuda")
+        share, batch_size=a.pl_batch_size, num_workers=a.workers, pin_memory=run.device.type == "cuda")
     w, h = a.target_size
 
     def probabilities(x):
@@ -779,9 +790,12 @@ def pseudo_stage(run, r):
         hist = torch.zeros(run.num_classes, a.pl_bins, dtype=torch.long, device=run.device)
         for batch in batches():                                                        # pass 1
             confidence_histogram(probabilities(batch["image"]), a.pl_bins, hist)
+        if dist.world > 1:
+            torch.distributed.all_reduce(hist)                                          # exact: integer counts
         th = bdl_thresholds(hist, a.pl_portion, a.pl_cap)
-        common.atomic_write_text(th_path, json.dumps({"thresholds": th.tolist(), "complete": False,
-                                                      "pixels_per_class": hist.sum(1).tolist()}))
+        if dist.main:
+            common.atomic_write_text(th_path, json.dumps({"thresholds": th.tolist(), "complete": False,
+                                                          "pixels_per_class": hist.sum(1).tolist()}))
     th_t = torch.from_numpy(th)
     stems = data.stems()
     with ThreadPoolExecutor(max_workers=4) as pool:                                     # pass 2
@@ -794,8 +808,11 @@ def pseudo_stage(run, r):
             pending += [pool.submit(common.save_png, p, lab) for p, lab in zip(names, labels)]
         for job in pending:
             job.result()
-    kept = {"thresholds": th.tolist(), "complete": True}
-    common.atomic_write_text(th_path, json.dumps({**json.loads(th_path.read_text()), **kept}))
+    common.barrier(dist)                                                                # every rank's share written
+    if dist.main:
+        kept = {"thresholds": th.tolist(), "complete": True}
+        common.atomic_write_text(th_path, json.dumps({**json.loads(th_path.read_text()), **kept}))
+    common.barrier(dist)
     return folder
 
 
@@ -815,15 +832,18 @@ def evaluate_ensemble(run, paths):
     model = members[0] if len(members) == 1 else Ensemble(members, run.args.ens)
     name = "+".join(str(p) for p in paths)
     run.out.mkdir(parents=True, exist_ok=True)
-    common.write_run_files(run.out, run.args)
+    common.write_run_files(run.out, run.args, dist=run.dist)
     return common.evaluate_and_write(model, run.val, run.device, run.out, None, run.synthia, run.amp,
                                      align_corners=True, model_name=f"E({name})" if len(paths) > 1 else name,
-                                     save_predictions=run.args.save_predictions)
+                                     save_predictions=run.args.save_predictions, dist=run.dist)
 
 
 def round_summary(run):
     """metrics.json of the run: the final student's evaluation at the top, plus every round's three models
-    (Table 4), 'final (M_S^R)' and 'best over rounds' (what Table 1 reports, A15), each labelled."""
+    (Table 4), 'final (M_S^R)' and 'best over rounds' (what Table 1 reports, A15), each labelled. Rank 0
+    only (it writes the files read here); {} on the other ranks."""
+    if not run.dist.main:
+        return {}
     rounds = []
     for r in range(1, run.args.rounds + 1):
         entry = {"round": r}
@@ -846,7 +866,9 @@ def round_summary(run):
 
 
 def link_final_checkpoint(run):
-    """<out-dir>/checkpoint.pth = M_S^R's checkpoint (hard link, else a copy)."""
+    """<out-dir>/checkpoint.pth = M_S^R's checkpoint (hard link, else a copy); rank 0 only."""
+    if not run.dist.main:
+        return
     src, dst = run.stage_dir(run.args.rounds, "student") / "checkpoint.pth", run.out / "checkpoint.pth"
     dst.unlink(missing_ok=True)
     try:
@@ -898,8 +920,8 @@ def main_run(args):
         return evaluate_ensemble(run, [Path(p) for p in (args.ensemble or [args.checkpoint])])
     check_inputs(run)
     run.resolve_init()
-    common.write_run_files(run.out, args, run.labeled)
-    if args.init == "advent":
+    common.write_run_files(run.out, args, run.labeled, run.dist)
+    if args.init == "advent" and run.dist.main:
         common.atomic_write_text(run.out / "init_sha256.txt", f"{run.init_digest}  {run.init_path}\n")
     if args.stage == "all":
         return run_all(run)

@@ -174,7 +174,8 @@ def mixed_streams(x_s, y_s, x_t, y_t, u_inter, u_intra, g, args):
 
 def train(args):
     # ---------------------------------------------------------------- setup
-    device = common.select_device(args.device)
+    dist, device = common.distributed(args.device)
+    common.apply_world(args, dist, device)
     amp = common.Amp(device, args.amp)
     style, norm = common.init_convention(args.init, default=("pytorch", "imagenet_rgb"))
     common.seed_everything(args.seed)
@@ -189,7 +190,7 @@ def train(args):
                                      freeze_bn_affine=args.frozen_bn)
     student = common.prepare_model(build(), device, amp)
     if args.eval_only:
-        return common.eval_only(args, student, val, device, out_dir, synthia, align_corners=False)
+        return common.eval_only(args, student, val, device, out_dir, synthia, align_corners=False, dist=dist)
     stems = common.SegmentationDataset("cityscapes", target_root).stems()
     labeled, unlabeled = common.labeled_split(stems, args.n_labeled, args.split_seed, args.split_file)
     use_teacher = not (args.no_inter and args.no_intra)
@@ -216,24 +217,26 @@ def train(args):
     start = 0
     ckpt = common.resume_state(args, out_dir, num_classes)
     if ckpt is not None:
-        start = common.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed)
-    common.write_run_files(out_dir, args, labeled)
+        start = common.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
+    common.write_run_files(out_dir, args, labeled, dist)
+    model = common.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
 
     def loader(dataset, stream, rcs):
         """Training loader: rare-class sampling (DAFormer; class counts cached in the run folder) or uniform."""
         if not rcs:
-            return common.shuffled_loader(dataset, args, stream, start)
-        counts = common.rcs_statistics(dataset, cache=out_dir / f"rcs_counts_{stream}.json", workers=args.workers)
+            return common.shuffled_loader(dataset, args, stream, start, dist=dist)
+        with common.main_first(dist):   # rank 0 writes the cache, the others read it
+            counts = common.rcs_statistics(dataset, cache=out_dir / f"rcs_counts_{stream}.json", workers=args.workers)
         return common.infinite_loader(dataset, common.RareClassSampler(
             counts, num_classes, args.batch_size, args.seed, stream, start, args.iters, temperature=args.rcs_temp,
-            min_pixels=args.rcs_min_pixels), args.workers)
+            min_pixels=args.rcs_min_pixels, rank=dist.rank, world=dist.world), args.workers)
 
     B = args.batch_size
     loader_s = None if source is None else loader(source, 0, args.rcs != "none")
     loader_t = None if args.no_tgt_sup and args.no_intra else loader(data_t, 1, args.rcs == "both")
     n_u = 2 * B if args.mix_strategy == "two-two" else B                      # A17: 4 unlabeled crops
-    loader_u = None if teacher is None else common.shuffled_loader(data_u, args, 2, start, n_u)
-    log = common.Logger(out_dir, args.log_every, args.iters, start)
+    loader_u = None if teacher is None else common.shuffled_loader(data_u, args, 2, start, n_u, dist)
+    log = common.Logger(out_dir, args.log_every, args.iters, start, dist.main)
     metrics = None  # the last evaluation
 
     def pseudo_label(x_u):
@@ -246,17 +249,17 @@ def train(args):
     def supervised(x, y):
         """eq. 9/10: CE averaged over all pixels, ignored ones included (mmseg; A16)."""
         with amp.autocast():
-            return common.ce_pixel_weighted(up(student(x), y.shape[1:]), y, 1.0)
+            return common.ce_pixel_weighted(up(model(x), y.shape[1:]), y, 1.0)
 
     def mixed(x, y, w):
         """eq. 7/8: q-weighted CE of the student on a mixed batch."""
         with amp.autocast():
-            return common.ce_pixel_weighted(up(student(x), y.shape[1:]), y, w)
+            return common.ce_pixel_weighted(up(model(x), y.shape[1:]), y, w)
     # ---------------------------------------------------------------- training loop (DAFormer dacs.py order)
-    stop = common.StopSignals()         # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
+    stop = common.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, args.iters):
         student.train()
-        g = common.step_generator(args.seed, i)
+        g = common.step_generator(args.seed, i, dist.rank)
         if teacher is not None and i > 0:                                     # eq. 5, before the step
             common.ema_update(teacher, student, i, args.ema_alpha, buffers=args.teacher_eval_bn)
         optimizer.zero_grad(set_to_none=True)
@@ -296,14 +299,14 @@ def train(args):
         # ------------------------------------------------------------ checkpoints, evaluation
         if common.is_due(i, args.save_every, args.iters) or stop.requested:
             common.write_checkpoints(out_dir, common.training_state(i + 1, student, optimizer, scheduler, args,
-                                                                    teacher), args.keep_checkpoints)
+                                                                    teacher), args.keep_checkpoints, dist)
             stop.exit_if_requested(i + 1, out_dir)
         if common.is_due(i, args.eval_every, args.iters):
             metrics = common.evaluate_and_write(student, val, device, out_dir, i + 1, synthia, amp,
-                                                align_corners=False)
+                                                align_corners=False, dist=dist)
     stop.restore()
     return metrics or common.evaluate_and_write(student, val, device, out_dir, start, synthia,
-                                                align_corners=False)  # resumed a finished run
+                                                align_corners=False, dist=dist)  # resumed a finished run
 
 
 def main(argv=None):

@@ -367,17 +367,20 @@ def test_killed_and_resumed_run_is_exact(city):
     ref = run(*args, "--out-dir", city / "ref")
     assert ref.returncode == 0, ref.stderr
     out_dir = city / "killed"
+    ck = out_dir / "checkpoint.pth"
+    saved = lambda: ck.stat().st_mtime_ns if ck.is_file() else 0  # noqa: E731
     kills = 0
     for attempt in range(12):
+        before = saved()
         proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args), "--out-dir", str(out_dir),
                                  "--resume", "auto"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        # kill -9 at a varying moment: some kills land while a checkpoint is being written
-        time.sleep(3.0 + 0.37 * attempt)
+        while proc.poll() is None and saved() == before:   # each attempt saves once: progress under any load
+            time.sleep(0.05)
+        time.sleep(0.07 * attempt)     # then kill -9 at a varying moment: some land while the next one is written
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             kills += 1
         proc.wait()
-        ck = out_dir / "checkpoint.pth"
         if ck.is_file() and torch.load(ck, weights_only=True)["iteration"] == 8:
             break
     assert kills >= 1

@@ -18,6 +18,7 @@ import datetime
 import importlib
 import json
 import math
+import shlex
 import statistics
 import sys
 import tempfile
@@ -121,15 +122,16 @@ def results_section(result):
              f"after the first batch), with {', '.join(map(str, workers))} workers; ms/batch: median and 90th "
              "percentile in the main process (0 workers). 'step consumes': images/s of one stream of the training "
              "step (speed.json, paper settings; '–' where no such record exists). 'it/s fed 3x': the step rate "
-             f"this stream could feed with a 3x margin from --workers {default} (the default) if the 1-worker rate "
-             "scaled linearly — an extrapolation to a machine with a free core per worker, not a measurement.", "",
+             f"this stream could feed with a 3x margin from --workers {default} (the default) if each worker "
+             "delivered the single-core (0-worker) rate — an extrapolation to a machine with a free core per "
+             "worker, not a measurement.", "",
              "| pipeline | used by | " + " | ".join(f"{k} workers img/s" for k in workers)
              + " | ms/batch p50 / p90 | step consumes img/s | it/s fed 3x |", "|---|---|" + "---|" * (len(workers) + 3)]
     for p in result["pipelines"]:
         rates = " | ".join(f"{p['images_per_s'][str(k)]:.2f}" for k in workers)
         used = ", ".join(p["used_by"])
         consumed = ", ".join(f"{c['images_per_s']:.1f} ({c['row']}, {c['record']})" for c in p["consumed"]) or "–"
-        fed = f"{p['images_per_s']['1'] * default / 3 / p['batch']:.1f}" if "1" in p["images_per_s"] else "–"
+        fed = f"{p['images_per_s']['0'] * default / 3 / p['batch']:.1f}" if "0" in p["images_per_s"] else "–"
         lines.append(f"| {p['pipeline']} | {used} | {rates} | {p['ms_per_batch_p50']:.0f} / "
                      f"{p['ms_per_batch_p90']:.0f} | {consumed} | {fed} |")
     return "\n".join(lines) + "\n"
@@ -179,7 +181,7 @@ def main(argv=None):
                   "seconds": args.seconds, "preset": args.preset, "machine": args.machine,
                   "torch": torch.__version__, "commit": speed.git_commit(),
                   "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                  "command": "python benchmarks/loader.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                  "command": "python benchmarks/loader.py " + shlex.join(sys.argv[1:] if argv is None else argv),
                   "pipelines": []}
         for description, entry in pipelines.items():
             rates = {}

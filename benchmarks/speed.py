@@ -26,6 +26,7 @@ import datetime
 import gc
 import importlib
 import json
+import shlex
 import signal
 import statistics
 import subprocess
@@ -350,9 +351,11 @@ def measure(row, args, device, bench, amp, meta):
 # ------------------------------------------------------------------------------------------- output
 
 def git_commit():
-    """Short hash of HEAD, with '-dirty' when tracked files differ from it."""
+    """Short hash of HEAD, with '-dirty' when tracked files other than the benchmark outputs differ from it."""
     run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    return run("rev-parse", "--short", "HEAD") + ("-dirty" if run("status", "--porcelain", "-uno") else "")
+    outputs = [f":!benchmarks/{name}" for name in ("RESULTS.md", "speed.json", "loader.json")]
+    return run("rev-parse", "--short", "HEAD") + ("-dirty" if run("status", "--porcelain", "-uno", "--", ".", *outputs)
+                                                  else "")
 
 
 def device_name(device):
@@ -482,7 +485,7 @@ def main(argv=None):
     bench = write_bench_data(args.data_root, args.preset)
     meta = {"device": device_name(device), "machine": args.machine, "torch": torch.__version__, "commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+            "command": "python benchmarks/speed.py " + shlex.join(sys.argv[1:] if argv is None else argv)}
     records = []
     for row in rows:
         for amp in {"both": (False, True), "off": (False,), "on": (True,)}[args.amp]:

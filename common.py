@@ -1510,7 +1510,7 @@ def infinite_loader(dataset, sampler, workers):
 
     One iterator serves the whole run (the sampler spans every iteration), so persistent workers would
     change nothing; pinned memory on CUDA keeps next_batch's copies asynchronous; 2 batches in flight per
-    worker absorb the per-batch spread of load times (benchmarks/RESULTS.md, 'Data-loading throughput').
+    worker absorb the per-batch spread of load times (benchmarks/RESULTS.md, 'Data-loading defaults').
     """
     return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                             pin_memory=torch.cuda.is_available(),

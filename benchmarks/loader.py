@@ -141,7 +141,7 @@ def parse_args(argv=None):
     p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter)
     p.add_argument("--data-root", default="./data", help="where the demo and benchmark data are written")
     p.add_argument("--small", action="store_true", help="1/8-scale data and sizes (a quick check of the harness)")
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="worker counts to measure")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="worker counts to measure (with 0)")
     p.add_argument("--seconds", type=float, default=10.0, help="measuring time per pipeline and worker count")
     p.add_argument("--scripts", nargs="+", default=None, metavar="SCRIPT", help="only these scripts' pipelines")
     p.add_argument("--speed-json", default=str(ROOT / "benchmarks" / "speed.json"), help="step records")
@@ -149,8 +149,9 @@ def parse_args(argv=None):
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="table regenerated here")
     p.add_argument("--machine", default="this machine", help="how RESULTS.md names the machine")
     args = p.parse_args(argv)
-    if min(args.workers) < 0 or not args.seconds > 0:
-        raise common.DataError("--workers >= 0 and --seconds > 0 expected")
+    if min(args.workers) < 0 or 0 not in args.workers or not args.seconds > 0:
+        raise common.DataError(f"--workers {' '.join(map(str, args.workers))}: expected counts >= 0 including 0 (the "
+                               f"single-core rate and per-batch times come from it), and --seconds > 0")
     known = {row[0] for row in speed.ROWS}
     if args.scripts and not set(args.scripts) <= known:
         raise common.DataError(f"--scripts {sorted(set(args.scripts) - known)[0]}: expected one of "
@@ -184,13 +185,11 @@ def main(argv=None):
                   "command": "python benchmarks/loader.py " + shlex.join(sys.argv[1:] if argv is None else argv),
                   "pipelines": []}
         for description, entry in pipelines.items():
-            rates = {}
+            rates, ms = {}, []
             for workers in args.workers:
                 rates[str(workers)], per_batch = throughput(entry["dataset"], entry["sampler"], workers, args.seconds)
-                if workers == 0:
-                    ms = sorted(1000 * t for t in per_batch)
-            p90 = ms[min(len(ms) - 1, math.ceil(0.9 * len(ms)) - 1)] if 0 in args.workers else float("nan")
-            p50 = statistics.median(ms) if 0 in args.workers else float("nan")
+                ms = sorted(1000 * t for t in per_batch) if workers == 0 else ms
+            p50, p90 = statistics.median(ms), ms[math.ceil(0.9 * len(ms)) - 1]
             result["pipelines"].append({"pipeline": description, "used_by": entry["used_by"],
                                         "batch": entry["sampler"].bs,
                                         "images_per_s": rates, "ms_per_batch_p50": p50, "ms_per_batch_p90": p90,

@@ -146,6 +146,8 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
             continue
         with pytest.raises(common.DataError, match=what):
             speed.parse_args(argv)
+    with pytest.raises(common.DataError, match="--workers 1 2: expected counts >= 0 including 0"):
+        loader.parse_args(["--workers", "1", "2"])
     with pytest.raises(SystemExit) as exc:
         common.run_script(lambda: loader.main(["--scripts", "nope.py", "--json", str(tmp_path / "x.json")]))
     assert exc.value.code == 2 and "error: --scripts nope.py" in capsys.readouterr().err

@@ -1371,7 +1371,8 @@ def shared_parser(defaults):
     add("--device", "where to train", choices=["auto", "cuda", "cpu"], default="auto")
     add("--amp", "autocast (bf16 where supported, else fp16) and channels_last on GPU",
         action=argparse.BooleanOptionalAction, default=False)
-    add("--workers", "data-loading worker processes (the authors use 4)", type=int, default=4)
+    add("--workers", "data-loading worker processes per data stream (the authors use 4; images/s per worker: "
+        "benchmarks/RESULTS.md)", type=int, default=4)
     add("--demo", "run on the generated demo dataset with the small demo settings", action="store_true")
     add("--global-batch", "under torchrun (K processes): every process runs the paper's batch (per-rank: "
         "global batch K x the paper's) or the paper's batch is split over the processes (paper)",
@@ -1676,10 +1677,16 @@ def next_batch(loader, device):
 
 
 def infinite_loader(dataset, sampler, workers):
-    """DataLoader over an iteration-indexed batch sampler (order and crops fixed by seed and iteration)."""
+    """DataLoader over an iteration-indexed batch sampler (order and crops fixed by seed and iteration).
+
+    One iterator serves the whole run (the sampler spans every iteration), so persistent workers would
+    change nothing; pinned memory on CUDA keeps next_batch's copies asynchronous; 2 batches in flight per
+    worker absorb the per-batch spread of load times (benchmarks/RESULTS.md, 'Data-loading defaults').
+    """
     return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                             pin_memory=torch.cuda.is_available(),
-                                            persistent_workers=workers > 0, worker_init_fn=worker_stop_signals))
+                                            prefetch_factor=2 if workers > 0 else None,
+                                            worker_init_fn=worker_stop_signals))
 
 
 def worker_stop_signals(worker_id):

@@ -1,0 +1,208 @@
+"""Images/s of every training pipeline of the method scripts with 0..N data-loading workers, against the
+images/s their training step consumes.
+
+The pipelines are the scripts' own: every row of speed.py, with GTA5 and with SYNTHIA as the source, runs
+its `main(argv)` in-process at the paper sizes (a light --layers 1 1 1 1 network on the CPU: the network
+does not change the data) with `common.infinite_loader` wrapped to collect each (dataset, batch sampler)
+pair the script builds; the run ends at its first batch request. Identical configurations are measured
+once. Each is then read through `common.infinite_loader` itself (the scripts' DataLoader options) with k
+workers: after the first batch (worker start-up), batches are drawn for --seconds and images/s = images
+read / time. The 0-worker run also gives the median and 90th-percentile time per batch in the main
+process. The consumption is batch x 1000 / ms_per_iter of the paper-preset records of speed.json for the
+same script and stage (the fastest device and precision there), when present.
+
+    python benchmarks/loader.py --workers 0 1 2         # real resolutions; --small for a quick check
+"""
+import argparse
+import datetime
+import importlib
+import json
+import math
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed  # noqa: E402  (benchmarks/speed.py: rows, benchmark data, run arguments)
+from speed import ROOT, common  # noqa: E402
+
+SOURCES = ("gta5", "synthia")
+
+
+class FirstBatch(Exception):
+    """Raised at a script's first batch request: every loader of its run has been built by then."""
+
+
+class StopAtFirstBatch:
+    """The iterator handed to the script instead of a DataLoader."""
+
+    def __next__(self):
+        raise FirstBatch
+
+
+def loader_rows():
+    """(name, speed.py row, source) for every row of speed.py with GTA5 and, where the script has a
+    --source, SYNTHIA as the source."""
+    out = []
+    for script, stage, extra, floor in speed.ROWS:
+        for source in SOURCES if "--source" in extra else ("cityscapes",):
+            args = [source if a == "gta5" else a for a in extra]
+            out.append((f"{speed.row_name(script, stage)} ({source})", (script, stage, args, floor), source))
+    return out
+
+
+def describe(dataset, sampler):
+    """A key naming one pipeline configuration (dataset class and options, sampler, images per batch)."""
+    opts = {k: getattr(dataset, k) for k in ("resize", "keep_ratio", "interp", "crop", "cat_max_ratio", "flip")}
+    opts = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in opts.items()
+                     if v not in (None, False) and not (k == "crop" and tuple(v) == (0, 0)))
+    extra = f", lab={dataset.mode}" if hasattr(dataset, "ref_stats") else ""
+    extra += ", prior crop" if hasattr(dataset, "prior") else ""
+    return (f"{type(dataset).__name__}({dataset.kind}, {opts}{extra}) x{sampler.bs} "
+            f"[{type(sampler).__name__}]")
+
+
+def capture(row, preset, bench, out_dir):
+    """[(dataset, batch sampler)] that one row's script builds for its training loop."""
+    module = importlib.import_module(row[0][:-3])
+    found = []
+
+    def collect(dataset, sampler, workers):
+        found.append((dataset, sampler))
+        return StopAtFirstBatch()
+
+    num_classes = 16 if "synthia" in row[2] else 19   # DLDM's 16-way head for SYNTHIA
+    teacher = speed.write_teacher(out_dir / "teacher.pth", [1, 1, 1, 1], num_classes) if row[0] == "dldm.py" else ""
+    argv = speed.script_argv(row, preset, bench, out_dir / "run", 10 ** 5, "cpu", False, 0, [1, 1, 1, 1], teacher)
+    with speed.restored_signal_handlers(), mock.patch.object(common, "infinite_loader", collect):
+        try:
+            module.main(argv)
+        except FirstBatch:
+            pass
+    return found
+
+
+def throughput(dataset, sampler, workers, seconds):
+    """(images/s, per-batch seconds) of common.infinite_loader with `workers` workers over `seconds`."""
+    loader = common.infinite_loader(dataset, sampler, workers)
+    next(loader)                                  # worker start-up, first batch
+    images, per_batch, t0 = 0, [], time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        t = time.perf_counter()
+        images += len(next(loader)["image"])
+        per_batch.append(time.perf_counter() - t)
+    rate = images / (time.perf_counter() - t0)
+    del loader                                    # shuts its workers down
+    return rate, per_batch
+
+
+def consumption(records, script, stage):
+    """(images/s one stream of the step consumes, which record) per the fastest paper-preset record of the
+    row in speed.json (GTA5 source), or (None, None)."""
+    rows = [r for r in records if r["script"] == script and r["stage"] == stage and r["preset"] == "paper"]
+    if not rows:
+        return None, None
+    best = min(rows, key=lambda r: r["ms_per_iter"])
+    return best["batch_per_stream"] * 1000 / best["ms_per_iter"], best["device"] + (" amp" if best["amp"] else "")
+
+
+def results_section(result):
+    """The 'Data-loading throughput' section of RESULTS.md."""
+    workers, default = result["workers"], result["default_workers"]
+    lines = ["## Data-loading throughput (`benchmarks/loader.py`)", "",
+             f"Generated by `benchmarks/loader.py` ({result['date']}, commit {result['commit']}, torch "
+             f"{result['torch']}, {result['machine']}): `{result['command']}`. Images/s of each training "
+             f"pipeline the scripts build (read through `common.infinite_loader`, each for {result['seconds']} s "
+             f"after the first batch), with {', '.join(map(str, workers))} workers; ms/batch: median and 90th "
+             "percentile in the main process (0 workers). 'step consumes': images/s of one stream of the training "
+             "step (speed.json, paper settings; '–' where no such record exists). 'it/s fed 3x': the step rate "
+             f"this stream could feed with a 3x margin from --workers {default} (the default) if each worker "
+             "delivered the single-core (0-worker) rate — an extrapolation to a machine with a free core per "
+             "worker, not a measurement.", "",
+             "| pipeline | used by | " + " | ".join(f"{k} workers img/s" for k in workers)
+             + " | ms/batch p50 / p90 | step consumes img/s | it/s fed 3x |", "|---|---|" + "---|" * (len(workers) + 3)]
+    for p in result["pipelines"]:
+        rates = " | ".join(f"{p['images_per_s'][str(k)]:.2f}" for k in workers)
+        used = ", ".join(p["used_by"])
+        consumed = ", ".join(f"{c['images_per_s']:.1f} ({c['row']}, {c['record']})" for c in p["consumed"]) or "–"
+        fed = f"{p['images_per_s']['0'] * default / 3 / p['batch']:.1f}" if "0" in p["images_per_s"] else "–"
+        lines.append(f"| {p['pipeline']} | {used} | {rates} | {p['ms_per_batch_p50']:.0f} / "
+                     f"{p['ms_per_batch_p90']:.0f} | {consumed} | {fed} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter)
+    p.add_argument("--data-root", default="./data", help="where the demo and benchmark data are written")
+    p.add_argument("--small", action="store_true", help="1/8-scale data and sizes (a quick check of the harness)")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="worker counts to measure (with 0)")
+    p.add_argument("--seconds", type=float, default=10.0, help="measuring time per pipeline and worker count")
+    p.add_argument("--scripts", nargs="+", default=None, metavar="SCRIPT", help="only these scripts' pipelines")
+    p.add_argument("--speed-json", default=str(ROOT / "benchmarks" / "speed.json"), help="step records")
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "loader.json"), help="results written here")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="table regenerated here")
+    p.add_argument("--machine", default="this machine", help="how RESULTS.md names the machine")
+    args = p.parse_args(argv)
+    if min(args.workers) < 0 or 0 not in args.workers or not args.seconds > 0:
+        raise common.DataError(f"--workers {' '.join(map(str, args.workers))}: expected counts >= 0 including 0 (the "
+                               f"single-core rate and per-batch times come from it), and --seconds > 0")
+    known = {row[0] for row in speed.ROWS}
+    if args.scripts and not set(args.scripts) <= known:
+        raise common.DataError(f"--scripts {sorted(set(args.scripts) - known)[0]}: expected one of "
+                               f"{', '.join(sorted(known))}")
+    args.preset = "small" if args.small else "paper"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(1)  # the main process only batches and copies here
+    bench = speed.write_bench_data(args.data_root, args.preset)
+    records = json.loads(Path(args.speed_json).read_text()) if Path(args.speed_json).is_file() else []
+    pipelines = {}  # description -> {dataset, sampler, used_by, consumed}
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [r for r in loader_rows() if args.scripts is None or r[1][0] in args.scripts]
+        for k, (name, row, source) in enumerate(rows):
+            out_dir = Path(tmp) / str(k)
+            out_dir.mkdir()
+            rate, record = consumption(records, row[0], row[1]) if source != "synthia" else (None, None)
+            for dataset, sampler in capture(row, args.preset, bench, out_dir):
+                entry = pipelines.setdefault(describe(dataset, sampler), {"dataset": dataset, "sampler": sampler,
+                                                                          "used_by": [], "consumed": []})
+                entry["used_by"].append(name)
+                if rate is not None:
+                    entry["consumed"].append({"row": name, "record": record, "images_per_s": rate})
+        result = {"workers": args.workers, "default_workers": common.shared_parser({}).get_default("workers"),
+                  "seconds": args.seconds, "preset": args.preset, "machine": args.machine,
+                  "torch": torch.__version__, "commit": speed.git_commit(),
+                  "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  "command": "python benchmarks/loader.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+                  "pipelines": []}
+        for description, entry in pipelines.items():
+            rates, ms = {}, []
+            for workers in args.workers:
+                rates[str(workers)], per_batch = throughput(entry["dataset"], entry["sampler"], workers, args.seconds)
+                ms = sorted(1000 * t for t in per_batch) if workers == 0 else ms
+            p50, p90 = statistics.median(ms), ms[math.ceil(0.9 * len(ms)) - 1]
+            result["pipelines"].append({"pipeline": description, "used_by": entry["used_by"],
+                                        "batch": entry["sampler"].bs,
+                                        "images_per_s": rates, "ms_per_batch_p50": p50, "ms_per_batch_p90": p90,
+                                        "consumed": entry["consumed"]})
+            print(f"{description}: " + ", ".join(f"{k} workers {v:.2f} img/s" for k, v in rates.items())
+                  + f"; {p50:.0f}/{p90:.0f} ms per batch (p50/p90, main process)", flush=True)
+    common.atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
+    results = Path(args.results)
+    text = results.read_text() if results.is_file() else "# Measured results\n"
+    common.atomic_write_text(results, speed.replace_section(text, ("## Data-loading throughput",),
+                                                            results_section(result)))
+    return result
+
+
+if __name__ == "__main__":
+    common.run_script(main)

@@ -1,0 +1,507 @@
+"""Training-step speed of every method script against the floor of its network passes, fp32 and --amp.
+
+Each row runs a script's own `main(argv)` in this process (its real loop: data loading, mixing,
+augmentation, EMA, optimiser, logging) with a short --iters; `common.Logger.log`, called once per
+iteration by every loop, is wrapped here to take the time of each call (after torch.cuda.synchronize on
+CUDA) and to stop the run after the last timed step. ms/iter is the median over --steps steps after
+--warmup steps. Beside it, THE FLOOR: only the network passes the method inherently needs at the same
+batch and sizes (each student forward + backward, each teacher or no-grad forward, each discriminator
+pass), built from common.py's model classes on random inputs, timed the same way. On CUDA the timed steps
+run under torch.cuda.set_sync_debug_mode(--sync-debug): every host sync the step makes is counted and
+located (file:line).
+
+Paper preset: full DeepLabv2-ResNet-101, each script's PAPER sizes and batch composition, on demo scenes
+upscaled to the real resolutions (GTA5 1914x1052, SYNTHIA 1280x760, Cityscapes 2048x1024, written once
+under <data-root>/bench_paper). --small: --layers 1 1 1 1 and 1/8-scale data and sizes, to check the
+harness and measure host-side overhead on a CPU. DLDM's stages (M_RL, M_SL, student) and CAMix's two
+phases are separate rows. Results are merged into --json (one record per row, device, preset and
+precision) and the "Training-step speed" section of --results is regenerated from it.
+
+    python benchmarks/speed.py --device cuda                             # paper settings, >= 50 steps
+    OMP_NUM_THREADS=1 python benchmarks/speed.py --device cpu --small --steps 10 --warmup 2 --threads 1 --workers 0
+"""
+import argparse
+import contextlib
+import datetime
+import gc
+import importlib
+import json
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+import zlib
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+import demo  # noqa: E402
+
+FULL_SIZES = {"gta5": (1914, 1052), "synthia": (1280, 760), "cityscapes": (2048, 1024)}  # W, H on disk
+SCALE = {"paper": 1.0, "small": 1 / 8}
+N_IMAGES = 8  # per dataset (Cityscapes: 8 train + 2 val)
+# Network input sizes (H, W) per preset: the paper's (GTA5 1280x720, Cityscapes 1024x512, 512x512 crops,
+# CAMix's crops from the full 2048x1024 frame) and the --small ones, passed as flags to the scripts.
+SIZES = {"paper": {"source": (720, 1280), "target": (512, 1024), "crop": (512, 512), "full": (1024, 2048)},
+         "small": {"source": (90, 160), "target": (64, 128), "crop": (64, 64), "full": (128, 256)}}
+# The floor of a row: DeepLabV2 options, the student's passes (each inner list is forwarded, then one
+# backward, as the script does), and the no-grad teacher forwards (eval-mode teachers for DLDM).
+MEAN_TEACHER = {"model": {}, "student": [["crop", "crop"]], "teachers": ["crop"], "teacher_eval": False}
+ROWS = [  # (script, stage, arguments besides data, sizes and run settings, floor)
+    ("dacs.py", None, ["--source", "gta5"], MEAN_TEACHER),
+    ("classmix_ssl.py", None, ["--dataset", "cityscapes", "--n-labeled", "4"],
+     {"model": {}, "student": [["target", "target"]], "teachers": ["target"], "teacher_eval": False}),
+    ("iidm.py", None, ["--source", "gta5", "--n-labeled", "4"],
+     {"model": {"style": "pytorch", "freeze_bn_affine": False}, "student": [["crop"]] * 4, "teachers": ["crop"],
+      "teacher_eval": False}),
+    ("camix.py", "phase B (CAMix)", ["--source", "gta5", "--warmup-iters", "0", "--build-prior"], MEAN_TEACHER),
+    ("camix.py", "phase A (DACS warm-up)", ["--source", "gta5", "--warmup-iters", "{iters}"], MEAN_TEACHER),
+    ("asss.py", None, ["--source", "gta5", "--preset", "ga-csa", "--n-labeled", "4"], "asss"),
+    ("dldm.py", "M_RL", ["--source", "gta5", "--n-labeled", "4", "--stage", "rl"],
+     {"model": {"multi_level": True, "aspp_full": True}, "student": [["target"]], "teachers": [],
+      "teacher_eval": True}),
+    ("dldm.py", "M_SL", ["--source", "gta5", "--n-labeled", "4", "--stage", "sl"],
+     {"model": {"multi_level": True, "aspp_full": True}, "student": [["source"], ["target"]], "teachers": [],
+      "teacher_eval": True}),
+    ("dldm.py", "student", ["--source", "gta5", "--n-labeled", "4", "--stage", "student", "--teachers", "{teacher}",
+                            "{teacher}"],
+     {"model": {"multi_level": True, "aspp_full": True}, "student": [["target"], ["target"]],
+      "teachers": ["target", "target"], "teacher_eval": True}),
+]
+
+
+def row_name(script, stage):
+    """'dldm.py M_RL', 'dacs.py': how a row is named in tables and --scripts."""
+    return script + (f" {stage}" if stage else "")
+
+
+# ------------------------------------------------------------------------------------------- data
+
+def write_png16(path, rgb16):
+    """An HxWx3 uint16 array as a 16-bit RGB PNG (the SYNTHIA GT/LABELS encoding; PIL writes no 16-bit RGB)."""
+    h, w, _ = rgb16.shape
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in rgb16)
+    chunk = lambda kind, data: (len(data).to_bytes(4, "big") + kind + data  # noqa: E731
+                                + (zlib.crc32(kind + data) & 0xFFFFFFFF).to_bytes(4, "big"))
+    ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([16, 2, 0, 0, 0])
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
+                           + chunk(b"IEND", b""))
+
+
+def write_bench_data(data_root, preset):
+    """GTA5, SYNTHIA and Cityscapes trees (official layouts) of demo scenes resized to the real resolutions
+    (x 1/8 for --small): 8 images each, Cityscapes 8 train + 2 val; written once, then reused."""
+    out = Path(data_root) / f"bench_{preset}"
+    if (out / ".complete").is_file():
+        return out
+    src = demo.ensure_demo(data_root)
+    size = {k: (round(w * SCALE[preset]), round(h * SCALE[preset])) for k, (w, h) in FULL_SIZES.items()}
+    synthia_id = np.full(256, 0, np.uint16)  # Cityscapes label id -> SYNTHIA raw id (0 = void)
+    for raw, train_id in enumerate(common.SYNTHIA_TO_TRAINID):
+        if train_id != common.IGNORE:
+            synthia_id[common.TRAINID_TO_LABELID[train_id]] = raw
+    tmp = out.with_name(out.name + ".tmp")
+    for d in ("gta5/images", "gta5/labels", "synthia/RGB", "synthia/GT/LABELS"):
+        (tmp / d).mkdir(parents=True, exist_ok=True)
+    pairs = zip(sorted((src / "gta5" / "images").glob("*.png"))[:N_IMAGES],
+                sorted((src / "gta5" / "labels").glob("*.png"))[:N_IMAGES])
+    for img, lab in pairs:
+        Image.open(img).resize(size["gta5"], Image.BILINEAR).save(tmp / "gta5" / "images" / img.name)
+        Image.open(lab).resize(size["gta5"], Image.NEAREST).save(tmp / "gta5" / "labels" / lab.name)
+        Image.open(img).resize(size["synthia"], Image.BILINEAR).save(tmp / "synthia" / "RGB" / img.name)
+        ids = np.asarray(Image.open(lab).resize(size["synthia"], Image.NEAREST))
+        write_png16(tmp / "synthia" / "GT" / "LABELS" / lab.name, np.stack([synthia_id[ids]] * 3, -1))
+    for split, n in (("train", N_IMAGES), ("val", 2)):
+        for img in sorted((src / "cityscapes" / "leftImg8bit" / split).rglob("*.png"))[:n]:
+            city, stem = img.parent.name, img.name.replace("_leftImg8bit.png", "")
+            lab = src / "cityscapes" / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png"
+            for path, interp, sub in ((img, Image.BILINEAR, "leftImg8bit"), (lab, Image.NEAREST, "gtFine")):
+                d = tmp / "cityscapes" / sub / split / city
+                d.mkdir(parents=True, exist_ok=True)
+                Image.open(path).resize(size["cityscapes"], interp).save(d / path.name)
+    (tmp / ".complete").write_text(f"benchmark data, {preset} preset\n")
+    tmp.rename(out)
+    return out
+
+
+def size_flags(script, preset):
+    """--small: the scripts' size flags at 1/8 scale (the paper preset keeps every script's defaults)."""
+    if preset == "paper":
+        return []
+    s = SIZES[preset]
+    wh = lambda k: [str(s[k][1]), str(s[k][0])]  # noqa: E731
+    hw = lambda k: [str(v) for v in s[k]]  # noqa: E731
+    flags = {"dacs.py": ["--source-size", *wh("source"), "--target-size", *wh("target"), "--crop-size", *hw("crop")],
+             "classmix_ssl.py": ["--target-size", *wh("target")],
+             "iidm.py": ["--source-size", *wh("source"), "--target-size", *wh("target"), "--crop-size", *hw("crop"),
+                         "--rcs-min-pixels", "47"],  # 3000 px of a 1914x1052 label at 1/8 scale
+             "camix.py": ["--source-size", *wh("source"), "--target-size", *wh("full"), "--crop-size", *hw("crop"),
+                          "--val-size", *wh("target")],
+             "asss.py": ["--source-size", *wh("source"), "--target-size", *wh("target")],
+             "dldm.py": ["--source-size", *wh("source"), "--target-size", *wh("target")]}
+    return flags[script]
+
+
+def script_argv(row, preset, bench, out_dir, iters, device, amp, workers, layers, teacher=""):
+    """The full argument list of one row's run."""
+    script, _, extra, _ = row
+    extra = [a.format(iters=iters, teacher=teacher) for a in extra]
+    return [*extra, *size_flags(script, preset), "--gta5-root", str(bench / "gta5"),
+            "--synthia-root", str(bench / "synthia"), "--cityscapes-root", str(bench / "cityscapes"),
+            "--init", "none", "--iters", str(iters), "--log-every", str(iters), "--eval-every", "0",
+            "--save-every", str(iters), "--device", device, "--workers", str(workers), "--out-dir", str(out_dir),
+            "--amp" if amp else "--no-amp", "--layers", *map(str, layers)]
+
+
+def write_teacher(path, layers, num_classes=19):
+    """A stand-in teacher checkpoint for DLDM's student stage (random weights: speed does not depend on them)."""
+    model = common.DeepLabV2(num_classes, multi_level=True, aspp_full=True, layers=layers)
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- timing
+
+class StopRun(Exception):
+    """Raised by the timing hook after the last timed step: ends the script's run there."""
+
+
+@contextlib.contextmanager
+def restored_signal_handlers():
+    """The scripts install SIGTERM/SIGINT handlers and restore them only when their loop ends normally."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def time_script(module, argv, device, warmup, steps, sync_debug):
+    """Run module.main(argv) with common.Logger.log wrapped: per-step ms (median source), peak GiB, syncs.
+
+    The wrapper takes the time at each call (one per iteration, after synchronising on CUDA), turns the
+    sync debug mode on for the timed steps and raises StopRun at the call that closes the last one, before
+    the logger's own log-step work (its one host sync) and before any checkpoint or evaluation.
+    """
+    cuda = device.type == "cuda"
+    stamps, original = [], common.Logger.log
+
+    def timed_log(logger, i, losses, lr):
+        if cuda:
+            torch.cuda.set_sync_debug_mode(0)      # the clock's own synchronisation is not the step's
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+        if len(stamps) == warmup + steps + 1:
+            raise StopRun
+        if cuda and len(stamps) == warmup + 1:
+            torch.cuda.reset_peak_memory_stats()
+        if cuda and len(stamps) > warmup:
+            torch.cuda.set_sync_debug_mode(sync_debug)
+        return original(logger, i, losses, lr)
+
+    with restored_signal_handlers(), mock.patch.object(common.Logger, "log", timed_log), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            module.main(argv)
+        except StopRun:
+            pass
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
+    if len(stamps) != warmup + steps + 1:
+        raise RuntimeError(f"{module.__name__}: the loop ended after {len(stamps)} iterations")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    return {"times_ms": [1000 * (b - a) for a, b in zip(stamps[warmup:], stamps[warmup + 1:])],
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
+            "host_syncs_per_step": len(syncs) / steps if cuda else None,
+            "sync_sites": sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})}
+
+
+def scalar(out):
+    """A loss touching every output of a forward (one or two heads)."""
+    return sum(o.float().mean() for o in (out if isinstance(out, tuple) else (out,)))
+
+
+def mean_teacher_floor(spec, sizes, batch, layers, device, amp):
+    """The passes of a mean-teacher or distillation step: student forwards + backwards, teacher forwards."""
+    build = lambda: common.prepare_model(common.DeepLabV2(19, layers=layers, **spec["model"]), device, amp)  # noqa: E731
+    student = build().train()
+    teachers = [build().train(not spec["teacher_eval"]).requires_grad_(False) for _ in spec["teachers"]]
+    image = lambda name: torch.randn(batch, 3, *sizes[name], device=device)  # noqa: E731
+    student_inputs = [[image(name) for name in group] for group in spec["student"]]
+    teacher_inputs = [image(name) for name in spec["teachers"]]
+
+    def step():
+        student.zero_grad(set_to_none=True)
+        with torch.no_grad(), amp.autocast():
+            for teacher, x in zip(teachers, teacher_inputs):
+                teacher(x)
+        for group in student_inputs:
+            with amp.autocast():
+                loss = sum(scalar(student(x)) for x in group)
+            amp.backward(loss)
+    return step
+
+
+def asss_floor(sizes, batch, layers, device, amp):
+    """ASS (GA + CSA, s2t) passes: G on the source with D_g1/D_g2 on its upsampled maps and D_s on its
+    layer4 features (D frozen), G on the labeled target, G without a graph on the unlabeled target, then
+    D_g1/D_g2 on source and unlabeled-target maps and D_s on source and labeled-target features (detached)."""
+    import asss
+    prepare = lambda m: common.prepare_model(m, device, amp)  # noqa: E731
+    g = prepare(common.DeepLabV2(19, multi_level=True, layers=layers)).train()
+    d_g = [prepare(common.FCDiscriminator(19)) for _ in range(2)]
+    d_s = prepare(asss.semantic_discriminator("csa"))
+    discs = [*d_g, d_s]
+    x_s, x_l, x_u = (torch.randn(batch, 3, *sizes[k], device=device) for k in ("source", "target", "target"))
+
+    def step():
+        for m in (g, *discs):
+            m.zero_grad(set_to_none=True)
+        for d in discs:                               # D frozen while G learns through it
+            d.requires_grad_(False)
+        with amp.autocast():
+            p1, p2, f_s = asss.segment(g, x_s)
+            maps_s = [asss.d_input(p, x_s.shape[2:]) for p in (p1, p2)]
+            loss = scalar((p1, p2)) + sum(scalar(d(m)) for d, m in zip(d_g, maps_s)) + scalar(d_s(f_s))
+        amp.backward(loss)
+        with amp.autocast():
+            p1, p2, f_l = asss.segment(g, x_l)
+            loss = scalar((p1, p2))
+        amp.backward(loss)
+        with torch.no_grad(), amp.autocast():
+            p1, p2, _ = asss.segment(g, x_u)
+            maps_u = [asss.d_input(p, x_u.shape[2:]) for p in (p1, p2)]
+        for d in discs:
+            d.requires_grad_(True)
+        with amp.autocast():
+            loss = sum(scalar(d(a.detach())) + scalar(d(b)) for d, a, b in zip(d_g, maps_s, maps_u))
+            loss = loss + scalar(d_s(f_s.detach())) + scalar(d_s(f_l.detach()))
+        amp.backward(loss)
+    return step
+
+
+def time_floor(row, sizes, batch, layers, device, amp, warmup, steps):
+    """Median ms and peak GiB of the row's floor passes, timed per call like the step (warm-up, sync, median).
+
+    Not torch.utils.benchmark.Timer: its blocked measurements average over blocks, while the step's times
+    are single iterations of the script's loop; the ratio step/floor needs the same statistic on both.
+    """
+    step = asss_floor(sizes, batch, layers, device, amp) if row[3] == "asss" else \
+        mean_teacher_floor(row[3], sizes, batch, layers, device, amp)
+    cuda = device.type == "cuda"
+    times = []
+    for k in range(warmup + steps):
+        if cuda and k == warmup:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        if k >= warmup:
+            times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
+
+
+def release_memory(device):
+    """Free the previous run's models and loaders (and the CUDA cache) before the next measurement."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(row, args, device, bench, amp, meta):
+    """One record: the script's step and the floor for one row and precision."""
+    script, stage, _, _ = row
+    module = importlib.import_module(script[:-3])
+    iters = args.warmup + args.steps + 1
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = write_teacher(Path(tmp) / "teacher.pth", args.layers) if script == "dldm.py" else ""
+        argv = script_argv(row, args.preset, bench, Path(tmp) / "run", iters, device.type, amp, args.workers,
+                           args.layers, teacher)
+        step = time_script(module, argv, device, args.warmup, args.steps, args.sync_debug)
+    release_memory(device)
+    batch = module.PAPER["batch_size"][0]
+    floor_ms, floor_mem = time_floor(row, SIZES[args.preset], batch, args.layers, device, common.Amp(device, amp),
+                                     args.warmup, args.steps)
+    release_memory(device)
+    ms = statistics.median(step["times_ms"])
+    return {"script": script, "stage": stage, "preset": args.preset, "device": meta["device"], "amp": amp,
+            "ms_per_iter": round(ms, 2), "floor_ms_per_iter": round(floor_ms, 2),
+            "step_over_floor": round(ms / floor_ms, 3),
+            "peak_mem_gb": None if step["peak_mem_gb"] is None else round(step["peak_mem_gb"], 3),
+            "floor_peak_mem_gb": None if floor_mem is None else round(floor_mem, 3),
+            "host_syncs_per_step": step["host_syncs_per_step"], "sync_sites": step["sync_sites"],
+            "batch_per_stream": batch, "steps": args.steps, "warmup": args.warmup, "threads": torch.get_num_threads(),
+            "workers": args.workers, "layers": list(args.layers), **meta}
+
+
+# ------------------------------------------------------------------------------------------- output
+
+def git_commit():
+    """Short hash of HEAD, with '-dirty' when tracked files other than the benchmark outputs differ from it."""
+    run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    outputs = [f":!benchmarks/{name}" for name in ("RESULTS.md", "speed.json", "loader.json")]
+    return run("rev-parse", "--short", "HEAD") + ("-dirty" if run("status", "--porcelain", "-uno", "--", ".", *outputs)
+                                                  else "")
+
+
+def device_name(device):
+    """'cpu' or 'cuda (<GPU name>)'."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return "cpu"
+
+
+def merge_records(path, new):
+    """Records of --json with those of this run replacing the ones for the same row, preset, device, amp."""
+    key = lambda r: (r["script"], r["stage"], r["preset"], r["device"].split(" ")[0], r["amp"])  # noqa: E731
+    old = json.loads(Path(path).read_text()) if Path(path).is_file() else []
+    fresh = {key(r) for r in new}
+    return [r for r in old if key(r) not in fresh] + new
+
+
+def fmt(value, digits=1):
+    """A table cell: the number, or a dash when not measured."""
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def results_section(records):
+    """The 'Training-step speed' section of RESULTS.md, generated from the records."""
+    lines = ["## Training-step speed (`benchmarks/speed.py`)", "",
+             "Generated by `benchmarks/speed.py` from `benchmarks/speed.json`. ms/iter: median of the timed steps of "
+             "the script's own loop (its `main` run in-process, timed at each `Logger.log` call); floor: the same "
+             "statistic for only the network passes the step inherently needs (student forward + backward, teacher "
+             "or no-grad forwards, discriminator passes) at the same batch and sizes; step/floor: their ratio. "
+             "amp = `--amp` (bf16 autocast + channels_last). Host syncs: per timed step under "
+             "`torch.cuda.set_sync_debug_mode` (CUDA only).", ""]
+    for preset, title in (("paper", "Paper settings (DeepLabv2-ResNet-101, the scripts' PAPER sizes and batches)"),
+                          ("small", "--small (layers 1 1 1 1, 1/8-scale data and sizes): host-side overhead")):
+        rows = [r for r in records if r["preset"] == preset]
+        lines += [f"### {title}", ""]
+        for dev in sorted({r["device"] for r in rows}) or []:
+            sel = [r for r in rows if r["device"] == dev]
+            runs = sorted({(r["command"], r["date"], r["commit"], r["machine"], r["threads"], r["workers"],
+                            r["steps"], r["warmup"]) for r in sel}, key=lambda run: run[1])
+            lines += [f"Device {dev}, torch {sel[0]['torch']}. Runs:", ""]
+            lines += [f"- `{c}` ({date}, commit {commit}; {machine}; {threads} thread(s), --workers {w}; median of {n} "
+                      f"steps after {wu})" for c, date, commit, machine, threads, w, n, wu in runs]
+            lines += ["",
+                      "| script | fp32 ms/iter | fp32 floor | step/floor | amp ms/iter | amp floor | step/floor "
+                      "| peak GiB fp32 / amp | host syncs/step |", "|---|---|---|---|---|---|---|---|---|"]
+            for script, stage, _, _ in ROWS:
+                pair = {r["amp"]: r for r in sel if r["script"] == script and r["stage"] == stage}
+                if not pair:
+                    continue
+                cells = []
+                for amp in (False, True):
+                    r = pair.get(amp)
+                    cells += [fmt(r and r["ms_per_iter"]), fmt(r and r["floor_ms_per_iter"]),
+                              fmt(r and r["step_over_floor"], 2)]
+                mem = " / ".join(fmt(pair[a]["peak_mem_gb"], 2) if a in pair else "–" for a in (False, True))
+                syncs = " / ".join(fmt(pair[a]["host_syncs_per_step"], 2) if a in pair else "–" for a in (False, True))
+                lines.append(f"| {row_name(script, stage)} | " + " | ".join(cells) + f" | {mem} | {syncs} |")
+            lines.append("")
+            lines += [f"- host syncs of {row_name(r['script'], r['stage'])} ({'amp' if r['amp'] else 'fp32'}): "
+                      + ", ".join(r["sync_sites"]) for r in sel if r["sync_sites"]]
+        if preset == "paper" and not any(r["device"].startswith("cuda") for r in rows):
+            lines += ["CUDA, paper settings: not measured — no GPU in this session (`python benchmarks/speed.py "
+                      "--device cuda` fills these rows):", "", "| script | fp32 ms/iter | floor | amp ms/iter | floor "
+                      "| peak GiB | host syncs/step |", "|---|---|---|---|---|---|---|"]
+            lines += [f"| {row_name(s, st)} | not measured — no GPU in this session | | | | | |" for s, st, _, _ in ROWS]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def replace_section(text, title_prefix, section):
+    """Replace the first `## ...` section whose title starts with one of `title_prefix` by `section`
+    (appended when none does); the other sections are left as they are."""
+    parts = text.rstrip("\n").split("\n## ")
+    head, sections = parts[0], ["## " + p for p in parts[1:]]
+    body = section.rstrip("\n")
+    for k, s in enumerate(sections):
+        if any(s.startswith(p) for p in title_prefix):
+            sections[k] = body
+            break
+    else:
+        sections.append(body)
+    return "\n\n".join([head.rstrip("\n"), *[s.rstrip("\n") for s in sections]]) + "\n"
+
+
+# ------------------------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter)
+    p.add_argument("--data-root", default="./data", help="where the demo and benchmark data are written")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--small", action="store_true", help="--layers 1 1 1 1, 1/8-scale data and sizes (CPU checks)")
+    p.add_argument("--steps", type=int, default=50, help="timed steps per row (>= 50 on CUDA)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (cudnn autotuning, allocator)")
+    p.add_argument("--amp", choices=["both", "off", "on"], default="both", help="fp32 and --amp rows, or one")
+    p.add_argument("--scripts", nargs="+", default=None, metavar="ROW",
+                   help="rows to run (default all): " + ", ".join(row_name(s, st) for s, st, _, _ in ROWS)
+                   + "; a script name selects all its rows")
+    p.add_argument("--workers", type=int, default=None, help="--workers of the scripts (default: theirs)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--sync-debug", choices=["warn", "error"], default="warn",
+                   help="torch.cuda.set_sync_debug_mode during the timed steps: count syncs, or stop at the first")
+    p.add_argument("--machine", default="this machine", help="how the records name the machine (and its load)")
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "speed.json"), help="records, merged")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="table regenerated here")
+    args = p.parse_args(argv)
+    args.preset = "small" if args.small else "paper"
+    args.layers = [1, 1, 1, 1] if args.small else [3, 4, 23, 3]
+    if args.steps < 1 or args.warmup < 0 or (args.workers is not None and args.workers < 0):
+        raise common.DataError("--steps >= 1, --warmup >= 0 and --workers >= 0 expected")
+    if args.device == "cuda" and args.steps < 50:
+        raise common.DataError(f"--steps {args.steps}: the CUDA medians need >= 50 steps (fewer only on the CPU)")
+    known = {row_name(s, st) for s, st, _, _ in ROWS} | {s for s, _, _, _ in ROWS}
+    bad = [name for name in args.scripts or [] if name not in known]
+    if bad:
+        raise common.DataError(f"--scripts {bad[0]}: expected one of {', '.join(sorted(known))}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.select_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.workers is None:
+        args.workers = common.shared_parser({}).get_default("workers")
+    rows = [r for r in ROWS if args.scripts is None or r[0] in args.scripts or row_name(r[0], r[1]) in args.scripts]
+    bench = write_bench_data(args.data_root, args.preset)
+    meta = {"device": device_name(device), "machine": args.machine, "torch": torch.__version__, "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": "python benchmarks/speed.py " + shlex.join(sys.argv[1:] if argv is None else argv)}
+    records = []
+    for row in rows:
+        for amp in {"both": (False, True), "off": (False,), "on": (True,)}[args.amp]:
+            rec = measure(row, args, device, bench, amp, meta)
+            records.append(rec)
+            print(f"{row_name(row[0], row[1]):32s} {'amp ' if amp else 'fp32'} {rec['ms_per_iter']:9.1f} ms/iter  "
+                  f"floor {rec['floor_ms_per_iter']:9.1f}  x{rec['step_over_floor']:.2f}  peak {rec['peak_mem_gb']} GiB"
+                  f"  syncs/step {rec['host_syncs_per_step']} {' '.join(rec['sync_sites'])}", flush=True)
+    records = merge_records(args.json, records)
+    common.atomic_write_text(args.json, json.dumps(records, indent=1) + "\n")
+    results = Path(args.results)
+    text = results.read_text() if results.is_file() else "# Measured results\n"
+    common.atomic_write_text(results, replace_section(text, ("## Training-step speed", "## GPU step speed"),
+                                                      results_section(records)))
+    return records
+
+
+if __name__ == "__main__":
+    common.run_script(main)

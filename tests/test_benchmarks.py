@@ -1,0 +1,154 @@
+"""benchmarks/speed.py and benchmarks/loader.py end to end on the CPU at tiny sizes (no timing asserted)."""
+import json
+import signal
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import loader  # noqa: E402
+import speed  # noqa: E402
+from speed import common  # noqa: E402
+
+SCHEMA = {"script", "device", "amp", "ms_per_iter", "floor_ms_per_iter", "peak_mem_gb", "torch", "commit", "date",
+          "command"}
+OLD_RESULTS = ("# Measured results\n\nintro\n\n## Demo dataset domain gap\n\nkept as it is\n\n"
+               "## GPU step speed and memory (`benchmarks/gpu_step.py`) — not yet measured\n\nold text\n\n"
+               "## Method demos\n\nalso kept\n")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """Data root (demo + 1/8-scale benchmark trees) and a speed.py --small run over every row (fp32, 1 step)."""
+    data, out = tmp_path_factory.mktemp("data"), tmp_path_factory.mktemp("out")
+    (out / "RESULTS.md").write_text(OLD_RESULTS)
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    records = speed.main(["--device", "cpu", "--small", "--steps", "1", "--warmup", "0", "--threads", "1",
+                          "--workers", "0", "--amp", "off", "--data-root", str(data), "--json", str(out / "speed.json"),
+                          "--results", str(out / "RESULTS.md")])
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers   # scripts' handlers gone
+    return data, out, records
+
+
+def test_speed_records_every_script_and_dldm_stage(bench):
+    _, out, records = bench
+    assert json.loads((out / "speed.json").read_text()) == records
+    assert [(r["script"], r["stage"]) for r in records] == [(s, st) for s, st, _, _ in speed.ROWS]
+    assert {r["script"] for r in records} == {"dacs.py", "classmix_ssl.py", "iidm.py", "camix.py", "asss.py", "dldm.py"}
+    assert {r["stage"] for r in records if r["script"] == "dldm.py"} == {"M_RL", "M_SL", "student"}
+    for r in records:
+        assert SCHEMA <= r.keys()
+        assert r["device"] == "cpu" and r["amp"] is False and r["preset"] == "small" and r["steps"] == 1
+        assert r["ms_per_iter"] > 0 and r["floor_ms_per_iter"] > 0
+        assert r["step_over_floor"] == pytest.approx(r["ms_per_iter"] / r["floor_ms_per_iter"], rel=0.01)
+        assert r["peak_mem_gb"] is None and r["host_syncs_per_step"] is None   # CUDA-only measurements
+        assert r["command"].startswith("python benchmarks/speed.py --device cpu --small")
+        assert r["torch"] == torch.__version__ and r["commit"] and r["date"].startswith("20")
+
+
+def test_speed_table_replaces_only_its_section(bench):
+    _, out, records = bench
+    text = (out / "RESULTS.md").read_text()
+    assert "## Demo dataset domain gap\n\nkept as it is\n" in text and "## Method demos\n\nalso kept\n" in text
+    assert "GPU step speed" not in text and "old text" not in text
+    section = text[text.index("## Training-step speed"):text.index("## Method demos")]
+    for script, stage, _, _ in speed.ROWS:
+        name = speed.row_name(script, stage)
+        assert f"| {name} | not measured — no GPU in this session |" in section         # the CUDA rows
+        row = next(r for r in records if (r["script"], r["stage"]) == (script, stage))
+        assert f"| {name} | {row['ms_per_iter']:.1f} | {row['floor_ms_per_iter']:.1f} |" in section
+
+
+def test_rerun_merges_records(bench, tmp_path):
+    """A later run replaces the records of its rows and keeps the others (e.g. CUDA rows beside CPU ones)."""
+    _, out, records = bench
+    other = {**records[0], "device": "cuda (X)", "preset": "paper", "ms_per_iter": 1.0}
+    (tmp_path / "speed.json").write_text(json.dumps([other, *records]))
+    newer = [{**records[0], "ms_per_iter": 123.0}]
+    merged = speed.merge_records(tmp_path / "speed.json", newer)
+    assert other in merged and newer[0] in merged and records[0] not in merged and len(merged) == len(records) + 1
+
+
+@pytest.mark.parametrize("row", speed.ROWS, ids=lambda r: speed.row_name(r[0], r[1]))
+def test_floor_runs_the_passes_of_the_step(row):
+    """The floor is a positive time of real passes: the student forwards with a graph, the teacher forwards
+    without one, at the script's batch and the given sizes (ASS: also its six D_g passes)."""
+    import asss
+    seen = []
+
+    def spy(forward):
+        def passes(model, x):
+            seen.append((tuple(x.shape), torch.is_grad_enabled() and model.training and
+                         any(p.requires_grad for p in model.parameters())))
+            return forward(model, x)
+        return passes
+
+    module = __import__(row[0][:-3])
+    batch, sizes = module.PAPER["batch_size"][0], {"source": (40, 72), "target": (32, 64), "crop": (32, 32)}
+    with mock.patch.object(common.DeepLabV2, "forward", spy(common.DeepLabV2.forward)), \
+            mock.patch.object(asss, "segment", spy(asss.segment)), \
+            mock.patch.object(common.FCDiscriminator, "forward", autospec=True,
+                              side_effect=common.FCDiscriminator.forward) as d_g:
+        ms, mem = speed.time_floor(row, sizes, batch, [1, 1, 1, 1], torch.device("cpu"),
+                                   common.Amp(torch.device("cpu"), False), warmup=0, steps=1)
+    assert ms > 0 and mem is None
+    shape = lambda k: (batch, 3, *sizes[k])  # noqa: E731
+    if row[3] == "asss":
+        assert sorted(seen) == sorted([(shape("source"), True), (shape("target"), True), (shape("target"), False)])
+        assert d_g.call_count == 6
+        return
+    expected = [(shape(k), False) for k in row[3]["teachers"]] + [(shape(k), True) for g in row[3]["student"] for k in g]
+    assert seen == expected
+
+
+def test_loader_measures_the_scripts_pipelines(bench, tmp_path):
+    data, _, _ = bench
+    speed_json = tmp_path / "speed.json"   # a paper-settings record: the consumption column reads it
+    speed_json.write_text(json.dumps([{"script": "dacs.py", "stage": None, "preset": "paper", "ms_per_iter": 500.0,
+                                       "batch_per_stream": 2, "device": "cuda (X)", "amp": True}]))
+    (tmp_path / "RESULTS.md").write_text(OLD_RESULTS)
+    result = loader.main(["--small", "--data-root", str(data), "--workers", "0", "1", "--seconds", "0.2",
+                          "--scripts", "dacs.py", "dldm.py", "--speed-json", str(speed_json),
+                          "--json", str(tmp_path / "loader.json"), "--results", str(tmp_path / "RESULTS.md")])
+    assert json.loads((tmp_path / "loader.json").read_text()) == json.loads(json.dumps(result))
+    used = {name for p in result["pipelines"] for name in p["used_by"]}
+    assert used == {"dacs.py (gta5)", "dacs.py (synthia)", "dldm.py M_RL (gta5)", "dldm.py M_RL (synthia)",
+                    "dldm.py M_SL (gta5)", "dldm.py M_SL (synthia)", "dldm.py student (gta5)",
+                    "dldm.py student (synthia)"}
+    names = [p["pipeline"] for p in result["pipelines"]]
+    assert len(names) == len(set(names))                                     # identical configurations once
+    assert any(n.startswith("LabSourceDataset(gta5") and "lab=online" in n for n in names)
+    for p in result["pipelines"]:
+        assert set(p["images_per_s"]) == {"0", "1"} and min(p["images_per_s"].values()) > 0
+        assert 0 < p["ms_per_batch_p50"] <= p["ms_per_batch_p90"]
+        dacs = "dacs.py (gta5)" in p["used_by"]
+        assert [c["images_per_s"] for c in p["consumed"]] == ([4.0] if dacs else [])   # 2 images / 0.5 s
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## Data-loading throughput" in text and "## Demo dataset domain gap\n\nkept as it is\n" in text
+    assert "old text" in text                                                 # not loader.py's section
+
+
+def test_loader_rows_cover_every_speed_row_and_source():
+    names = [name for name, _, _ in loader.loader_rows()]
+    for script, stage, extra, _ in speed.ROWS:
+        sources = ("gta5", "synthia") if "--source" in extra else ("cityscapes",)
+        for source in sources:
+            assert f"{speed.row_name(script, stage)} ({source})" in names
+
+
+def test_bad_arguments_exit_2(tmp_path, capsys):
+    for argv, what in ((["--device", "cuda", "--steps", "10"], "--steps 10"), (["--scripts", "nope.py"], "nope.py")):
+        if "cuda" in argv and torch.cuda.is_available():
+            continue
+        with pytest.raises(common.DataError, match=what):
+            speed.parse_args(argv)
+    with pytest.raises(common.DataError, match="--workers 1 2: expected counts >= 0 including 0"):
+        loader.parse_args(["--workers", "1", "2"])
+    with pytest.raises(SystemExit) as exc:
+        common.run_script(lambda: loader.main(["--scripts", "nope.py", "--json", str(tmp_path / "x.json")]))
+    assert exc.value.code == 2 and "error: --scripts nope.py" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()

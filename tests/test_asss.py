@@ -172,7 +172,7 @@ def test_demo_runs_ga_csa_oracle_and_source_only(tmp_path):
 def _setup(direction="s2t", sa="csa", seed=0):
     torch.manual_seed(seed)
     model = common.DeepLabV2(19, multi_level=True, layers=(1, 1, 1, 1)).train()
-    args = types.SimpleNamespace(use_ga=True, ga_direction=direction, sa=sa, lambda_seg=0.1,
+    args = types.SimpleNamespace(use_ga=True, ga_direction=direction, sa=sa, lambda_seg=0.1, width=64,
                                  lambda_adv=[0.0002, 0.001], lambda_sadv=0.01, lambda_gd=0.5, lambda_sd=0.5)
     discs = asss.build_discriminators(args)
     g = torch.Generator().manual_seed(seed + 1)

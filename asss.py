@@ -106,8 +106,8 @@ PAPER = {  # dest: (value, source) — shown in --help
     "save_every": (5000, "AdaptSegNet SAVE_PRED_EVERY"),
 }
 DEMO = {"source": "demo", "n_labeled": 5, "iters": 400, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1],
-        "width": 32, "init": "demo", "source_size": [128, 64], "target_size": [128, 64], "eval_every": 0, "save_every": 0,
-        "log_every": 50, "workers": 0}
+        "width": 32, "init": "demo", "source_size": [128, 64], "target_size": [128, 64], "eval_every": 0,
+        "save_every": 0, "log_every": 50, "workers": 0}
 SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
 
 # AdaptSegNet's DeepLab init (ImageNet, then COCO): a different file from the COCO init of DACS/ClassMix.

@@ -111,9 +111,9 @@ PRESETS = {  # per source: warm-up (cfg warm_up_iter), t_max (hard-coded max_ite
     "synthia": {"warmup_iters": 40000, "sigmask_tmax": 10000, "source_size": (1280, 760)},
     "demo": {"warmup_iters": 0.44, "sigmask_tmax": 0.52, "source_size": None},  # GTA5's 110k/130k of 250k, x --iters
 }
-DEMO = {"source": "demo", "iters": 400, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1], "width": 32, "init": "demo",
-        "source_size": [128, 64], "target_size": [128, 64], "val_size": [128, 64], "crop_size": [64, 64],
-        "build_prior": True, "eval_every": 0, "save_every": 100, "log_every": 25, "workers": 0}
+DEMO = {"source": "demo", "iters": 400, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1],
+        "width": 32, "init": "demo", "source_size": [128, 64], "target_size": [128, 64], "val_size": [128, 64],
+        "crop_size": [64, 64], "build_prior": True, "eval_every": 0, "save_every": 100, "log_every": 25, "workers": 0}
 MIXES = ("camix", "idacs", "dacs", "none", "cutmix", "cowmix")
 WARMED_MIXES = ("camix", "idacs")  # A10
 LN19 = math.log(19)

@@ -1247,7 +1247,7 @@ class StopSignals:
         if not self.requested:
             return
         if self.dist.main:
-                print(f"stopped by {signal.Signals(self.signum).name} after iteration {iteration}; checkpoint written "
+            print(f"stopped by {signal.Signals(self.signum).name} after iteration {iteration}; checkpoint written "
                   f"to {Path(out_dir) / 'checkpoint.pth'}: continue with --resume auto", flush=True)
         sys.exit(128 + self.signum)
 

@@ -65,9 +65,9 @@ PAPER = {  # dest: (value, source) — shown in --help
     "eval_every": (5000, "DACS configUDA.json"),
     "save_every": (5000, "DACS configUDA.json"),
 }
-DEMO = {"source": "demo", "iters": 400, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1], "width": 32, "init": "demo",
-        "source_size": [128, 64], "target_size": [128, 64], "crop_size": [64, 64], "eval_every": 0,
-        "save_every": 100, "log_every": 25, "workers": 0}
+DEMO = {"source": "demo", "iters": 400, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1],
+        "width": 32, "init": "demo", "source_size": [128, 64], "target_size": [128, 64], "crop_size": [64, 64],
+        "eval_every": 0, "save_every": 100, "log_every": 25, "workers": 0}
 SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
 
 

@@ -289,16 +289,36 @@ class LegacySGD(torch.optim.Optimizer):
     def step(self, closure=None):
         for group in self.param_groups:
             lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
+            for wave in self.waves(group["params"]):
+                params = [p for p in wave if p.grad is not None]
+                if not params:
                     continue
-                d = p.grad.add(p, alpha=wd) if wd else p.grad.clone()
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = d
-                else:
-                    state["momentum_buffer"].mul_(m).add_(d)
-                p.sub_(state["momentum_buffer"], alpha=lr)
+                grads = [p.grad for p in params]
+                ds = torch._foreach_add(grads, params, alpha=wd) if wd else [g.clone() for g in grads]
+                old = [(self.state[p]["momentum_buffer"], d) for p, d in zip(params, ds) if self.state[p]]
+                for p, d in zip(params, ds):
+                    self.state[p].setdefault("momentum_buffer", d)  # first use: the buffer is d itself
+                if old:
+                    bufs, dd = zip(*old)
+                    torch._foreach_mul_(bufs, m)
+                    torch._foreach_add_(bufs, dd)
+                torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params], alpha=-lr)
+
+    @staticmethod
+    def waves(entries):
+        """Split the entries into waves holding each tensor once: wave k has every tensor's k-th occurrence.
+
+        Updates of different tensors are independent, so applying the waves in turn (one foreach call each)
+        gives every tensor its entries in their original order, as the per-entry loop does.
+        """
+        waves, seen = [], {}
+        for p in entries:
+            k = seen.get(p, 0)
+            seen[p] = k + 1
+            if k == len(waves):
+                waves.append([])
+            waves[k].append(p)
+        return waves
 
 
 # ======================================================================================
@@ -851,25 +871,32 @@ def color_jitter(x, norm, generator, strength=0.25, gate=0.2, per_image_order=Fa
         return x
     n, dev = x.shape[0], x.device
     f = (torch.rand(4, n, generator=generator) * 2 - 1) * strength  # brightness, contrast, saturation, hue
-    order = (torch.rand(n if per_image_order else 1, 4, generator=generator).argsort(1)).expand(n, 4).to(dev, non_blocking=True)
-    f = f.to(dev, non_blocking=True)
+    order = torch.rand(n if per_image_order else 1, 4, generator=generator).argsort(1).expand(n, 4)
     img = denormalise(x.float(), norm)
-
-    def apply(op, y):
-        if op == 0:
-            return (y + f[0].view(n, 1, 1, 1)).clamp(0, 1)
-        if op == 1:
-            return (y * (1 + f[1]).view(n, 1, 1, 1)).clamp(0, 1)
-        hue, sat, val = rgb_to_hsv(y)
-        if op == 2:
-            sat = (sat * (1 + f[2]).view(n, 1, 1)).clamp(0, 1)
+    groups = order.unique(dim=0)  # the order is on the host: 4 ops per group of images sharing it, no sync
+    out = torch.empty_like(img) if len(groups) > 1 else None
+    for perm in groups:
+        rows = (order == perm).all(1).nonzero()[:, 0]
+        idx = rows.to(dev, non_blocking=True)
+        y = img if out is None else img[idx]
+        fg = f[:, rows].to(dev, non_blocking=True).view(4, -1, 1, 1, 1)
+        for op in perm.tolist():
+            if op == 0:
+                y = (y + fg[0]).clamp(0, 1)
+            elif op == 1:
+                y = (y * (1 + fg[1])).clamp(0, 1)
+            else:
+                hue, sat, val = rgb_to_hsv(y)
+                if op == 2:
+                    sat = (sat * (1 + fg[2, :, 0])).clamp(0, 1)
+                else:
+                    hue = (hue + fg[3, :, 0] * 2 * math.pi) % (2 * math.pi)
+                y = hsv_to_rgb(hue, sat, val).clamp(0, 1)
+        if out is None:
+            out = y
         else:
-            hue = (hue + f[3].view(n, 1, 1) * 2 * math.pi) % (2 * math.pi)
-        return hsv_to_rgb(hue, sat, val).clamp(0, 1)
-
-    for pos in range(4):
-        img = sum(torch.where((order[:, pos] == op).view(n, 1, 1, 1), apply(op, img), 0) for op in range(4))
-    return renormalise(img, norm).to(x.dtype)
+            out[idx] = y
+    return renormalise(out, norm).to(x.dtype)
 
 
 def renormalise(rgb01, norm):
@@ -964,8 +991,13 @@ def ema_update(teacher, student, i, alpha_max=0.99, buffers=False):
     torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - a)
     if buffers:
         sync_buffers(student)  # under torchrun: rank 0's statistics, as DDP's next forward would set them
-        for t, s in zip(teacher.buffers(), student.buffers()):
-            t.lerp_(s, 1 - a) if t.is_floating_point() else t.copy_(s)
+        pairs = list(zip(teacher.buffers(), student.buffers()))
+        floats = [(t, s) for t, s in pairs if t.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_(*map(list, zip(*floats)), 1 - a)
+        for t, s in pairs:
+            if not t.is_floating_point():
+                t.copy_(s)
 
 
 def ema_teacher(student, build, train_bn=True):
@@ -1181,13 +1213,13 @@ class Logger:
             pass
 
     def log(self, i, losses, lr):
-        """Accumulate this iteration's losses; at a log step, write the means (the only host sync)."""
-        for k, v in losses.items():
-            v = v.detach().float().mean()
-            self.sums[k] = self.sums.get(k, 0) + v
-            it, val = self.first_bad.get(k, (torch.full_like(v, -1), v))
-            new = ~torch.isfinite(v) & (it < 0)
-            self.first_bad[k] = torch.where(new, i + 1, it), torch.where(new, v, val)
+        """Accumulate this iteration's losses (one stacked vector); at a log step, write the means (one sync)."""
+        names = tuple(losses)
+        v = torch.stack([t.detach().float().mean() for t in losses.values()])
+        self.sums[names] = self.sums.get(names, 0) + v
+        it, val = self.first_bad.get(names, (torch.full_like(v, -1), v))
+        new = ~torch.isfinite(v) & (it < 0)
+        self.first_bad[names] = torch.where(new, i + 1, it), torch.where(new, v, val)
         self.count += 1
         if not is_due(i, self.every, self.max_iter):
             return
@@ -1195,7 +1227,9 @@ class Logger:
         if not self.main:
             self.sums, self.count = {}, 0
             return
-        values = {k: float(v) / self.count for k, v in self.sums.items()}
+        values = {}
+        for k, total in zip([k for names in self.sums for k in names], torch.cat(list(self.sums.values())).tolist()):
+            values[k] = values.get(k, 0) + total / self.count
         now = self.clock()
         rate = (i + 1 - self.i0) / max(now - self.t0, 1e-9)
         rec = {"iteration": i + 1, **values, "lr": lr, "it_per_s": rate, "eta_s": (self.max_iter - i - 1) / rate}
@@ -1212,10 +1246,14 @@ class Logger:
 
     def check_finite(self):
         """Raise Diverged naming the first non-finite loss seen so far (one host sync)."""
-        for k, (it, val) in self.first_bad.items():
-            if it >= 0:
-                raise Diverged(f"iteration {int(it)}: {k} is {float(val)}; training stopped, the last checkpoint "
-                               f"written before it is kept (continue from it with --resume auto)")
+        if not self.first_bad:
+            return
+        its, vals = torch.cat([torch.stack(pair) for pair in self.first_bad.values()], 1).tolist()
+        bad = [(it, k, val) for k, it, val in zip([k for names in self.first_bad for k in names], its, vals) if it >= 0]
+        if bad:
+            it, k, val = min(bad, key=lambda b: b[0])
+            raise Diverged(f"iteration {int(it)}: {k} is {val}; training stopped, the last checkpoint "
+                           f"written before it is kept (continue from it with --resume auto)")
 
 
 class StopSignals:
@@ -1613,7 +1651,9 @@ def write_checkpoints(out_dir, state, keep=False, dist=Dist()):
         rng = [torch.load(io.BytesIO(b), weights_only=True) for b in ranks] if dist.main else None
         state = {**state, "rng_ranks": rng, "world": dist.world}
     for name in ("model", "ema_model"):
-        bad = [k for k, v in state.get(name, {}).items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        floats = {k: v for k, v in state.get(name, {}).items() if v.is_floating_point()}
+        finite = torch.stack([torch.isfinite(v).all() for v in floats.values()]).tolist() if floats else []
+        bad = [k for k, ok in zip(floats, finite) if not ok]  # one host sync for the whole state
         if bad:
             raise Diverged(f"iteration {state['iteration']}: non-finite weights in {name} ({bad[0]}, ...); "
                            f"not saved, {Path(out_dir) / 'checkpoint.pth'} is the last good checkpoint")

@@ -1,5 +1,6 @@
 """Foundation II: mixing masks, augmentation, losses, schedules, EMA, checkpoints, CLI errors, exact resume."""
 import json
+import math
 import re
 import os
 import signal
@@ -452,3 +453,71 @@ def test_demo_init_is_built_once_and_rebuilt_for_another_network(tmp_path, capsy
     narrow = common.DeepLabV2(19, layers=(1, 1, 2, 1), width=16)                               # another width
     assert common.initialise(narrow, "demo", "imagenet_bgr", tmp_path) == len(torch.load(other, weights_only=True))
     assert "building" in capsys.readouterr().out
+
+
+def test_ema_update_with_buffers_lerps_statistics_and_copies_counters():
+    build = lambda: common.DeepLabV2(layers=(1, 1, 1, 1))  # noqa: E731
+    student = build()
+    teacher = common.ema_teacher(student, build, train_bn=False)
+    with torch.no_grad():
+        for b in student.buffers():
+            b.add_(4) if b.is_floating_point() else b.fill_(7)
+    before = [b.clone() for b in teacher.buffers()]
+    common.ema_update(teacher, student, 3, buffers=True)  # alpha 0.75
+    for t, t0, s in zip(teacher.buffers(), before, student.buffers()):
+        if t.is_floating_point():
+            assert torch.allclose(t, 0.75 * t0 + 0.25 * s)
+        else:
+            assert torch.equal(t, s) and t.eq(7).all()
+
+
+def test_logger_means_per_loss_with_changing_loss_sets_and_first_non_finite(tmp_path):
+    log = common.Logger(tmp_path, every=4, max_iter=100, main=True)
+    t = torch.tensor
+    log.log(0, {"a": t(1.0), "b": t([2.0, 4.0])}, 0.1)
+    log.log(1, {"a": t(3.0)}, 0.1)
+    log.log(2, {"a": t(5.0), "b": t(6.0), "q": t(0.5)}, 0.1)
+    log.log(3, {"a": t(7.0), "b": t(0.0)}, 0.1)
+    rec = json.loads((tmp_path / "log.jsonl").read_text())
+    assert rec["iteration"] == 4 and rec["a"] == 4.0 and rec["b"] == 2.25 and rec["q"] == 0.125  # / 4 iterations
+    log.log(4, {"a": t(1.0)}, 0.1)
+    log.log(5, {"a": t(1.0), "b": t(float("inf"))}, 0.1)
+    log.log(6, {"a": t(float("nan")), "b": t(float("nan"))}, 0.1)  # later failures do not replace the first
+    with pytest.raises(common.Diverged, match="iteration 6: b is inf"):
+        log.log(7, {"a": t(1.0)}, 0.1)
+
+
+def color_jitter_per_image(x, norm, generator, strength=0.25, per_image_order=False):
+    """Reference: the same draws as color_jitter (gate passed), each image jittered alone in its op order."""
+    torch.rand((), generator=generator)  # the gate draw
+    n = x.shape[0]
+    f = (torch.rand(4, n, generator=generator) * 2 - 1) * strength
+    order = torch.rand(n if per_image_order else 1, 4, generator=generator).argsort(1).expand(n, 4)
+    out = []
+    for j in range(n):
+        y = common.denormalise(x[j:j + 1].float(), norm)
+        for op in order[j].tolist():
+            if op == 0:
+                y = (y + f[0, j]).clamp(0, 1)
+            elif op == 1:
+                y = (y * (1 + f[1, j])).clamp(0, 1)
+            else:
+                hue, sat, val = common.rgb_to_hsv(y)
+                sat = (sat * (1 + f[2, j])).clamp(0, 1) if op == 2 else sat
+                hue = (hue + f[3, j] * 2 * math.pi) % (2 * math.pi) if op == 3 else hue
+                y = common.hsv_to_rgb(hue, sat, val).clamp(0, 1)
+        out.append(y)
+    return common.renormalise(torch.cat(out), norm)
+
+
+@pytest.mark.parametrize("per_image_order", [False, True])
+def test_color_jitter_grouped_by_order_equals_per_image(per_image_order):
+    x = common.renormalise(torch.rand(6, 3, 5, 7), "imagenet_bgr")
+    for seed in range(4):
+        fast = common.color_jitter(x, "imagenet_bgr", gen(seed), gate=-1, per_image_order=per_image_order)
+        ref = color_jitter_per_image(x, "imagenet_bgr", gen(seed), per_image_order=per_image_order)
+        assert torch.allclose(fast, ref, atol=1e-5, rtol=0), seed
+    if per_image_order:  # several op orders in one batch were exercised
+        g = gen(0)
+        torch.rand((), generator=g), torch.rand(4, 6, generator=g)
+        assert len(torch.rand(6, 4, generator=g).argsort(1).unique(dim=0)) > 1

@@ -287,12 +287,9 @@ def _read_npy(path):
         raise common.DataError(f"--prior {path}: not a readable .npy array ({exc})") from None
 
 
-class TargetWithPrior(common.SegmentationDataset):
-    """Cityscapes train crops with Q cut from the same window (CAMix data/cityscapes_loader.py, 6th item)."""
-
-    def __init__(self, root, resize, crop, norm, prior):
-        super().__init__("cityscapes", root, resize=resize, crop=crop, norm=norm)
-        self.prior = prior   # (19, H, W) on the resized frame
+class TargetWithWindow(common.SegmentationDataset):
+    """Cityscapes train crops with the crop's top-left corner, to cut Q from the same window (the 6th item of
+    CAMix data/cityscapes_loader.py is Q's crop; here Q stays on the device and `prior_crops` cuts it)."""
 
     def __getitem__(self, item):
         index, seed, _ = item
@@ -301,9 +298,13 @@ class TargetWithPrior(common.SegmentationDataset):
         ch, cw = self.crop if self.crop is not None and tuple(self.crop) != (0, 0) else (h, w)
         rng = np.random.default_rng(seed)
         y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-        return {"image": common.normalise(rgb[y0:y0 + ch, x0:x0 + cw], self.norm),
-                "prior": torch.from_numpy(np.array(self.prior[:, y0:y0 + ch, x0:x0 + cw], dtype=np.float32)),
-                "window": torch.tensor([y0, x0])}
+        return {"image": common.normalise(rgb[y0:y0 + ch, x0:x0 + cw], self.norm), "window": torch.tensor([y0, x0])}
+
+
+def prior_crops(prior, window, size):
+    """Q (19, H, W) on the device cut at each image's window (N, 2) host tensor of (y0, x0): (N, 19, h, w)."""
+    h, w = size
+    return torch.stack([prior[:, y0:y0 + h, x0:x0 + w] for y0, x0 in window.tolist()])
 
 
 # ---------------------------------------------------------------------------------- masks and mixing
@@ -488,9 +489,11 @@ def train(args):
                 load_only = copy.copy(args)
                 load_only.build_prior = False
                 prior = prior_for_run(load_only, source, target_root, out_dir)
-        target = TargetWithPrior(target_root, target_resize, crop, norm, prior)
+        target = TargetWithWindow("cityscapes", target_root, resize=target_resize, crop=crop, norm=norm)
     else:
+        prior = None
         target = common.SegmentationDataset("cityscapes", target_root, resize=target_resize, crop=crop, norm=norm)
+    Q = None if prior is None else torch.from_numpy(prior).to(device)   # on the device once, cut per batch
     # ---------------------------------------------------------------- models, optimiser
     common.initialise(student, args.init, norm, args.data_root)
     teacher = None if args.source_only else common.prepare_model(      # train-mode BN as the authors'
@@ -523,7 +526,7 @@ def train(args):
         if teacher is not None:
             batch = next(loader_t)
             x_t = batch["image"].to(device, non_blocking=True)
-            prior = batch["prior"].to(device, non_blocking=True) if "prior" in batch else None
+            prior = None if Q is None else prior_crops(Q, batch["window"], x_t.shape[2:])   # Q cut like X_T
             with torch.no_grad(), amp.autocast():
                 logits_t = common.upsample(teacher(x_t).float(), x_t.shape[2:])
             prob_t = logits_t.float().softmax(1)                                   # P, no grad

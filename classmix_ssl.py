@@ -143,10 +143,7 @@ def cutmix_mask(n, h, w, generator, device="cpu"):
     bh = (area / bw).round().clamp(max=h).long()
     x0 = (torch.rand(n, generator=generator) * (w - bw + 1)).long()
     y0 = (torch.rand(n, generator=generator) * (h - bh + 1)).long()
-    ys, xs = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
-    inside = ((ys >= y0[:, None, None]) & (ys < (y0 + bh)[:, None, None])
-              & (xs >= x0[:, None, None]) & (xs < (x0 + bw)[:, None, None]))
-    return (~inside).float().to(device, non_blocking=True)
+    return common.outside_boxes(torch.stack([y0, y0 + bh, x0, x0 + bw], 1), h, w, device)
 
 
 def cowmix_mask(n, h, w, generator, device="cpu", sigma_range=(8.0, 32.0), p=0.5):

@@ -811,6 +811,13 @@ def one_mix(mask, a, b):
     return out.to(a.dtype) if not a.is_floating_point() else out
 
 
+def outside_boxes(boxes, h, w, device="cpu"):
+    """(n,h,w) float mask, 0 inside each image's box, 1 elsewhere; boxes (n,4) host ints (y0, y1, x0, x1)."""
+    y0, y1, x0, x1 = boxes.to(device, non_blocking=True).view(-1, 4, 1, 1).unbind(1)
+    ys, xs = torch.arange(h, device=device)[None, :, None], torch.arange(w, device=device)[None, None, :]
+    return (~((ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1))).float()
+
+
 def odd_kernel(size, fraction=0.1):
     """ceil(fraction * size), minus one if even (DACS: 51 for 512), at least 1."""
     k = math.ceil(fraction * size)

@@ -215,12 +215,19 @@ RGB_FROM_XYZ = np.linalg.inv(XYZ_FROM_RGB)
 WHITE_D65 = np.array([0.95047, 1.0, 1.08883])
 
 
+SRGB_TO_LINEAR = np.where(np.arange(256) / 255.0 > 0.04045, ((np.arange(256) / 255.0 + 0.055) / 1.055) ** 2.4,
+                          np.arange(256) / 255.0 / 12.92)   # skimage's gamma for each uint8 value, same float64s
+
+
 def rgb_to_lab(rgb):
-    """uint8 HxWx3 sRGB -> float64 CIELAB (D65, 2 degree observer; skimage.color.rgb2lab)."""
-    x = rgb.astype(np.float64) / 255.0
-    x = np.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
-    xyz = (x @ XYZ_FROM_RGB.T) / WHITE_D65
-    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16.0 / 116.0)
+    """uint8 HxWx3 sRGB -> float64 CIELAB (D65, 2 degree observer; skimage.color.rgb2lab).
+
+    Each branch of skimage's piecewise maps is evaluated only where it applies (same values, less work).
+    """
+    xyz = (SRGB_TO_LINEAR[rgb] @ XYZ_FROM_RGB.T) / WHITE_D65
+    f = np.cbrt(xyz)
+    low = xyz <= 0.008856
+    f[low] = 7.787 * xyz[low] + 16.0 / 116.0
     return np.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])], -1)
 
 
@@ -228,10 +235,14 @@ def lab_to_rgb(lab):
     """float CIELAB -> float RGB in [0, 1], gamut-clipped (skimage.color.lab2rgb)."""
     fy = (lab[..., 0] + 16.0) / 116.0
     f = np.stack([lab[..., 1] / 500.0 + fy, fy, np.maximum(fy - lab[..., 2] / 200.0, 0)], -1)
-    xyz = np.where(f > 0.2068966, f ** 3, (f - 16.0 / 116.0) / 7.787) * WHITE_D65
-    x = xyz @ RGB_FROM_XYZ.T
-    x = np.where(x > 0.0031308, 1.055 * np.power(np.maximum(x, 1e-12), 1 / 2.4) - 0.055, 12.92 * x)
-    return np.clip(x, 0, 1)
+    xyz = f ** 3
+    low = f <= 0.2068966
+    xyz[low] = (f[low] - 16.0 / 116.0) / 7.787
+    x = (xyz * WHITE_D65) @ RGB_FROM_XYZ.T
+    out = 1.055 * np.power(np.maximum(x, 1e-12), 1 / 2.4) - 0.055
+    low = x <= 0.0031308
+    out[low] = 12.92 * x[low]
+    return np.clip(out, 0, 1)
 
 
 def lab_stats(rgb):
@@ -359,24 +370,22 @@ class BalancedSampler(common.IterationSampler):
 # The method's pieces: region-level mix, losses, ensemble, BDL pseudo-labels
 # ======================================================================================
 
-def box_mask(n, h, w, generator, rule="cutmix"):
+def box_mask(n, h, w, generator, rule="cutmix", device="cpu"):
     """M (n,1,h,w): 0 inside one random box per image (where the source shows), 1 elsewhere (A6)."""
-    mask = torch.ones(n, 1, h, w)
-    for k in range(n):
+    boxes = []
+    for _ in range(n):
         u = torch.rand(3, generator=generator, dtype=torch.float64).tolist()   # CPU draws: no device sync
         if rule == "cutmix":  # Yun et al. [46] rand_bbox, lambda ~ Beta(1,1)
             cut = math.sqrt(1.0 - u[0])
             ch, cw = int(h * cut), int(w * cut)
             cy, cx = int(u[1] * h), int(u[2] * w)
-            y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
-            x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+            boxes.append((max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)))
         else:  # French et al. [10] BoxMaskGenerator, area 0.5, random aspect ratio, fully inside
             hf = math.exp(u[0] * math.log(0.5))
             bh, bw = round(hf * h), round(0.5 / hf * w)
             y0, x0 = round((h - bh) * u[1]), round((w - bw) * u[2])
-            y1, x1 = y0 + bh, x0 + bw
-        mask[k, :, y0:y1, x0:x1] = 0
-    return mask
+            boxes.append((y0, y0 + bh, x0, x0 + bw))
+    return common.outside_boxes(torch.tensor(boxes), h, w, device)[:, None]   # built on the device
 
 
 def region_mix(mask, x_s, y_s, x_t, y_t):
@@ -699,7 +708,7 @@ def evaluate(run, model, stage_dir, iteration, name):
 def rl_step(model, b, g, run, _):
     """Eq. 1-2: one labeled target image with a box of a labeled source image pasted at the same place."""
     (x_s, y_s), (x_t, y_t) = b["s"], b["t"]
-    mask = box_mask(x_t.shape[0], *x_t.shape[2:], g, run.args.box).to(x_t.device, non_blocking=True)
+    mask = box_mask(x_t.shape[0], *x_t.shape[2:], g, run.args.box, x_t.device)
     x_rl, y_rl = region_mix(mask, x_s, y_s, x_t, y_t)
     with run.amp.autocast():
         loss_rl = seg_loss(model, x_rl, y_rl, run.args.aux_weight)                        # Eq. 2

@@ -63,7 +63,6 @@ def describe(dataset, sampler):
     opts = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in opts.items()
                      if v not in (None, False) and not (k == "crop" and tuple(v) == (0, 0)))
     extra = f", lab={dataset.mode}" if hasattr(dataset, "ref_stats") else ""
-    extra += ", prior crop" if hasattr(dataset, "prior") else ""
     return (f"{type(dataset).__name__}({dataset.kind}, {opts}{extra}) x{sampler.bs} "
             f"[{type(sampler).__name__}]")
 

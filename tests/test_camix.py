@@ -143,16 +143,18 @@ def test_built_prior_counts_smooths_and_normalises(tmp_path):
 
 def test_target_crop_and_prior_share_the_window(root):
     prior = np.arange(19 * 32 * 64, dtype=np.float32).reshape(19, 32, 64)
-    data = camix.TargetWithPrior(root / "cityscapes", (64, 32), (16, 24), "imagenet_bgr", prior)
+    data = camix.TargetWithWindow("cityscapes", root / "cityscapes", resize=(64, 32), crop=(16, 24),
+                                  norm="imagenet_bgr")
     full = common.normalise(data.load(0)[0], "imagenet_bgr")
-    windows = set()
-    for seed in range(6):
-        item = data[(0, seed, -1)]
+    items = [data[(0, seed, -1)] for seed in range(6)]
+    windows = torch.stack([item["window"] for item in items])
+    crops = camix.prior_crops(torch.from_numpy(prior), windows, (16, 24))
+    assert crops.shape == (6, 19, 16, 24)
+    for item, crop in zip(items, crops):
         y0, x0 = item["window"].tolist()
-        windows.add((y0, x0))
-        assert torch.equal(item["prior"], torch.from_numpy(prior[:, y0:y0 + 16, x0:x0 + 24]))
+        assert torch.equal(crop, torch.from_numpy(prior[:, y0:y0 + 16, x0:x0 + 24]))
         assert torch.equal(item["image"], full[:, y0:y0 + 16, x0:x0 + 24])
-    assert len(windows) > 1
+    assert len(set(map(tuple, windows.tolist()))) > 1
 
 
 def test_load_prior_layouts(tmp_path):

@@ -227,3 +227,16 @@ def test_targets_and_q_come_from_the_mixed_teacher_maps(root, tmp_path, monkeypa
     assert torch.equal(seen["conf"], P_m.max(1).values)
     q = json.loads((tmp_path / "a" / "log.jsonl").read_text().splitlines()[0])["q"]
     assert q == pytest.approx((P_m.max(1).values >= 0.06).float().mean().item())
+
+
+def test_cutmix_mask_equals_per_image_slicing():
+    g, ref = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    m = classmix_ssl.cutmix_mask(6, 15, 22, g)
+    bw = torch.randint(11, 23, (6,), generator=ref)
+    bh = (15 * 22 / 2 / bw).round().clamp(max=15).long()
+    x0 = (torch.rand(6, generator=ref) * (22 - bw + 1)).long()
+    y0 = (torch.rand(6, generator=ref) * (15 - bh + 1)).long()
+    expect = torch.ones(6, 15, 22)
+    for k in range(6):
+        expect[k, y0[k]:y0[k] + bh[k], x0[k]:x0[k] + bw[k]] = 0
+    assert torch.equal(m, expect)

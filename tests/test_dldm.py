@@ -1,6 +1,7 @@
 """dldm.py: the rounds end to end, exact resume inside a stage, each equation against a hand computation,
 the BDL rule, the merge, LAB, ensembles, one test per flag, and bad input."""
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -433,3 +434,42 @@ def test_demo_writes_the_comparison(tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     assert (config["n_labeled"], config["width"], config["init"]) == (5, 32, "demo")
     assert "DLDM M_S^1" in capsys.readouterr().out.splitlines()[-1]
+
+
+@pytest.mark.parametrize("rule", ["cutmix", "french"])
+def test_box_mask_on_device_equals_per_image_slicing(rule):
+    for seed in range(8):
+        g, ref_g = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        mask = dldm.box_mask(3, 21, 34, g, rule)
+        expect = torch.ones(3, 1, 21, 34)
+        for k in range(3):    # the same draws, written into a full-size mask image by image
+            u = torch.rand(3, generator=ref_g, dtype=torch.float64).tolist()
+            if rule == "cutmix":
+                cut = (1 - u[0]) ** 0.5
+                ch, cw, cy, cx = int(21 * cut), int(34 * cut), int(u[1] * 21), int(u[2] * 34)
+                expect[k, :, max(cy - ch // 2, 0):min(cy + ch // 2, 21), max(cx - cw // 2, 0):min(cx + cw // 2, 34)] = 0
+            else:
+                hf = math.exp(u[0] * math.log(0.5))
+                bh, bw = round(hf * 21), round(0.5 / hf * 34)
+                y0, x0 = round((21 - bh) * u[1]), round((34 - bw) * u[2])
+                expect[k, :, y0:y0 + bh, x0:x0 + bw] = 0
+        assert torch.equal(mask, expect), (rule, seed)
+
+
+def test_lab_branches_evaluated_where_they_apply_equal_skimages_piecewise_maps():
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    rgb[:8] = rng.integers(0, 14, (8, 40, 3))               # dark pixels: the linear branches
+    x = rgb.astype(np.float64) / 255.0                         # skimage rgb2lab written with np.where
+    x = np.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
+    xyz = (x @ dldm.XYZ_FROM_RGB.T) / dldm.WHITE_D65
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16.0 / 116.0)
+    lab = np.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])], -1)
+    assert (xyz <= 0.008856).any() and np.array_equal(dldm.rgb_to_lab(rgb), lab)
+    lab = dldm.lab_match(lab, np.array([20.0, 3.0, -2.0, 15.0, 9.0, 12.0]))   # dark: lab2rgb's low branches
+    fy = (lab[..., 0] + 16.0) / 116.0
+    f = np.stack([lab[..., 1] / 500.0 + fy, fy, np.maximum(fy - lab[..., 2] / 200.0, 0)], -1)
+    xyz = np.where(f > 0.2068966, f ** 3, (f - 16.0 / 116.0) / 7.787) * dldm.WHITE_D65
+    x = xyz @ dldm.RGB_FROM_XYZ.T
+    x = np.where(x > 0.0031308, 1.055 * np.power(np.maximum(x, 1e-12), 1 / 2.4) - 0.055, 12.92 * x)
+    assert (f <= 0.2068966).any() and np.array_equal(dldm.lab_to_rgb(lab), np.clip(x, 0, 1))

@@ -247,30 +247,12 @@ def build_discriminators(args):
     return discs
 
 
-class LegacyNesterovSGD(common.LegacySGD):
-    """LegacySGD with Nesterov momentum (PyTorch-1.5 per-entry rule): p -= lr * (d + m * buf)."""
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad.add(p, alpha=wd)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = d.clone()
-                else:
-                    state["momentum_buffer"].mul_(m).add_(d)
-                p.sub_(d.add(state["momentum_buffer"], alpha=m), alpha=lr)
-
-
 def build_optimisers(model, discs, args):
     """G: SGD over the 1x/10x groups (or the demo's Adam); every D: Adam (0.9, 0.99); poly on all (§4.2)."""
     duplicates = not args.clean_param_groups
     if args.optimizer == "sgd" and args.nesterov:
-        opt_g = LegacyNesterovSGD(common.param_groups(model, args.lr, official_duplicates=duplicates), lr=args.lr)
+        opt_g = common.LegacySGD(common.param_groups(model, args.lr, official_duplicates=duplicates), lr=args.lr,
+                                 nesterov=True)
     else:
         opt_g = common.deeplab_optimizer(model, args.lr, args.optimizer, duplicates)
     opt_d = {name: torch.optim.Adam(d.parameters(), lr=args.lr_d, betas=(0.9, 0.99)) for name, d in discs.items()}

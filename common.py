@@ -276,14 +276,16 @@ class LegacySGD(torch.optim.Optimizer):
     """SGD with the PyTorch-1.5 per-entry update, so duplicated tensors compound as for the authors (docs/quirks.md Q4).
 
     For each entry in order: d = grad + wd*p (p current), buf = m*buf + d (d on first use, buffer shared
-    per tensor), p -= lr*buf. torch.optim.SGD(foreach=False) collapses duplicates differently.
+    per tensor), p -= lr*buf (or lr*(d + m*buf) with `nesterov`). torch.optim.SGD(foreach=False) collapses
+    duplicates differently.
     """
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=5e-4):
+    def __init__(self, params, lr, momentum=0.9, weight_decay=5e-4, nesterov=False):
         import warnings
         with warnings.catch_warnings():  # the duplicates are intentional (official layout)
             warnings.filterwarnings("ignore", message=".*duplicate parameters.*")
             super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.nesterov = nesterov  # p -= lr * (d + m*buf) instead of lr * buf (not a group key: old checkpoints load)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -296,13 +298,14 @@ class LegacySGD(torch.optim.Optimizer):
                 grads = [p.grad for p in params]
                 ds = torch._foreach_add(grads, params, alpha=wd) if wd else [g.clone() for g in grads]
                 old = [(self.state[p]["momentum_buffer"], d) for p, d in zip(params, ds) if self.state[p]]
-                for p, d in zip(params, ds):
-                    self.state[p].setdefault("momentum_buffer", d)  # first use: the buffer is d itself
+                for p, d in zip(params, ds):  # first use: the buffer is d (a copy of d with Nesterov)
+                    self.state[p].setdefault("momentum_buffer", d.clone() if self.nesterov else d)
                 if old:
                     bufs, dd = zip(*old)
                     torch._foreach_mul_(bufs, m)
                     torch._foreach_add_(bufs, dd)
-                torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params], alpha=-lr)
+                bufs = [self.state[p]["momentum_buffer"] for p in params]
+                torch._foreach_add_(params, torch._foreach_add(ds, bufs, alpha=m) if self.nesterov else bufs, alpha=-lr)
 
     @staticmethod
     def waves(entries):

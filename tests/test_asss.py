@@ -335,7 +335,7 @@ def test_sa_adversarial_moves_source_features_toward_the_target_half(kind):
 def test_nesterov_legacy_sgd_by_hand():
     """PyTorch-1.5 rule per listing with Nesterov: d = g + wd p, buf = m buf + d, p -= lr (d + m buf)."""
     p = torch.nn.Parameter(torch.tensor([1.0]))
-    opt = asss.LegacyNesterovSGD([{"params": [p, p]}], lr=0.1)
+    opt = common.LegacySGD([{"params": [p, p]}], lr=0.1, nesterov=True)
     p.grad = torch.tensor([2.0])
     opt.step()
     x, buf = 1.0, None

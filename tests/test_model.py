@@ -259,26 +259,27 @@ def test_pytorch_style_backbone_computes_torchvision_resnet101_layers():
             assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4, rtol=1e-4), name
 
 
-def per_entry_sgd_step(entries, state, lr, m, wd):
+def per_entry_sgd_step(entries, state, lr, m, wd, nesterov):
     """The PyTorch-1.5 SGD loop written out entry by entry (the reference for LegacySGD's foreach waves)."""
     with torch.no_grad():
         for p in entries:
             d = p.grad.add(p, alpha=wd)
             if p not in state:
-                state[p] = d
+                state[p] = d.clone()
             else:
                 state[p].mul_(m).add_(d)
-            p.sub_(state[p], alpha=lr)
+            p.sub_(d.add(state[p], alpha=m) if nesterov else state[p], alpha=lr)
 
 
-def test_legacy_sgd_waves_equal_the_per_entry_loop_bitwise():
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_legacy_sgd_waves_equal_the_per_entry_loop_bitwise(nesterov):
     torch.manual_seed(0)
     fast, ref = DeepLabV2(width=8), DeepLabV2(width=8)
     ref.load_state_dict(fast.state_dict())
     groups = param_groups(fast, 0.01)
     ref_groups = param_groups(ref, 0.01)
     assert len(groups[0]["params"]) > len(set(groups[0]["params"]))  # duplicates present
-    opt, state = LegacySGD(groups, lr=0.01), {}
+    opt, state = LegacySGD(groups, lr=0.01, nesterov=nesterov), {}
     for step in range(3):
         for p, q in zip(fast.parameters(), ref.parameters()):
             p.grad = torch.randn_like(p)
@@ -287,7 +288,7 @@ def test_legacy_sgd_waves_equal_the_per_entry_loop_bitwise():
         next(ref.parameters()).grad = None if step == 1 else next(ref.parameters()).grad
         opt.step()
         for g in ref_groups:
-            per_entry_sgd_step([p for p in g["params"] if p.grad is not None], state, g["lr"], 0.9, 5e-4)
+            per_entry_sgd_step([p for p in g["params"] if p.grad is not None], state, g["lr"], 0.9, 5e-4, nesterov)
     for (name, a), b in zip(fast.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), name
 

@@ -928,6 +928,11 @@ def main_run(args):
     if args.eval_only or args.stage == "eval":
         return evaluate_ensemble(run, [Path(p) for p in (args.ensemble or [args.checkpoint])])
     check_inputs(run)
+    config = run.out / "config.json"
+    if args.resume and config.is_file():   # every stage folder under it was made with the saved settings
+        per_call = {"stage", "round"}        # one run folder is driven stage by stage with these
+        common.check_same_run({k: v for k, v in json.loads(config.read_text()).items() if k not in per_call},
+                              {k: v for k, v in vars(args).items() if k not in per_call}, config)
     run.resolve_init()
     common.write_run_files(run.out, args, run.labeled, run.dist)
     if args.init == "advent" and run.dist.main:

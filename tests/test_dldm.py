@@ -473,3 +473,15 @@ def test_lab_branches_evaluated_where_they_apply_equal_skimages_piecewise_maps()
     x = xyz @ dldm.RGB_FROM_XYZ.T
     x = np.where(x > 0.0031308, 1.055 * np.power(np.maximum(x, 1e-12), 1 / 2.4) - 0.055, 12.92 * x)
     assert (f <= 0.2068966).any() and np.array_equal(dldm.lab_to_rgb(lab), np.clip(x, 0, 1))
+
+
+def test_resume_with_other_settings_is_refused_before_anything_is_written(root, base, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(base, out)
+    config = (out / "config.json").read_text()
+    with pytest.raises(common.DataError, match=r"made with other settings: --lr 0.00025 \(here 0.001\)"):
+        run(root, out, "--rounds", 2, "--save-every", 1, "--keep-checkpoints", "--resume", "auto", "--lr", "0.001")
+    assert (out / "config.json").read_text() == config
+    m = run(root, out, "--rounds", 2, "--save-every", 1, "--keep-checkpoints", "--resume", "auto",
+            "--stage", "student", "--round", 2, "--workers", 1)   # stage/round and run-only flags may differ
+    assert m["iteration"] == 2

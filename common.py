@@ -917,12 +917,6 @@ def renormalise(rgb01, norm):
     return (x - x.new_tensor(mean).view(1, 3, 1, 1)) / x.new_tensor(std).view(1, 3, 1, 1)
 
 
-def hflip(x, flags):
-    """Flip the images (or maps) of the batch whose flag is set; x (N,...,W), flags (N,) bool."""
-    view = flags.view(-1, *([1] * (x.dim() - 1))).to(x.device, non_blocking=True)
-    return torch.where(view, x.flip(-1), x)
-
-
 # ======================================================================================
 # Losses; logits are upsampled to the label size first (`upsample`)
 # ======================================================================================
@@ -942,14 +936,6 @@ def ce_pixel_weighted(logits, target, weight, ignore=IGNORE):
 def mse_softmax(logits, target_prob):
     """Squared error between the softmax of the logits and a soft target, mean over all elements."""
     return F.mse_loss(logits.float().softmax(1), target_prob)
-
-
-def kl_distillation(student_logits, teacher_logits, temperature=1.0):
-    """KL(teacher || student) on temperature-softened maps, mean over pixels, scaled by T^2."""
-    t = temperature
-    log_p = F.log_softmax(student_logits.float() / t, 1)
-    q = F.softmax(teacher_logits.float() / t, 1)
-    return F.kl_div(log_p, q, reduction="none").sum(1).mean() * t * t
 
 
 def pseudo_label(teacher_logits, tau=0.968, mode="uniform", per_image=False):

@@ -13,7 +13,6 @@ same script and stage (the fastest device and precision there), when present.
 
     python benchmarks/loader.py --workers 0 1 2         # real resolutions; --small for a quick check
 """
-import argparse
 import datetime
 import importlib
 import json

@@ -20,7 +20,6 @@ precision) and the "Training-step speed" section of --results is regenerated fro
     python benchmarks/speed.py --device cuda                             # paper settings, >= 50 steps
     OMP_NUM_THREADS=1 python benchmarks/speed.py --device cpu --small --steps 10 --warmup 2 --threads 1 --workers 0
 """
-import argparse
 import contextlib
 import datetime
 import gc

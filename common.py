@@ -299,7 +299,8 @@ class LegacySGD(torch.optim.Optimizer):
                 ds = torch._foreach_add(grads, params, alpha=wd) if wd else [g.clone() for g in grads]
                 old = [(self.state[p]["momentum_buffer"], d) for p, d in zip(params, ds) if self.state[p]]
                 for p, d in zip(params, ds):  # first use: the buffer is d (a copy of d with Nesterov)
-                    self.state[p].setdefault("momentum_buffer", d.clone() if self.nesterov else d)
+                    if not self.state[p]:
+                        self.state[p]["momentum_buffer"] = d.clone() if self.nesterov else d
                 if old:
                     bufs, dd = zip(*old)
                     torch._foreach_mul_(bufs, m)

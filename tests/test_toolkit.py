@@ -452,3 +452,11 @@ def test_demo_init_is_built_once_and_rebuilt_for_another_network(tmp_path, capsy
     narrow = common.DeepLabV2(19, layers=(1, 1, 2, 1), width=16)                               # another width
     assert common.initialise(narrow, "demo", "imagenet_bgr", tmp_path) == len(torch.load(other, weights_only=True))
     assert "building" in capsys.readouterr().out
+
+
+def test_is_due_after_every_nth_iteration_and_the_last():
+    """Loop index i is 0-based: a periodic action every N runs after iterations N, 2N, ... (i = N-1, 2N-1, ...)
+    and after the last one; every = 0 means only the last."""
+    assert [i for i in range(10) if common.is_due(i, 4, 10)] == [3, 7, 9]
+    assert [i for i in range(10) if common.is_due(i, 5, 10)] == [4, 9]
+    assert [i for i in range(10) if common.is_due(i, 0, 10)] == [9]

@@ -15,7 +15,7 @@ compile, is an error before anything runs (tests/test_mutation_tool.py checks th
 run, so it follows the code). Results are merged into --json by mutation name and the markdown table is
 printed (--table prints it from --json without running).
 
-    OMP_NUM_THREADS=1 python benchmarks/mutation.py                     # every mutation (~30-40 min on 2 cores)
+    OMP_NUM_THREADS=1 python benchmarks/mutation.py                     # every mutation (~8 min on 2 cores)
     OMP_NUM_THREADS=1 python benchmarks/mutation.py --only dacs_tau_default cm_mse_without_q
     python benchmarks/mutation.py --table
 """

@@ -248,7 +248,8 @@ def test_training_images_carry_the_cityscapes_mean_subtracted_from_bgr(root, tmp
     0..255, no std: every value + that mean is an integer grey level of the resized uint8 image."""
     seen = []
     next_batch = common.next_batch
-    monkeypatch.setattr(common, "next_batch", lambda loader, device: seen.append(next_batch(loader, device)) or seen[-1])
+    monkeypatch.setattr(common, "next_batch",
+                        lambda loader, device: seen.append(next_batch(loader, device)) or seen[-1])
     run(root, tmp_path / "a", "--iters", "1")
     mean = torch.tensor([73.15835921, 82.90891754, 72.39239876]).view(1, 3, 1, 1)
     for x, _ in seen:                                  # the labeled and the unlabeled batch

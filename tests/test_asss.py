@@ -384,3 +384,39 @@ def test_flag_changes_training(weights, flags, base):
 
 def test_same_flags_same_weights(weights, root, tmp_path):
     assert weights_digest(run(root, tmp_path / "again")[1]["model"]) == weights([])
+
+
+def test_seg_loss_weights_the_aux_head_by_lambda_seg():
+    """Eq. 1 as AdaptSegNet: CE(main = layer6 output) + 0.1 CE(aux = layer5 output), logits upsampled to the
+    label size with align_corners=True, ignored pixels left out of each mean."""
+    g = torch.Generator().manual_seed(0)
+    pred1, pred2 = torch.randn(1, 19, 5, 9, generator=g), torch.randn(1, 19, 5, 9, generator=g) * 3
+    y = torch.randint(0, 19, (1, 16, 32), generator=g)
+    y[0, :3] = 255
+    up = lambda p: F.interpolate(p, size=(16, 32), mode="bilinear", align_corners=True)  # noqa: E731
+    expect = F.cross_entropy(up(pred2), y, ignore_index=255) + 0.1 * F.cross_entropy(up(pred1), y, ignore_index=255)
+    assert asss.seg_loss(pred1, pred2, y, 0.1).item() == pytest.approx(expect.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("direction", ["s2t", "t2s"])
+def test_ga_gradient_weights_aux_and_main_levels(direction):
+    """Eq. 9 with AdaptSegNet's multi-level GA: G's gradient is that of 0.0002 L_adv(aux) + 0.001 L_adv(main)
+    (lambda_adv AUX MAIN). The source labels are all ignored, so the segmentation loss adds nothing."""
+    model, discs, args, amp, (x_s, y_s), _, x_u = _setup(direction, "none")
+    y_s = torch.full_like(y_s, 255)
+    x = x_s if direction == "s2t" else x_u
+    domain = asss.TARGET if direction == "s2t" else asss.SOURCE
+    losses, _ = asss.generator_pass(model, discs, args, amp, (x_s, y_s), None, x_u if direction == "t2s" else None)
+    got = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    p1, p2, _ = asss.segment(model, x)
+    size = x.shape[2:]
+    adv1 = asss.gan_loss(discs["D_g1"](asss.d_input(p1, size)), domain)
+    adv2 = asss.gan_loss(discs["D_g2"](asss.d_input(p2, size)), domain)
+    (0.0002 * adv1 + 0.001 * adv2).backward()
+    expect = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(got) == len(expect) and losses["loss_adv1"].item() == pytest.approx(adv1.item(), rel=1e-5)
+    for a, b in zip(got, expect):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-12)
+    aux = model.layer5.conv2d_list[0].weight.grad                     # the aux head only feels L_adv(aux)
+    assert aux.abs().max() > 0

@@ -240,3 +240,67 @@ def test_cutmix_mask_equals_per_image_slicing():
     for k in range(6):
         expect[k, y0[k]:y0[k] + bh[k], x0[k]:x0[k] + bw[k]] = 0
     assert torch.equal(m, expect)
+
+
+def test_mse_consistency_is_scaled_by_q_whatever_the_pixel_weight(root, tmp_path, monkeypatch):
+    """Table 5.1 MSE row as CM/trainSSL.py computes it: MSE(softmax(student(x_m)), P_m) x q, q = share of mixed
+    confidences >= tau, also with --pixel-weight none (the weight map does not enter the MSE)."""
+    mse = []
+    plain = common.mse_softmax
+    monkeypatch.setattr(common, "mse_softmax", lambda logits, target: mse.append(plain(logits, target).item())
+                        or plain(logits, target))
+    run(root, tmp_path / "a", "--iters", "2", "--tau", "0.12", "--consistency-loss", "mse", "--pixel-weight", "none")
+    log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert len(mse) == 2 and any(0.05 < r["q"] < 0.95 for r in log)         # q strictly between 0 and 1
+    for r, m in zip(log, mse):
+        assert r["loss_u"] == pytest.approx(m * r["q"], rel=1e-5)
+
+
+def test_training_images_carry_the_cityscapes_mean_subtracted_from_bgr(root, tmp_path, monkeypatch):
+    """docs/quirks.md C9: ClassMix subtracts the Cityscapes RGB mean (73.16, 82.91, 72.39) from BGR images of
+    0..255, no std: every value + that mean is an integer grey level of the resized uint8 image."""
+    seen = []
+    next_batch = common.next_batch
+    monkeypatch.setattr(common, "next_batch",
+                        lambda loader, device: seen.append(next_batch(loader, device)) or seen[-1])
+    run(root, tmp_path / "a", "--iters", "1")
+    mean = torch.tensor([73.15835921, 82.90891754, 72.39239876]).view(1, 3, 1, 1)
+    for x, _ in seen:                                  # the labeled and the unlabeled batch
+        grey = x + mean
+        assert torch.allclose(grey, grey.round(), atol=1e-3) and grey.min() >= -1e-3 and grey.max() <= 255 + 1e-3
+        assert not torch.allclose(x + torch.tensor([104.00698793, 116.66876762, 122.67891434]).view(1, 3, 1, 1),
+                                  grey.round(), atol=1e-3)
+
+
+def _jitter_spy(monkeypatch, module):
+    """Record (input, norm, generator state before the call, output, the unpatched color_jitter) of every
+    color_jitter call of a script."""
+    calls = []
+    jitter = common.color_jitter
+
+    def spy(x, norm, g, **kw):
+        state = g.get_state()
+        out = jitter(x, norm, g, **kw)
+        calls.append((x.clone(), norm, state, out.clone(), jitter))
+        return out
+    monkeypatch.setattr(module.common, "color_jitter", spy)
+    return calls
+
+
+def _jitter_again(call, **kw):
+    x, norm, state, _, jitter = call
+    g = torch.Generator()
+    g.set_state(state)
+    return jitter(x, norm, g, **kw)
+
+
+def test_extra_aug_jitter_is_kornia_0_3_with_one_op_order_per_call(root, tmp_path, monkeypatch):
+    """--extra-aug (CM/trainSSL.py strongTransform): kornia-0.3 ColorJitter with strength 0.25 applied when
+    U > 0.2, the four ops in one random order for the whole batch."""
+    calls = _jitter_spy(monkeypatch, classmix_ssl)
+    run(root, tmp_path / "a", "--iters", "3", "--extra-aug", "--batch-size", "3")
+    fired = [c for c in calls if not torch.equal(c[0], c[3])]
+    assert len(calls) == 3 and fired
+    for call in calls:
+        assert torch.equal(call[3], _jitter_again(call, strength=0.25, gate=0.2, per_image_order=False))
+    assert any(not torch.equal(c[3], _jitter_again(c, strength=0.25, gate=0.2, per_image_order=True)) for c in fired)

@@ -249,3 +249,19 @@ def test_teacher_is_updated_after_the_step_without_bn_buffers(root, tmp_path):
     assert not torch.equal(s["bn1.running_mean"], t["bn1.running_mean"])
     _, ckpt = run(root, tmp_path / "b", "--iters", "1", "--teacher-eval-bn")
     assert torch.equal(ckpt["model"]["bn1.running_mean"], ckpt["ema_model"]["bn1.running_mean"])
+
+
+def test_distribution_alignment_running_mean_has_momentum_0_99(root, tmp_path, monkeypatch):
+    """§2.5.6 (ReMixMatch): p~ <- 0.99 p~ + 0.01 mean of the teacher softmax of the target batch, from uniform;
+    the alignment sees the updated p~ and the raw teacher softmax; the checkpoint keeps p~ for resume."""
+    seen = []
+    align = dacs.align_distribution
+    monkeypatch.setattr(dacs, "align_distribution", lambda prob, p_target, p_model: seen.append(
+        (prob.clone(), p_model.clone())) or align(prob, p_target, p_model))
+    _, ckpt = run(root, tmp_path / "run", "--iters", "2", "--mix", "intra-aligned")
+    p = torch.full((19,), 1 / 19)
+    for prob, p_model in seen:
+        p = 0.99 * p + 0.01 * prob.mean((0, 2, 3))
+        assert torch.allclose(p_model, p, rtol=1e-5, atol=1e-7)
+    assert len(seen) == 2 and torch.allclose(ckpt["p_model"], p, rtol=1e-5, atol=1e-7)
+    assert (seen[0][1] - 1 / 19).abs().max() > 1e-4          # the first update moved p~ measurably

@@ -485,3 +485,56 @@ def test_resume_with_other_settings_is_refused_before_anything_is_written(root, 
     m = run(root, out, "--rounds", 2, "--save-every", 1, "--keep-checkpoints", "--resume", "auto",
             "--stage", "student", "--round", 2, "--workers", 1)   # stage/round and run-only flags may differ
     assert m["iteration"] == 2
+
+
+def test_cutmix_box_sides_follow_sqrt_of_one_minus_lambda_for_many_draws():
+    """CutMix [46] rand_bbox over several draws: cut ratio sqrt(1 - lambda), centre uniform, sides halved
+    around it and clipped; the box covers about 1 - lambda of the image away from the borders."""
+    h, w = 64, 96
+    for seed in range(12):
+        u = torch.rand(3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist()
+        mask = dldm.box_mask(1, h, w, torch.Generator().manual_seed(seed), "cutmix")[0, 0]
+        cut = (1 - u[0]) ** 0.5
+        ch, cw, cy, cx = int(h * cut), int(w * cut), int(u[1] * h), int(u[2] * w)
+        expect = torch.ones(h, w)
+        expect[max(cy - ch // 2, 0):min(cy + ch // 2, h), max(cx - cw // 2, 0):min(cx + cw // 2, w)] = 0
+        assert torch.equal(mask, expect), seed
+
+
+def test_frozen_models_predict_with_running_statistics(root, base):
+    """The teachers of a student stage (and the student that pseudo-labels) are loaded frozen in eval mode:
+    BN uses its running statistics, so a prediction does not depend on the rest of the batch."""
+    args = dldm.parse_args([*TINY, "--data-root", str(root), "--out-dir", str(base), "--rounds", "2"])
+    model = dldm.Run(args).load_model(base / "round1" / "rl" / "checkpoint.pth")
+    x = torch.randn(2, 3, 32, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        alone, together = model(x[:1])[1], model(x)[1][:1]
+    assert torch.allclose(alone, together, atol=1e-5)
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_student_gradient_weights_kl_and_ce_by_lambda():
+    """Eq. 4: the student's gradient is that of lambda_kl L_kl + lambda_ce L_ce (0.5 and 1 by default; 2 and
+    0.25 here so that a dropped weight shows)."""
+    class Net(torch.nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(scale))
+
+        def forward(self, x):
+            z = torch.cat([x[:, :1] * self.w, -x[:, :1] * self.w, x[:, 1:2] * self.w ** 2], 1)
+            return z * 0.5, z
+    g = torch.Generator().manual_seed(0)
+    x_u, x_t = torch.randn(1, 3, 4, 4, generator=g), torch.randn(1, 3, 4, 4, generator=g)
+    y_t = torch.randint(0, 3, (1, 4, 4), generator=g)
+    student, rl, sl = Net(1.0), Net(2.0), Net(-1.0)
+    args = types.SimpleNamespace(kd_temp=2.0, ens="probs", kd_t2=True, lambda_kl=2.0, lambda_ce=0.25, aux_weight=0.1)
+    losses = dldm.student_step(student, {"u": (x_u, None), "t": (x_t, y_t)}, None,
+                               types.SimpleNamespace(args=args, amp=common.Amp(torch.device("cpu"), False)), [rl, sl])
+    got = student.w.grad.clone()
+    student.w.grad = None
+    p_e = dldm.ensemble_probs([rl(x_u)[1].detach(), sl(x_u)[1].detach()], 2.0)
+    kl = dldm.kd_loss(student(x_u)[1], p_e, 2.0)
+    assert losses["loss_kl"].item() == pytest.approx(kl.item(), rel=1e-6)
+    (2.0 * kl + 0.25 * dldm.seg_loss(student, x_t, y_t, 0.1)).backward()
+    assert got.item() == pytest.approx(student.w.grad.item(), rel=1e-5) and abs(got.item()) > 1e-3

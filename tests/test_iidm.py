@@ -261,3 +261,66 @@ def test_supervised_losses_average_over_all_pixels(root, tmp_path, monkeypatch):
     monkeypatch.setattr(common, "ce_loss", lambda *a, **k: pytest.fail("ce_loss averages over valid pixels only"))
     run(root, tmp_path / "a", "--iters", "1", "--no-inter", "--no-intra")
     assert calls == [1.0, 1.0]                                      # L_s and L_t
+
+
+def test_teacher_ema_uses_the_momentum_of_its_iteration(root, tmp_path):
+    """eq. 5 with alpha_i = min(1 - 1/(i+1), 0.99) at the start of iteration i > 0 (DAFormer _update_ema(iter)):
+    teacher_2 = 1/2 teacher_1 + 1/2 student_1, teacher_3 = 2/3 teacher_2 + 1/3 student_2. No warm-up and a
+    larger lr, so that the student moves far enough from the teacher to tell the momenta apart."""
+    run(root, tmp_path / "a", "--iters", "3", "--warmup-iters", "0", "--lr", "1e-3", "--save-every", "1",
+        "--keep-checkpoints")
+    c = {k: torch.load(tmp_path / "a" / f"checkpoint_{k}.pth", weights_only=True) for k in (1, 2, 3)}
+    params = [k for k in c[1]["model"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    for k, alpha in ((2, 1 / 2), (3, 2 / 3)):
+        gap = max((c[k - 1]["ema_model"][p] - c[k - 1]["model"][p]).abs().max().item() for p in params)
+        assert gap > 1e-4
+        for p in params:
+            expect = alpha * c[k - 1]["ema_model"][p] + (1 - alpha) * c[k - 1]["model"][p]
+            assert torch.allclose(c[k]["ema_model"][p], expect, rtol=1e-5, atol=1e-8), (k, p)
+
+
+def test_mixed_images_get_daformers_colour_jitter(root, tmp_path, monkeypatch):
+    """A15 / DAFormer strong_transform: colour jitter of strength 0.2 applied when U > 0.2 (color_jitter_p 0.2),
+    kornia's per-image op order, on the concatenated mixed batch of both streams."""
+    calls, jitter = [], common.color_jitter
+
+    def spy(x, norm, g, **kw):
+        state = g.get_state()
+        out = jitter(x, norm, g, **kw)
+        calls.append((x.clone(), norm, state, out.clone()))
+        return out
+    monkeypatch.setattr(common, "color_jitter", spy)
+    run(root, tmp_path / "a", "--iters", "3")
+
+    def again(call, **kw):
+        g = torch.Generator()
+        g.set_state(call[2])
+        return jitter(call[0], call[1], g, **kw)
+    fired = [c for c in calls if not torch.equal(c[0], c[3])]
+    assert len(calls) == 3 and fired and all(c[0].shape[0] == 4 for c in calls)     # 2 streams x batch 2
+    for call in calls:
+        assert torch.equal(call[3], again(call, strength=0.2, gate=0.2, per_image_order=True))
+    assert all(not torch.equal(c[3], again(c, strength=0.25, gate=0.2, per_image_order=True)) for c in fired)
+
+
+def test_each_stream_loss_sees_its_own_augmented_images(root, tmp_path, monkeypatch):
+    """Loop order: the student sees x_s, x_t, then the inter stream's and the intra stream's slice of the
+    jittered mixed batch, in that order, every iteration."""
+    inputs, jittered = [], []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            inputs.append(x.detach().clone())
+            return self.model(x)
+    ddp, jitter = common.ddp, common.color_jitter
+    monkeypatch.setattr(common, "ddp", lambda model, *a, **k: Recorder(ddp(model, *a, **k)))
+    monkeypatch.setattr(common, "color_jitter", lambda *a, **k: jittered.append(jitter(*a, **k)) or jittered[-1])
+    run(root, tmp_path / "a", "--iters", "2", "--no-blur")
+    assert len(inputs) == 8 and len(jittered) == 2
+    for i, x_all in enumerate(jittered):
+        assert not torch.equal(x_all[:2], x_all[2:])
+        assert torch.equal(inputs[4 * i + 2], x_all[:2]) and torch.equal(inputs[4 * i + 3], x_all[2:])

@@ -296,3 +296,22 @@ def test_legacy_sgd_waves_equal_the_per_entry_loop_bitwise(nesterov):
 def test_legacy_sgd_waves_keep_each_tensors_occurrences_in_order():
     a, b, c = (torch.nn.Parameter(torch.zeros(1)) for _ in range(3))
     assert LegacySGD.waves([a, b, a, c, a, b]) == [[a, b, c], [a, b], [a]]
+
+
+def test_fc_discriminator_is_five_strided_convs_with_leaky_relu_0_2():
+    """AdaptSegNet model/discriminator.py by hand: conv 4x4/s2/p1 x4 each followed by LeakyReLU(0.2), then the
+    4x4/s2/p1 classifier, no activation on the logits."""
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    d = common.FCDiscriminator(19, ndf=8)
+    x = torch.randn(1, 19, 64, 64)
+
+    def by_hand(slope):
+        h = x
+        for conv in (d.conv1, d.conv2, d.conv3, d.conv4):
+            h = F.leaky_relu(F.conv2d(h, conv.weight, conv.bias, stride=2, padding=1), slope)
+        return F.conv2d(h, d.classifier.weight, d.classifier.bias, stride=2, padding=1)
+    with torch.no_grad():
+        out = d(x)
+        assert out.shape == (1, 1, 2, 2) and torch.allclose(out, by_hand(0.2), atol=1e-6)
+        assert not torch.allclose(out, by_hand(0.01), atol=1e-4)

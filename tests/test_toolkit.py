@@ -510,3 +510,11 @@ def test_color_jitter_grouped_by_order_equals_per_image(per_image_order):
         g = gen(0)
         torch.rand((), generator=g), torch.rand(4, 6, generator=g)
         assert len(torch.rand(6, 4, generator=g).argsort(1).unique(dim=0)) > 1
+
+
+def test_is_due_after_every_nth_iteration_and_the_last():
+    """Loop index i is 0-based: a periodic action every N runs after iterations N, 2N, ... (i = N-1, 2N-1, ...)
+    and after the last one; every = 0 means only the last."""
+    assert [i for i in range(10) if common.is_due(i, 4, 10)] == [3, 7, 9]
+    assert [i for i in range(10) if common.is_due(i, 5, 10)] == [4, 9]
+    assert [i for i in range(10) if common.is_due(i, 0, 10)] == [9]

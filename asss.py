@@ -92,6 +92,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import training
 
 PAPER = {  # dest: (value, source) — shown in --help
     "iters": (150000, "stop iteration, AdaptSegNet train_gta2cityscapes_multi.py NUM_STEPS_STOP"),
@@ -130,13 +131,13 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[common.shared_parser(PAPER)],
-                              formatter_class=common.HelpFormatter)
+    p = training.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[training.shared_parser(PAPER)],
+                              formatter_class=training.HelpFormatter)
     p.add_argument("--source", choices=["gta5", "synthia", "demo"], default="gta5", help="source domain")
     p.add_argument("--preset", choices=list(PRESETS), default="ga-csa",
                    help="column of ASS Tables 1/3: ga-csa (ASS), ga-fcsa, ga, oracle (labeled target only), "
                         "adaptsegnet (N = 0: AdaptSegNet multi-level UDA); source-only is a demo baseline")
-    common.add_split_args(p, None, "100 for the presets with labeled images, 0 for adaptsegnet/source-only; "
+    training.add_split_args(p, None, "100 for the presets with labeled images, 0 for adaptsegnet/source-only; "
                                    "ASS Tables 1/3 use 50/100/200/500/1000/2975")
     p.add_argument("--unlabeled", choices=["all", "complement"], default="all",
                    help="unlabeled target pool: all train images (R8; needed for N = 2975) or those not labeled")
@@ -166,8 +167,8 @@ def parse_args(argv=None):
                    help="clean variant: sum all four ASPP branches (AdaptSegNet sums two; issues #20, #60)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
                    help="G's optimiser: sgd = AdaptSegNet's SGD 0.9 / wd 5e-4; adam is for the random-init demo")
-    args = common.parse_with_demo(p, DEMO, argv)
-    common.check_args(args)
+    args = training.parse_with_demo(p, DEMO, argv)
+    training.check_args(args)
     resolve_preset(args)
     if args.source_size is None:
         args.source_size = SOURCE_SIZE[args.source]
@@ -404,8 +405,8 @@ def step_all(amp, optimisers):
 # ------------------------------------------------------------------ checkpoints
 
 def training_state(i, model, opt_g, sched_g, discs, opt_d, sched_d, best, args):
-    """common.training_state plus every discriminator's weights, Adam state and schedule, and the best snapshot."""
-    state = common.training_state(i, model, opt_g, sched_g, args)
+    """training.training_state plus every discriminator's weights, Adam state and schedule, and the best snapshot."""
+    state = training.training_state(i, model, opt_g, sched_g, args)
     state["discriminators"] = {k: d.state_dict() for k, d in discs.items()}
     state["optimizers_d"] = {k: o.state_dict() for k, o in opt_d.items()}
     state["schedulers_d"] = {k: s.state_dict() for k, s in sched_d.items()}
@@ -423,7 +424,7 @@ def restore(ckpt, path, model, opt_g, sched_g, discs, opt_d, sched_d, dist=commo
                                f"{', '.join(sorted(found)) or 'none'}, but this run needs {need}; resume with the "
                                f"checkpoint of a run of the same --preset")
     try:
-        start = common.restore_training(ckpt, model, opt_g, sched_g, dist=dist)
+        start = training.restore_training(ckpt, model, opt_g, sched_g, dist=dist)
         for k in discs:
             discs[k].load_state_dict(ckpt["discriminators"][k])
             opt_d[k].load_state_dict(ckpt["optimizers_d"][k])
@@ -454,21 +455,21 @@ def update_best(best, metrics, out_dir, synthia, main=True):
 
 def train(args):
     # ---------------------------------------------------------------- setup
-    dist, device = common.distributed(args.device)
-    common.apply_world(args, dist, device)
-    amp = common.Amp(device, args.amp)
+    dist, device = training.distributed(args.device)
+    training.apply_world(args, dist, device)
+    amp = training.Amp(device, args.amp)
     style, norm = common.init_convention(args.init)
     common.seed_everything(args.seed)
     synthia = args.source == "synthia"
-    out_dir = Path(args.out_dir or common.default_out_dir("asss", f"{args.source}_{args.preset}", args.n_labeled,
+    out_dir = Path(args.out_dir or training.default_out_dir("asss", f"{args.source}_{args.preset}", args.n_labeled,
                                                           args.seed))
     # ---------------------------------------------------------------- data
-    source_kind, source_root, target_root = common.data_roots(args, args.source)
-    val = common.cityscapes_val(target_root, args.target_size, args.eval_res, norm, interp="bicubic")
-    model = common.prepare_model(common.DeepLabV2(NUM_CLASSES, multi_level=True, aspp_full=args.aspp_full, style=style,
-                                                  layers=args.layers, width=args.width), device, amp)
+    source_kind, source_root, target_root = training.data_roots(args, args.source)
+    val = training.cityscapes_val(target_root, args.target_size, args.eval_res, norm, interp="bicubic")
+    model = training.prepare_model(common.DeepLabV2(NUM_CLASSES, multi_level=True, aspp_full=args.aspp_full,
+                                                    style=style, layers=args.layers, width=args.width), device, amp)
     if args.eval_only:                                          # the main head (layer6), as AdaptSegNet evaluates
-        return common.eval_only(args, model, val, device, out_dir, synthia, dist=dist)
+        return training.eval_only(args, model, val, device, out_dir, synthia, dist=dist)
     stems = common.SegmentationDataset("cityscapes", target_root).stems()
     labeled, rest = common.labeled_split(stems, args.n_labeled, args.split_seed, args.split_file)
     args.n_labeled = len(labeled)
@@ -486,31 +487,31 @@ def train(args):
     init = args.init if args.init != "adaptsegnet" else str(common.download_init(      # AdaptSegNet's own file
         "adaptsegnet", ADAPTSEGNET_INIT_URL, ADAPTSEGNET_INIT_SHA256_PREFIX))
     common.initialise(model, init, norm, args.data_root)
-    discs = nn.ModuleDict({k: common.prepare_model(d, device, amp) for k, d in build_discriminators(args).items()})
+    discs = nn.ModuleDict({k: training.prepare_model(d, device, amp) for k, d in build_discriminators(args).items()})
     opt_g, opt_d, sched_g, sched_d = build_optimisers(model, discs, args)
     start, best = 0, {}
-    ckpt = common.resume_state(args, out_dir, NUM_CLASSES)
+    ckpt = training.resume_state(args, out_dir, NUM_CLASSES)
     if ckpt is not None:
         path = out_dir / "checkpoint.pth" if args.resume == "auto" else Path(args.resume)
         start, best = restore(ckpt, path, model, opt_g, sched_g, discs, opt_d, sched_d, dist)
-    common.write_run_files(out_dir, args, labeled, dist)
-    seg = common.ddp(Segmenter(model), dist, device, args.sync_bn)   # training passes; `model` for the rest
-    train_discs = {k: common.ddp(d, dist, device) for k, d in discs.items()}   # D's own pass (Eq. 10)
-    loader_s = common.shuffled_loader(data_s, args, 0, start, dist=dist) if data_s is not None else None
-    loader_l = common.shuffled_loader(data_l, args, 1, start, dist=dist) if data_l is not None else None
-    loader_u = common.shuffled_loader(data_u, args, 2, start, dist=dist) if data_u is not None else None
-    log = common.Logger(out_dir, args.log_every, args.iters, start, dist.main)
+    training.write_run_files(out_dir, args, labeled, dist)
+    seg = training.ddp(Segmenter(model), dist, device, args.sync_bn)   # training passes; `model` for the rest
+    train_discs = {k: training.ddp(d, dist, device) for k, d in discs.items()}   # D's own pass (Eq. 10)
+    loader_s = training.shuffled_loader(data_s, args, 0, start, dist=dist) if data_s is not None else None
+    loader_l = training.shuffled_loader(data_l, args, 1, start, dist=dist) if data_l is not None else None
+    loader_u = training.shuffled_loader(data_u, args, 2, start, dist=dist) if data_u is not None else None
+    log = training.Logger(out_dir, args.log_every, args.iters, start, dist.main)
     metrics = None  # the last evaluation
     # ---------------------------------------------------------------- training loop (AdaptSegNet order)
-    stop = common.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
+    stop = training.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, args.iters):
         model.train()                                           # BN batch statistics, as AdaptSegNet
         opt_g.zero_grad(set_to_none=True)
         for opt in opt_d.values():
             opt.zero_grad(set_to_none=True)
-        source = common.next_batch(loader_s, device) if loader_s is not None else None
-        labeled_batch = common.next_batch(loader_l, device) if loader_l is not None else None
-        unlabeled = common.next_batch(loader_u, device)[0] if loader_u is not None else None   # labels unused
+        source = training.next_batch(loader_s, device) if loader_s is not None else None
+        labeled_batch = training.next_batch(loader_l, device) if loader_l is not None else None
+        unlabeled = training.next_batch(loader_u, device)[0] if loader_u is not None else None   # labels unused
         losses, saved = generator_pass(model, discs, args, amp, source, labeled_batch, unlabeled, seg)   # Eq. 9
         losses.update(discriminator_pass(train_discs, args, amp, saved))                           # Eq. 10
         step_all(amp, [opt_g, *opt_d.values()])
@@ -519,15 +520,15 @@ def train(args):
             sched.step()
         log.log(i, losses, lr)
         # ------------------------------------------------------------ snapshots, evaluation
-        if common.is_due(i, args.eval_every, args.iters):
-            metrics = common.evaluate_and_write(model, val, device, out_dir, i + 1, synthia, amp, dist=dist)
+        if training.is_due(i, args.eval_every, args.iters):
+            metrics = training.evaluate_and_write(model, val, device, out_dir, i + 1, synthia, amp, dist=dist)
             update_best(best, metrics, out_dir, synthia, dist.main)
-        if common.is_due(i, args.save_every, args.iters) or stop.requested:
-            common.write_checkpoints(out_dir, training_state(i + 1, model, opt_g, sched_g, discs, opt_d, sched_d,
+        if training.is_due(i, args.save_every, args.iters) or stop.requested:
+            training.write_checkpoints(out_dir, training_state(i + 1, model, opt_g, sched_g, discs, opt_d, sched_d,
                                                              best, args), args.keep_checkpoints, dist)
             stop.exit_if_requested(i + 1, out_dir)
     stop.restore()
-    return metrics or common.evaluate_and_write(model, val, device, out_dir, start, synthia,
+    return metrics or training.evaluate_and_write(model, val, device, out_dir, start, synthia,
                                                 dist=dist)  # a finished run
 
 
@@ -536,7 +537,7 @@ def baseline_args(args, preset, suffix):
     base = copy.copy(args)
     base.preset, base.ga_direction, base.lambda_sadv, base.split_file = preset, None, None, None
     base.n_labeled = args.n_labeled if PRESETS[preset]["labeled"] else 0
-    base.out_dir = str(Path(args.out_dir or common.default_out_dir(
+    base.out_dir = str(Path(args.out_dir or training.default_out_dir(
         "asss", f"{args.source}_{args.preset}", args.n_labeled, args.seed))) + suffix
     return resolve_preset(base)
 
@@ -548,13 +549,13 @@ def main(argv=None):
     if args.demo and not args.eval_only and args.preset == "ga-csa":
         oracle = train(baseline_args(args, "oracle", "_oracle"))
         source_only = train(baseline_args(args, "source-only", "_source_only"))
-        out_dir = args.out_dir or common.default_out_dir("asss", f"{args.source}_{args.preset}", args.n_labeled,
+        out_dir = args.out_dir or training.default_out_dir("asss", f"{args.source}_{args.preset}", args.n_labeled,
                                                          args.seed)
-        common.write_demo_summary(out_dir, "asss.py", ("GA+CSA", metrics),
+        training.write_demo_summary(out_dir, "asss.py", ("GA+CSA", metrics),
                                   [(f"oracle ({args.n_labeled} labeled)", oracle), ("source-only", source_only)],
                                   args.iters, time.time() - t0)
     return metrics
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    training.run_script(main)

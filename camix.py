@@ -90,6 +90,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
+import training
 from classmix_ssl import cowmix_mask, cutmix_mask
 
 PAPER = {  # dest: (value, source) — shown in --help
@@ -121,8 +122,8 @@ POLE, LIGHT, SIGN, RIDER, MOTORCYCLE, BICYCLE = 5, 6, 7, 12, 17, 18
 
 
 def parse_args(argv=None):
-    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[common.shared_parser(PAPER)],
-                              formatter_class=common.HelpFormatter)
+    p = training.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[training.shared_parser(PAPER)],
+                              formatter_class=training.HelpFormatter)
     p.add_argument("--source", choices=["gta5", "synthia", "demo"], default="gta5", help="source domain")
     p.add_argument("--source-only", action="store_true",
                    help="baseline: supervised source loss only, no teacher (Table 1/3 'Source only')")
@@ -181,8 +182,8 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", choices=["sgd", "adam-paper", "adam"], default="sgd",
                    help="sgd = the code's SGD 0.9 / wd 5e-4; adam-paper = paper §4.2 Adam wd 5e-5 (head x10); "
                         "adam = the random-init demo's Adam")
-    args = common.parse_with_demo(p, DEMO, argv)
-    common.check_args(args)
+    args = training.parse_with_demo(p, DEMO, argv)
+    training.check_args(args)
     preset = dict(PRESETS[args.source])
     if args.source == "demo":   # the GTA5 schedule scaled to the demo's length
         preset.update(warmup_iters=round(preset["warmup_iters"] * args.iters),
@@ -456,23 +457,23 @@ def prior_for_run(args, source, target_root, out_dir):
 
 def train(args):
     # ---------------------------------------------------------------- setup
-    dist, device = common.distributed(args.device)
-    common.apply_world(args, dist, device)
-    amp = common.Amp(device, args.amp)
+    dist, device = training.distributed(args.device)
+    training.apply_world(args, dist, device)
+    amp = training.Amp(device, args.amp)
     style, norm = common.init_convention(args.init)
     common.seed_everything(args.seed)
-    out_dir = Path(args.out_dir or common.default_out_dir(
+    out_dir = Path(args.out_dir or training.default_out_dir(
         "camix", args.source + ("_source_only" if args.source_only else "" if args.mix == "camix" else "_" + args.mix),
         None, args.seed))
     synthia = args.source == "synthia"   # 19-way head; mIoU-16 and mIoU-13 read off the 19x19 matrix
     # ---------------------------------------------------------------- data
-    source_kind, source_root, target_root = common.data_roots(args, args.source)
-    val = common.cityscapes_val(target_root, args.val_size, args.eval_res, norm)
+    source_kind, source_root, target_root = training.data_roots(args, args.source)
+    val = training.cityscapes_val(target_root, args.val_size, args.eval_res, norm)
     build = lambda: common.DeepLabV2(19, aspp_full=args.aspp_full, style=style, layers=args.layers,  # noqa: E731
                                      width=args.width)
-    student = common.prepare_model(build(), device, amp)
+    student = training.prepare_model(build(), device, amp)
     if args.eval_only:
-        return common.eval_only(args, student, val, device, out_dir, synthia, dist=dist)
+        return training.eval_only(args, student, val, device, out_dir, synthia, dist=dist)
     crop = args.crop_size if min(args.crop_size) > 0 else None
     source = common.SegmentationDataset(source_kind, source_root, resize=args.source_size, interp="bicubic",
                                         crop=crop, norm=norm)
@@ -481,7 +482,7 @@ def train(args):
         if crop is not None and (crop[0] > target_resize[1] or crop[1] > target_resize[0]):
             raise common.DataError(f"--crop-size {crop[0]} {crop[1]} exceeds the target frame "
                                    f"{target_resize[0]}x{target_resize[1]} (Q is cut with the crop window)")
-        with common.main_first(dist):   # rank 0 builds and saves Q, the other ranks load that file
+        with training.main_first(dist):   # rank 0 builds and saves Q, the other ranks load that file
             if dist.main or not args.build_prior:
                 prior = prior_for_run(args, source, target_root, out_dir)
             else:
@@ -496,29 +497,29 @@ def train(args):
     Q = None if prior is None else torch.from_numpy(prior).to(device)   # on the device once, cut per batch
     # ---------------------------------------------------------------- models, optimiser
     common.initialise(student, args.init, norm, args.data_root)
-    teacher = None if args.source_only else common.prepare_model(      # train-mode BN as the authors'
+    teacher = None if args.source_only else training.prepare_model(      # train-mode BN as the authors'
         common.ema_teacher(student, build, train_bn=not args.teacher_eval_bn), device, amp)
     optimizer = build_optimizer(student, args)
     scheduler = common.lr_scheduler(optimizer, lambda i: common.poly_factor(i, args.iters))
     start = 0
-    ckpt = common.resume_state(args, out_dir, 19)
+    ckpt = training.resume_state(args, out_dir, 19)
     if ckpt is not None:
-        start = common.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
-    common.write_run_files(out_dir, args, dist=dist)
-    model = common.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
-    loader_s = common.shuffled_loader(source, args, 0, start, dist=dist)
-    loader_t = None if args.source_only else common.shuffled_loader(target, args, 1, start, dist=dist)
-    log = common.Logger(out_dir, args.log_every, args.iters, start, dist.main)
+        start = training.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
+    training.write_run_files(out_dir, args, dist=dist)
+    model = training.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
+    loader_s = training.shuffled_loader(source, args, 0, start, dist=dist)
+    loader_t = None if args.source_only else training.shuffled_loader(target, args, 1, start, dist=dist)
+    log = training.Logger(out_dir, args.log_every, args.iters, start, dist.main)
     use_sigmask = args.consistency == "src" and (args.src_impl == "paper" or args.log_sigmask)
     best = json.loads((out_dir / "best_metrics.json").read_text()) if (
         out_dir / "best_metrics.json").is_file() and start > 0 else None
     metrics = None  # the last evaluation
     # ---------------------------------------------------------------- training loop (train_ucspa_*.py order)
-    stop = common.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
+    stop = training.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, args.iters):
         student.train()
         g = common.step_generator(args.seed, i, dist.rank)
-        x_s, y_s = common.next_batch(loader_s, device)
+        x_s, y_s = training.next_batch(loader_s, device)
         with amp.autocast():
             loss_seg = common.ce_loss(common.upsample(model(x_s), y_s.shape[1:]), y_s)       # Eq. 10
         losses = {"loss_seg": loss_seg}
@@ -565,18 +566,18 @@ def train(args):
             common.ema_update(teacher, student, i, args.ema_alpha, buffers=args.teacher_eval_bn)
         log.log(i, losses, lr)
         # ------------------------------------------------------------ checkpoints, evaluation (student)
-        if common.is_due(i, args.save_every, args.iters) or stop.requested:
-            common.write_checkpoints(out_dir, common.training_state(i + 1, student, optimizer, scheduler, args,
+        if training.is_due(i, args.save_every, args.iters) or stop.requested:
+            training.write_checkpoints(out_dir, training.training_state(i + 1, student, optimizer, scheduler, args,
                                                                     teacher), args.keep_checkpoints, dist)
             stop.exit_if_requested(i + 1, out_dir)
-        if common.is_due(i, args.eval_every, args.iters):
-            metrics = common.evaluate_and_write(student, val, device, out_dir, i + 1, synthia, amp, dist=dist)
+        if training.is_due(i, args.eval_every, args.iters):
+            metrics = training.evaluate_and_write(student, val, device, out_dir, i + 1, synthia, amp, dist=dist)
             if args.eval_every > 0 and (best is None or metrics["mIoU"] > best["mIoU"]):   # SYNTHIA: mIoU-16
                 best = metrics
                 if dist.main:
                     common.atomic_write_text(out_dir / "best_metrics.json", json.dumps(best, indent=1))
     stop.restore()
-    return metrics or common.evaluate_and_write(student, val, device, out_dir, start, synthia,
+    return metrics or training.evaluate_and_write(student, val, device, out_dir, start, synthia,
                                                 dist=dist)  # a finished run
 
 
@@ -585,17 +586,17 @@ def main(argv=None):
     started = time.time()
     metrics = train(args)
     if args.demo and not args.source_only and not args.eval_only and args.mix == "camix":
-        base_dir = args.out_dir or str(common.default_out_dir("camix", args.source, None, args.seed))
+        base_dir = args.out_dir or str(training.default_out_dir("camix", args.source, None, args.seed))
         baselines = []
         for name, changes in (("DACS", {"mix": "dacs", "warmup_iters": 0, "build_prior": False}),
                               ("source-only", {"source_only": True, "warmup_iters": 0, "build_prior": False})):
             baseline = copy.copy(args)
             vars(baseline).update(changes, out_dir=base_dir + "_" + name.lower().replace("-", "_"))
             baselines.append((name, train(baseline)))
-        common.write_demo_summary(base_dir, "camix.py", ("CAMix", metrics), baselines, args.iters,
+        training.write_demo_summary(base_dir, "camix.py", ("CAMix", metrics), baselines, args.iters,
                                   time.time() - started)
     return metrics
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    training.run_script(main)

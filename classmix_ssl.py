@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import training
 
 PAPER = {  # dest: (value, source) — shown in --help
     "iters": (40000, "CM configCityscapes.json; thesis §4.1.2"),
@@ -73,10 +74,10 @@ OFFICIAL_SPLIT_SEED = {1: 10, 2: 1}  # CM split_1.pkl / split_2.pkl = these Rand
 
 
 def parse_args(argv=None):
-    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[common.shared_parser(PAPER)],
-                              formatter_class=common.HelpFormatter)
+    p = training.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[training.shared_parser(PAPER)],
+                              formatter_class=training.HelpFormatter)
     p.add_argument("--dataset", choices=["cityscapes", "demo"], default="cityscapes", help="the dataset")
-    common.add_split_args(p, 372, "1/8 of 2975; CM configCityscapes.json labeled_samples", split_seed=1,
+    training.add_split_args(p, 372, "1/8 of 2975; CM configCityscapes.json labeled_samples", split_seed=1,
                           seed_help="; 1 = the permutation of CM split_2.pkl, 10 = split_1.pkl")
     p.add_argument("--official-split", type=int, choices=[1, 2], default=None,
                    help="use the permutation of CM split_<k>.pkl (sets --split-seed; split_0's is unknown)")
@@ -112,8 +113,8 @@ def parse_args(argv=None):
                    help="clean variant: each tensor once in the 1x group (changes results; docs/quirks.md Q4)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
                    help="sgd = the authors' SGD 0.9 / wd 5e-4; adam is for the random-init demo")
-    args = common.parse_with_demo(p, DEMO, argv)
-    common.check_args(args)
+    args = training.parse_with_demo(p, DEMO, argv)
+    training.check_args(args)
     if not 0 < args.ema_alpha < 1 or not 0 <= args.jitter_gate <= 1 or not 0 < args.tau <= 1:
         raise common.DataError("--ema-alpha in (0,1), --jitter-gate in [0,1] and --tau in (0,1] expected")
     if args.official_split is not None:
@@ -183,23 +184,23 @@ def soft_ce_weighted(logits, target_prob, weight):
 
 def train(args):
     # ---------------------------------------------------------------- setup
-    dist, device = common.distributed(args.device)
-    common.apply_world(args, dist, device, pairs_within_batch=not args.no_unlabeled)
-    amp = common.Amp(device, args.amp)
+    dist, device = training.distributed(args.device)
+    training.apply_world(args, dist, device, pairs_within_batch=not args.no_unlabeled)
+    amp = training.Amp(device, args.amp)
     style, norm = common.init_convention(args.init)
     if norm == "imagenet_bgr":
         norm = "cityscapes_bgr"  # ClassMix subtracts the Cityscapes RGB mean from BGR images (docs/quirks.md C9)
     common.seed_everything(args.seed)
     name = args.dataset + "_baseline" * args.no_unlabeled
-    out_dir = Path(args.out_dir or common.default_out_dir("classmix_ssl", name, args.n_labeled, args.seed))
+    out_dir = Path(args.out_dir or training.default_out_dir("classmix_ssl", name, args.n_labeled, args.seed))
     # ---------------------------------------------------------------- data
-    root = common.data_roots(args, args.dataset)[2]
-    val = common.cityscapes_val(root, args.target_size, args.eval_res, norm)
+    root = training.data_roots(args, args.dataset)[2]
+    val = training.cityscapes_val(root, args.target_size, args.eval_res, norm)
     build = lambda: common.DeepLabV2(19, aspp_full=args.aspp_full, style=style, layers=args.layers,  # noqa: E731
                                      width=args.width)
-    student = common.prepare_model(build(), device, amp)
+    student = training.prepare_model(build(), device, amp)
     if args.eval_only:
-        return common.eval_only(args, student, val, device, out_dir, dist=dist)
+        return training.eval_only(args, student, val, device, out_dir, dist=dist)
     stems = common.SegmentationDataset("cityscapes", root).stems()
     labeled, unlabeled = common.labeled_split(stems, args.n_labeled, args.split_seed, args.split_file)
     if not labeled:
@@ -213,32 +214,32 @@ def train(args):
         "cityscapes", root, resize=args.target_size, crop=crop, norm=norm, stems=unlabeled)
     # ---------------------------------------------------------------- models, optimiser
     common.initialise(student, args.init, norm, args.data_root)
-    teacher = None if args.no_unlabeled else common.prepare_model(    # train-mode BN as the authors' (C4)
+    teacher = None if args.no_unlabeled else training.prepare_model(    # train-mode BN as the authors' (C4)
         common.ema_teacher(student, build, train_bn=not args.teacher_eval_bn), device, amp)
     optimizer = common.deeplab_optimizer(student, args.lr, args.optimizer, not args.clean_param_groups)
     scheduler = common.lr_scheduler(optimizer, lambda i: common.poly_factor(i, args.iters))
     start = 0
-    ckpt = common.resume_state(args, out_dir, 19)
+    ckpt = training.resume_state(args, out_dir, 19)
     if ckpt is not None:
-        start = common.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
-    common.write_run_files(out_dir, args, labeled, dist)
-    model = common.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
-    loader_l = common.shuffled_loader(data_l, args, 0, start, dist=dist)
-    loader_u = None if data_u is None else common.shuffled_loader(data_u, args, 1, start, dist=dist)
-    log = common.Logger(out_dir, args.log_every, args.iters, start, dist.main)
+        start = training.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
+    training.write_run_files(out_dir, args, labeled, dist)
+    model = training.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
+    loader_l = training.shuffled_loader(data_l, args, 0, start, dist=dist)
+    loader_u = None if data_u is None else training.shuffled_loader(data_u, args, 1, start, dist=dist)
+    log = training.Logger(out_dir, args.log_every, args.iters, start, dist.main)
     metrics = None  # the last evaluation
     # ---------------------------------------------------------------- training loop (CM/trainSSL.py order)
-    stop = common.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
+    stop = training.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, args.iters):
         student.train()
         g = common.step_generator(args.seed, i, dist.rank)
-        x_l, y_l = common.next_batch(loader_l, device)
+        x_l, y_l = training.next_batch(loader_l, device)
         with amp.autocast():
             loss_l = common.ce_loss(common.upsample(model(x_l), y_l.shape[1:]), y_l)     # L_l, supervised CE
         losses = {"loss_l": loss_l}
         loss = loss_l
         if teacher is not None:
-            x_u, _ = common.next_batch(loader_u, device)                 # labels unused
+            x_u, _ = training.next_batch(loader_u, device)                 # labels unused
             with torch.no_grad(), amp.autocast():
                 P = common.upsample(teacher(x_u).float(), x_u.shape[2:]).softmax(1)   # weak view = identity
             x_m, P_m = class_mix(x_u, P, g, args)
@@ -267,14 +268,14 @@ def train(args):
             common.ema_update(teacher, student, i, args.ema_alpha, buffers=args.teacher_eval_bn)
         log.log(i, losses, lr)
         # ------------------------------------------------------------ checkpoints, evaluation
-        if common.is_due(i, args.save_every, args.iters) or stop.requested:
-            common.write_checkpoints(out_dir, common.training_state(i + 1, student, optimizer, scheduler, args,
+        if training.is_due(i, args.save_every, args.iters) or stop.requested:
+            training.write_checkpoints(out_dir, training.training_state(i + 1, student, optimizer, scheduler, args,
                                                                     teacher), args.keep_checkpoints, dist)
             stop.exit_if_requested(i + 1, out_dir)
-        if common.is_due(i, args.eval_every, args.iters):
-            metrics = common.evaluate_and_write(student, val, device, out_dir, i + 1, amp=amp, dist=dist)
+        if training.is_due(i, args.eval_every, args.iters):
+            metrics = training.evaluate_and_write(student, val, device, out_dir, i + 1, amp=amp, dist=dist)
     stop.restore()
-    return metrics or common.evaluate_and_write(student, val, device, out_dir, start, dist=dist)  # a finished run
+    return metrics or training.evaluate_and_write(student, val, device, out_dir, start, dist=dist)  # a finished run
 
 
 def main(argv=None):
@@ -285,11 +286,11 @@ def main(argv=None):
         baseline = copy.copy(args)
         baseline.no_unlabeled, baseline.out_dir = True, None if args.out_dir is None else args.out_dir + "_baseline"
         base = train(baseline)
-        out_dir = args.out_dir or common.default_out_dir("classmix_ssl", args.dataset, args.n_labeled, args.seed)
-        common.write_demo_summary(out_dir, "classmix_ssl.py", ("ClassMix", metrics),
+        out_dir = args.out_dir or training.default_out_dir("classmix_ssl", args.dataset, args.n_labeled, args.seed)
+        training.write_demo_summary(out_dir, "classmix_ssl.py", ("ClassMix", metrics),
                                   [(f"supervised ({args.n_labeled} labeled)", base)], args.iters, time.time() - t0)
     return metrics
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    training.run_script(main)

@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 
 import common
+import training
 
 PAPER = {  # dest: (value, source) — shown in --help
     "iters": (250000, "DACS configUDA.json; thesis §4.1.3"),
@@ -72,8 +73,8 @@ SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
 
 
 def parse_args(argv=None):
-    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[common.shared_parser(PAPER)],
-                              formatter_class=common.HelpFormatter)
+    p = training.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[training.shared_parser(PAPER)],
+                              formatter_class=training.HelpFormatter)
     p.add_argument("--source", choices=["gta5", "synthia", "demo"], default="gta5", help="source domain")
     p.add_argument("--source-only", action="store_true",
                    help="baseline: supervised source loss only, no teacher (thesis 'Source' rows)")
@@ -106,8 +107,8 @@ def parse_args(argv=None):
                         "effective backbone LR than the authors' duplicated group; docs/quirks.md Q4)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
                    help="sgd = the authors' SGD 0.9 / wd 5e-4; adam is for the random-init demo")
-    args = common.parse_with_demo(p, DEMO, argv)
-    common.check_args(args)
+    args = training.parse_with_demo(p, DEMO, argv)
+    training.check_args(args)
     if not 0 < args.ema_alpha < 1 or not 0 <= args.jitter_gate <= 1 or not 0 < args.tau <= 1:
         raise common.DataError("--ema-alpha in (0,1), --jitter-gate in [0,1] and --tau in (0,1] expected")
     if args.source_size is None:
@@ -145,29 +146,29 @@ def align_distribution(prob, p_target, p_model):
 
 def train(args):
     # ---------------------------------------------------------------- setup
-    dist, device = common.distributed(args.device)
-    common.apply_world(args, dist, device, pairs_within_batch=args.mix != "inter" and not args.source_only)
-    amp = common.Amp(device, args.amp)
+    dist, device = training.distributed(args.device)
+    training.apply_world(args, dist, device, pairs_within_batch=args.mix != "inter" and not args.source_only)
+    amp = training.Amp(device, args.amp)
     style, norm = common.init_convention(args.init)
     common.seed_everything(args.seed)
-    out_dir = Path(args.out_dir or common.default_out_dir("dacs", args.source + "_source_only" * args.source_only,
+    out_dir = Path(args.out_dir or training.default_out_dir("dacs", args.source + "_source_only" * args.source_only,
                                                           None, args.seed))
     # ---------------------------------------------------------------- data
-    source_kind, source_root, target_root = common.data_roots(args, args.source)
-    val = common.cityscapes_val(target_root, args.target_size, args.eval_res, norm)
+    source_kind, source_root, target_root = training.data_roots(args, args.source)
+    val = training.cityscapes_val(target_root, args.target_size, args.eval_res, norm)
     build = lambda: common.DeepLabV2(19, aspp_full=args.aspp_full, style=style, layers=args.layers,  # noqa: E731
                                      width=args.width)
-    student = common.prepare_model(build(), device, amp)
+    student = training.prepare_model(build(), device, amp)
     synthia = args.source == "synthia"
     if args.eval_only:
-        return common.eval_only(args, student, val, device, out_dir, synthia, dist=dist)
+        return training.eval_only(args, student, val, device, out_dir, synthia, dist=dist)
     source = common.SegmentationDataset(source_kind, source_root, resize=args.source_size, interp="bicubic",
                                         crop=args.crop_size, norm=norm)
     target = common.SegmentationDataset("cityscapes", target_root, resize=args.target_size, crop=args.crop_size,
                                         norm=norm)
     # ---------------------------------------------------------------- models, optimiser
     common.initialise(student, args.init, norm, args.data_root)
-    teacher = None if args.source_only else common.prepare_model(      # train-mode BN as the authors' (Q3)
+    teacher = None if args.source_only else training.prepare_model(      # train-mode BN as the authors' (Q3)
         common.ema_teacher(student, build, train_bn=not args.teacher_eval_bn), device, amp)
     optimizer = common.deeplab_optimizer(student, args.lr, args.optimizer, not args.clean_param_groups)
     scheduler = common.lr_scheduler(optimizer, lambda i: common.poly_factor(i, args.iters))
@@ -175,7 +176,7 @@ def train(args):
     if args.mix == "intra-aligned" and not args.source_only:
         out_dir.mkdir(parents=True, exist_ok=True)
         counts = torch.zeros(19, dtype=torch.float64)
-        with common.main_first(dist):   # rank 0 writes the cache, the others read it
+        with training.main_first(dist):   # rank 0 writes the cache, the others read it
             stats = common.rcs_statistics(target, cache=out_dir / "target_class_counts.json")
         for d in stats:
             for c, n in d.items():
@@ -183,29 +184,29 @@ def train(args):
         p_target = (counts / counts.sum()).float().clamp(min=1e-6).to(device)
         p_model = torch.full((19,), 1 / 19, device=device)
     start = 0
-    ckpt = common.resume_state(args, out_dir, 19)
+    ckpt = training.resume_state(args, out_dir, 19)
     if ckpt is not None:
-        start = common.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
+        start = training.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
         if p_model is not None:
             p_model.copy_(ckpt["p_model"])
-    common.write_run_files(out_dir, args, dist=dist)
-    model = common.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
-    loader_s = common.shuffled_loader(source, args, 0, start, dist=dist)
-    loader_t = None if args.source_only else common.shuffled_loader(target, args, 1, start, dist=dist)
-    log = common.Logger(out_dir, args.log_every, args.iters, start, dist.main)
+    training.write_run_files(out_dir, args, dist=dist)
+    model = training.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
+    loader_s = training.shuffled_loader(source, args, 0, start, dist=dist)
+    loader_t = None if args.source_only else training.shuffled_loader(target, args, 1, start, dist=dist)
+    log = training.Logger(out_dir, args.log_every, args.iters, start, dist.main)
     metrics = None  # the last evaluation
     # ---------------------------------------------------------------- training loop (DACS/trainUDA.py order)
-    stop = common.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
+    stop = training.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, args.iters):
         student.train()
         g = common.step_generator(args.seed, i, dist.rank)
-        x_s, y_s = common.next_batch(loader_s, device)
+        x_s, y_s = training.next_batch(loader_s, device)
         with amp.autocast():
             loss_l = common.ce_loss(common.upsample(model(x_s), y_s.shape[1:]), y_s)     # L_l, source CE
         losses = {"loss_l": loss_l}
         loss = loss_l
         if teacher is not None:
-            x_t, _ = common.next_batch(loader_t, device)                 # target labels unused
+            x_t, _ = training.next_batch(loader_t, device)                 # target labels unused
             with torch.no_grad(), amp.autocast():
                 logits_t = common.upsample(teacher(x_t).float(), x_t.shape[2:])
             if args.mix == "inter":
@@ -238,16 +239,16 @@ def train(args):
             common.ema_update(teacher, student, i, args.ema_alpha, buffers=args.teacher_eval_bn)
         log.log(i, losses, lr)
         # ------------------------------------------------------------ checkpoints, evaluation
-        if common.is_due(i, args.save_every, args.iters) or stop.requested:
-            state = common.training_state(i + 1, student, optimizer, scheduler, args, teacher)
+        if training.is_due(i, args.save_every, args.iters) or stop.requested:
+            state = training.training_state(i + 1, student, optimizer, scheduler, args, teacher)
             if p_model is not None:
                 state["p_model"] = p_model
-            common.write_checkpoints(out_dir, state, args.keep_checkpoints, dist)
+            training.write_checkpoints(out_dir, state, args.keep_checkpoints, dist)
             stop.exit_if_requested(i + 1, out_dir)
-        if common.is_due(i, args.eval_every, args.iters):
-            metrics = common.evaluate_and_write(student, val, device, out_dir, i + 1, synthia, amp, dist=dist)
+        if training.is_due(i, args.eval_every, args.iters):
+            metrics = training.evaluate_and_write(student, val, device, out_dir, i + 1, synthia, amp, dist=dist)
     stop.restore()
-    return metrics or common.evaluate_and_write(student, val, device, out_dir, start, synthia,
+    return metrics or training.evaluate_and_write(student, val, device, out_dir, start, synthia,
                                                 dist=dist)  # a finished run
 
 
@@ -259,11 +260,11 @@ def main(argv=None):
         baseline = copy.copy(args)
         baseline.source_only, baseline.out_dir = True, None if args.out_dir is None else args.out_dir + "_source_only"
         base = train(baseline)
-        out_dir = args.out_dir or common.default_out_dir("dacs", args.source, None, args.seed)
-        common.write_demo_summary(out_dir, "dacs.py", ("DACS", metrics), [("source-only", base)], args.iters,
+        out_dir = args.out_dir or training.default_out_dir("dacs", args.source, None, args.seed)
+        training.write_demo_summary(out_dir, "dacs.py", ("DACS", metrics), [("source-only", base)], args.iters,
                                   time.time() - t0)
     return metrics
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    training.run_script(main)

@@ -202,6 +202,7 @@ def ensure_demo_init(data_root, layers, style, norm, width=64):
     first-stage width), trained on the demo source on first use and cached by digest."""
     import torch
     import common
+    import training
     recipe = {**INIT_RECIPE, "layers": list(layers), "style": style, "norm": norm, "width": width}
     iters = recipe["iters"]
     code = inspect.getsource(common.Bottleneck) + inspect.getsource(common.ClassifierModule) + \
@@ -224,7 +225,7 @@ def ensure_demo_init(data_root, layers, style, norm, width=64):
         loss.backward()
         optimizer.step()
     backbone = {k: v for k, v in model.state_dict().items() if not k.startswith("layer5.")}
-    common.save_checkpoint(path, backbone)
+    training.save_checkpoint(path, backbone)
     print(f"demo init built in {time.time() - t0:.0f} s", flush=True)
     return path
 

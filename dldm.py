@@ -103,6 +103,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
+import training
 
 PAPER = {  # dest: (value, source) — shown in --help
     "iters": (120000, "iterations of every teacher/student stage: DDM config.py EARLY_STOP (AdvEnt; A3)"),
@@ -127,10 +128,10 @@ TRAINED = ("rl", "sl", "student", "supervised")
 
 
 def parse_args(argv=None):
-    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[common.shared_parser(PAPER)],
-                              formatter_class=common.HelpFormatter)
+    p = training.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[training.shared_parser(PAPER)],
+                              formatter_class=training.HelpFormatter)
     p.add_argument("--source", choices=["gta5", "synthia", "demo"], default="gta5", help="source domain")
-    common.add_split_args(p, 100, "DLDM Tables 1-2: 100/200/500/1000/2975")
+    training.add_split_args(p, 100, "DLDM Tables 1-2: 100/200/500/1000/2975")
     p.add_argument("--stage", choices=["all", "rl", "sl", "student", "pseudo", "eval", "supervised"],
                    default="all", help="Algorithm 1 in full, or one stage of round --round (rl/sl: teachers, "
                    "student: distillation, pseudo: pseudo-labels from the student, eval: --ensemble, "
@@ -186,8 +187,8 @@ def parse_args(argv=None):
     p.add_argument("--clean-param-groups", action="store_true",
                    help="each tensor once in the 1x group (AdvEnt's optim_parameters repeats them)")
     p.add_argument("--init-sha256", default=None, help="expected sha256 of the --init advent file")
-    args = common.parse_with_demo(p, DEMO, argv)
-    common.check_args(args)
+    args = training.parse_with_demo(p, DEMO, argv)
+    training.check_args(args)
     if args.resume not in (None, "auto"):
         raise common.DataError(f"--resume {args.resume}: dldm.py resumes every stage from its own folder; "
                                f"use --resume auto")
@@ -477,14 +478,14 @@ class Run:
 
     def __init__(self, args):
         self.args = args
-        self.dist, self.device = common.distributed(args.device)
-        common.apply_world(args, self.dist, self.device)
-        self.amp = common.Amp(self.device, args.amp)
+        self.dist, self.device = training.distributed(args.device)
+        training.apply_world(args, self.dist, self.device)
+        self.amp = training.Amp(self.device, args.amp)
         self.style, self.norm = common.init_convention(args.init, default=("caffe", "imagenet_bgr"))
         self.num_classes = 16 if args.source == "synthia" else 19
         self.synthia = self.num_classes == 16
-        self.out = Path(args.out_dir or common.default_out_dir("dldm", args.source, args.n_labeled, args.seed))
-        self.source_kind, self.source_root, self.target_root = common.data_roots(args, args.source)
+        self.out = Path(args.out_dir or training.default_out_dir("dldm", args.source, args.n_labeled, args.seed))
+        self.source_kind, self.source_root, self.target_root = training.data_roots(args, args.source)
         self.train_stems = sorted(common.SegmentationDataset("cityscapes", self.target_root).stems())
         self.labeled, rest = common.labeled_split(self.train_stems, args.n_labeled, args.split_seed,
                                                   args.split_file)
@@ -496,7 +497,7 @@ class Run:
         if args.rounds < 1 or not 1 <= args.round <= args.rounds:
             raise common.DataError(f"--round {args.round}: expected 1..--rounds ({args.rounds})")
         size = tuple(args.target_size)
-        self.val = common.cityscapes_val(self.target_root, size, "full", self.norm, self.num_classes, "bicubic")
+        self.val = training.cityscapes_val(self.target_root, size, "full", self.norm, self.num_classes, "bicubic")
         self.init_path = None
 
     def stage_dir(self, r, stage):
@@ -524,14 +525,14 @@ class Run:
         model = common.DeepLabV2(self.num_classes, multi_level=True, aspp_full=True, style=self.style,
                                  layers=self.args.layers, width=self.args.width)
         if warm_from is not None:
-            model.load_state_dict(common.load_checkpoint(warm_from, self.num_classes)["model"])
+            model.load_state_dict(training.load_checkpoint(warm_from, self.num_classes)["model"])
         else:
             common.initialise(model, self.resolve_init(), self.norm, self.args.data_root)
-        return common.prepare_model(model, self.device, self.amp)
+        return training.prepare_model(model, self.device, self.amp)
 
     def load_model(self, path):
         """A frozen eval-mode model from a checkpoint (class count checked, weights_only)."""
-        ckpt = common.load_checkpoint(path, self.num_classes)
+        ckpt = training.load_checkpoint(path, self.num_classes)
         model = common.DeepLabV2(self.num_classes, multi_level=True, aspp_full=True, style=self.style,
                                  layers=self.args.layers, width=self.args.width)
         try:
@@ -540,7 +541,7 @@ class Run:
             raise common.DataError(f"{path}: not a multi-level DeepLabv2 state_dict of this network "
                                    f"({str(exc).splitlines()[0][:160]})") from None
         model.requires_grad_(False)
-        return common.prepare_model(model, self.device, self.amp).eval()
+        return training.prepare_model(model, self.device, self.amp).eval()
 
     def dataset(self, cls, **kw):
         """A dataset with the run's normalisation and label space; bicubic image resize (AdvEnt)."""
@@ -556,7 +557,7 @@ class Run:
         kw = dict(root=self.source_root, kind=self.source_kind, resize=resize, crop=crop)
         if a.lab == "off":
             return self.dataset(common.SegmentationDataset, **kw)
-        with common.main_first(self.dist):   # rank 0 writes the cache, the others read it
+        with training.main_first(self.dist):   # rank 0 writes the cache, the others read it
             stats = reference_stats(self.target_root, self.out / "lab_reference_stats.json", a.workers)
         return self.dataset(LabSourceDataset, ref_stats=stats, mode=a.lab_mode, seed=a.seed,
                             cache_dir=self.out / "lab_offline", **kw)
@@ -614,7 +615,7 @@ def loader(run, dataset, seed, stream, start, sampler=None):
     a = run.args
     sampler = sampler or common.IterationSampler(len(dataset), a.batch_size, seed, stream, start, a.iters,
                                                  run.dist.rank, run.dist.world)
-    return common.infinite_loader(dataset, sampler, a.workers)
+    return training.infinite_loader(dataset, sampler, a.workers)
 
 
 def target_loader(run, r, seed, stream, start, gt_only=False):
@@ -648,7 +649,7 @@ def train_model(run, r, stage, teachers=None):
     scheduler = common.lr_scheduler(optimizer, lambda i: common.poly_factor(i, a.poly_iters))
     start = 0
     if a.resume and (stage_dir / "checkpoint.pth").is_file():
-        start = common.restore_training(common.load_checkpoint(stage_dir / "checkpoint.pth", run.num_classes),
+        start = training.restore_training(training.load_checkpoint(stage_dir / "checkpoint.pth", run.num_classes),
                                         model, optimizer, scheduler, dist=dist)
     stage_dir.mkdir(parents=True, exist_ok=True)
     if start == 0 and dist.main:  # a fresh stage: no log or best snapshot of an earlier attempt
@@ -664,27 +665,27 @@ def train_model(run, r, stage, teachers=None):
                    "t": target_loader(run, r, seed, 1, start, gt_only=a.student_ce == "gt")}
     else:
         loaders = {"t": target_loader(run, 1, seed, 1, start)}
-    log = common.Logger(stage_dir, a.log_every, a.iters, start, dist.main)
+    log = training.Logger(stage_dir, a.log_every, a.iters, start, dist.main)
     step = {"rl": rl_step, "sl": sl_step, "student": student_step, "supervised": supervised_step}[stage]
-    net = common.ddp(model, dist, device, a.sync_bn,   # training forwards; `model` for the rest
+    net = training.ddp(model, dist, device, a.sync_bn,   # training forwards; `model` for the rest
                      find_unused=stage == "student" or not a.aux_weight)   # L_kl reads the main head only
     metrics = None
-    stop = common.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
+    stop = training.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, a.iters):
         model.train()
         g = common.step_generator(seed, i, dist.rank)
         optimizer.zero_grad(set_to_none=True)
-        batches = {k: common.next_batch(v, device) for k, v in loaders.items()}
+        batches = {k: training.next_batch(v, device) for k, v in loaders.items()}
         losses = step(net, batches, g, run, teachers)
         amp.step(optimizer)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         log.log(i, losses, lr)
-        if common.is_due(i, a.save_every, a.iters) or stop.requested:
-            common.write_checkpoints(stage_dir, common.training_state(i + 1, model, optimizer, scheduler, a),
+        if training.is_due(i, a.save_every, a.iters) or stop.requested:
+            training.write_checkpoints(stage_dir, training.training_state(i + 1, model, optimizer, scheduler, a),
                                      a.keep_checkpoints, dist)
             stop.exit_if_requested(i + 1, stage_dir)
-        if common.is_due(i, a.eval_every, a.iters) and i + 1 < a.iters:
+        if training.is_due(i, a.eval_every, a.iters) and i + 1 < a.iters:
             metrics = evaluate(run, model, stage_dir, i + 1, stage)
     stop.restore()
     if metrics is None or metrics["iteration"] != a.iters:
@@ -694,7 +695,7 @@ def train_model(run, r, stage, teachers=None):
 
 def evaluate(run, model, stage_dir, iteration, name):
     """Main head at full resolution on val (DDM eval.py); metrics.json, and best_snapshot.json (A15)."""
-    metrics = common.evaluate_and_write(model, run.val, run.device, stage_dir, iteration, run.synthia, run.amp,
+    metrics = training.evaluate_and_write(model, run.val, run.device, stage_dir, iteration, run.synthia, run.amp,
                                         align_corners=True, model_name=name, dist=run.dist)
     if not run.dist.main:
         return metrics
@@ -817,11 +818,11 @@ def pseudo_stage(run, r):
             pending += [pool.submit(common.save_png, p, lab) for p, lab in zip(names, labels)]
         for job in pending:
             job.result()
-    common.barrier(dist)                                                                # every rank's share written
+    training.barrier(dist)                                                                # every rank's share written
     if dist.main:
         kept = {"thresholds": th.tolist(), "complete": True}
         common.atomic_write_text(th_path, json.dumps({**json.loads(th_path.read_text()), **kept}))
-    common.barrier(dist)
+    training.barrier(dist)
     return folder
 
 
@@ -829,7 +830,7 @@ def evaluate_ensemble(run, paths):
     """--stage eval / --eval-only: one model, or E(a, b) averaged at T = 1 (Table 3); class counts must agree."""
     counts = {}
     for p in paths:
-        ckpt = common.load_checkpoint(p)
+        ckpt = training.load_checkpoint(p)
         state = ckpt.get("model", ckpt)
         if "layer6.conv2d_list.0.weight" not in state:
             raise common.DataError(f"{p}: no multi-level DeepLabv2 main head ('layer6') in 'model'")
@@ -841,8 +842,8 @@ def evaluate_ensemble(run, paths):
     model = members[0] if len(members) == 1 else Ensemble(members, run.args.ens)
     name = "+".join(str(p) for p in paths)
     run.out.mkdir(parents=True, exist_ok=True)
-    common.write_run_files(run.out, run.args, dist=run.dist)
-    return common.evaluate_and_write(model, run.val, run.device, run.out, None, run.synthia, run.amp,
+    training.write_run_files(run.out, run.args, dist=run.dist)
+    return training.evaluate_and_write(model, run.val, run.device, run.out, None, run.synthia, run.amp,
                                      align_corners=True, model_name=f"E({name})" if len(paths) > 1 else name,
                                      save_predictions=run.args.save_predictions, dist=run.dist)
 
@@ -931,10 +932,10 @@ def main_run(args):
     config = run.out / "config.json"
     if args.resume and config.is_file():   # every stage folder under it was made with the saved settings
         per_call = {"stage", "round"}        # one run folder is driven stage by stage with these
-        common.check_same_run({k: v for k, v in json.loads(config.read_text()).items() if k not in per_call},
+        training.check_same_run({k: v for k, v in json.loads(config.read_text()).items() if k not in per_call},
                               {k: v for k, v in vars(args).items() if k not in per_call}, config)
     run.resolve_init()
-    common.write_run_files(run.out, args, run.labeled, run.dist)
+    training.write_run_files(run.out, args, run.labeled, run.dist)
     if args.init == "advent" and run.dist.main:
         common.atomic_write_text(run.out / "init_sha256.txt", f"{run.init_digest}  {run.init_path}\n")
     if args.stage == "all":
@@ -958,7 +959,7 @@ def main(argv=None):
         for e in summary["rounds"]:
             others += [(f"{k}^{e['round']}", e[k]) for k in ("M_RL", "M_SL", "M_S") if k in e and
                        not (k == "M_S" and e["round"] == R)]
-        common.write_demo_summary(Path(args.out_dir or common.default_out_dir("dldm", args.source, args.n_labeled,
+        training.write_demo_summary(Path(args.out_dir or training.default_out_dir("dldm", args.source, args.n_labeled,
                                                                               args.seed)),
                                   "dldm.py", (f"DLDM M_S^{R}", summary["final (M_S^R)"]), others,
                                   args.iters * (3 * R + 1), time.time() - t0)
@@ -966,4 +967,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    training.run_script(main)

@@ -60,6 +60,7 @@ from pathlib import Path
 import torch
 
 import common
+import training
 
 PAPER = {  # dest: (value, source) — shown in --help
     "iters": (40000, "IIDM §Implementation Details"),
@@ -82,10 +83,10 @@ SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
 
 
 def parse_args(argv=None):
-    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[common.shared_parser(PAPER)],
-                              formatter_class=common.HelpFormatter)
+    p = training.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[training.shared_parser(PAPER)],
+                              formatter_class=training.HelpFormatter)
     p.add_argument("--source", choices=["gta5", "synthia", "demo"], default="gta5", help="source domain")
-    common.add_split_args(p, 100, "IIDM Table 1 (100/200/500/1000)")
+    training.add_split_args(p, 100, "IIDM Table 1 (100/200/500/1000)")
     p.add_argument("--no-src-sup", action="store_true",
                    help="drop L_s (and the source: implies --no-inter); Table 4 rows 2 and 4")
     p.add_argument("--no-tgt-sup", action="store_true", help="drop L_t (Table 4 row 1 = --n-labeled 0 --no-tgt-sup --no-inter --no-intra)")
@@ -122,8 +123,8 @@ def parse_args(argv=None):
                    help="teacher with eval-mode BN and EMA-averaged running stats (DAFormer: train mode; A8)")
     p.add_argument("--frozen-bn", action="store_true",
                    help="freeze BN affine parameters as the classic DeepLabv2 (DAFormer trains them)")
-    args = common.parse_with_demo(p, DEMO, argv)
-    common.check_args(args)
+    args = training.parse_with_demo(p, DEMO, argv)
+    training.check_args(args)
     if not 0 < args.ema_alpha < 1 or not 0 < args.tau <= 1 or args.warmup_iters < 0 or args.head_lr_mult <= 0:
         raise common.DataError("--ema-alpha in (0,1), --tau in (0,1], --warmup-iters >= 0, --head-lr-mult > 0 expected")
     if args.no_src_sup:
@@ -174,23 +175,23 @@ def mixed_streams(x_s, y_s, x_t, y_t, u_inter, u_intra, g, args):
 
 def train(args):
     # ---------------------------------------------------------------- setup
-    dist, device = common.distributed(args.device)
-    common.apply_world(args, dist, device)
-    amp = common.Amp(device, args.amp)
+    dist, device = training.distributed(args.device)
+    training.apply_world(args, dist, device)
+    amp = training.Amp(device, args.amp)
     style, norm = common.init_convention(args.init, default=("pytorch", "imagenet_rgb"))
     common.seed_everything(args.seed)
     num_classes = 16 if args.source == "synthia" else 19                       # A1
     synthia = num_classes == 16
-    out_dir = Path(args.out_dir or common.default_out_dir("iidm", args.source, args.n_labeled, args.seed))
+    out_dir = Path(args.out_dir or training.default_out_dir("iidm", args.source, args.n_labeled, args.seed))
     up = lambda logits, size: common.upsample(logits, size, align_corners=False)  # noqa: E731 (mmseg resize)
     # ---------------------------------------------------------------- data
-    source_kind, source_root, target_root = common.data_roots(args, args.source)
-    val = common.cityscapes_val(target_root, args.target_size, args.eval_res, norm, num_classes, args.resize)
+    source_kind, source_root, target_root = training.data_roots(args, args.source)
+    val = training.cityscapes_val(target_root, args.target_size, args.eval_res, norm, num_classes, args.resize)
     build = lambda: common.DeepLabV2(num_classes, style=style, layers=args.layers, width=args.width,  # noqa: E731
                                      freeze_bn_affine=args.frozen_bn)
-    student = common.prepare_model(build(), device, amp)
+    student = training.prepare_model(build(), device, amp)
     if args.eval_only:
-        return common.eval_only(args, student, val, device, out_dir, synthia, align_corners=False, dist=dist)
+        return training.eval_only(args, student, val, device, out_dir, synthia, align_corners=False, dist=dist)
     stems = common.SegmentationDataset("cityscapes", target_root).stems()
     labeled, unlabeled = common.labeled_split(stems, args.n_labeled, args.split_seed, args.split_file)
     use_teacher = not (args.no_inter and args.no_intra)
@@ -209,25 +210,25 @@ def train(args):
         num_classes=num_classes, stems=unlabeled)
     # ---------------------------------------------------------------- models, optimiser
     common.initialise(student, args.init, norm, args.data_root)
-    teacher = common.prepare_model(common.ema_teacher(student, build, train_bn=not args.teacher_eval_bn),  # A8
+    teacher = training.prepare_model(common.ema_teacher(student, build, train_bn=not args.teacher_eval_bn),  # A8
                                    device, amp) if use_teacher else None
     optimizer = torch.optim.AdamW(common.param_groups(student, args.lr, args.head_lr_mult, official_duplicates=False),
                                   lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)   # A10
     scheduler = common.lr_scheduler(optimizer, lambda i: common.warmup_poly_factor(i, args.iters, args.warmup_iters))
     start = 0
-    ckpt = common.resume_state(args, out_dir, num_classes)
+    ckpt = training.resume_state(args, out_dir, num_classes)
     if ckpt is not None:
-        start = common.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
-    common.write_run_files(out_dir, args, labeled, dist)
-    model = common.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
+        start = training.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
+    training.write_run_files(out_dir, args, labeled, dist)
+    model = training.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
 
     def loader(dataset, stream, rcs):
         """Training loader: rare-class sampling (DAFormer; class counts cached in the run folder) or uniform."""
         if not rcs:
-            return common.shuffled_loader(dataset, args, stream, start, dist=dist)
-        with common.main_first(dist):   # rank 0 writes the cache, the others read it
+            return training.shuffled_loader(dataset, args, stream, start, dist=dist)
+        with training.main_first(dist):   # rank 0 writes the cache, the others read it
             counts = common.rcs_statistics(dataset, cache=out_dir / f"rcs_counts_{stream}.json", workers=args.workers)
-        return common.infinite_loader(dataset, common.RareClassSampler(
+        return training.infinite_loader(dataset, common.RareClassSampler(
             counts, num_classes, args.batch_size, args.seed, stream, start, args.iters, temperature=args.rcs_temp,
             min_pixels=args.rcs_min_pixels, rank=dist.rank, world=dist.world), args.workers)
 
@@ -235,8 +236,8 @@ def train(args):
     loader_s = None if source is None else loader(source, 0, args.rcs != "none")
     loader_t = None if args.no_tgt_sup and args.no_intra else loader(data_t, 1, args.rcs == "both")
     n_u = 2 * B if args.mix_strategy == "two-two" else B                      # A17: 4 unlabeled crops
-    loader_u = None if teacher is None else common.shuffled_loader(data_u, args, 2, start, n_u, dist)
-    log = common.Logger(out_dir, args.log_every, args.iters, start, dist.main)
+    loader_u = None if teacher is None else training.shuffled_loader(data_u, args, 2, start, n_u, dist)
+    log = training.Logger(out_dir, args.log_every, args.iters, start, dist.main)
     metrics = None  # the last evaluation
 
     def pseudo_label(x_u):
@@ -256,7 +257,7 @@ def train(args):
         with amp.autocast():
             return common.ce_pixel_weighted(up(model(x), y.shape[1:]), y, w)
     # ---------------------------------------------------------------- training loop (DAFormer dacs.py order)
-    stop = common.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
+    stop = training.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, args.iters):
         student.train()
         g = common.step_generator(args.seed, i, dist.rank)
@@ -266,16 +267,16 @@ def train(args):
         losses = {}
         x_s = y_s = x_t = y_t = None
         if loader_s is not None:
-            x_s, y_s = common.next_batch(loader_s, device)
+            x_s, y_s = training.next_batch(loader_s, device)
             losses["loss_s"] = supervised(x_s, y_s)                           # L_s, eq. 9
             amp.backward(losses["loss_s"])
         if loader_t is not None:
-            x_t, y_t = common.next_batch(loader_t, device)
+            x_t, y_t = training.next_batch(loader_t, device)
             if not args.no_tgt_sup:
                 losses["loss_t"] = supervised(x_t, y_t)                       # L_t, eq. 10
                 amp.backward(losses["loss_t"])
         if teacher is not None:
-            x_u, _ = common.next_batch(loader_u, device)                 # labels unused
+            x_u, _ = training.next_batch(loader_u, device)                 # labels unused
             x_u_inter, x_u_intra = (x_u[:B], x_u[B:]) if args.mix_strategy == "two-two" else (x_u, x_u)
             y_u, q = pseudo_label(x_u_inter)                                  # one y_u and q for both streams
             y_u2, q2 = pseudo_label(x_u_intra) if args.mix_strategy == "two-two" else (y_u, q)
@@ -297,15 +298,15 @@ def train(args):
         scheduler.step()
         log.log(i, losses, lr)
         # ------------------------------------------------------------ checkpoints, evaluation
-        if common.is_due(i, args.save_every, args.iters) or stop.requested:
-            common.write_checkpoints(out_dir, common.training_state(i + 1, student, optimizer, scheduler, args,
+        if training.is_due(i, args.save_every, args.iters) or stop.requested:
+            training.write_checkpoints(out_dir, training.training_state(i + 1, student, optimizer, scheduler, args,
                                                                     teacher), args.keep_checkpoints, dist)
             stop.exit_if_requested(i + 1, out_dir)
-        if common.is_due(i, args.eval_every, args.iters):
-            metrics = common.evaluate_and_write(student, val, device, out_dir, i + 1, synthia, amp,
+        if training.is_due(i, args.eval_every, args.iters):
+            metrics = training.evaluate_and_write(student, val, device, out_dir, i + 1, synthia, amp,
                                                 align_corners=False, dist=dist)
     stop.restore()
-    return metrics or common.evaluate_and_write(student, val, device, out_dir, start, synthia,
+    return metrics or training.evaluate_and_write(student, val, device, out_dir, start, synthia,
                                                 align_corners=False, dist=dist)  # resumed a finished run
 
 
@@ -315,16 +316,16 @@ def main(argv=None):
     metrics = train(args)
     if args.demo and not args.eval_only and not (args.no_inter or args.no_intra or args.no_tgt_sup):
         baselines = []
-        base_dir = args.out_dir or str(common.default_out_dir("iidm", args.source, args.n_labeled, args.seed))
+        base_dir = args.out_dir or str(training.default_out_dir("iidm", args.source, args.n_labeled, args.seed))
         for name, no_src, suffix in (("target-only (L_t)", True, "_target_only"),
                                      ("source+target (L_s+L_t)", False, "_source_target")):
             baseline = copy.copy(args)
             baseline.no_inter = baseline.no_intra = True
             baseline.no_src_sup, baseline.out_dir = no_src, base_dir + suffix
             baselines.append((name, train(baseline)))
-        common.write_demo_summary(base_dir, "iidm.py", ("IIDM", metrics), baselines, args.iters, time.time() - t0)
+        training.write_demo_summary(base_dir, "iidm.py", ("IIDM", metrics), baselines, args.iters, time.time() - t0)
     return metrics
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    training.run_script(main)

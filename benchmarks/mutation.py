@@ -1,4 +1,4 @@
-"""Mutation run over the six method scripts and common.py: do the tests catch plausible one-line bugs?
+"""Mutation run over the six method scripts, common.py and training.py: do the tests catch plausible one-line bugs?
 
 Each mutation replaces one exact snippet (a line, or a few lines for a reordering) of one file by a
 plausible bug a contributor could write: a paper default changed, a loss averaged or weighted differently,
@@ -246,13 +246,13 @@ MUTATIONS = [
       "{s: p for s, p in self.check_pseudo(r).items() if s not in labeled}", "dict(self.check_pseudo(r))",
       "pseudo-labels replace the ground truth of labeled images in the merge",
       f"{T_DLDM}::test_merge_ground_truth_wins"),
-    M("dldm_frozen_models_train_mode", "dldm.py", "return common.prepare_model(model, self.device, self.amp).eval()",
-      "return common.prepare_model(model, self.device, self.amp)",
+    M("dldm_frozen_models_train_mode", "dldm.py", "return training.prepare_model(model, self.device, self.amp).eval()",
+      "return training.prepare_model(model, self.device, self.amp)",
       "teachers (and the pseudo-labelling student) predict with train-mode BN",
       f"{T_DLDM}::test_frozen_models_predict_with_running_statistics"),
     M("dldm_kl_weight_dropped", "dldm.py", "run.amp.backward(a.lambda_kl * loss_kl)", "run.amp.backward(loss_kl)",
       "lambda_kl not applied to the KL term", f"{T_DLDM}::test_student_gradient_weights_kl_and_ce_by_lambda"),
-    # ------------------------------------------------------------------ common.py
+    # ------------------------------------------------------------------ common.py, training.py
     M("common_bottleneck_relu", "common.py", "return self.relu(out + identity)", "return out + identity",
       "Bottleneck without the ReLU after the residual sum", T_MODEL),
     M("common_blur_sigma_range", "common.py",
@@ -285,9 +285,10 @@ MUTATIONS = [
     M("common_q_per_image_ignored", "common.py",
       "q = confident.mean((1, 2), keepdim=True) if per_image else confident.mean()", "q = confident.mean()",
       "per-image q computed over the batch", f"{T_TOOL}::test_pseudo_label_weights"),
-    M("common_resume_skips_optimizer", "common.py", '        optimizer.load_state_dict(ckpt["optimizer"])\n', "",
+    M("common_resume_skips_optimizer", "training.py", '        optimizer.load_state_dict(ckpt["optimizer"])\n', "",
       "resume does not restore the optimiser state (momentum)", f"{T_DACS}::test_resume_from_checkpoint_is_exact"),
-    M("common_authors_resume_schedule", "common.py", "scheduler.last_epoch = start - 1", "scheduler.last_epoch = start",
+    M("common_authors_resume_schedule", "training.py", "scheduler.last_epoch = start - 1",
+      "scheduler.last_epoch = start",
       "authors' checkpoint resumes one poly step late", f"{T_DACS}::test_resume_from_an_authors_checkpoint"),
     M("common_iou_union", "common.py", "union = cm.sum(0) + cm.sum(1) - tp", "union = cm.sum(0) + cm.sum(1)",
       "IoU union counts the true positives twice", "tests/test_eval.py::test_confusion_and_iou_match_naive"),
@@ -302,7 +303,7 @@ MUTATIONS = [
       f"{T_MODEL}::test_stride_placement_and_dilations"),
     M("common_teacher_always_train", "common.py", "return teacher.train(train_bn)", "return teacher.train()",
       "the eval-BN teacher is left in train mode", f"{T_TOOL}::test_ema_teacher_buffers_per_bn_mode"),
-    M("common_is_due_offset", "common.py", "return (every > 0 and (i + 1) % every == 0) or i + 1 == max_iter",
+    M("common_is_due_offset", "training.py", "return (every > 0 and (i + 1) % every == 0) or i + 1 == max_iter",
       "return (every > 0 and i % every == 0) or i + 1 == max_iter", "periodic checkpoints one iteration early",
       f"{T_TOOL}::test_keep_checkpoints", f"{T_TOOL}::test_is_due_after_every_nth_iteration_and_the_last"),
 ]

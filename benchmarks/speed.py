@@ -1,7 +1,7 @@
 """Training-step speed of every method script against the floor of its network passes, fp32 and --amp.
 
 Each row runs a script's own `main(argv)` in this process (its real loop: data loading, mixing,
-augmentation, EMA, optimiser, logging) with a short --iters; `common.Logger.log`, called once per
+augmentation, EMA, optimiser, logging) with a short --iters; `training.Logger.log`, called once per
 iteration by every loop, is wrapped here to take the time of each call (after torch.cuda.synchronize on
 CUDA) and to stop the run after the last timed step. ms/iter is the median over --steps steps after
 --warmup steps. Beside it, THE FLOOR: only the network passes the method inherently needs at the same
@@ -44,6 +44,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import training  # noqa: E402
 import demo  # noqa: E402
 
 FULL_SIZES = {"gta5": (1914, 1052), "synthia": (1280, 760), "cityscapes": (2048, 1024)}  # W, H on disk
@@ -187,14 +188,14 @@ def restored_signal_handlers():
 
 
 def time_script(module, argv, device, warmup, steps, sync_debug):
-    """Run module.main(argv) with common.Logger.log wrapped: per-step ms (median source), peak GiB, syncs.
+    """Run module.main(argv) with training.Logger.log wrapped: per-step ms (median source), peak GiB, syncs.
 
     The wrapper takes the time at each call (one per iteration, after synchronising on CUDA), turns the
     sync debug mode on for the timed steps and raises StopRun at the call that closes the last one, before
     the logger's own log-step work (its one host sync) and before any checkpoint or evaluation.
     """
     cuda = device.type == "cuda"
-    stamps, original = [], common.Logger.log
+    stamps, original = [], training.Logger.log
 
     def timed_log(logger, i, losses, lr):
         if cuda:
@@ -209,7 +210,7 @@ def time_script(module, argv, device, warmup, steps, sync_debug):
             torch.cuda.set_sync_debug_mode(sync_debug)
         return original(logger, i, losses, lr)
 
-    with restored_signal_handlers(), mock.patch.object(common.Logger, "log", timed_log), \
+    with restored_signal_handlers(), mock.patch.object(training.Logger, "log", timed_log), \
             warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -235,7 +236,8 @@ def scalar(out):
 
 def mean_teacher_floor(spec, sizes, batch, layers, device, amp):
     """The passes of a mean-teacher or distillation step: student forwards + backwards, teacher forwards."""
-    build = lambda: common.prepare_model(common.DeepLabV2(19, layers=layers, **spec["model"]), device, amp)  # noqa: E731
+    def build():
+        return training.prepare_model(common.DeepLabV2(19, layers=layers, **spec["model"]), device, amp)
     student = build().train()
     teachers = [build().train(not spec["teacher_eval"]).requires_grad_(False) for _ in spec["teachers"]]
     image = lambda name: torch.randn(batch, 3, *sizes[name], device=device)  # noqa: E731
@@ -259,7 +261,7 @@ def asss_floor(sizes, batch, layers, device, amp):
     layer4 features (D frozen), G on the labeled target, G without a graph on the unlabeled target, then
     D_g1/D_g2 on source and unlabeled-target maps and D_s on source and labeled-target features (detached)."""
     import asss
-    prepare = lambda m: common.prepare_model(m, device, amp)  # noqa: E731
+    prepare = lambda m: training.prepare_model(m, device, amp)  # noqa: E731
     g = prepare(common.DeepLabV2(19, multi_level=True, layers=layers)).train()
     d_g = [prepare(common.FCDiscriminator(19)) for _ in range(2)]
     d_s = prepare(asss.semantic_discriminator("csa"))
@@ -333,7 +335,7 @@ def measure(row, args, device, bench, amp, meta):
         step = time_script(module, argv, device, args.warmup, args.steps, args.sync_debug)
     release_memory(device)
     batch = module.PAPER["batch_size"][0]
-    floor_ms, floor_mem = time_floor(row, SIZES[args.preset], batch, args.layers, device, common.Amp(device, amp),
+    floor_ms, floor_mem = time_floor(row, SIZES[args.preset], batch, args.layers, device, training.Amp(device, amp),
                                      args.warmup, args.steps)
     release_memory(device)
     ms = statistics.median(step["times_ms"])
@@ -442,7 +444,7 @@ def replace_section(text, title_prefix, section):
 # ------------------------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter)
+    p = training.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=training.HelpFormatter)
     p.add_argument("--data-root", default="./data", help="where the demo and benchmark data are written")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--small", action="store_true", help="--layers 1 1 1 1, 1/8-scale data and sizes (CPU checks)")
@@ -475,11 +477,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.select_device(args.device)
+    device = training.select_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.workers is None:
-        args.workers = common.shared_parser({}).get_default("workers")
+        args.workers = training.shared_parser({}).get_default("workers")
     rows = [r for r in ROWS if args.scripts is None or r[0] in args.scripts or row_name(r[0], r[1]) in args.scripts]
     bench = write_bench_data(args.data_root, args.preset)
     meta = {"device": device_name(device), "machine": args.machine, "torch": torch.__version__, "commit": git_commit(),
@@ -503,4 +505,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    training.run_script(main)

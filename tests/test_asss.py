@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import asss
 import common
+import training
 from conftest import script_runner, weights_after, weights_digest
 
 TINY = ["--iters", "2", "--layers", "1", "1", "1", "1", "--init", "none", "--source-size", "64", "32",
@@ -113,7 +114,7 @@ def test_resume_needs_the_discriminator_state(root, tmp_path):
     ckpt = torch.load(tmp_path / "a" / "checkpoint.pth", weights_only=True)
     for key in ("discriminators", "optimizers_d", "schedulers_d"):
         del ckpt[key]
-    common.save_checkpoint(tmp_path / "stripped.pth", ckpt)
+    training.save_checkpoint(tmp_path / "stripped.pth", ckpt)
     with pytest.raises(common.DataError, match="stripped.pth: discriminator state .* needs D_g1, D_g2, D_s"):
         run(root, tmp_path / "b", "--iters", "1", "--resume", tmp_path / "stripped.pth")
     assert not (tmp_path / "b").exists()
@@ -142,7 +143,7 @@ def test_eval_only_evaluates_the_main_head(root, tmp_path):
     metrics, ckpt = run(root, tmp_path / "run")
     for k in [k for k in ckpt["model"] if k.startswith("layer5.")]:       # scramble the aux head
         ckpt["model"][k] = torch.randn_like(ckpt["model"][k])
-    common.save_checkpoint(tmp_path / "aux_scrambled.pth", ckpt)
+    training.save_checkpoint(tmp_path / "aux_scrambled.pth", ckpt)
     again = asss.main([*TINY, "--data-root", str(root),
                        "--out-dir", str(tmp_path / "ev"), "--eval-only", "--checkpoint",
                        str(tmp_path / "aux_scrambled.pth")])
@@ -180,7 +181,7 @@ def _setup(direction="s2t", sa="csa", seed=0):
     y_s = torch.randint(0, 5, (1, 32, 64), generator=g)
     y_s[:, :4] = 255
     y_l = torch.randint(3, 8, (1, 32, 64), generator=g)
-    amp = common.Amp(torch.device("cpu"), False)
+    amp = training.Amp(torch.device("cpu"), False)
     return model, discs, args, amp, (x_s, y_s), (x_l, y_l), x_u
 
 

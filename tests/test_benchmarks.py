@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import loader  # noqa: E402
 import speed  # noqa: E402
-from speed import common  # noqa: E402
+from speed import common, training  # noqa: E402
 
 SCHEMA = {"script", "device", "amp", "ms_per_iter", "floor_ms_per_iter", "peak_mem_gb", "torch", "commit", "date",
           "command"}
@@ -94,7 +94,7 @@ def test_floor_runs_the_passes_of_the_step(row):
             mock.patch.object(common.FCDiscriminator, "forward", autospec=True,
                               side_effect=common.FCDiscriminator.forward) as d_g:
         ms, mem = speed.time_floor(row, sizes, batch, [1, 1, 1, 1], torch.device("cpu"),
-                                   common.Amp(torch.device("cpu"), False), warmup=0, steps=1)
+                                   training.Amp(torch.device("cpu"), False), warmup=0, steps=1)
     assert ms > 0 and mem is None
     shape = lambda k: (batch, 3, *sizes[k])  # noqa: E731
     if row[3] == "asss":
@@ -149,6 +149,6 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     with pytest.raises(common.DataError, match="--workers 1 2: expected counts >= 0 including 0"):
         loader.parse_args(["--workers", "1", "2"])
     with pytest.raises(SystemExit) as exc:
-        common.run_script(lambda: loader.main(["--scripts", "nope.py", "--json", str(tmp_path / "x.json")]))
+        training.run_script(lambda: loader.main(["--scripts", "nope.py", "--json", str(tmp_path / "x.json")]))
     assert exc.value.code == 2 and "error: --scripts nope.py" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()

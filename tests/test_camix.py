@@ -11,6 +11,7 @@ from PIL import Image
 
 import camix
 import common
+import training
 from conftest import script_runner, weights_after, weights_digest
 
 TINY = ["--iters", "2", "--warmup-iters", "1", "--layers", "1", "1", "1", "1", "--init", "none",
@@ -243,7 +244,7 @@ class Spy(torch.nn.Module):
 
 
 def test_significance_mask_is_one_batched_pass_of_eq_5_to_7():
-    teacher, amp = Spy(), common.Amp(torch.device("cpu"), False)
+    teacher, amp = Spy(), training.Amp(torch.device("cpu"), False)
     x = torch.zeros(2, 3, 4, 4)
     x[0, 0, :2] = 1.0                                  # image 0, top half bright
     threshold = camix.significance_threshold(0, 130000)
@@ -262,7 +263,7 @@ def test_entropy_without_epsilon_masks_zero_probabilities():
             logits[:, 3] = 1e4
             return logits
     u = camix.significance_mask(Certain(), torch.zeros(1, 3, 1, 1), 2.0, 2, torch.zeros_like, (1, 1),
-                                common.Amp(torch.device("cpu"), False))
+                                training.Amp(torch.device("cpu"), False))
     assert u.item() == 0.0                             # 0 * log 0 = NaN, NaN < H is False
 
 

@@ -8,6 +8,7 @@ import torch
 
 import classmix_ssl
 import common
+import training
 from conftest import script_runner, weights_after, weights_digest, make_cityscapes
 
 TINY = ["--iters", "2", "--layers", "1", "1", "1", "1", "--init", "none", "--target-size", "64", "32",
@@ -260,8 +261,8 @@ def test_training_images_carry_the_cityscapes_mean_subtracted_from_bgr(root, tmp
     """docs/quirks.md C9: ClassMix subtracts the Cityscapes RGB mean (73.16, 82.91, 72.39) from BGR images of
     0..255, no std: every value + that mean is an integer grey level of the resized uint8 image."""
     seen = []
-    next_batch = common.next_batch
-    monkeypatch.setattr(common, "next_batch",
+    next_batch = training.next_batch
+    monkeypatch.setattr(training, "next_batch",
                         lambda loader, device: seen.append(next_batch(loader, device)) or seen[-1])
     run(root, tmp_path / "a", "--iters", "1")
     mean = torch.tensor([73.15835921, 82.90891754, 72.39239876]).view(1, 3, 1, 1)

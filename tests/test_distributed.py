@@ -237,19 +237,20 @@ def test_script_runs_under_two_processes(root, tmp_path, script):
 
 
 def test_world_settings_resolved_or_refused_before_anything_is_written():
-    """common.apply_world for K = 4 (what each script calls first under torchrun)."""
+    """training.apply_world for K = 4 (what each script calls first under torchrun)."""
     import classmix_ssl
     import common
+    import training
     import dacs
     cpu, four = torch.device("cpu"), common.Dist(0, 4, 0)
     args = dacs.parse_args(["--batch-size", "8", "--global-batch", "paper"])
-    common.apply_world(args, four, cpu)
+    training.apply_world(args, four, cpu)
     assert (args.batch_size, args.lr, args.iters) == (2, 2.5e-4, 250000)
     args = dacs.parse_args(["--iters", "10", "--scale-lr", "--scale-iters"])
-    common.apply_world(args, four, cpu)
+    training.apply_world(args, four, cpu)
     assert (args.batch_size, args.lr, args.iters) == (2, 1e-3, 3)
     args = dacs.parse_args(["--iters", "10", "--scale-lr"])
-    common.apply_world(args, common.Dist(), cpu)           # one process: nothing changes
+    training.apply_world(args, common.Dist(), cpu)           # one process: nothing changes
     assert (args.lr, args.iters) == (2.5e-4, 10)
     refused = [(dacs, ["--demo"], "--demo runs in one process"),
                (dacs, ["--sync-bn"], "--sync-bn: torch.nn.SyncBatchNorm runs on CUDA devices only"),
@@ -258,7 +259,7 @@ def test_world_settings_resolved_or_refused_before_anything_is_written():
                (classmix_ssl, ["--batch-size", "4", "--global-batch", "paper"], "ClassMix pairs image k with k")]
     for module, flags, words in refused:
         with pytest.raises(common.DataError, match=words):
-            common.apply_world(module.parse_args(flags), four, cpu, pairs_within_batch=module is classmix_ssl)
+            training.apply_world(module.parse_args(flags), four, cpu, pairs_within_batch=module is classmix_ssl)
 
 
 # ------------------------------------------------------------------ one rank of a launch (torchrun runs this file)
@@ -296,9 +297,10 @@ def rank_main(script, argv):
     """Run one rank of `script` with the spies (and the CPU SyncBatchNorm when asked)."""
     import importlib
     import common
+    import training
     spy, rank = Path(os.environ["DDP_TEST_SPY"]), int(os.environ["RANK"])
     kill_at = int(os.environ.get("DDP_TEST_KILL_AT", -1))
-    real_write, real_path, real_metrics = common.write_checkpoints, common.atomic_path, common.metrics_from_confusion
+    real_write, real_path, real_metrics = training.write_checkpoints, common.atomic_path, common.metrics_from_confusion
 
     def write_checkpoints(out_dir, state, keep=False, dist=common.Dist()):
         real_write(out_dir, state, keep, dist)
@@ -320,15 +322,15 @@ def rank_main(script, argv):
         torch.save(cm.cpu(), spy / f"cm{rank}.pt")
         return real_metrics(cm, *args, **kw)
 
-    common.write_checkpoints, common.atomic_path, common.metrics_from_confusion = (
+    training.write_checkpoints, common.atomic_path, common.metrics_from_confusion = (
         write_checkpoints, atomic_path, metrics_from_confusion)
     if os.environ.get("DDP_TEST_CPU_SYNC_BN"):
         torch.nn.SyncBatchNorm.forward = cpu_sync_batch_norm
         ddp = torch.nn.parallel.DistributedDataParallel
         ddp._passing_sync_batchnorm_handle = lambda self, module: None   # DDP's own refusal of CPU SyncBatchNorm
-        common.SYNC_BN_DEVICES = ("cuda", "cpu")
+        training.SYNC_BN_DEVICES = ("cuda", "cpu")
     module = importlib.import_module(script)
-    common.run_script(lambda: module.main(argv))
+    training.run_script(lambda: module.main(argv))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
+import training
 import dldm
 from conftest import ROOT, weights_digest
 
@@ -216,7 +217,7 @@ def test_student_step_distils_teachers_on_unlabeled_and_supervises_on_labeled():
     x_u, x_t = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
     y_t = torch.randint(0, 3, (1, 4, 4))
     args = types.SimpleNamespace(kd_temp=10.0, ens="probs", kd_t2=True, lambda_kl=0.5, lambda_ce=1.0, aux_weight=0.1)
-    r = types.SimpleNamespace(args=args, amp=common.Amp(torch.device("cpu"), False))
+    r = types.SimpleNamespace(args=args, amp=training.Amp(torch.device("cpu"), False))
     losses = dldm.student_step(student, {"u": (x_u, None), "t": (x_t, y_t)}, None, r, [rl, sl])
     assert [m for m, x in seen if x is x_u] == [rl, sl, student] and [m for m, x in seen if x is x_t] == [student]
     p_e = (F.softmax(rl(x_u)[1] / 10, 1) + F.softmax(sl(x_u)[1] / 10, 1)) / 2
@@ -530,7 +531,7 @@ def test_student_gradient_weights_kl_and_ce_by_lambda():
     student, rl, sl = Net(1.0), Net(2.0), Net(-1.0)
     args = types.SimpleNamespace(kd_temp=2.0, ens="probs", kd_t2=True, lambda_kl=2.0, lambda_ce=0.25, aux_weight=0.1)
     losses = dldm.student_step(student, {"u": (x_u, None), "t": (x_t, y_t)}, None,
-                               types.SimpleNamespace(args=args, amp=common.Amp(torch.device("cpu"), False)), [rl, sl])
+                               types.SimpleNamespace(args=args, amp=training.Amp(torch.device("cpu"), False)), [rl, sl])
     got = student.w.grad.clone()
     student.w.grad = None
     p_e = dldm.ensemble_probs([rl(x_u)[1].detach(), sl(x_u)[1].detach()], 2.0)

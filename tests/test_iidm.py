@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import common
+import training
 import iidm
 from conftest import script_runner, weights_after, weights_digest
 
@@ -316,8 +317,8 @@ def test_each_stream_loss_sees_its_own_augmented_images(root, tmp_path, monkeypa
         def forward(self, x):
             inputs.append(x.detach().clone())
             return self.model(x)
-    ddp, jitter = common.ddp, common.color_jitter
-    monkeypatch.setattr(common, "ddp", lambda model, *a, **k: Recorder(ddp(model, *a, **k)))
+    ddp, jitter = training.ddp, common.color_jitter
+    monkeypatch.setattr(training, "ddp", lambda model, *a, **k: Recorder(ddp(model, *a, **k)))
     monkeypatch.setattr(common, "color_jitter", lambda *a, **k: jittered.append(jitter(*a, **k)) or jittered[-1])
     run(root, tmp_path / "a", "--iters", "2", "--no-blur")
     assert len(inputs) == 8 and len(jittered) == 2

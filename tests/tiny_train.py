@@ -9,24 +9,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import training  # noqa: E402
 
 
 def main():
     defaults = {"iters": (6, "test"), "batch_size": (2, "test"), "lr": (1e-3, "test"),
                 "source_size": ((32, 16), "test"), "target_size": ((32, 16), "test"), "crop_size": ((16, 16), "test"),
                 "eval_res": ("half", "test"), "init": ("none", "test")}
-    parser = common.ArgumentParser(parents=[common.shared_parser(defaults)])
+    parser = training.ArgumentParser(parents=[training.shared_parser(defaults)])
     parser.add_argument("--n-labeled", type=int, default=2)
     args = parser.parse_args()
-    common.check_args(args)
+    training.check_args(args)
     torch.set_num_threads(1)
-    device = common.select_device(args.device)
-    root = common.dataset_root(args, "cityscapes")
+    device = training.select_device(args.device)
+    root = training.dataset_root(args, "cityscapes")
     stems = common.SegmentationDataset("cityscapes", root).stems()
     labeled, _ = common.labeled_split(stems, args.n_labeled, args.seed)
     train = common.SegmentationDataset("cityscapes", root, resize=tuple(args.target_size),
                                        crop=tuple(args.crop_size), flip=True, stems=labeled)
-    out_dir = Path(args.out_dir or common.default_out_dir("tiny_train", "cityscapes", args.n_labeled, args.seed))
+    out_dir = Path(args.out_dir or training.default_out_dir("tiny_train", "cityscapes", args.n_labeled, args.seed))
     common.seed_everything(args.seed)
     build = lambda: common.DeepLabV2(19, layers=args.layers)  # noqa: E731
     model = build().to(device)
@@ -35,17 +36,17 @@ def main():
     optimizer = common.LegacySGD(common.param_groups(model, args.lr), lr=args.lr)
     scheduler = common.lr_scheduler(optimizer, lambda i: common.poly_factor(i, args.iters))
     start = 0
-    ckpt = common.resume_state(args, out_dir, 19)
+    ckpt = training.resume_state(args, out_dir, 19)
     if ckpt is not None:
-        start = common.restore_training(ckpt, model, optimizer, scheduler, teacher)
-    common.write_run_files(out_dir, args, labeled)
-    loader = common.shuffled_loader(train, args, 0, start)
-    amp = common.Amp(device, args.amp)
-    log = common.Logger(out_dir, args.log_every, args.iters, start)
-    stop = common.StopSignals()         # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
+        start = training.restore_training(ckpt, model, optimizer, scheduler, teacher)
+    training.write_run_files(out_dir, args, labeled)
+    loader = training.shuffled_loader(train, args, 0, start)
+    amp = training.Amp(device, args.amp)
+    log = training.Logger(out_dir, args.log_every, args.iters, start)
+    stop = training.StopSignals()         # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, args.iters):
         g = common.step_generator(args.seed, i)
-        x, y = common.next_batch(loader, device)
+        x, y = training.next_batch(loader, device)
         with torch.no_grad():
             q_label, q, _ = common.pseudo_label(common.upsample(teacher(x), y.shape[1:]))
         mask = common.class_mix_mask(y, g)
@@ -61,11 +62,11 @@ def main():
         scheduler.step()
         common.ema_update(teacher, model, i)
         log.log(i, {"loss_s": loss_s, "loss_u": loss_u}, lr)
-        if common.is_due(i, args.save_every, args.iters) or stop.requested:
-            common.write_checkpoints(out_dir, common.training_state(i + 1, model, optimizer, scheduler, args, teacher),
+        if training.is_due(i, args.save_every, args.iters) or stop.requested:
+            training.write_checkpoints(out_dir, training.training_state(i + 1, model, optimizer, scheduler, args, teacher),
                                      args.keep_checkpoints)
             stop.exit_if_requested(i + 1, out_dir)
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    training.run_script(main)

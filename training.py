@@ -1,0 +1,739 @@
+"""Run machinery shared by the six method scripts: device and AMP, multi-GPU (torchrun + DDP),
+logging with divergence guards, stop signals, RNG states and checkpoints, the shared command line, the
+run folder (lock, config, resume), evaluation during training, the data loaders' loop, and the one-line
+`error:` exit. The science (model, data, mixing, losses, schedules, EMA, evaluation) is in common.py.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import common
+from common import DataError
+
+
+# ======================================================================================
+# Device and multi-GPU
+# ======================================================================================
+
+def select_device(name):
+    """--device auto|cuda|cpu -> torch.device (DataError when cuda is asked for but absent); on CUDA,
+    cudnn picks the fastest kernels as in the authors' scripts (cudnn.benchmark)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    device = torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    return device
+
+
+# Multi-GPU: torchrun + DistributedDataParallel (README 'Multi-GPU'). Every script keeps the raw model
+# for EMA, state_dict, checkpoints and evaluation and uses the DDP wrapper for its training forwards only.
+
+SYNC_BN_DEVICES = ("cuda",)  # torch.nn.SyncBatchNorm has no CPU kernels (batch_norm_stats)
+
+
+def distributed(device_name):
+    """(Dist, device). Without torchrun's RANK/WORLD_SIZE/LOCAL_RANK: no process group, select_device as
+    always. Under torchrun: cuda:LOCAL_RANK (or the CPU), one process group (NCCL on CUDA, gloo on the
+    CPU) destroyed at exit, and a gloo group for CPU-side agreements."""
+    if "RANK" not in os.environ:
+        return common.Dist(), select_device(device_name)
+    import atexit
+    import torch.distributed as td
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = select_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not td.is_initialized():
+        td.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(td.destroy_process_group)
+    group = td.new_group(backend="gloo") if device.type == "cuda" else td.group.WORLD
+    return common.Dist(rank, world, local, group), device
+
+
+def apply_world(args, dist, device, pairs_within_batch=False):
+    """Resolve the batch, learning rate and length of a K-process run (--global-batch, --scale-lr,
+    --scale-iters, --sync-bn) into `args` and say them on rank 0; nothing changes in one process.
+    `pairs_within_batch`: the method pairs image k with k+1 of a batch (ClassMix), so a rank needs two."""
+    if dist.world == 1:
+        return
+    k = dist.world
+    if args.demo:
+        raise DataError("--demo runs in one process (its baselines reuse the process): launch it without torchrun")
+    if args.sync_bn and device.type not in SYNC_BN_DEVICES:
+        raise DataError(f"--sync-bn: torch.nn.SyncBatchNorm runs on CUDA devices only (this run is on {device.type})")
+    if args.global_batch == "paper":
+        if args.scale_lr or args.scale_iters:
+            raise DataError("--scale-lr/--scale-iters scale with a K times larger global batch; with "
+                            "--global-batch paper the global batch is the paper's")
+        if args.batch_size % k or args.batch_size // k < (2 if pairs_within_batch else 1):
+            need = "an even share of at least 2 per process (ClassMix pairs image k with k+1)" if pairs_within_batch \
+                else "a multiple of the process count"
+            raise DataError(f"--global-batch paper: --batch-size {args.batch_size} over {k} processes; expected {need}")
+        args.batch_size //= k
+    if args.scale_lr:
+        for name in ("lr", "lr_d"):
+            if getattr(args, name, None):
+                setattr(args, name, getattr(args, name) * k)
+    if args.scale_iters:
+        for name in ("iters", "poly_iters", "warmup_iters"):
+            if getattr(args, name, None):
+                setattr(args, name, math.ceil(getattr(args, name) / k))
+    if dist.main:
+        print(f"torchrun: {k} processes, batch {args.batch_size} per process per stream (global "
+              f"{args.batch_size * k}), lr {args.lr:g}, iters {args.iters}, "
+              f"{'SyncBatchNorm' if args.sync_bn else 'BatchNorm statistics per process'}", flush=True)
+
+
+def ddp(model, dist, device, sync_bn=False, find_unused=True):
+    """The training forward of `model`: DistributedDataParallel under torchrun (BN -> SyncBatchNorm with
+    `sync_bn`, in place), the model itself in one process. find_unused_parameters: the two-branch ASPP
+    (docs/quirks.md Q1) and an unused aux head leave parameters without gradient, and dacs/classmix/camix
+    run two forwards before one backward, which DDP accepts only so; unused gradients stay None."""
+    if dist.world == 1:
+        return model
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               find_unused_parameters=find_unused)
+
+
+def barrier(dist):
+    """Wait for every process (no-op in one process)."""
+    if dist.world > 1:
+        torch.distributed.barrier(group=dist.group)
+
+
+@contextlib.contextmanager
+def main_first(dist):
+    """Run the block on rank 0 first (it writes a cache), then on the other ranks (they read the cache)."""
+    if not dist.main:
+        barrier(dist)
+    yield
+    if dist.main:
+        barrier(dist)
+
+
+def agree(dist, value, op="max"):
+    """An integer agreed by all processes (max or sum over ranks) through the CPU group."""
+    if dist.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    torch.distributed.all_reduce(t, getattr(torch.distributed.ReduceOp, op.upper()), group=dist.group)
+    return int(t)
+
+
+# ======================================================================================
+# AMP, logging with divergence guards, stop signals, RNG states, checkpoints
+# ======================================================================================
+
+class Amp:
+    """autocast (bf16 where supported, else fp16 with a GradScaler) behind one switch; off = fp32.
+
+    On the CPU it is bf16 autocast (what lets the tests run the AMP code path without a GPU).
+    """
+
+    def __init__(self, device, enabled):
+        self.enabled, self.device_type = enabled, device.type
+        bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
+        self.dtype = torch.bfloat16 if bf16 else torch.float16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=enabled and self.dtype == torch.float16)
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+    def backward(self, loss):
+        self.scaler.scale(loss).backward()
+
+    def step(self, optimizer):
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+def prepare_model(model, device, amp):
+    """Move to device; channels_last with AMP."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if amp.enabled else model
+
+
+class Diverged(Exception):
+    """A non-finite loss or weight: the run stops with exit 3 and keeps its last good checkpoint."""
+
+
+class Logger:
+    """Console line every `every` iterations, log.jsonl, TensorBoard if installed; losses stay on device.
+
+    it/s is measured over the last log window; on CUDA the record also holds the peak GPU memory. The
+    divergence guard notes, on the device, the first iteration at which each loss is not finite and raises
+    `Diverged` at the next log step (no host sync in between). Under torchrun only rank 0 writes (its own
+    losses); every rank keeps the guard, so all stop together.
+    """
+
+    def __init__(self, out_dir, every, max_iter, start_iter=0, main=True):
+        import time
+        self.path, self.every, self.max_iter, self.main = Path(out_dir) / "log.jsonl", every, max_iter, main
+        self.sums, self.count, self.clock = {}, 0, time.time
+        self.first_bad = {}  # loss name -> (iteration, value) of its first non-finite value, on the device
+        self.t0, self.i0 = self.clock(), start_iter
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out_dir)) if main else None
+        except Exception:  # TensorBoard is optional
+            pass
+
+    def log(self, i, losses, lr):
+        """Accumulate this iteration's losses (one stacked vector); at a log step, write the means (one sync)."""
+        names = tuple(losses)
+        v = torch.stack([t.detach().float().mean() for t in losses.values()])
+        self.sums[names] = self.sums.get(names, 0) + v
+        it, val = self.first_bad.get(names, (torch.full_like(v, -1), v))
+        new = ~torch.isfinite(v) & (it < 0)
+        self.first_bad[names] = torch.where(new, i + 1, it), torch.where(new, v, val)
+        self.count += 1
+        if not is_due(i, self.every, self.max_iter):
+            return
+        self.check_finite()
+        if not self.main:
+            self.sums, self.count = {}, 0
+            return
+        values = {}
+        for k, total in zip([k for names in self.sums for k in names], torch.cat(list(self.sums.values())).tolist()):
+            values[k] = values.get(k, 0) + total / self.count
+        now = self.clock()
+        rate = (i + 1 - self.i0) / max(now - self.t0, 1e-9)
+        rec = {"iteration": i + 1, **values, "lr": lr, "it_per_s": rate, "eta_s": (self.max_iter - i - 1) / rate}
+        if torch.cuda.is_available():
+            rec["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(f"it {i + 1}/{self.max_iter} " + " ".join(f"{k} {rec[k]:.4f}" for k in values)
+              + f" lr {lr:.3g} {rate:.2f} it/s eta {rec['eta_s'] / 60:.1f} min", flush=True)
+        if self.tb is not None:
+            for k in values:
+                self.tb.add_scalar(k, rec[k], i + 1)
+        self.sums, self.count, self.t0, self.i0 = {}, 0, now, i + 1
+
+    def check_finite(self):
+        """Raise Diverged naming the first non-finite loss seen so far (one host sync)."""
+        if not self.first_bad:
+            return
+        its, vals = torch.cat([torch.stack(pair) for pair in self.first_bad.values()], 1).tolist()
+        bad = [(it, k, val) for k, it, val in zip([k for names in self.first_bad for k in names], its, vals) if it >= 0]
+        if bad:
+            it, k, val = min(bad, key=lambda b: b[0])
+            raise Diverged(f"iteration {int(it)}: {k} is {val}; training stopped, the last checkpoint "
+                           f"written before it is kept (continue from it with --resume auto)")
+
+
+class StopSignals:
+    """SIGTERM / SIGINT (a cluster's preemption, Ctrl-C) set a flag instead of killing the run: the loop
+    finishes its iteration, writes a checkpoint and exits with 128 + the signal. A second one stops at once.
+    Under torchrun the ranks agree on the flag every iteration (a signal may reach them in different
+    iterations): all checkpoint in the same iteration (rank 0 writes) and all exit."""
+
+    def __init__(self, dist=common.Dist()):
+        import signal
+        self.signum, self.previous, self.dist = None, {}, dist
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signum is not None and self.dist.world == 1:  # under torchrun a repeat is torchrun forwarding
+            raise KeyboardInterrupt                           # the signal; it kills the workers 30 s later
+        self.signum = self.signum or signum
+
+    @property
+    def requested(self):
+        if self.dist.world > 1:
+            self.signum = agree(self.dist, self.signum or 0) or None
+        return self.signum is not None
+
+    def exit_if_requested(self, iteration, out_dir):
+        """After the checkpoint: say how to resume and exit 128 + signal, if a signal came (on every rank)."""
+        import signal
+        if not self.requested:
+            return
+        if self.dist.main:
+            print(f"stopped by {signal.Signals(self.signum).name} after iteration {iteration}; checkpoint written "
+                  f"to {Path(out_dir) / 'checkpoint.pth'}: continue with --resume auto", flush=True)
+        sys.exit(128 + self.signum)
+
+    def restore(self):
+        """Put back the handlers that were there before."""
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def rng_states():
+    """Python, numpy and torch RNG states in a weights_only-loadable form."""
+    import random
+    ver, state, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {"python": [ver, list(state), gauss], "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()),
+                                                           *np_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states):
+    """Inverse of rng_states."""
+    import random
+    ver, state, gauss = states["python"]
+    random.setstate((ver, tuple(state), gauss))
+    np.random.set_state((states["numpy"][0], states["numpy"][1].numpy(), *states["numpy"][2:]))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(path, state):
+    """torch.save to a temp file in the same folder, fsync, then rename: a crash never leaves half a file."""
+    with common.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_checkpoint(path, num_classes=None):
+    """A checkpoint dict loaded with weights_only=True; DataError if missing, unsafe or for other classes."""
+    ckpt = common.load_state_file(path)
+    state = ckpt.get("model", ckpt)
+    heads = [k for k in ("layer6.conv2d_list.0.weight", "layer5.conv2d_list.0.weight") if k in state]
+    if not heads:
+        raise DataError(f"{path}: no DeepLabv2 classifier weights found (expected key 'model' with "
+                        f"'layer5.conv2d_list.0.weight')")
+    found = state[heads[0]].shape[0]
+    if num_classes is not None and found != num_classes:
+        raise DataError(f"{path}: checkpoint has {found} classes, expected {num_classes}")
+    return ckpt
+
+
+# ======================================================================================
+# The shared command line (README 'The shared command line and outputs') and run set-up
+# ======================================================================================
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error contract: one line `error: ...` on stderr, exit 2."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the module docstring's layout and shows every flag's default (once: a help text that
+    states its default itself, e.g. one per source, is left as it is)."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
+
+
+def shared_parser(defaults):
+    """The flags every method script shares; `defaults` maps a flag's dest to (value, source)."""
+    p = argparse.ArgumentParser(add_help=False)
+    d = {k: v[0] for k, v in defaults.items()}
+    src = {k: v[1] for k, v in defaults.items()}
+
+    def add(flag, help, **kw):
+        dest = flag.lstrip("-").replace("-", "_")
+        if dest in d:
+            kw["default"] = d[dest]
+            help += f" (default: %(default)s; {src[dest]})"
+        p.add_argument(flag, help=help, **kw)
+
+    add("--data-root", "folder holding gta5/, synthia/, cityscapes/", default="./data")
+    add("--gta5-root", "override <data-root>/gta5", default=None)
+    add("--synthia-root", "override <data-root>/synthia", default=None)
+    add("--cityscapes-root", "override <data-root>/cityscapes", default=None)
+    add("--iters", "training iterations", type=int)
+    add("--batch-size", "images per stream per iteration", type=int)
+    add("--lr", "base learning rate of the backbone (head x10)", type=float)
+    add("--seed", "seeds python/numpy/torch and every data and augmentation draw", type=int, default=0)
+    add("--source-size", "resize of source images before cropping, W H", type=int, nargs=2, metavar=("W", "H"))
+    add("--target-size", "resize of Cityscapes images before cropping, W H", type=int, nargs=2,
+        metavar=("W", "H"))
+    add("--crop-size", "random crop H W after the resize (0 0 = no crop)", type=int, nargs=2, metavar=("H", "W"))
+    add("--eval-res", "evaluate against labels at the network input size (half) or at full resolution",
+        choices=["half", "full"])
+    add("--init", "backbone initialisation: coco, imagenet, demo (the demo's stand-in pretraining), none or a "
+        "weights file")
+    add("--layers", "Bottleneck blocks per ResNet stage (3 4 23 3 = ResNet-101; the demo uses 1 1 1 1)",
+        type=int, nargs=4, default=[3, 4, 23, 3])
+    add("--width", "channels of the ResNet stem and first stage, doubling per stage (64 = ResNet-101; the demo "
+        "uses a narrower network)", type=int, default=64)
+    add("--out-dir", "output folder (default runs/<script>_<source>_<n>_s<seed>)", default=None)
+    add("--resume", "continue from <out-dir>/checkpoint.pth (auto; a fresh start if none) or a PATH",
+        nargs="?", const="auto", default=None)
+    add("--eval-only", "evaluate --checkpoint and exit", action="store_true")
+    add("--checkpoint", "checkpoint to evaluate with --eval-only", default=None)
+    add("--eval-model", "with --eval-only: the checkpoint's student (`model`, what the papers report) or its "
+        "EMA teacher (`ema_model`)", choices=["student", "teacher"], default="student")
+    add("--save-predictions", "with --eval-only: write predictions/<stem>_labelIds.png", action="store_true")
+    add("--eval-every", "evaluate every N iterations (0 = only at the end)", type=int, default=0)
+    add("--save-every", "write checkpoint.pth every N iterations (and checkpoint_<iter>.pth with "
+        "--keep-checkpoints)", type=int, default=1000)
+    add("--keep-checkpoints", "also keep checkpoint_<iter>.pth at every save", action="store_true")
+    add("--log-every", "console/log.jsonl line every N iterations", type=int, default=50)
+    add("--device", "where to train", choices=["auto", "cuda", "cpu"], default="auto")
+    add("--amp", "autocast (bf16 where supported, else fp16) and channels_last on GPU",
+        action=argparse.BooleanOptionalAction, default=False)
+    add("--workers", "data-loading worker processes per data stream (the authors use 4; images/s per worker: "
+        "benchmarks/RESULTS.md)", type=int, default=4)
+    add("--demo", "run on the generated demo dataset with the small demo settings", action="store_true")
+    add("--global-batch", "under torchrun (K processes): every process runs the paper's batch (per-rank: "
+        "global batch K x the paper's) or the paper's batch is split over the processes (paper)",
+        choices=["per-rank", "paper"], default="per-rank")
+    add("--scale-lr", "under torchrun with --global-batch per-rank: learning rate(s) x K (linear scaling)",
+        action="store_true")
+    add("--scale-iters", "under torchrun with --global-batch per-rank: --iters (and poly/warm-up lengths) / K",
+        action="store_true")
+    add("--sync-bn", "under torchrun: BatchNorm statistics over all processes' images (torch.nn.SyncBatchNorm, "
+        "CUDA only)", action="store_true")
+    return p
+
+
+def parse_with_demo(parser, demo, argv=None):
+    """Parse; with --demo the `demo` values ({dest: value}) replace the paper defaults (explicit flags win)."""
+    parser.epilog = "--demo sets: " + ", ".join(
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+        for k, v in demo.items())
+    if parser.parse_known_args(argv)[0].demo:
+        parser.set_defaults(**demo)
+    return parser.parse_args(argv)
+
+
+def add_split_args(parser, n_labeled, source, split_seed=0, seed_help=""):
+    """--n-labeled / --split-seed / --split-file for the scripts with labeled Cityscapes images."""
+    parser.add_argument("--n-labeled", type=int, default=n_labeled,
+                        help=f"labeled Cityscapes train images (default: %(default)s; {source})")
+    parser.add_argument("--split-seed", type=int, default=split_seed,
+                        help=f"seed of the permutation of the sorted train list; the first N are labeled "
+                             f"(default: %(default)s){seed_help}")
+    parser.add_argument("--split-file", default=None,
+                        help="reuse a list of labeled image stems, one per line (e.g. a run's split.txt)")
+
+
+def check_args(args):
+    """Range checks shared by every script (DataError = exit 2)."""
+    for name in ("iters", "batch_size", "log_every"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
+    if args.lr is not None and not args.lr > 0:
+        raise DataError(f"--lr {args.lr}: expected a positive number")
+    if args.eval_only and not args.checkpoint:
+        raise DataError("--eval-only needs --checkpoint PATH")
+    for name in ("source_size", "target_size"):
+        size = getattr(args, name, None)
+        if size is not None and min(size) < 1:
+            raise DataError(f"--{name.replace('_', '-')} {size[0]} {size[1]}: expected positive W H")
+    if args.crop_size is not None and (min(args.crop_size) < 0 or (0 in args.crop_size and any(args.crop_size))):
+        raise DataError(f"--crop-size {args.crop_size[0]} {args.crop_size[1]}: expected positive H W or 0 0")
+    if args.resume not in (None, "auto") and not Path(args.resume).is_file():
+        raise DataError(f"--resume {args.resume}: file not found")
+
+
+def dataset_root(args, kind):
+    """The root of one dataset: --<kind>-root or <data-root>/<kind>."""
+    return Path(getattr(args, f"{kind}_root") or Path(args.data_root) / kind)
+
+
+def data_roots(args, domain):
+    """(source kind, source root, Cityscapes root) for --source/--dataset `domain`; 'demo' is the generated
+    demo data (GTA5 layout source, Cityscapes layout target), written under <data-root>/demo once."""
+    if domain == "demo":
+        import demo
+        root = demo.ensure_demo(args.data_root)
+        return "gta5", root / "gta5", root / "cityscapes"
+    return domain, dataset_root(args, domain), dataset_root(args, "cityscapes")
+
+
+def lock_run_dir(out_dir):
+    """Claim out_dir for this process (run.lock: pid and host, removed at exit); DataError if a live run
+    holds it; the lock of a process that is gone is taken over with a note."""
+    import atexit
+    import socket
+    path, mine = Path(out_dir) / "run.lock", f"{os.getpid()} {socket.gethostname()}"
+    if path.is_file():
+        held = path.read_text().split()
+        if held == mine.split():
+            return
+        pid, host = (int(held[0]), held[1]) if len(held) == 2 and held[0].isdigit() else (None, None)
+        if host is not None and host != socket.gethostname():
+            raise DataError(f"{out_dir}: in use by a run on {host} (pid {pid}); pick another --out-dir, or delete "
+                            f"{path} if that run is gone")
+        if pid is not None and process_alive(pid):
+            raise DataError(f"{out_dir}: in use by a running process (pid {pid}); pick another --out-dir")
+        print(f"note: {path} of a process that is gone (pid {pid}) taken over", flush=True)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    common.atomic_write_text(path, mine + "\n")
+    atexit.register(lambda: path.is_file() and path.read_text().split() == mine.split() and path.unlink())
+
+
+def process_alive(pid):
+    """True if a process with this pid exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_run_files(out_dir, args, split=None, dist=common.Dist()):
+    """Claim out_dir (lock_run_dir); write config.json (every resolved argument) and split.txt (rank 0 only)."""
+    if not dist.main:
+        return
+    out_dir = Path(out_dir)
+    lock_run_dir(out_dir)
+    common.atomic_write_text(out_dir / "config.json", json.dumps(vars(args), indent=1, default=str))
+    if split is not None:
+        common.atomic_write_text(out_dir / "split.txt", "".join(s + "\n" for s in split))
+
+
+def resume_state(args, out_dir, num_classes):
+    """The checkpoint to continue from (None for a fresh start), per --resume."""
+    if args.resume is None:
+        return None
+    path = Path(out_dir) / "checkpoint.pth" if args.resume == "auto" else Path(args.resume)
+    if args.resume == "auto" and not path.is_file():
+        return None
+    ckpt = load_checkpoint(path, num_classes)
+    if "args" in ckpt:  # the authors' checkpoints hold no arguments
+        check_same_run(ckpt["args"], vars(args), path)
+    return ckpt
+
+
+RUN_ONLY_ARGS = {"data_root", "gta5_root", "synthia_root", "cityscapes_root", "out_dir", "resume", "eval_only",
+                 "checkpoint", "eval_model", "save_predictions", "eval_every", "save_every", "keep_checkpoints",
+                 "log_every", "device", "amp", "workers", "demo"}
+
+
+def check_same_run(saved, current, path):
+    """DataError naming the differences when a checkpoint was made by another script or configuration
+    (arguments that only say where and how fast to run may differ; paths inside the run folder are compared
+    relative to it)."""
+    def norm(d):
+        out = str(d.get("out_dir") or "\0")
+        return {k: json.loads(json.dumps(v, default=str).replace(out, "<out-dir>")) for k, v in d.items()
+                if k not in RUN_ONLY_ARGS}
+    saved, current = norm(saved), norm(current)
+    if saved.keys() != current.keys():
+        only = sorted(saved.keys() - current.keys())[:5]
+        raise DataError(f"--resume {path}: made by another script (its arguments {only} do not exist here)")
+    diff = [f"--{k.replace('_', '-')} {saved[k]} (here {current[k]})" for k in sorted(saved) if saved[k] != current[k]]
+    if diff:
+        raise DataError(f"--resume {path}: made with other settings: {'; '.join(diff[:5])}")
+
+
+def cityscapes_val(root, size, eval_res, norm, num_classes=19, interp="bilinear"):
+    """Cityscapes val as the protocols read it: image resized to `size` (W, H), bilinear; labels
+    nearest-downsampled to the input ('half', DACS/ClassMix) or at full resolution ('full', AdaptSegNet)."""
+    return common.SegmentationDataset("cityscapes", root, "val", resize=tuple(size), norm=norm, num_classes=num_classes,
+                               label_res="input" if eval_res == "half" else "full", interp=interp)
+
+
+def is_due(i, every, max_iter):
+    """True after loop iteration i when a periodic action (every N; 0 = never) or the last iteration is due."""
+    return (every > 0 and (i + 1) % every == 0) or i + 1 == max_iter
+
+
+def evaluate_and_write(model, val, device, out_dir, iteration, synthia=False, amp=None, align_corners=True,
+                       model_name="student", save_predictions=False, dist=common.Dist()):
+    """Evaluate a model on val (vis/, and predictions/ if asked, in out_dir) and write metrics.json (split
+    over the ranks under torchrun; rank 0 writes)."""
+    metrics = common.evaluate(model, val, device, synthia=synthia, out_dir=out_dir, iteration=iteration,
+                       amp_dtype=amp.dtype if amp is not None and amp.enabled else None, align_corners=align_corners,
+                       model_name=model_name, save_predictions=save_predictions, dist=dist)
+    if dist.main:
+        write_metrics(out_dir, metrics)
+    return metrics
+
+
+def write_metrics(out_dir, metrics, name="metrics.json"):
+    """Write an evaluation atomically and print its one-line summary."""
+    common.atomic_write_text(Path(out_dir) / name, json.dumps(metrics, indent=1))
+    extra = f" mIoU13 {metrics['mIoU13']:.2f}" if "mIoU13" in metrics else ""
+    print(f"eval it {metrics['iteration']} {metrics['model']}: mIoU {metrics['mIoU']:.2f}{extra} "
+          f"({metrics['num_classes']} classes)", flush=True)
+
+
+def eval_only(args, model, val, device, out_dir, synthia=False, align_corners=True, dist=common.Dist()):
+    """--eval-only: load --checkpoint's `model` or `ema_model` (--eval-model; class count checked,
+    weights_only) and evaluate it."""
+    ckpt = load_checkpoint(args.checkpoint, model.num_classes)
+    if args.eval_model == "teacher" and "ema_model" not in ckpt:
+        raise DataError(f"{args.checkpoint}: no 'ema_model' (teacher) in this checkpoint; use --eval-model student")
+    state = ckpt["ema_model"] if args.eval_model == "teacher" else ckpt.get("model", ckpt)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise DataError(f"{args.checkpoint}: not a state_dict of this model "
+                        f"({str(exc).splitlines()[0][:200]})") from None
+    if dist.main:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return evaluate_and_write(model, val, device, out_dir, ckpt.get("iteration"), synthia,
+                              align_corners=align_corners, model_name=args.eval_model,
+                              save_predictions=args.save_predictions, dist=dist)
+
+
+def write_demo_summary(out_dir, script, method, baselines, iterations, seconds):
+    """Write <out_dir>/demo.json (method and baseline mIoUs of a --demo run) and print its one-line summary;
+    `method` is (name, metrics), `baselines` a list of (name, metrics)."""
+    entry = lambda name, m: {"name": name, "mIoU": round(m["mIoU"], 2)}  # noqa: E731
+    summary = {"script": script, "method": entry(*method), "baselines": [entry(*b) for b in baselines],
+               "iterations": iterations, "seconds": round(seconds, 1), "torch": torch.__version__}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    common.atomic_write_text(Path(out_dir) / "demo.json", json.dumps(summary, indent=1))
+    others = ", ".join(f"{b['name']} {b['mIoU']:.2f}" for b in summary["baselines"])
+    print(f"demo target val mIoU: {summary['method']['name']} {summary['method']['mIoU']:.2f} vs {others} "
+          f"({iterations} iterations, {seconds:.0f} s, torch {torch.__version__})", flush=True)
+    return summary
+
+
+def default_out_dir(script, source, n_labeled, seed):
+    """runs/<script>_<source>_<n>_s<seed>; without a label budget (UDA) runs/<script>_<source>_s<seed>."""
+    n = "" if n_labeled is None else f"_{n_labeled}"
+    return Path("runs") / f"{script}_{source}{n}_s{seed}"
+
+
+def training_state(i, model, optimizer, scheduler, args, teacher=None):
+    """Checkpoint dict: the official keys (`model`, `ema_model`, `optimizer`, `iteration`) plus the
+    scheduler, every RNG state and the arguments."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": i,
+             "scheduler": scheduler.state_dict(), "rng": rng_states(), "args": vars(args)}
+    if teacher is not None:
+        state["ema_model"] = teacher.state_dict()
+    return state
+
+
+def write_checkpoints(out_dir, state, keep=False, dist=common.Dist()):
+    """checkpoint.pth (atomically), plus checkpoint_<iter>.pth when `keep`; Diverged instead of writing
+    non-finite weights (the previous checkpoint stays). Under torchrun every rank calls it: rank 0 writes,
+    with every rank's RNG states (`rng_ranks`) and the process count (`world`)."""
+    if dist.world > 1:  # sent as torch.save bytes: gather_object's unpickler cannot rebuild tensors
+        import io
+        buf, ranks = io.BytesIO(), [None] * dist.world if dist.main else None
+        torch.save(state["rng"], buf)
+        torch.distributed.gather_object(buf.getvalue(), ranks, dst=0, group=dist.group)
+        rng = [torch.load(io.BytesIO(b), weights_only=True) for b in ranks] if dist.main else None
+        state = {**state, "rng_ranks": rng, "world": dist.world}
+    for name in ("model", "ema_model"):
+        floats = {k: v for k, v in state.get(name, {}).items() if v.is_floating_point()}
+        finite = torch.stack([torch.isfinite(v).all() for v in floats.values()]).tolist() if floats else []
+        bad = [k for k, ok in zip(floats, finite) if not ok]  # one host sync for the whole state
+        if bad:
+            raise Diverged(f"iteration {state['iteration']}: non-finite weights in {name} ({bad[0]}, ...); "
+                           f"not saved, {Path(out_dir) / 'checkpoint.pth'} is the last good checkpoint")
+    if not dist.main:
+        return
+    save_checkpoint(Path(out_dir) / "checkpoint.pth", state)
+    if keep:
+        save_checkpoint(Path(out_dir) / f"checkpoint_{state['iteration']}.pth", state)
+
+
+def restore_training(ckpt, model, optimizer, scheduler, teacher=None, seed=0, dist=common.Dist()):
+    """Load a checkpoint into the run's objects; returns the iteration to start at. An authors' checkpoint
+    (`model`, `ema_model`, `optimizer`, `iteration` only) continues at its iteration: the schedule is
+    fast-forwarded to it and the RNGs are re-seeded from `seed`, which is said on the console. Under
+    torchrun every rank loads rank 0's checkpoint and its own RNG states; the process count must match
+    (each rank's draws depend on it)."""
+    if "rng" in ckpt and ckpt.get("world", 1) != dist.world:
+        raise DataError(f"--resume: the checkpoint was written by a run of {ckpt.get('world', 1)} process(es), "
+                        f"this run has {dist.world} (the data draws depend on it); launch with "
+                        f"--nproc_per_node/--nnodes giving {ckpt.get('world', 1)}")
+    missing = [k for k in ("model", "optimizer", "iteration") + ("ema_model",) * (teacher is not None)
+               if k not in ckpt]
+    if missing:
+        raise DataError(f"--resume: the checkpoint has no {', '.join(map(repr, missing))}")
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if teacher is not None:
+            teacher.load_state_dict(ckpt["ema_model"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise DataError(f"--resume: the checkpoint does not fit this run ({str(exc).splitlines()[0][:200]})") from None
+    start = ckpt["iteration"]
+    if "scheduler" in ckpt:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    else:
+        scheduler.last_epoch = start - 1
+        with warnings.catch_warnings():        # "scheduler.step() before optimizer.step()": intended here
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
+    if "rng" in ckpt:
+        set_rng_states(ckpt["rng_ranks"][dist.rank] if "rng_ranks" in ckpt else ckpt["rng"])
+    else:
+        common.seed_everything(seed)
+        print(f"resuming an external checkpoint at iteration {start}: no RNG state in it, re-seeded from "
+              f"--seed {seed}", flush=True)
+    return start
+
+
+def shuffled_loader(dataset, args, stream, start, batch_size=None, dist=common.Dist()):
+    """Training loader drawing `dataset` epoch by epoch in seeded order (IterationSampler) from iteration
+    `start`; `stream` keeps the draws of different loaders independent; `dist` picks this rank's slots."""
+    sampler = common.IterationSampler(len(dataset), batch_size or args.batch_size, args.seed, stream, start, args.iters,
+                               dist.rank, dist.world)
+    return infinite_loader(dataset, sampler, args.workers)
+
+
+def next_batch(loader, device):
+    """The next (images, labels) of a training loader on `device` (pinned memory, non-blocking copies)."""
+    batch = next(loader)
+    return batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+
+
+def infinite_loader(dataset, sampler, workers):
+    """DataLoader over an iteration-indexed batch sampler (order and crops fixed by seed and iteration).
+
+    One iterator serves the whole run (the sampler spans every iteration), so persistent workers would
+    change nothing; pinned memory on CUDA keeps next_batch's copies asynchronous; 2 batches in flight per
+    worker absorb the per-batch spread of load times (benchmarks/RESULTS.md, 'Data-loading defaults').
+    """
+    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                            pin_memory=torch.cuda.is_available(),
+                                            prefetch_factor=2 if workers > 0 else None,
+                                            worker_init_fn=worker_stop_signals))
+
+
+def worker_stop_signals(worker_id):
+    """Data-loading workers leave Ctrl-C (SIGINT, sent to the whole process group) to the main process; on
+    SIGTERM (a scheduler signals every process) they keep serving for 5 s, so the main process can finish
+    its iteration and checkpoint, then end with status 0, which raises no error in the main process."""
+    import signal
+    import threading
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: threading.Timer(5.0, os._exit, (0,)).start())
+
+
+def run_script(main):
+    """Call main(); bad data or arguments (also raised in a data-loading worker) and disk errors -> one line
+    `error: ...` on stderr and exit 2; a diverged run -> exit 3."""
+    import errno
+    try:
+        main()
+        return
+    except (DataError, Diverged) as exc:
+        lines = str(exc).strip().splitlines()
+        if len(lines) > 1 and lines[0].startswith("Caught "):  # re-raised from a DataLoader worker
+            lines = [lines[-1].split(": ", 1)[-1]]
+        print(f"error: {lines[0]}", file=sys.stderr)
+        code = 3 if isinstance(exc, Diverged) else 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        print(f"error: {exc.filename or 'writing a file'}: {exc.strerror}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

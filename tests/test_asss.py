@@ -488,3 +488,22 @@ def test_discriminator_terms_take_their_own_weights(sa):
         D = discs["D_s"]
         expect = 0.7 * asss.sa_loss(D, sa, *saved["F_s"], 0) + 0.7 * asss.sa_loss(D, sa, *saved["F_tl"], 1)
         assert d["loss_ds"].item() == pytest.approx(expect.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("clean", [False, True])
+def test_backbone_group_lists_each_tensor_as_adaptsegnet(clean):
+    """AdaptSegNet deeplab_multi.py get_1x_lr_params_NOscale walks every sub-module's recursive parameters: the
+    stem conv once, each bottleneck conv 3 times, each first-block downsample conv 4 times (BN left out); the
+    heads' group lists each tensor once. --clean-param-groups lists every tensor once."""
+    model = common.DeepLabV2(19, multi_level=True, layers=(2, 1, 1, 1))
+    args = types.SimpleNamespace(clean_param_groups=clean, optimizer="sgd", nesterov=False, lr=2.5e-4, lr_d=1e-4,
+                                 poly_iters=10)
+    opt_g, *_ = asss.build_optimisers(model, torch.nn.ModuleDict(), args)
+    backbone, head = opt_g.param_groups
+    times = [sum(q is p for q in backbone["params"]) for p in (
+        model.conv1.weight, model.layer1[0].conv1.weight, model.layer1[1].conv3.weight,
+        model.layer1[0].downsample[0].weight, model.layer4[0].conv2.weight, model.layer4[0].downsample[0].weight)]
+    assert times == ([1] * 6 if clean else [1, 3, 3, 4, 3, 4])
+    assert len(backbone["params"]) == (1 + 5 * 3 + 4 if clean else 1 + 5 * 3 * 3 + 4 * 4)   # 5 blocks, 4 downsamples
+    assert len(head["params"]) == 16 and len({id(p) for p in head["params"]}) == 16
+    assert not any(p is model.bn1.weight or p is model.layer1[0].bn1.weight for p in backbone["params"])

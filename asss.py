@@ -275,8 +275,7 @@ def build_optimisers(model, discs, args):
 def seg_loss(pred1, pred2, y, lambda_seg):
     """Eq. 1 on both heads: CE(main) + lambda_seg CE(aux), logits upsampled to the label size (align_corners)."""
     size = y.shape[1:]
-    main, aux = common.upsample(pred2, size), common.upsample(pred1, size)
-    return common.ce_loss(main, y) + lambda_seg * common.ce_loss(aux, y)
+    return common.ce_loss(common.upsample(pred2, size), y) + lambda_seg * common.ce_loss(common.upsample(pred1, size), y)
 
 
 def gan_loss(d_logits, domain):

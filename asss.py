@@ -1,5 +1,5 @@
 """ASS: Alleviating Semantic-level Shift, a semi-supervised domain adaptation method for semantic segmentation
-(Wang, Shen, Zhang, Lu, Lin, Li, CVPR-W 2020, arXiv 2004.00794), and the AdaptSegNet multi-level baseline it
+(Wang, Wei, Feris, Xiong, Hwu, Huang, Shi, CVPR-W 2020, arXiv 2004.00794), and the AdaptSegNet multi-level baseline it
 is built on (Tsai et al., CVPR 2018) — GTA5/SYNTHIA + N labeled Cityscapes images -> Cityscapes.
 
     python asss.py --source gta5 --preset ga-csa --n-labeled 500    # ASS headline, Table 1: 60.2
@@ -33,7 +33,7 @@ Paper -> code:
     Eq. 10 L(F_s, F_tu, F_tl) = l_gd (L_gd + L_gd) + l_sd (L_sd + L_sd)     -> `discriminator_pass`
     Eq. 11 max_D min_G                                              -> G step on Eq. 9, D steps on Eq. 10
     §4.1   D_g = AdaptSegNet FCDiscriminator; CSA D_s = 1x1 conv 2048->1024, LeakyReLU 0.2, 1x1 conv -> 2c;
-           FCSA D_s = FC 2048->1024, LeakyReLU 0.2, FC -> 2c        -> `common.FCDiscriminator`, `semantic_discriminator`
+           FCSA D_s = FC 2048->1024, LeakyReLU 0.2, FC -> 2c       -> `common.FCDiscriminator`, `semantic_discriminator`
     §4.2   SGD 2.5e-4 (momentum 0.9, wd 5e-4), Adam 1e-4 (0.9, 0.99) for every D, poly 0.9 -> `build_optimisers`
     Tables 1/3 columns -> --preset {adaptsegnet, oracle, ga, ga-fcsa, ga-csa} and --n-labeled;
     Table 2 lambda_sadv sweeps -> --lambda-sadv.
@@ -174,6 +174,8 @@ def parse_args(argv=None):
         args.source_size = SOURCE_SIZE[args.source]
     if args.poly_iters is None:
         args.poly_iters = round(args.iters / 0.6)
+    if args.nesterov and args.optimizer != "sgd":
+        raise common.DataError(f"--nesterov: G's optimiser is --optimizer {args.optimizer}, not sgd")
     if args.poly_iters < args.iters:
         raise common.DataError(f"--poly-iters {args.poly_iters}: expected >= --iters {args.iters}")
     if min(*args.lambda_adv, args.lambda_seg, args.lambda_sadv, args.lambda_gd, args.lambda_sd) < 0 \
@@ -201,9 +203,17 @@ def resolve_preset(args):
                                f"semantic-level module (use ga-csa or ga-fcsa)")
     if args.ga_direction is None:
         args.ga_direction = "t2s" if args.preset == "adaptsegnet" else "s2t"
-    if args.lambda_sadv is None:
-        args.lambda_sadv = {"csa": 0.01, "fcsa": 0.04 if args.n_labeled == 500 else 1.0}.get(args.sa, 0.0)
+    if args.lambda_sadv is None:                                # R17: FCSA's best lambda depends on N
+        args.lambda_sadv = {"csa": 0.01, "fcsa": 0.04 if split_size(args) == 500 else 1.0}.get(args.sa, 0.0)
     return args
+
+
+def split_size(args):
+    """N of the run: the stems in --split-file (which overrides --n-labeled, common.labeled_split), else N."""
+    path = Path(args.split_file) if args.split_file else None
+    if path is not None and path.is_file():
+        return sum(1 for line in path.read_text().splitlines() if line.strip())
+    return args.n_labeled
 
 
 # ------------------------------------------------------------------ init, network, discriminators

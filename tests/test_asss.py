@@ -78,6 +78,29 @@ def test_defaults_are_the_papers(monkeypatch):
     assert (oracle.use_source, oracle.use_ga, oracle.sa) == (False, False, "none")
     assert asss.ADAPTSEGNET_INIT_URL.endswith("/DeepLab_resnet_pretrained_init-f81d91e8.pth")
     assert asss.ADAPTSEGNET_INIT_SHA256_PREFIX == "f81d91e8" and (asss.SOURCE, asss.TARGET) == (0, 1)
+    assert (a.aspp_full, a.clean_param_groups, a.lambda_adv) == (False, False, [0.0002, 0.001])   # quirks kept
+    csa = [asss.parse_args(["--preset", "ga-csa", "--n-labeled", str(n)]).lambda_sadv for n in (50, 500, 2975)]
+    assert csa == [0.01, 0.01, 0.01]                                                     # Table 2(b), every N
+    assert (base.lambda_sadv, oracle.lambda_sadv, asss.parse_args(["--preset", "ga"]).lambda_sadv) == (0, 0, 0)
+    synthia = asss.parse_args(["--source", "synthia", "--preset", "adaptsegnet"])
+    assert tuple(synthia.target_size) == (1024, 512) and synthia.ga_direction == "t2s"
+
+
+def test_docstring_names_the_papers_authors():
+    """ASS is Wang, Wei, Feris, Xiong, Hwu, Huang, Shi (CVPR-W 2020, arXiv 2004.00794)."""
+    head = " ".join(asss.__doc__.split("\n\n")[0].split())
+    assert "(Wang, Wei, Feris, Xiong, Hwu, Huang, Shi, CVPR-W 2020, arXiv 2004.00794)" in head
+
+
+def test_fcsa_lambda_follows_the_split_file(tmp_path):
+    """Table 2(a)'s N = 500 weight (0.04) also when N comes from --split-file, which wins over --n-labeled."""
+    split = tmp_path / "split.txt"
+    split.write_text("".join(f"city_{i:06d}\n" for i in range(500)) + "\n")
+    assert asss.parse_args(["--preset", "ga-fcsa", "--split-file", str(split)]).lambda_sadv == 0.04
+    assert asss.parse_args(["--preset", "ga-csa", "--split-file", str(split)]).lambda_sadv == 0.01
+    split.write_text("".join(f"city_{i:06d}\n" for i in range(100)))
+    flags = ["--preset", "ga-fcsa", "--n-labeled", "500", "--split-file", str(split)]
+    assert asss.parse_args(flags).lambda_sadv == 1.0
 
 
 def test_optimisers_and_poly_schedule(root, tmp_path):
@@ -132,6 +155,7 @@ def test_resume_needs_the_discriminator_state(root, tmp_path):
     (["--poly-iters", "1"], "--poly-iters 1: expected >= --iters 2"),
     (["--n-labeled", "99"], "--n-labeled 99"),
     (["--unlabeled", "complement", "--n-labeled", "6"], "leaves no unlabeled image"),
+    (["--nesterov", "--optimizer", "adam"], "--nesterov: G's optimiser is --optimizer adam"),
 ])
 def test_bad_arguments(root, tmp_path, flags, needle):
     with pytest.raises(common.DataError, match=needle):
@@ -168,7 +192,7 @@ def test_demo_runs_ga_csa_oracle_and_source_only(tmp_path):
     assert json.loads((tmp_path / "run_source_only" / "config.json").read_text())["n_labeled"] == 0
 
 
-# ------------------------------------------------------------------ loop order: which tensor, which label, which parameters
+# -------------------------------------------------------------- loop order: which tensor, which label, which parameters
 
 def _setup(direction="s2t", sa="csa", seed=0):
     torch.manual_seed(seed)
@@ -233,7 +257,8 @@ def test_sa_losses_use_source_and_labeled_target_features(sa):
     losses, saved = asss.generator_pass(model, discs, args, amp, (x_s, y_s), (x_l, y_l), x_u)
     with torch.no_grad():
         f_s, f_l = asss.segment(model, x_s)[2], asss.segment(model, x_l)[2]
-        ys, yl = (F.interpolate(y[:, None].float(), size=f_s.shape[2:], mode="nearest")[:, 0].long() for y in (y_s, y_l))
+        ys, yl = (F.interpolate(y[:, None].float(), size=f_s.shape[2:], mode="nearest")[:, 0].long()
+                  for y in (y_s, y_l))
         assert torch.equal(saved["F_s"][1], ys) and torch.equal(saved["F_tl"][1], yl)
         D = discs["D_s"]
         assert losses["loss_sadv"].item() == pytest.approx(asss.sa_loss(D, sa, f_s, ys, 1).item(), rel=1e-5)
@@ -272,7 +297,8 @@ def test_discriminator_output_shapes():
         assert asss.semantic_discriminator("fcsa")(torch.zeros(1, 19, 2048)).shape == (1, 19, 38)
     csa = asss.semantic_discriminator("csa")
     assert [m.kernel_size for m in csa if isinstance(m, torch.nn.Conv2d)] == [(1, 1), (1, 1)]
-    assert [(m.in_channels, m.out_channels) for m in csa if isinstance(m, torch.nn.Conv2d)] == [(2048, 1024), (1024, 38)]
+    convs = [(m.in_channels, m.out_channels) for m in csa if isinstance(m, torch.nn.Conv2d)]
+    assert convs == [(2048, 1024), (1024, 38)]
     assert csa[1].negative_slope == 0.2 and asss.semantic_discriminator("fcsa")[1].negative_slope == 0.2
 
 
@@ -421,3 +447,64 @@ def test_ga_gradient_weights_aux_and_main_levels(direction):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-12)
     aux = model.layer5.conv2d_list[0].weight.grad                     # the aux head only feels L_adv(aux)
     assert aux.abs().max() > 0
+
+
+@pytest.mark.parametrize("sa", ["csa", "fcsa"])
+def test_generator_gradient_is_eq9_with_each_weight_from_its_flag(sa):
+    """Eq. 9 (s2t): G's gradient is that of seg(S) + seg(T_L) + l_adv1 L_adv(aux, S) + l_adv2 L_adv(main, S)
+    + l_sadv L_sadv(F_s), seg = CE(main) + l_seg CE(aux); weights set apart so that a swap or a lost term shows."""
+    model, discs, args, amp, (x_s, y_s), (x_l, y_l), x_u = _setup("s2t", sa)
+    args.lambda_seg, args.lambda_adv, args.lambda_sadv = 0.3, [0.02, 0.05], 0.7
+    asss.generator_pass(model, discs, args, amp, (x_s, y_s), (x_l, y_l), x_u)
+    got = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    ce = lambda p, y: F.cross_entropy(  # noqa: E731
+        F.interpolate(p, size=y.shape[1:], mode="bilinear", align_corners=True), y, ignore_index=255)
+    soft = lambda p: F.interpolate(p, size=(32, 64), mode="bilinear", align_corners=True).softmax(1)  # noqa: E731
+    p1, p2, f_s = asss.segment(model, x_s)
+    q1, q2, _ = asss.segment(model, x_l)
+    y_f = F.interpolate(y_s[:, None].float(), size=f_s.shape[2:], mode="nearest")[:, 0].long()
+    loss = (ce(p2, y_s) + 0.3 * ce(p1, y_s) + ce(q2, y_l) + 0.3 * ce(q1, y_l)
+            + 0.02 * _bce(discs["D_g1"](soft(p1)), 1) + 0.05 * _bce(discs["D_g2"](soft(p2)), 1)
+            + 0.7 * asss.sa_loss(discs["D_s"], sa, f_s, y_f, 1))
+    loss.backward()
+    expect = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == expect.keys()
+    for k in got:
+        assert torch.allclose(got[k], expect[k], rtol=1e-4, atol=1e-10), k
+
+
+@pytest.mark.parametrize("sa", ["csa", "fcsa"])
+def test_discriminator_terms_take_their_own_weights(sa):
+    """Eq. 10: --lambda-gd weights both D_g terms of each level, --lambda-sd both D_s terms, and nothing else."""
+    model, discs, args, amp, src, lab, x_u = _setup("s2t", sa)
+    args.lambda_gd, args.lambda_sd = 0.3, 0.7
+    _, saved = asss.generator_pass(model, discs, args, amp, src, lab, x_u)
+    d = asss.discriminator_pass(discs, args, amp, saved)
+    with torch.no_grad():
+        for level, name in ((0, "D_g1"), (1, "D_g2")):
+            D = discs[name]
+            expect = 0.3 * _bce(D(saved["P_s"][level]), 0) + 0.3 * _bce(D(saved["P_tu"][level]), 1)
+            assert d[f"loss_d{level + 1}"].item() == pytest.approx(expect.item(), rel=1e-5)
+        D = discs["D_s"]
+        expect = 0.7 * asss.sa_loss(D, sa, *saved["F_s"], 0) + 0.7 * asss.sa_loss(D, sa, *saved["F_tl"], 1)
+        assert d["loss_ds"].item() == pytest.approx(expect.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("clean", [False, True])
+def test_backbone_group_lists_each_tensor_as_adaptsegnet(clean):
+    """AdaptSegNet deeplab_multi.py get_1x_lr_params_NOscale walks every sub-module's recursive parameters: the
+    stem conv once, each bottleneck conv 3 times, each first-block downsample conv 4 times (BN left out); the
+    heads' group lists each tensor once. --clean-param-groups lists every tensor once."""
+    model = common.DeepLabV2(19, multi_level=True, layers=(2, 1, 1, 1))
+    args = types.SimpleNamespace(clean_param_groups=clean, optimizer="sgd", nesterov=False, lr=2.5e-4, lr_d=1e-4,
+                                 poly_iters=10)
+    opt_g, *_ = asss.build_optimisers(model, torch.nn.ModuleDict(), args)
+    backbone, head = opt_g.param_groups
+    times = [sum(q is p for q in backbone["params"]) for p in (
+        model.conv1.weight, model.layer1[0].conv1.weight, model.layer1[1].conv3.weight,
+        model.layer1[0].downsample[0].weight, model.layer4[0].conv2.weight, model.layer4[0].downsample[0].weight)]
+    assert times == ([1] * 6 if clean else [1, 3, 3, 4, 3, 4])
+    assert len(backbone["params"]) == (1 + 5 * 3 + 4 if clean else 1 + 5 * 3 * 3 + 4 * 4)   # 5 blocks, 4 downsamples
+    assert len(head["params"]) == 16 and len({id(p) for p in head["params"]}) == 16
+    assert not any(p is model.bn1.weight or p is model.layer1[0].bn1.weight for p in backbone["params"])

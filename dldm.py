@@ -160,7 +160,7 @@ def parse_args(argv=None):
     p.add_argument("--aux-weight", type=float, default=0.1,
                    help="CE weight of the aux (layer3) head: DDM/AdvEnt config LAMBDA_SEG_AUX (A1)")
     p.add_argument("--pl-portion", type=float, default=0.5,
-                   help="per-class portion of kept pseudo-labels (BDL SSL.py; DLDM §4.2)")
+                   help="per-class portion of kept pseudo-labels, the most confident ones (BDL SSL.py; DLDM §4.2)")
     p.add_argument("--pl-cap", type=float, default=0.9,
                    help="cap of the per-class confidence threshold (BDL SSL.py; DLDM §4.2)")
     p.add_argument("--pl-bins", type=int, default=2 ** 20, help="histogram bins over [0, 1] for the median (A12)")
@@ -435,8 +435,9 @@ class Ensemble(nn.Module):
 
 def bdl_thresholds(hist, portion=0.5, cap=0.9):
     """Per-class thresholds of BDL SSL.py from per-class confidence histograms (C, bins) over [0, 1]:
-    the value at sorted index round(portion * n_c) (its bin's lower edge, A12), 0 for a class never
-    predicted, capped at `cap`. Returns float64 (C,)."""
+    the value at ascending sorted index round((1 - portion) * n_c), so that the `portion` most confident
+    pixels of each class are kept (BDL hard-codes index round(0.5 n_c), the same at 0.5); its bin's lower
+    edge (A12), 0 for a class never predicted, capped at `cap`. Returns float64 (C,)."""
     hist = hist.cpu().long()
     bins = hist.shape[1]
     cum = hist.cumsum(1)
@@ -445,7 +446,7 @@ def bdl_thresholds(hist, portion=0.5, cap=0.9):
         n = int(cum[c, -1])
         if n == 0:
             continue
-        k = min(int(np.round(n * portion)), n - 1)       # numpy rounds halves to even, as BDL's np.round
+        k = min(int(np.round(n * (1 - portion))), n - 1)  # numpy rounds halves to even, as BDL's np.round
         th[c] = int(torch.searchsorted(cum[c], k, right=True)) / bins
     return np.minimum(th, cap)
 

@@ -260,6 +260,21 @@ def test_bdl_rule_on_a_toy_map():
     assert ((label == 2) == ((pred == 2) & (conf >= 0.9))).all()
 
 
+def test_pl_portion_is_the_share_of_most_confident_pixels_kept():
+    """DLDM §4.2 / BDL: 'portion' = share of each class's pixels kept, the most confident ones; the threshold
+    is the ascending sorted confidence at index round((1 - portion) n_c) (BDL's round(0.5 n_c) at 0.5)."""
+    conf = np.arange(33, 41) / 64                                       # 8 pixels of class 0, all below the cap
+    prob = np.zeros((1, 2, 1, 8), dtype=np.float32)
+    prob[0, 0, 0], prob[0, 1, 0] = conf, 1 - conf
+    hist = dldm.confidence_histogram(torch.from_numpy(prob), 2 ** 12)
+    for portion, kept in ((0.25, 2), (0.5, 4), (0.75, 6), (1.0, 8)):
+        th = dldm.bdl_thresholds(hist, portion, 0.9)
+        assert th[0] == conf[round(8 * (1 - portion))] and th[1] == 0
+        label = dldm.apply_thresholds(torch.from_numpy(prob), torch.from_numpy(th)).numpy()[0, 0]
+        assert (label == 0).sum() == kept and (label[8 - kept:] == 0).all()   # the top `kept` confidences
+    assert dldm.bdl_thresholds(hist, 0.25, 0.55)[0] == 0.55              # the cap still wins
+
+
 def test_pseudo_labels_come_from_the_student_softmax_then_upsampled(root, base):
     """Alg. 1 line 5: M_S^1's softmax at the output stride, upsampled (align_corners) to the target size."""
     args = dldm.parse_args([*TINY, "--data-root", str(root), "--out-dir", str(base), "--rounds", "2"])

@@ -197,6 +197,9 @@ def parse_args(argv=None):
             and args.pl_batch_size >= 1 and args.aux_weight >= 0):
         raise common.DataError("expected --kd-temp > 0, --pl-portion and --pl-cap in (0, 1], --pl-bins >= 2, "
                                "--pl-batch-size >= 1, --aux-weight >= 0")
+    if tuple(args.crop_size) != (0, 0):
+        raise common.DataError(f"--crop-size {args.crop_size[0]} {args.crop_size[1]}: dldm.py trains on whole resized "
+                               f"images (A18); only 0 0 is accepted")
     if args.stage == "eval" and not (args.ensemble and len(args.ensemble) <= 2):
         raise common.DataError("--stage eval needs --ensemble CKPT [CKPT] (one or two checkpoints)")
     if args.source_size is None:
@@ -497,7 +500,7 @@ class Run:
         if args.rounds < 1 or not 1 <= args.round <= args.rounds:
             raise common.DataError(f"--round {args.round}: expected 1..--rounds ({args.rounds})")
         size = tuple(args.target_size)
-        self.val = common.cityscapes_val(self.target_root, size, "full", self.norm, self.num_classes, "bicubic")
+        self.val = common.cityscapes_val(self.target_root, size, args.eval_res, self.norm, self.num_classes, "bicubic")
         self.init_path = None
 
     def stage_dir(self, r, stage):

@@ -120,6 +120,16 @@ def test_defaults_match_the_paper_and_the_authors_config():
     assert tuple(dldm.parse_args(["--source", "synthia"]).source_size) == (1280, 760)
 
 
+def test_eval_res_is_honoured_and_a_crop_is_refused(root, tmp_path):
+    """--eval-res picks the val labels (full: DDM eval.py's 2048x1024; half: at the input size); --crop-size
+    has no meaning here (whole images, A18) and is refused instead of silently ignored."""
+    flags = [*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / "x")]
+    assert dldm.Run(dldm.parse_args(flags)).val.label_res == "full"
+    assert dldm.Run(dldm.parse_args([*flags, "--eval-res", "half"])).val.label_res == "input"
+    with pytest.raises(common.DataError, match="--crop-size 16 16"):
+        dldm.parse_args([*flags, "--crop-size", "16", "16"])
+
+
 def test_rounds_default(root, tmp_path):
     args = dldm.parse_args([*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / "x")])
     assert dldm.Run(args).args.rounds == 4                                    # GTA5

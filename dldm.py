@@ -20,7 +20,7 @@ rule is BDL's (liyunsheng13/BDL SSL.py), which the paper follows ("following [23
 
 Paper -> code:
     Eq. 1  x_rl = M x_t + (1 - M) x_s, y_rl likewise    -> `region_mix` (M from `box_mask`: 0 in the box = source)
-    Eq. 2  L_RL = CE(M_RL(x_rl), y_rl)                   -> `loss_rl` in `teacher_step` (+0.1 CE on the aux head, A1)
+    Eq. 2  L_RL = CE(M_RL(x_rl), y_rl)                   -> `loss_rl` in `rl_step` (+0.1 CE on the aux head, A1)
     Eq. 3  L_SL = CE(M_SL(x_s), y_s) + CE(M_SL(x_t), y_t) -> `loss_sl_s`, `loss_sl_t` (a sum, one step)
     Eq. 4  L_S = l_kl KL(E(M_RL(x_u), M_SL(x_u)) || M_S(x_u)) + l_ce CE(M_S(x_t), y_t)
                                                           -> `ensemble_probs`, `kd_loss`, `student_step`
@@ -31,7 +31,8 @@ Paper -> code:
     §4.2 SGD 2.5e-4, momentum 0.9, wd 1e-4, poly 0.9     -> `make_optimizer`, common.poly_factor(--poly-iters)
     §4.2 l_kl 0.5, l_ce 1, portion 0.5, threshold 0.9    -> --lambda-kl, --lambda-ce, --pl-portion, --pl-cap
     Table 3 (test-time ensembles E(a, b))                  -> --stage eval --ensemble A B
-    Table 4 (M_RL^r, M_SL^r, M_S^r of every round)        -> round<r>/{rl,sl,student}/metrics.json, metrics.json "rounds"
+    Table 4 (M_RL^r, M_SL^r, M_S^r of every round)        -> round<r>/{rl,sl,student}/metrics.json, "rounds" in
+                                                             metrics.json
     Table 5 (round 1, with/without LAB)                    -> --rounds 1 --lab on|off
     Tables 1-2 "Supervised DeeplabV2"                      -> --stage supervised
 

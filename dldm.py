@@ -256,10 +256,11 @@ def lab_stats(rgb):
 
 
 def lab_match(lab, stats, eps=1e-8):
-    """Per-channel affine map of a LAB image onto a reference's mean/std (step 4 of the transfer)."""
+    """Per-channel affine map of a LAB image onto a reference's mean/std (step 4 of the transfer); `eps`
+    only replaces a zero std (a flat channel), so any other image gets DDM base_dataset.py's exact values."""
     flat = lab.reshape(-1, 3)
     mean, std = flat.mean(0), flat.std(0)
-    return (lab - mean) / (std + eps) * stats[3:] + stats[:3]
+    return (lab - mean) / np.maximum(std, eps) * stats[3:] + stats[:3]
 
 
 def lab_transfer(rgb, stats):

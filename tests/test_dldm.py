@@ -341,6 +341,18 @@ def test_lab_transfer_matches_the_reference_statistics():
     assert dldm.lab_transfer(np.dstack([src, np.full(src.shape[:2], 7, np.uint8)]), stats).shape == src.shape
 
 
+def test_lab_match_is_the_authors_formula_without_an_epsilon():
+    """DDM base_dataset.py divides by the source channel's std itself; the guard only acts on a flat channel."""
+    rng = np.random.default_rng(3)
+    lab = dldm.rgb_to_lab(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8))
+    stats = np.array([55.0, -3.0, 8.0, 0.37, 11.0, 14.0])
+    expect = np.stack([(lab[..., i] - lab[..., i].mean()) / lab[..., i].std() * stats[3 + i] + stats[i]
+                       for i in range(3)], -1)
+    assert np.allclose(dldm.lab_match(lab, stats), expect, rtol=0, atol=1e-11)
+    flat = np.dstack([lab[..., :2], np.full(lab.shape[:2], 5.0)])         # b channel constant: std 0
+    assert np.isfinite(dldm.lab_match(flat, stats)).all() and (dldm.lab_match(flat, stats)[..., 2] == stats[2]).all()
+
+
 def test_lab_reference_drawn_per_load_online_and_fixed_offline(root, tmp_path):
     args = dldm.parse_args([*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / "r")])
     r = dldm.Run(args)

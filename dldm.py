@@ -55,7 +55,8 @@ Assumptions (the paper is silent; each alternative is a flag):
     A9  KD temperature 10 (DDM config.py KL_T) with the usual T^2 factor, KL summed over classes and averaged
         over pixels (--kd-temp, --no-kd-t2).
     A10 "Averaging the outputs" = averaging the teachers' softened probabilities (--ens logits: averaging
-        logits); the test-time ensemble E(a, b) of Table 3 averages probabilities at T = 1.
+        logits); the test-time ensemble E(a, b) of Table 3 averages probabilities at T = 1 (or logits with
+        --ens logits, as AdvEnt's eval_UDA.py sums the members' upsampled logits).
     A11 Every model of every round restarts from the ImageNet weights, as Alg. 1's M^0 inputs and BDL's
         self-training do (--warm-start: M^r starts from M^(r-1) of the same kind).
     A12 BDL sorts every confidence of the unlabeled set in memory; here per-class histograms of 2^20 bins over
@@ -153,7 +154,8 @@ def parse_args(argv=None):
     p.add_argument("--kd-t2", action=argparse.BooleanOptionalAction, default=True,
                    help="scale the KL term by T^2 (A9; --no-kd-t2 drops it)")
     p.add_argument("--ens", choices=["probs", "logits"], default="probs",
-                   help="teacher ensemble E: mean of softmax maps or of logits (A10)")
+                   help="ensemble E of Eq. 4 (at T) and of --stage eval (at T = 1): mean of softmax maps or of "
+                        "logits (A10)")
     p.add_argument("--box", choices=["cutmix", "french"], default="cutmix",
                    help="region-level box: CutMix's rule [46] or French et al.'s 50%%-area box [10] (A6)")
     p.add_argument("--src-fit", choices=["crop", "resize"], default="crop",

@@ -115,7 +115,10 @@ def test_defaults_match_the_paper_and_the_authors_config():
                "source_size": (1280, 720), "eval_res": "full", "lab": "on", "lab_mode": "online", "box": "cutmix",
                "src_fit": "crop", "ens": "probs", "merge_sampling": "uniform", "student_ce": "merged",
                "warm_start": False, "exclude_labeled_from_u": False, "n_labeled": 100, "init": "advent",
-               "stage": "all", "optimizer": "sgd", "clean_param_groups": False}
+               "stage": "all", "optimizer": "sgd", "clean_param_groups": False, "crop_size": (0, 0),
+               "eval_every": 0, "save_every": 2000, "rounds": None, "round": 1, "pl_bins": 2 ** 20, "amp": False,
+               "layers": [3, 4, 23, 3], "width": 64, "teachers": None, "pseudo_dir": None, "seed": 0,
+               "split_seed": 0}
     assert {k: getattr(a, k) for k in literal} == literal
     assert tuple(dldm.parse_args(["--source", "synthia"]).source_size) == (1280, 760)
 
@@ -128,6 +131,34 @@ def test_eval_res_is_honoured_and_a_crop_is_refused(root, tmp_path):
     assert dldm.Run(dldm.parse_args([*flags, "--eval-res", "half"])).val.label_res == "input"
     with pytest.raises(common.DataError, match="--crop-size 16 16"):
         dldm.parse_args([*flags, "--crop-size", "16", "16"])
+
+
+def test_source_fit_lab_and_unlabeled_flags_build_the_right_data(root, tmp_path):
+    """A4: M_RL's source is resized as usual then cut to a target-size window (--src-fit resize: squeezed to
+    it); M_SL sees the whole resized source; --lab off gives the plain images; A16: D_U is every train image
+    unless --exclude-labeled-from-u."""
+    flags = [*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / "x"), "--source-size", "80", "40"]
+    r = dldm.Run(dldm.parse_args(flags))
+    rl, sl = r.source_set(True), r.source_set(False)
+    assert isinstance(rl, dldm.LabSourceDataset) and (rl.resize, rl.crop) == ((80, 40), (32, 64))
+    assert (sl.resize, sl.crop) == ((80, 40), None) and rl[(0, 5, -1)]["image"].shape == (3, 32, 64)
+    assert sl[(0, 5, -1)]["image"].shape == (3, 40, 80)
+    squeezed = dldm.Run(dldm.parse_args([*flags, "--src-fit", "resize"])).source_set(True)
+    assert (squeezed.resize, squeezed.crop) == ((64, 32), None)
+    plain = dldm.Run(dldm.parse_args([*flags, "--lab", "off"])).source_set(True)
+    assert type(plain) is common.SegmentationDataset and (plain.resize, plain.crop) == ((80, 40), (32, 64))
+    assert r.unlabeled == r.train_stems and len(r.train_stems) == 6
+    ex = dldm.Run(dldm.parse_args([*flags, "--exclude-labeled-from-u"]))
+    assert ex.unlabeled == [s for s in ex.train_stems if s not in ex.labeled] and len(ex.unlabeled) == 4
+
+
+def test_balanced_sampling_alternates_ground_truth_and_pseudo_labels():
+    """--merge-sampling balanced (A14 alternative): even iterations a ground-truth image (indices < n_gt),
+    odd ones a pseudo-labeled image; each kind runs through all of its images before repeating."""
+    s = dldm.BalancedSampler(3, 5, 1, seed=0, stream=1)
+    drawn = [s.batch(i)[0][0] for i in range(20)]
+    assert all(d < 3 for d in drawn[0::2]) and all(3 <= d < 8 for d in drawn[1::2])
+    assert sorted(drawn[0:6:2]) == [0, 1, 2] and sorted(drawn[1:10:2]) == [3, 4, 5, 6, 7]
 
 
 def test_rounds_default(root, tmp_path):

@@ -75,7 +75,10 @@ Assumptions (the paper is silent; each alternative is a flag):
         translated once and cached as PNG in the run folder).
     A18 No crop, flip or scale augmentation beyond the fixed resize and the mixes (AdvEnt/BDL/DDM loaders).
 
-Other decisions: the paper's weight decay 1e-4 is used (DDM config.py has AdvEnt's 5e-4: --weight-decay);
+Other decisions: SYNTHIA-RAND-CITYSCAPES images are used at their native 1280x760 (BDL's loader size); §4.1's
+"1280x960" is taken for a typo. AdvEnt's train_UDA.py loops over range(EARLY_STOP + 1), i.e. its 120000
+snapshot has seen 120001 updates; --iters 120001 reproduces that (A3 keeps 120000).
+The paper's weight decay 1e-4 is used (DDM config.py has AdvEnt's 5e-4: --weight-decay);
 the ASPP classifier sums all four branches as AdvEnt's does (not AdaptSegNet's two); BN layers have frozen
 affine parameters and batch statistics in training (AdvEnt); the 1x parameter group repeats tensors as
 AdvEnt's `optim_parameters` does, with the per-entry SGD update of PyTorch 0.4-1.5 (common.LegacySGD;

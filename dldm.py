@@ -127,7 +127,7 @@ DEMO = {"source": "demo", "n_labeled": 5, "rounds": 2, "iters": 150, "poly_iters
         "pl_batch_size": 8}
 SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
 ADVENT_INIT_URL = "https://github.com/valeoai/ADVENT/releases/download/v0.1/DeepLab_resnet_pretrained_imagenet.pth"
-STAGE_IDS = {"rl": 0, "sl": 1, "student": 2, "pseudo": 3, "supervised": 4}
+STAGE_IDS = {"rl": 0, "sl": 1, "student": 2, "supervised": 4}   # seeds of the trained stages
 TRAINED = ("rl", "sl", "student", "supervised")
 
 

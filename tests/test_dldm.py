@@ -189,8 +189,6 @@ def test_box_pastes_source_onto_target_and_mixes_labels_identically():
                     assert from_source[k, rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
                     if rule == "french":
                         assert from_source[k].float().mean() == pytest.approx(0.5, abs=0.05)
-    mask = dldm.box_mask(1, 16, 24, torch.Generator().manual_seed(0), "cutmix")
-    assert (1 - mask).mean() <= 1.0
 
 
 def test_cutmix_box_rule_by_hand():
@@ -451,6 +449,24 @@ def test_warm_start_and_pseudo_label_flags(root, base, tmp_path):
         pl[tuple(flags)] = stage_digest(root, out, ["--rounds", 2, "--stage", "pseudo", "--pl-bins", 2 ** 20, *flags],
                                         "round1/pseudo")
     assert len(set(pl.values())) == 3
+
+
+def test_warm_start_begins_each_model_from_the_previous_round_of_its_own_kind(root, base, tmp_path):
+    """--warm-start (A11 alternative): M_SL^2 starts from M_SL^1 (not from M_RL^1 or the student); without
+    it from the init. One step at a negligible learning rate leaves the starting weights visible."""
+    out = tmp_path / "run"
+    shutil.copytree(base / "round1", out / "round1")
+    flags = ["--rounds", 2, "--round", 2, "--stage", "sl", "--iters", 1, "--lr", 1e-30,
+             "--pseudo-dir", base / "round1" / "pseudo"]
+    run(root, out, *flags, "--warm-start")
+    got = ckpt(out / "round2" / "sl" / "checkpoint.pth")["model"]
+    prev = {kind: ckpt(base / "round1" / kind / "checkpoint.pth")["model"] for kind in ("rl", "sl", "student")}
+    weights = [k for k in got if k.endswith("conv1.weight") or k.startswith("layer6")]
+    assert all(torch.allclose(got[k], prev["sl"][k], rtol=0, atol=1e-12) for k in weights)
+    assert not all(torch.equal(prev["sl"][k], prev[kind][k]) for kind in ("rl", "student") for k in weights)
+    run(root, tmp_path / "cold", *flags)
+    cold = ckpt(tmp_path / "cold" / "round2" / "sl" / "checkpoint.pth")["model"]
+    assert not all(torch.allclose(cold[k], prev["sl"][k]) for k in weights)
 
 
 # ------------------------------------------------------------------ evaluation, bad input

@@ -443,11 +443,12 @@ class Ensemble(nn.Module):
         return ensemble_probs([m(x)[1] for m in self.members], 1.0, self.mode)
 
 
-def bdl_thresholds(hist, portion=0.5, cap=0.9):
+def bdl_thresholds(hist, keep=0.5, cap=0.9):
     """Per-class thresholds of BDL SSL.py from per-class confidence histograms (C, bins) over [0, 1]:
-    the value at ascending sorted index round((1 - portion) * n_c), so that the `portion` most confident
-    pixels of each class are kept (BDL hard-codes index round(0.5 n_c), the same at 0.5); its bin's lower
-    edge (A12), 0 for a class never predicted, capped at `cap`. Returns float64 (C,)."""
+    the value at ascending sorted index round((1 - keep) * n_c), so that the share `keep` of each class's
+    pixels, the most confident ones, is kept (BDL hard-codes index round(0.5 n_c), the same at 0.5); its
+    bin's lower edge (A12), 0 for a class never predicted, capped at `cap`. Returns float64 (C,)."""
+    portion = 1 - keep                                   # position of the threshold in the ascending order
     hist = hist.cpu().long()
     bins = hist.shape[1]
     cum = hist.cumsum(1)
@@ -456,7 +457,7 @@ def bdl_thresholds(hist, portion=0.5, cap=0.9):
         n = int(cum[c, -1])
         if n == 0:
             continue
-        k = min(int(np.round(n * (1 - portion))), n - 1)  # numpy rounds halves to even, as BDL's np.round
+        k = min(int(np.round(n * portion)), n - 1)       # numpy rounds halves to even, as BDL's np.round
         th[c] = int(torch.searchsorted(cum[c], k, right=True)) / bins
     return np.minimum(th, cap)
 

@@ -20,7 +20,7 @@ rule is BDL's (liyunsheng13/BDL SSL.py), which the paper follows ("following [23
 
 Paper -> code:
     Eq. 1  x_rl = M x_t + (1 - M) x_s, y_rl likewise    -> `region_mix` (M from `box_mask`: 0 in the box = source)
-    Eq. 2  L_RL = CE(M_RL(x_rl), y_rl)                   -> `loss_rl` in `teacher_step` (+0.1 CE on the aux head, A1)
+    Eq. 2  L_RL = CE(M_RL(x_rl), y_rl)                   -> `loss_rl` in `rl_step` (+0.1 CE on the aux head, A1)
     Eq. 3  L_SL = CE(M_SL(x_s), y_s) + CE(M_SL(x_t), y_t) -> `loss_sl_s`, `loss_sl_t` (a sum, one step)
     Eq. 4  L_S = l_kl KL(E(M_RL(x_u), M_SL(x_u)) || M_S(x_u)) + l_ce CE(M_S(x_t), y_t)
                                                           -> `ensemble_probs`, `kd_loss`, `student_step`
@@ -31,7 +31,8 @@ Paper -> code:
     §4.2 SGD 2.5e-4, momentum 0.9, wd 1e-4, poly 0.9     -> `make_optimizer`, common.poly_factor(--poly-iters)
     §4.2 l_kl 0.5, l_ce 1, portion 0.5, threshold 0.9    -> --lambda-kl, --lambda-ce, --pl-portion, --pl-cap
     Table 3 (test-time ensembles E(a, b))                  -> --stage eval --ensemble A B
-    Table 4 (M_RL^r, M_SL^r, M_S^r of every round)        -> round<r>/{rl,sl,student}/metrics.json, metrics.json "rounds"
+    Table 4 (M_RL^r, M_SL^r, M_S^r of every round)        -> round<r>/{rl,sl,student}/metrics.json, "rounds" in
+                                                             metrics.json
     Table 5 (round 1, with/without LAB)                    -> --rounds 1 --lab on|off
     Tables 1-2 "Supervised DeeplabV2"                      -> --stage supervised
 
@@ -54,7 +55,8 @@ Assumptions (the paper is silent; each alternative is a flag):
     A9  KD temperature 10 (DDM config.py KL_T) with the usual T^2 factor, KL summed over classes and averaged
         over pixels (--kd-temp, --no-kd-t2).
     A10 "Averaging the outputs" = averaging the teachers' softened probabilities (--ens logits: averaging
-        logits); the test-time ensemble E(a, b) of Table 3 averages probabilities at T = 1.
+        logits); the test-time ensemble E(a, b) of Table 3 averages probabilities at T = 1 (or logits with
+        --ens logits, as AdvEnt's eval_UDA.py sums the members' upsampled logits).
     A11 Every model of every round restarts from the ImageNet weights, as Alg. 1's M^0 inputs and BDL's
         self-training do (--warm-start: M^r starts from M^(r-1) of the same kind).
     A12 BDL sorts every confidence of the unlabeled set in memory; here per-class histograms of 2^20 bins over
@@ -73,7 +75,10 @@ Assumptions (the paper is silent; each alternative is a flag):
         translated once and cached as PNG in the run folder).
     A18 No crop, flip or scale augmentation beyond the fixed resize and the mixes (AdvEnt/BDL/DDM loaders).
 
-Other decisions: the paper's weight decay 1e-4 is used (DDM config.py has AdvEnt's 5e-4: --weight-decay);
+Other decisions: SYNTHIA-RAND-CITYSCAPES images are used at their native 1280x760 (BDL's loader size); §4.1's
+"1280x960" is taken for a typo. AdvEnt's train_UDA.py loops over range(EARLY_STOP + 1), i.e. its 120000
+snapshot has seen 120001 updates; --iters 120001 reproduces that (A3 keeps 120000).
+The paper's weight decay 1e-4 is used (DDM config.py has AdvEnt's 5e-4: --weight-decay);
 the ASPP classifier sums all four branches as AdvEnt's does (not AdaptSegNet's two); BN layers have frozen
 affine parameters and batch statistics in training (AdvEnt); the 1x parameter group repeats tensors as
 AdvEnt's `optim_parameters` does, with the per-entry SGD update of PyTorch 0.4-1.5 (common.LegacySGD;
@@ -123,7 +128,7 @@ DEMO = {"source": "demo", "n_labeled": 5, "rounds": 2, "iters": 150, "poly_iters
         "pl_batch_size": 8}
 SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
 ADVENT_INIT_URL = "https://github.com/valeoai/ADVENT/releases/download/v0.1/DeepLab_resnet_pretrained_imagenet.pth"
-STAGE_IDS = {"rl": 0, "sl": 1, "student": 2, "pseudo": 3, "supervised": 4}
+STAGE_IDS = {"rl": 0, "sl": 1, "student": 2, "supervised": 4}   # seeds of the trained stages
 TRAINED = ("rl", "sl", "student", "supervised")
 
 
@@ -153,7 +158,8 @@ def parse_args(argv=None):
     p.add_argument("--kd-t2", action=argparse.BooleanOptionalAction, default=True,
                    help="scale the KL term by T^2 (A9; --no-kd-t2 drops it)")
     p.add_argument("--ens", choices=["probs", "logits"], default="probs",
-                   help="teacher ensemble E: mean of softmax maps or of logits (A10)")
+                   help="ensemble E of Eq. 4 (at T) and of --stage eval (at T = 1): mean of softmax maps or of "
+                        "logits (A10)")
     p.add_argument("--box", choices=["cutmix", "french"], default="cutmix",
                    help="region-level box: CutMix's rule [46] or French et al.'s 50%%-area box [10] (A6)")
     p.add_argument("--src-fit", choices=["crop", "resize"], default="crop",
@@ -161,7 +167,7 @@ def parse_args(argv=None):
     p.add_argument("--aux-weight", type=float, default=0.1,
                    help="CE weight of the aux (layer3) head: DDM/AdvEnt config LAMBDA_SEG_AUX (A1)")
     p.add_argument("--pl-portion", type=float, default=0.5,
-                   help="per-class portion of kept pseudo-labels (BDL SSL.py; DLDM §4.2)")
+                   help="per-class portion of kept pseudo-labels, the most confident ones (BDL SSL.py; DLDM §4.2)")
     p.add_argument("--pl-cap", type=float, default=0.9,
                    help="cap of the per-class confidence threshold (BDL SSL.py; DLDM §4.2)")
     p.add_argument("--pl-bins", type=int, default=2 ** 20, help="histogram bins over [0, 1] for the median (A12)")
@@ -198,6 +204,9 @@ def parse_args(argv=None):
             and args.pl_batch_size >= 1 and args.aux_weight >= 0):
         raise common.DataError("expected --kd-temp > 0, --pl-portion and --pl-cap in (0, 1], --pl-bins >= 2, "
                                "--pl-batch-size >= 1, --aux-weight >= 0")
+    if tuple(args.crop_size) != (0, 0):
+        raise common.DataError(f"--crop-size {args.crop_size[0]} {args.crop_size[1]}: dldm.py trains on whole resized "
+                               f"images (A18); only 0 0 is accepted")
     if args.stage == "eval" and not (args.ensemble and len(args.ensemble) <= 2):
         raise common.DataError("--stage eval needs --ensemble CKPT [CKPT] (one or two checkpoints)")
     if args.source_size is None:
@@ -253,10 +262,11 @@ def lab_stats(rgb):
 
 
 def lab_match(lab, stats, eps=1e-8):
-    """Per-channel affine map of a LAB image onto a reference's mean/std (step 4 of the transfer)."""
+    """Per-channel affine map of a LAB image onto a reference's mean/std (step 4 of the transfer); `eps`
+    only replaces a zero std (a flat channel), so any other image gets DDM base_dataset.py's exact values."""
     flat = lab.reshape(-1, 3)
     mean, std = flat.mean(0), flat.std(0)
-    return (lab - mean) / (std + eps) * stats[3:] + stats[:3]
+    return (lab - mean) / np.maximum(std, eps) * stats[3:] + stats[:3]
 
 
 def lab_transfer(rgb, stats):
@@ -434,10 +444,12 @@ class Ensemble(nn.Module):
         return ensemble_probs([m(x)[1] for m in self.members], 1.0, self.mode)
 
 
-def bdl_thresholds(hist, portion=0.5, cap=0.9):
+def bdl_thresholds(hist, keep=0.5, cap=0.9):
     """Per-class thresholds of BDL SSL.py from per-class confidence histograms (C, bins) over [0, 1]:
-    the value at sorted index round(portion * n_c) (its bin's lower edge, A12), 0 for a class never
-    predicted, capped at `cap`. Returns float64 (C,)."""
+    the value at ascending sorted index round((1 - keep) * n_c), so that the share `keep` of each class's
+    pixels, the most confident ones, is kept (BDL hard-codes index round(0.5 n_c), the same at 0.5); its
+    bin's lower edge (A12), 0 for a class never predicted, capped at `cap`. Returns float64 (C,)."""
+    portion = 1 - keep                                   # position of the threshold in the ascending order
     hist = hist.cpu().long()
     bins = hist.shape[1]
     cum = hist.cumsum(1)
@@ -497,7 +509,8 @@ class Run:
         if args.rounds < 1 or not 1 <= args.round <= args.rounds:
             raise common.DataError(f"--round {args.round}: expected 1..--rounds ({args.rounds})")
         size = tuple(args.target_size)
-        self.val = training.cityscapes_val(self.target_root, size, "full", self.norm, self.num_classes, "bicubic")
+        self.val = training.cityscapes_val(self.target_root, size, args.eval_res, self.norm, self.num_classes,
+                                           "bicubic")
         self.init_path = None
 
     def stage_dir(self, r, stage):

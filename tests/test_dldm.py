@@ -116,9 +116,50 @@ def test_defaults_match_the_paper_and_the_authors_config():
                "source_size": (1280, 720), "eval_res": "full", "lab": "on", "lab_mode": "online", "box": "cutmix",
                "src_fit": "crop", "ens": "probs", "merge_sampling": "uniform", "student_ce": "merged",
                "warm_start": False, "exclude_labeled_from_u": False, "n_labeled": 100, "init": "advent",
-               "stage": "all", "optimizer": "sgd", "clean_param_groups": False}
+               "stage": "all", "optimizer": "sgd", "clean_param_groups": False, "crop_size": (0, 0),
+               "eval_every": 0, "save_every": 2000, "rounds": None, "round": 1, "pl_bins": 2 ** 20, "amp": False,
+               "layers": [3, 4, 23, 3], "width": 64, "teachers": None, "pseudo_dir": None, "seed": 0,
+               "split_seed": 0}
     assert {k: getattr(a, k) for k in literal} == literal
     assert tuple(dldm.parse_args(["--source", "synthia"]).source_size) == (1280, 760)
+
+
+def test_eval_res_is_honoured_and_a_crop_is_refused(root, tmp_path):
+    """--eval-res picks the val labels (full: DDM eval.py's 2048x1024; half: at the input size); --crop-size
+    has no meaning here (whole images, A18) and is refused instead of silently ignored."""
+    flags = [*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / "x")]
+    assert dldm.Run(dldm.parse_args(flags)).val.label_res == "full"
+    assert dldm.Run(dldm.parse_args([*flags, "--eval-res", "half"])).val.label_res == "input"
+    with pytest.raises(common.DataError, match="--crop-size 16 16"):
+        dldm.parse_args([*flags, "--crop-size", "16", "16"])
+
+
+def test_source_fit_lab_and_unlabeled_flags_build_the_right_data(root, tmp_path):
+    """A4: M_RL's source is resized as usual then cut to a target-size window (--src-fit resize: squeezed to
+    it); M_SL sees the whole resized source; --lab off gives the plain images; A16: D_U is every train image
+    unless --exclude-labeled-from-u."""
+    flags = [*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / "x"), "--source-size", "80", "40"]
+    r = dldm.Run(dldm.parse_args(flags))
+    rl, sl = r.source_set(True), r.source_set(False)
+    assert isinstance(rl, dldm.LabSourceDataset) and (rl.resize, rl.crop) == ((80, 40), (32, 64))
+    assert (sl.resize, sl.crop) == ((80, 40), None) and rl[(0, 5, -1)]["image"].shape == (3, 32, 64)
+    assert sl[(0, 5, -1)]["image"].shape == (3, 40, 80)
+    squeezed = dldm.Run(dldm.parse_args([*flags, "--src-fit", "resize"])).source_set(True)
+    assert (squeezed.resize, squeezed.crop) == ((64, 32), None)
+    plain = dldm.Run(dldm.parse_args([*flags, "--lab", "off"])).source_set(True)
+    assert type(plain) is common.SegmentationDataset and (plain.resize, plain.crop) == ((80, 40), (32, 64))
+    assert r.unlabeled == r.train_stems and len(r.train_stems) == 6
+    ex = dldm.Run(dldm.parse_args([*flags, "--exclude-labeled-from-u"]))
+    assert ex.unlabeled == [s for s in ex.train_stems if s not in ex.labeled] and len(ex.unlabeled) == 4
+
+
+def test_balanced_sampling_alternates_ground_truth_and_pseudo_labels():
+    """--merge-sampling balanced (A14 alternative): even iterations a ground-truth image (indices < n_gt),
+    odd ones a pseudo-labeled image; each kind runs through all of its images before repeating."""
+    s = dldm.BalancedSampler(3, 5, 1, seed=0, stream=1)
+    drawn = [s.batch(i)[0][0] for i in range(20)]
+    assert all(d < 3 for d in drawn[0::2]) and all(3 <= d < 8 for d in drawn[1::2])
+    assert sorted(drawn[0:6:2]) == [0, 1, 2] and sorted(drawn[1:10:2]) == [3, 4, 5, 6, 7]
 
 
 def test_rounds_default(root, tmp_path):
@@ -149,8 +190,6 @@ def test_box_pastes_source_onto_target_and_mixes_labels_identically():
                     assert from_source[k, rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
                     if rule == "french":
                         assert from_source[k].float().mean() == pytest.approx(0.5, abs=0.05)
-    mask = dldm.box_mask(1, 16, 24, torch.Generator().manual_seed(0), "cutmix")
-    assert (1 - mask).mean() <= 1.0
 
 
 def test_cutmix_box_rule_by_hand():
@@ -261,6 +300,21 @@ def test_bdl_rule_on_a_toy_map():
     assert ((label == 2) == ((pred == 2) & (conf >= 0.9))).all()
 
 
+def test_pl_portion_is_the_share_of_most_confident_pixels_kept():
+    """DLDM §4.2 / BDL: 'portion' = share of each class's pixels kept, the most confident ones; the threshold
+    is the ascending sorted confidence at index round((1 - portion) n_c) (BDL's round(0.5 n_c) at 0.5)."""
+    conf = np.arange(33, 41) / 64                                       # 8 pixels of class 0, all below the cap
+    prob = np.zeros((1, 2, 1, 8), dtype=np.float32)
+    prob[0, 0, 0], prob[0, 1, 0] = conf, 1 - conf
+    hist = dldm.confidence_histogram(torch.from_numpy(prob), 2 ** 12)
+    for portion, kept in ((0.25, 2), (0.5, 4), (0.75, 6), (1.0, 8)):
+        th = dldm.bdl_thresholds(hist, portion, 0.9)
+        assert th[0] == conf[round(8 * (1 - portion))] and th[1] == 0
+        label = dldm.apply_thresholds(torch.from_numpy(prob), torch.from_numpy(th)).numpy()[0, 0]
+        assert (label == 0).sum() == kept and (label[8 - kept:] == 0).all()   # the top `kept` confidences
+    assert dldm.bdl_thresholds(hist, 0.25, 0.55)[0] == 0.55              # the cap still wins
+
+
 def test_pseudo_labels_come_from_the_student_softmax_then_upsampled(root, base):
     """Alg. 1 line 5: M_S^1's softmax at the output stride, upsampled (align_corners) to the target size."""
     args = dldm.parse_args([*TINY, "--data-root", str(root), "--out-dir", str(base), "--rounds", "2"])
@@ -315,6 +369,18 @@ def test_lab_transfer_matches_the_reference_statistics():
     out = dldm.lab_stats(dldm.lab_transfer(src, stats))                # after gamut clip and uint8 truncation
     assert out[:3] == pytest.approx(stats[:3], abs=1.0) and out[3:] == pytest.approx(stats[3:], abs=1.0)
     assert dldm.lab_transfer(np.dstack([src, np.full(src.shape[:2], 7, np.uint8)]), stats).shape == src.shape
+
+
+def test_lab_match_is_the_authors_formula_without_an_epsilon():
+    """DDM base_dataset.py divides by the source channel's std itself; the guard only acts on a flat channel."""
+    rng = np.random.default_rng(3)
+    lab = dldm.rgb_to_lab(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8))
+    stats = np.array([55.0, -3.0, 8.0, 0.37, 11.0, 14.0])
+    expect = np.stack([(lab[..., i] - lab[..., i].mean()) / lab[..., i].std() * stats[3 + i] + stats[i]
+                       for i in range(3)], -1)
+    assert np.allclose(dldm.lab_match(lab, stats), expect, rtol=0, atol=1e-11)
+    flat = np.dstack([lab[..., :2], np.full(lab.shape[:2], 5.0)])         # b channel constant: std 0
+    assert np.isfinite(dldm.lab_match(flat, stats)).all() and (dldm.lab_match(flat, stats)[..., 2] == stats[2]).all()
 
 
 def test_lab_reference_drawn_per_load_online_and_fixed_offline(root, tmp_path):
@@ -384,6 +450,24 @@ def test_warm_start_and_pseudo_label_flags(root, base, tmp_path):
         pl[tuple(flags)] = stage_digest(root, out, ["--rounds", 2, "--stage", "pseudo", "--pl-bins", 2 ** 20, *flags],
                                         "round1/pseudo")
     assert len(set(pl.values())) == 3
+
+
+def test_warm_start_begins_each_model_from_the_previous_round_of_its_own_kind(root, base, tmp_path):
+    """--warm-start (A11 alternative): M_SL^2 starts from M_SL^1 (not from M_RL^1 or the student); without
+    it from the init. One step at a negligible learning rate leaves the starting weights visible."""
+    out = tmp_path / "run"
+    shutil.copytree(base / "round1", out / "round1")
+    flags = ["--rounds", 2, "--round", 2, "--stage", "sl", "--iters", 1, "--lr", 1e-30,
+             "--pseudo-dir", base / "round1" / "pseudo"]
+    run(root, out, *flags, "--warm-start")
+    got = ckpt(out / "round2" / "sl" / "checkpoint.pth")["model"]
+    prev = {kind: ckpt(base / "round1" / kind / "checkpoint.pth")["model"] for kind in ("rl", "sl", "student")}
+    weights = [k for k in got if k.endswith("conv1.weight") or k.startswith("layer6")]
+    assert all(torch.allclose(got[k], prev["sl"][k], rtol=0, atol=1e-12) for k in weights)
+    assert not all(torch.equal(prev["sl"][k], prev[kind][k]) for kind in ("rl", "student") for k in weights)
+    run(root, tmp_path / "cold", *flags)
+    cold = ckpt(tmp_path / "cold" / "round2" / "sl" / "checkpoint.pth")["model"]
+    assert not all(torch.allclose(cold[k], prev["sl"][k]) for k in weights)
 
 
 # ------------------------------------------------------------------ evaluation, bad input

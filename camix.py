@@ -54,11 +54,12 @@ Paper vs code (the default follows the code; the flag gives the other):
    {bicycle, motorcycle} (one-way); flat, construction and nature groups are commented out.
  7 significance mask noise: the code's helper passes its clamp bounds swapped, so every copy gets the
    constant -0.2 and the N passes are identical (train-mode BN then removes the offset); --src-impl paper
-   draws N(0, 0.1^2) clipped to +-0.2 (+-2 std for --sigmask-noise-std). K_sup = ln 19, beta 0.75,
-   gamma -5, t_max 130k (GTA5) / 10k (SYNTHIA, so U_T ~ 1 long before phase B starts); U_T is
+   draws N(0, 0.1^2) clipped to +-0.2 (+-2 std for --sigmask-noise-std). K_sup = ln 19 (the paper: the
+   sup of the entropies; it gives no beta, gamma), beta 0.75, gamma -5, t_max 130k (GTA5) / 10k
+   (SYNTHIA, so U_T ~ 1 long before phase B starts; the paper: the maximum training step); U_T is
    thresholded at the network's output resolution (65x65) and bilinearly upsampled (soft edges); the
-   entropy has no epsilon (a 0 probability gives NaN and U_T = 0 there) — all kept. Paper Eq. 7 typesets K_sup on the second term only; the code
-   multiplies the bracket.
+   entropy has no epsilon (a 0 probability gives NaN and U_T = 0 there) — all kept. Paper Eq. 7 typesets
+   K_sup on the second term only; the code multiplies the bracket.
  8 SRC: the code multiplies the already averaged weighted CE (a scalar) by U_M and divides by sum U_M, so
    U_M cancels and L_con is DACS's loss (--src-impl code, default; the significance pass is then skipped
    unless --log-sigmask). --src-impl paper computes Eq. 9 per pixel (with the DACS weight inside).
@@ -143,22 +144,25 @@ def parse_args(argv=None):
                    help="L_con: significance-reweighted CE (Eq. 9), confidence-weighted CE, or MSE on softmaxes "
                         "(Table 5; code consistency_loss CE/MSE)")
     p.add_argument("--src-impl", choices=["code", "paper"], default="code",
-                   help="SRC as the code computes it (U_M cancels: = the ce row) or per pixel as Eq. 9 defines it")
+                   help="SRC as the code computes it (U_M cancels: = the ce row; noise the constant -0.2) or per "
+                        "pixel as Eq. 9 defines it (Gaussian noise, --sigmask-noise-std)")
     p.add_argument("--log-sigmask", action="store_true",
                    help="with --src-impl code: run the significance pass anyway (the code's exact arithmetic) "
                         "and log the share of kept pixels")
     p.add_argument("--sigmask-passes", type=int, default=8, help="N teacher passes of Eq. 5 (paper §4.2; code T=8)")
     p.add_argument("--sigmask-tmax", type=int, default=None,
                    help="t_max of Eq. 7 (default: 130000 GTA5, 10000 SYNTHIA; hard-coded in train_ucspa_*.py)")
-    p.add_argument("--sigmask-beta", type=float, default=0.75, help="beta of Eq. 7 (code sigmoid_ramp_up use)")
-    p.add_argument("--sigmask-gamma", type=float, default=-5.0, help="gamma of Eq. 7 (code sigmoid_ramp_up)")
+    p.add_argument("--sigmask-beta", type=float, default=0.75,
+                   help="beta of Eq. 7 (train_ucspa_*.py, the line computing H)")
+    p.add_argument("--sigmask-gamma", type=float, default=-5.0,
+                   help="gamma of Eq. 7 (train_ucspa_*.py sigmoid_ramp_up)")
     p.add_argument("--sigmask-noise-std", type=float, default=0.1,
                    help="--src-impl paper: std of the Gaussian input noise, clipped to +-2 std (code noise_scale 0.1, "
                         "bounds +-0.2)")
     p.add_argument("--prior", default=None,
                    help="spatial prior: .npy of shape (19,H,W) or (H,W,19) on the full-resolution Cityscapes "
-                        "frame, or a folder of probarray_cls{0..18}.npy (the authors' SYNTHIA maps); written "
-                        "here by --build-prior (default <out-dir>/spatial_prior.npy)")
+                        "frame, or a folder of probarray_cls{0..18}.npy (the authors' SYNTHIA .mat maps, converted); "
+                        "written here by --build-prior (default <out-dir>/spatial_prior.npy)")
     p.add_argument("--build-prior", action="store_true",
                    help="count the source label frequencies per pixel, smooth, normalise, save to --prior, train")
     p.add_argument("--prior-norm", choices=["class", "pixel"], default="class",

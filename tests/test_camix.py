@@ -409,3 +409,111 @@ def test_bad_input_is_one_line_and_writes_nothing(root, tmp_path, capsys, make, 
 def test_camix_without_a_prior_is_refused(root, tmp_path):
     with pytest.raises(common.DataError, match="--prior PATH or --build-prior"):
         camix.parse_args(TINY)
+
+
+# ------------------------------------------------------------------ the training step's wiring (pinned values)
+
+def test_training_step_feeds_each_stage_the_codes_tensors(root, tmp_path, monkeypatch):
+    """One run across the phase boundary with spies on the stages of train_ucspa_*.py's step: which map the
+    mask, the labels and the weight come from, the threshold's arguments, what is jittered and blurred, in order."""
+    seen, order = [], []
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            seen.append((name, args, out))
+            order.append(name)
+            return out
+        return wrapped
+    for name in ("target_pixels", "mix_target_onto_source", "significance_mask", "consistency_loss"):
+        monkeypatch.setattr(camix, name, spy(name, getattr(camix, name)))
+    for name in ("color_jitter", "gaussian_blur"):
+        monkeypatch.setattr(common, name, spy(name, getattr(common, name)))
+    flags = ["--src-impl", "paper", "--tau", "0.12", "--sigmask-tmax", "7", "--sigmask-beta", "0.6",
+             "--sigmask-gamma", "-2"]
+    run(root, tmp_path / "r", *flags)
+    step = ["significance_mask", "target_pixels", "mix_target_onto_source", "color_jitter", "gaussian_blur",
+            "consistency_loss"]
+    assert order == step * 2
+    for i in range(2):
+        calls = {name: (args, out) for name, args, out in seen[6 * i:6 * i + 6]}
+        (phase, y_s, y_raw, prob_t, prior, _, _), T = calls["target_pixels"]
+        (T2, x_s, y_s2, x_t, y_raw2, w_t, u_t), (x_m, y_m, w_m, u_m) = calls["mix_target_onto_source"]
+        (_, x_sig, threshold, passes, _, size, _), u_sig = calls["significance_mask"]
+        assert phase == ("dacs", "camix")[i] and T2 is T and y_s2 is y_s and y_raw2 is y_raw
+        assert torch.equal(y_raw, prob_t.argmax(1))                          # labels: the RAW teacher argmax
+        share = (prob_t.max(1).values >= 0.12).float().mean().item()           # w_t: one share for the batch
+        assert 0 < share < 1 and torch.equal(w_t, torch.full_like(w_t, share))
+        assert x_sig is x_t and u_t is u_sig and passes == 8 and tuple(size) == tuple(y_raw.shape[1:])
+        assert threshold == pytest.approx((0.6 + 0.4 * math.exp(-2 * (1 - i / 7) ** 2)) * math.log(19))
+        mask_map = y_s if i == 0 else (prior * prob_t).argmax(1)             # DACS: source GT; CAMix: argmax(Q.P)
+        if i == 1:
+            assert not torch.equal(mask_map, y_raw)                          # Q changes the map, so the check bites
+        for b in range(T.shape[0]):
+            for c in mask_map[b].unique():
+                assert T[b][mask_map[b] == c].unique().numel() == 1          # whole classes of that map
+        (x_j, *_), jittered = calls["color_jitter"]
+        (x_b, *_), _ = calls["gaussian_blur"]
+        assert x_j is x_m and x_b is jittered                                # mix -> jitter -> blur
+        (_, y_c, w_c, u_c, kind, impl), _ = calls["consistency_loss"]
+        assert y_c is y_m and w_c is w_m and u_c is u_m and (kind, impl) == ("src", "paper")
+
+
+def test_ema_is_eq3_with_the_capped_alpha(root, tmp_path):
+    """theta'_i = a_i theta'_{i-1} + (1 - a_i) theta_i after step i, a_i = min(1 - 1/(i+1), --ema-alpha):
+    0.5 at i = 1 (uncapped), 0.6 at i = 2 (capped), parameters only."""
+    _, last = run(root, tmp_path / "r", "--iters", "3", "--ema-alpha", "0.6", "--save-every", "1",
+                  "--keep-checkpoints")
+    ckpts = [torch.load(tmp_path / "r" / f"checkpoint_{k}.pth", weights_only=True) for k in (1, 2, 3)]
+    names = dict(common.DeepLabV2(19, layers=(1, 1, 1, 1)).named_parameters())
+    for (before, after), alpha in zip(zip(ckpts, ckpts[1:]), (0.5, 0.6)):
+        for k in names:
+            expected = alpha * before["ema_model"][k] + (1 - alpha) * after["model"][k]
+            assert torch.allclose(after["ema_model"][k], expected, rtol=1e-5, atol=1e-7), k
+    moved = [k for k in names if not torch.equal(ckpts[1]["ema_model"][k], ckpts[0]["ema_model"][k])]
+    assert moved                                                         # the check is not vacuous
+
+
+def test_consistency_weight_scales_l_con(root, tmp_path):
+    """Eq. 11: lambda_con multiplies L_con (first iteration: same draws, so exactly half the loss)."""
+    logs = []
+    for name, flags in (("one", []), ("half", ["--consistency-weight", "0.5"])):
+        run(root, tmp_path / name, "--iters", "1", "--tau", "0.01", *flags)
+        logs.append(json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[0]))
+    assert logs[0]["loss_con"] > 0 and logs[1]["loss_con"] == pytest.approx(0.5 * logs[0]["loss_con"], rel=1e-6)
+    assert logs[1]["loss_seg"] == logs[0]["loss_seg"]
+
+
+def test_no_context_keeps_only_the_drawn_classes():
+    """Table 4 'SP': without the meta-classes the mask is ceil(n/2) classes; with them, a drawn pole or light
+    pulls in the other (both present)."""
+    prob = torch.zeros(1, 19, 1, 4)
+    prob[0, 5, 0, :2] = 1.0                                   # pole on the left, traffic light on the right
+    prob[0, 6, 0, 2:] = 1.0
+    for seed in range(4):
+        M, _ = camix.contextual_mask(prob, None, torch.Generator().manual_seed(seed), context=False)
+        assert M.sum() == 2 and M[0, 0, 0] != M[0, 0, 2]      # one of the two classes
+        M, _ = camix.contextual_mask(prob, None, torch.Generator().manual_seed(seed), context=True)
+        assert M.sum() == 4
+
+
+def test_remaining_defaults_and_the_optimisers():
+    """The switches' defaults, the warm-up per mix (A10), and the optimiser values: the code's SGD (momentum 0.9,
+    wd 5e-4, head x10; configUDA_ucspa_*.json, optim_parameters) and the paper's Adam (§4.2: wd 5e-5, 0.9)."""
+    a = camix.parse_args(["--build-prior"])
+    expected = dict(target_scale=1.0, no_jitter=False, no_blur=False, no_context=False, no_spatial_prior=False,
+                    log_sigmask=False, source_only=False, build_prior=True, prior=None, amp=False)
+    assert {k: getattr(a, k) for k in expected} == expected
+    warmups = {(src, mix): camix.parse_args(["--source", src, "--mix", mix, "--build-prior"]).warmup_iters
+               for src in ("gta5", "synthia") for mix in camix.MIXES}
+    assert warmups == {**{(s, m): 0 for s in ("gta5", "synthia") for m in ("dacs", "none", "cutmix", "cowmix")},
+                       ("gta5", "camix"): 110000, ("gta5", "idacs"): 110000,
+                       ("synthia", "camix"): 40000, ("synthia", "idacs"): 40000}
+    assert camix.parse_args(["--source-only"]).warmup_iters == 0
+    model = common.DeepLabV2(19, layers=(1, 1, 1, 1))
+    sgd = camix.build_optimizer(model, a)
+    assert [(g["lr"], g["momentum"], g["weight_decay"]) for g in sgd.param_groups] == [
+        (2.5e-4, 0.9, 5e-4), (2.5e-3, 0.9, 5e-4)]
+    adam = camix.build_optimizer(model, camix.parse_args(["--build-prior", "--optimizer", "adam-paper"]))
+    assert [(g["lr"], g["betas"], g["weight_decay"]) for g in adam.param_groups] == [
+        (2.5e-4, (0.9, 0.999), 5e-5), (2.5e-3, (0.9, 0.999), 5e-5)]

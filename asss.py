@@ -538,7 +538,7 @@ def train(args):
                                                              best, args), args.keep_checkpoints, dist)
             stop.exit_if_requested(i + 1, out_dir)
     stop.restore()
-    return metrics or training.evaluate_and_write(model, val, device, out_dir, start, synthia,
+    return metrics or training.evaluate_and_write(model, val, device, out_dir, start, synthia, amp,
                                                 dist=dist)  # a finished run
 
 

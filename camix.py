@@ -581,7 +581,7 @@ def train(args):
                 if dist.main:
                     common.atomic_write_text(out_dir / "best_metrics.json", json.dumps(best, indent=1))
     stop.restore()
-    return metrics or training.evaluate_and_write(student, val, device, out_dir, start, synthia,
+    return metrics or training.evaluate_and_write(student, val, device, out_dir, start, synthia, amp,
                                                 dist=dist)  # a finished run
 
 

@@ -191,7 +191,8 @@ def train(args):
                                      freeze_bn_affine=args.frozen_bn)
     student = training.prepare_model(build(), device, amp)
     if args.eval_only:
-        return training.eval_only(args, student, val, device, out_dir, synthia, align_corners=False, dist=dist)
+        return training.eval_only(args, student, val, device, out_dir, synthia, align_corners=False, dist=dist,
+                                  init_default=("pytorch", "imagenet_rgb"))
     stems = common.SegmentationDataset("cityscapes", target_root).stems()
     labeled, unlabeled = common.labeled_split(stems, args.n_labeled, args.split_seed, args.split_file)
     use_teacher = not (args.no_inter and args.no_intra)

@@ -433,6 +433,13 @@ def check_args(args):
         raise DataError(f"--lr {args.lr}: expected a positive number")
     if args.eval_only and not args.checkpoint:
         raise DataError("--eval-only needs --checkpoint PATH")
+    unused = [flag for flag, on in (("--checkpoint", args.checkpoint), ("--save-predictions", args.save_predictions),
+                                    ("--eval-model teacher", args.eval_model == "teacher")) if on]
+    if unused and not (args.eval_only or getattr(args, "stage", None) == "eval"):   # dldm.py: --stage eval too
+        raise DataError(f"{unused[0]} is used by --eval-only only (add --eval-only, or drop it)")
+    for name in ("eval_every", "save_every", "workers"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 0:
+            raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected 0 or a positive integer")
     for name in ("source_size", "target_size"):
         size = getattr(args, name, None)
         if size is not None and min(size) < 1:
@@ -569,10 +576,13 @@ def write_metrics(out_dir, metrics, name="metrics.json"):
           f"({metrics['num_classes']} classes)", flush=True)
 
 
-def eval_only(args, model, val, device, out_dir, synthia=False, align_corners=True, dist=common.Dist()):
+def eval_only(args, model, val, device, out_dir, synthia=False, align_corners=True, dist=common.Dist(),
+              init_default=("caffe", "imagenet_bgr")):
     """--eval-only: load --checkpoint's `model` or `ema_model` (--eval-model; class count checked,
-    weights_only) and evaluate it."""
+    weights_only; network settings checked against the checkpoint's own) and evaluate it, with --amp
+    as during training. `init_default`: the script's convention for an --init other than imagenet/coco."""
     ckpt = load_checkpoint(args.checkpoint, model.num_classes)
+    check_same_network(ckpt.get("args", {}), args, args.checkpoint, init_default)
     if args.eval_model == "teacher" and "ema_model" not in ckpt:
         raise DataError(f"{args.checkpoint}: no 'ema_model' (teacher) in this checkpoint; use --eval-model student")
     state = ckpt["ema_model"] if args.eval_model == "teacher" else ckpt.get("model", ckpt)
@@ -583,9 +593,26 @@ def eval_only(args, model, val, device, out_dir, synthia=False, align_corners=Tr
                         f"({str(exc).splitlines()[0][:200]})") from None
     if dist.main:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-    return evaluate_and_write(model, val, device, out_dir, ckpt.get("iteration"), synthia,
+    return evaluate_and_write(model, val, device, out_dir, ckpt.get("iteration"), synthia, Amp(device, args.amp),
                               align_corners=align_corners, model_name=args.eval_model,
                               save_predictions=args.save_predictions, dist=dist)
+
+
+NETWORK_ARGS = ("layers", "width", "aspp_full")  # the arguments that change the network a checkpoint needs
+
+
+def check_same_network(saved, args, path, init_default):
+    """Refuse a checkpoint trained with another ASPP, size or input convention (stride style, normalisation)
+    than this run builds: the tensor names and shapes can be the same, the predictions would be wrong.
+    `saved`: the checkpoint's arguments ({} for the authors' checkpoints: nothing to compare)."""
+    diffs = [f"--{k.replace('_', '-')} {saved[k]} (this run: {getattr(args, k, None)})" for k in NETWORK_ARGS
+             if k in saved and saved[k] != getattr(args, k, None)]
+    if "init" in saved and (common.init_convention(saved["init"], init_default)
+                            != common.init_convention(args.init, init_default)):
+        diffs.append(f"--init {saved['init']} (this run: {args.init}; the stride style and input normalisation "
+                     f"follow it)")
+    if diffs:
+        raise DataError(f"{path}: trained with {'; '.join(diffs)}: evaluate with the training run's settings")
 
 
 def write_demo_summary(out_dir, script, method, baselines, iterations, seconds):

@@ -324,6 +324,11 @@ BASE = ["--layers", 1, 1, 1, 1, "--workers", 0, "--log-every", 1, "--device", "c
     (["--resume", "nothing.pth"], "--resume nothing.pth: file not found"),
     (["--init", "nothing.pth"], "nothing.pth: file not found"),
     (["--eval-only"], "--eval-only needs --checkpoint"),
+    (["--save-predictions"], "--save-predictions is used by --eval-only only"),
+    (["--eval-model", "teacher"], "--eval-model teacher is used by --eval-only only"),
+    (["--eval-every", "-1"], "--eval-every -1: expected 0 or a positive integer"),
+    (["--save-every", "-5"], "--save-every -5: expected 0 or a positive integer"),
+    (["--workers", "-1"], "--workers -1: expected 0 or a positive integer"),
 ])
 def test_bad_arguments_exit_2_with_one_line(city, args, needle):
     out = run("--data-root", city, "--out-dir", city / "run", *BASE, *args)
@@ -519,3 +524,38 @@ def test_is_due_after_every_nth_iteration_and_the_last():
     assert [i for i in range(10) if training.is_due(i, 4, 10)] == [3, 7, 9]
     assert [i for i in range(10) if training.is_due(i, 5, 10)] == [4, 9]
     assert [i for i in range(10) if training.is_due(i, 0, 10)] == [9]
+
+
+def test_eval_only_refuses_a_checkpoint_of_another_network(tmp_path):
+    """Same tensor names and shapes, other ASPP or input convention: refused before anything is written."""
+    import argparse
+    model = common.DeepLabV2(19, layers=(1, 1, 1, 1))
+    saved = {"layers": [1, 1, 1, 1], "width": 64, "aspp_full": True, "init": "imagenet"}
+    training.save_checkpoint(tmp_path / "c.pth", {"model": model.state_dict(), "iteration": 3, "args": saved})
+    args = argparse.Namespace(checkpoint=str(tmp_path / "c.pth"), eval_model="student", layers=[1, 1, 1, 1],
+                              width=64, aspp_full=False, init="coco", amp=False, save_predictions=False)
+    with pytest.raises(common.DataError) as exc:
+        training.eval_only(args, model, [], torch.device("cpu"), tmp_path / "ev")
+    assert "--aspp-full True (this run: False)" in str(exc.value) and "--init imagenet (this run: coco" in str(exc.value)
+    assert not (tmp_path / "ev").exists()
+    same = {**saved, "aspp_full": False, "init": "none"}          # 'none' follows the script's own convention
+    training.check_same_network(same, args, "c.pth", ("caffe", "imagenet_bgr"))            # = coco's: accepted
+    with pytest.raises(common.DataError, match="--init none"):
+        training.check_same_network(same, args, "c.pth", ("pytorch", "imagenet_rgb"))     # iidm.py: not coco's
+    with pytest.raises(common.DataError, match=r"--width 32 \(this run: 64\)"):
+        training.check_same_network({**same, "init": "coco", "width": 32}, args, "c.pth", ("caffe", "imagenet_bgr"))
+    training.check_same_network({}, args, "c.pth", ("caffe", "imagenet_bgr"))     # an authors' checkpoint: no args
+
+
+def test_eval_only_evaluates_under_amp_as_training_does(tmp_path, monkeypatch):
+    import argparse
+    model = common.DeepLabV2(19, layers=(1, 1, 1, 1))
+    training.save_checkpoint(tmp_path / "c.pth", {"model": model.state_dict(), "iteration": 3})
+    seen = []
+    metrics = {"mIoU": 1.0, "iteration": 3, "model": "student", "num_classes": 19}
+    monkeypatch.setattr(common, "evaluate", lambda *a, **k: seen.append(k["amp_dtype"]) or metrics)
+    for amp in (True, False):
+        args = argparse.Namespace(checkpoint=str(tmp_path / "c.pth"), eval_model="student", init="coco", amp=amp,
+                                  save_predictions=False)
+        training.eval_only(args, model, [], torch.device("cpu"), tmp_path / f"ev{amp}")
+    assert seen == [torch.bfloat16, None]

@@ -59,8 +59,8 @@ PAPER = {  # dest: (value, source) — shown in --help
     "batch_size": (2, "2 source + 2 target; DACS configUDA.json"),
     "lr": (2.5e-4, "DACS configUDA.json; head x10"),
     "source_size": (None, "GTA5 1280 720 (DACS/trainUDA.py), SYNTHIA kept at 1280 760 (thesis §4.1.3)"),
-    "target_size": ((1024, 512), "DACS/trainUDA.py"),
-    "crop_size": ((512, 512), "DACS/trainUDA.py RandomCrop"),
+    "target_size": ((1024, 512), "DACS data/augmentations.py RandomCrop_city halves the 2048x1024 images"),
+    "crop_size": ((512, 512), "DACS configUDA.json input_size; data/augmentations.py RandomCrop_gta/_city"),
     "eval_res": ("half", "DACS/evaluateUDA.py"),
     "init": ("coco", "DACS configUDA.json 'pretrained: coco'"),
     "eval_every": (5000, "DACS configUDA.json"),
@@ -83,14 +83,16 @@ def parse_args(argv=None):
                         "intra-aligned = IntraMix + distribution alignment to the target label frequencies")
     p.add_argument("--pixel-weight", choices=["threshold_uniform", "threshold", "none"], default="threshold_uniform",
                    help="weight of the pseudo-labelled pixels: share q of confident target pixels (default), "
-                        "1 on each confident pixel only, or 1 everywhere (DACS configUDA.json pixel_weight options)")
-    p.add_argument("--tau", type=float, default=0.968, help="confidence threshold of q (DACS/trainUDA.py)")
+                        "1 on each confident pixel only, or 1 everywhere (DACS configUDA.json 'pixel_weight', the "
+                        "options of DACS/trainUDA.py; IntraMix: from the mixed confidences, as ClassMix trainSSL.py)")
+    p.add_argument("--tau", type=float, default=0.968,
+                   help="confidence threshold of q and of --pixel-weight threshold (DACS/trainUDA.py)")
     p.add_argument("--ema-alpha", type=float, default=0.99, help="teacher EMA momentum (DACS/trainUDA.py)")
     p.add_argument("--consistency-weight", type=float, default=1.0,
-                   help="lambda of L_u (DACS configUDA.json 'consistency_weight')")
+                   help="lambda of L_u, >= 0 (DACS configUDA.json 'consistency_weight')")
     p.add_argument("--mask-rounding", choices=["ceil", "floor"], default=None,
-                   help="classes pasted from n: ceil(n/2) (DACS code, default for --mix inter) or floor(n/2) "
-                        "(ClassMix code, default for IntraMix)")
+                   help="classes pasted from n: ceil(n/2) (DACS code) or floor(n/2) (ClassMix code) (default: "
+                        "ceil with --mix inter, floor with IntraMix)")
     p.add_argument("--mask-exclude-ignore", action="store_true",
                    help="clean variant: never draw the ignore value as a class (DACS draws it; docs/quirks.md D1)")
     p.add_argument("--no-jitter", action="store_true", help="no colour jitter on mixed images (config: on)")
@@ -106,13 +108,27 @@ def parse_args(argv=None):
                    help="clean variant: each tensor once in the 1x group (changes results: ~3x lower "
                         "effective backbone LR than the authors' duplicated group; docs/quirks.md Q4)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
-                   help="sgd = the authors' SGD 0.9 / wd 5e-4; adam is for the random-init demo")
+                   help="sgd = the authors' SGD 0.9 / wd 5e-4; adam is for the random-init demo (one learning "
+                        "rate for all parameters, no x10 head, each tensor once)")
     args = training.parse_with_demo(p, DEMO, argv)
     training.check_args(args)
     if not 0 < args.ema_alpha < 1 or not 0 <= args.jitter_gate <= 1 or not 0 < args.tau <= 1:
         raise common.DataError("--ema-alpha in (0,1), --jitter-gate in [0,1] and --tau in (0,1] expected")
+    if args.consistency_weight < 0:
+        raise common.DataError(f"--consistency-weight {args.consistency_weight}: expected >= 0")
     if args.source_size is None:
         args.source_size = SOURCE_SIZE[args.source]
+    mixing = not args.source_only and not args.eval_only
+    if mixing and args.mix != "inter" and args.batch_size < 2:
+        raise common.DataError(f"--mix {args.mix} pairs target image k with k+1: --batch-size {args.batch_size}, "
+                               f"expected at least 2")
+    if mixing and args.mix == "inter" and not any(args.crop_size):
+        import demo
+        frame = args.source_size or demo.SIZE[::-1]        # the demo source keeps its images (W H)
+        if tuple(frame) != tuple(args.target_size):
+            raise common.DataError(f"--crop-size 0 0: InterMix pastes source pixels onto the target image, so "
+                                   f"both need one size; source {frame[0]} {frame[1]}, --target-size "
+                                   f"{args.target_size[0]} {args.target_size[1]}")
     if args.mask_rounding is None:
         args.mask_rounding = "ceil" if args.mix == "inter" else "floor"
     return args
@@ -130,12 +146,16 @@ def cross_domain_mix(x_s, y_s, x_t, teacher_logits, g, args):
 
 
 def intra_domain_mix(x_t, teacher_prob, g, args):
-    """IntraMix (Table 5.2): ClassMix SSL within the target: classes of teacher argmax k pasted onto target k+1."""
+    """IntraMix (Table 5.2): ClassMix SSL within the target: classes of teacher argmax k pasted onto target k+1;
+    --pixel-weight on the mixed confidences (CM/trainSSL.py): q everywhere, the confident pixels, or 1."""
     M = common.class_mix_mask(teacher_prob.argmax(1), g, rule=args.mask_rounding, drop_ignore=True)
     x_m = common.mix_pairs(M, x_t)
     conf, y_m = common.mix_pairs(M, teacher_prob).max(1)   # mixed soft maps, then max/argmax (CM/trainSSL.py)
-    q = (conf >= args.tau).float().mean()
-    return x_m, y_m, q * torch.ones_like(conf), q
+    confident = (conf >= args.tau).float()
+    q = confident.mean()
+    w = {"threshold_uniform": q * torch.ones_like(conf), "threshold": confident,
+         "none": torch.ones_like(conf)}[args.pixel_weight]
+    return x_m, y_m, w, q
 
 
 def align_distribution(prob, p_target, p_model):
@@ -172,8 +192,11 @@ def train(args):
         common.ema_teacher(student, build, train_bn=not args.teacher_eval_bn), device, amp)
     optimizer = common.deeplab_optimizer(student, args.lr, args.optimizer, not args.clean_param_groups)
     scheduler = common.lr_scheduler(optimizer, lambda i: common.poly_factor(i, args.iters))
+    ckpt = training.resume_state(args, out_dir, 19)
     p_target = p_model = None
     if args.mix == "intra-aligned" and not args.source_only:
+        if ckpt is not None and "p_model" not in ckpt:   # e.g. an authors' checkpoint: no distribution alignment
+            raise common.DataError("--resume: the checkpoint has no 'p_model' (--mix intra-aligned's running mean)")
         out_dir.mkdir(parents=True, exist_ok=True)
         counts = torch.zeros(19, dtype=torch.float64)
         with training.main_first(dist):   # rank 0 writes the cache, the others read it
@@ -184,7 +207,6 @@ def train(args):
         p_target = (counts / counts.sum()).float().clamp(min=1e-6).to(device)
         p_model = torch.full((19,), 1 / 19, device=device)
     start = 0
-    ckpt = training.resume_state(args, out_dir, 19)
     if ckpt is not None:
         start = training.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
         if p_model is not None:

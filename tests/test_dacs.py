@@ -155,6 +155,27 @@ def test_intra_domain_mix_uses_teacher_argmax_and_mixed_soft_maps():
     assert q.item() == pytest.approx((conf >= 0.5).float().mean().item()) and torch.allclose(w, q.expand_as(w))
 
 
+def test_intra_domain_mix_honours_pixel_weight():
+    """--pixel-weight with IntraMix (ClassMix trainSSL.py options, on the mixed confidences): q on every pixel,
+    1 on the confident pixels only, or 1 everywhere; q (logged) is the confident share in every case."""
+    prob = torch.full((2, 19, 2, 2), 0.5 / 18)
+    prob[:, 0] = 0.5                                     # unconfident class 0 everywhere...
+    prob[0, :, 0, 0] = 0.0
+    prob[0, 1, 0, 0] = 1.0                               # ...but for one pixel of image 0, confident class 1
+    x_t = torch.zeros(2, 3, 2, 2)
+    g = torch.Generator().manual_seed(0)
+    ws = {}
+    for mode in ("threshold_uniform", "threshold", "none"):
+        g.manual_seed(0)
+        _, y_m, ws[mode], q = dacs.intra_domain_mix(x_t, prob, g, _args(mask_rounding="floor", pixel_weight=mode))
+        assert q.item() == pytest.approx(1 / 8)          # class 1 is not pasted (floor(2/2) = 1 class: 0 or 1)
+    confident = (y_m == 1).float()                       # the one confident mixed pixel
+    assert confident.sum() == 1
+    assert torch.equal(ws["threshold"], confident)
+    assert torch.equal(ws["none"], torch.ones(2, 2, 2))
+    assert torch.allclose(ws["threshold_uniform"], torch.full((2, 2, 2), 1 / 8))
+
+
 def test_align_distribution():
     prob = torch.softmax(torch.randn(1, 3, 2, 2), 1)
     p_target, p_model = torch.tensor([0.5, 0.25, 0.25]), torch.tensor([0.25, 0.25, 0.5])
@@ -217,6 +238,10 @@ def test_eval_res_picks_the_label_resolution(root, tmp_path, monkeypatch):
     (["--jitter-gate", "2"], "--jitter-gate"),
     (["--source", "mars"], "invalid choice"),
     (["--mix", "both"], "invalid choice"),
+    (["--crop-size", "0", "0", "--source-size", "64", "40"], "--crop-size 0 0: InterMix"),    # target 64 32
+    (["--mix", "intra", "--batch-size", "1"], "--mix intra pairs target image k with k+1"),
+    (["--mix", "intra-aligned", "--batch-size", "1"], "--batch-size 1, expected at least 2"),
+    (["--consistency-weight", "-1"], "--consistency-weight -1.0: expected >= 0"),
 ])
 def test_bad_flags(root, tmp_path, capsys, flags, needle):
     with pytest.raises((SystemExit, common.DataError)) as exc:
@@ -265,3 +290,32 @@ def test_distribution_alignment_running_mean_has_momentum_0_99(root, tmp_path, m
         assert torch.allclose(p_model, p, rtol=1e-5, atol=1e-7)
     assert len(seen) == 2 and torch.allclose(ckpt["p_model"], p, rtol=1e-5, atol=1e-7)
     assert (seen[0][1] - 1 / 19).abs().max() > 1e-4          # the first update moved p~ measurably
+
+
+def test_uncropped_runs_need_one_frame_only_where_images_are_mixed_across_domains(root, tmp_path, monkeypatch):
+    """--crop-size 0 0: InterMix needs source and target at one size (refused above otherwise); IntraMix and
+    the source-only baseline never mix across domains, so different sizes are fine there."""
+    shapes = []
+    one_mix = common.one_mix
+    monkeypatch.setattr(common, "one_mix", lambda M, a, b: shapes.append(tuple(a.shape[-2:])) or one_mix(M, a, b))
+    run(root, tmp_path / "a", "--iters", "1", "--crop-size", "0", "0")                 # 64x32 both
+    assert shapes and set(shapes) == {(32, 64)}                                         # whole images mixed
+    uncropped = ["--crop-size", "0", "0", "--source-size", "64", "40"]
+    for flags in (["--source-only"], ["--mix", "intra"]):
+        assert dacs.parse_args([*TINY, *uncropped, *flags]).crop_size == [0, 0]
+    for flags, frame in ((["--source", "synthia"], "1280 760"), ([], "1280 720"), (["--source", "demo"], "128 64")):
+        with pytest.raises(common.DataError, match=f"source {frame}, --target-size 1024 512"):
+            dacs.parse_args(["--crop-size", "0", "0", *flags])      # the default sizes of each source
+    demo_uncropped = ["--source", "demo", "--crop-size", "0", "0", "--target-size", "128", "64"]
+    assert dacs.parse_args(demo_uncropped).crop_size == [0, 0]
+
+
+def test_resume_intra_aligned_without_p_model_is_refused(root, tmp_path):
+    """An authors' checkpoint (model/ema_model/optimizer/iteration) has no distribution-alignment state:
+    --mix intra-aligned refuses it with one line, before anything is written."""
+    _, ckpt = run(root, tmp_path / "a", "--iters", "1", "--mix", "intra-aligned")
+    authors = {k: ckpt[k] for k in ("model", "ema_model", "optimizer", "iteration")}
+    torch.save(authors, tmp_path / "authors.pth")
+    with pytest.raises(common.DataError, match="no 'p_model'"):
+        run(root, tmp_path / "b", "--iters", "2", "--mix", "intra-aligned", "--resume", tmp_path / "authors.pth")
+    assert not (tmp_path / "b").exists()

@@ -18,7 +18,7 @@ Thesis -> code:
     §3.2, Fig. 3.3 mixed image x_s,k = M_k u_k + (1 - M_k) u_{k+1}              -> `x_m` (common.mix_pairs)
     mixed target: M_k P_k + (1 - M_k) P_{k+1}, then max/argmax                 -> `conf`, `y_m`
     eq. 2.15 threshold_uniform weight q = |{conf >= tau}| / |pixels|            -> `unsupervised_weight`
-    eq. 2.13 sigmoid ramp-up, pixel-wise threshold, constant (Table 5.1)       -> --pixel-weight
+    eq. 2.13 sigmoid ramp-up, pixel-wise threshold, constant (Table 5.1)       -> --pixel-weight, --rampup-iters
     eq. 2.14 L = L_l + lambda * L_u (pixel-weighted CE, mean over all pixels)  -> `loss_l`, `loss_u`
     eq. 2.1 squared error instead of CE (Table 5.1)                            -> --consistency-loss mse
     eq. 2.16 EMA teacher alpha = min(1 - 1/(i+1), 0.99)                        -> common.ema_update
@@ -44,6 +44,9 @@ Deviations and assumptions:
 - --soft-targets ("no pseudo-label") trains with CE against the mixed soft teacher maps, weighted like the
   default; the thesis does not give the loss form (assumed: soft-target cross-entropy).
 - --demo trains a light network (--layers 1 1 1 1 --width 32) from the demo init with Adam, 10 labeled.
+- A flag that the others would leave without effect is refused (e.g. method flags with --no-unlabeled,
+  --mask-rounding with --mask cut|cow, --pixel-weight or --soft-targets with --consistency-loss mse, seed
+  flags with --split-file); a --split-file gives N.
 """
 import copy
 import time
@@ -90,7 +93,9 @@ def parse_args(argv=None):
     p.add_argument("--pixel-weight", choices=["threshold_uniform", "threshold", "sigmoid", "none"],
                    default="threshold_uniform",
                    help="weight of L_u: share of confident pixels (default), per-pixel threshold, sigmoid "
-                        "ramp-up exp(-5(1-i/10000)^2), constant 1 (Table 5.1)")
+                        "ramp-up exp(-5(1-i/L)^2), constant 1 (Table 5.1)")
+    p.add_argument("--rampup-iters", type=int, default=10000,
+                   help="L of --pixel-weight sigmoid (CM/trainSSL.py; divided by K with --scale-iters)")
     p.add_argument("--tau", type=float, default=0.968, help="confidence threshold (CM/trainSSL.py)")
     p.add_argument("--ema-alpha", type=float, default=0.99, help="teacher EMA momentum (CM/trainSSL.py)")
     p.add_argument("--consistency-weight", type=float, default=1.0,
@@ -117,14 +122,61 @@ def parse_args(argv=None):
     training.check_args(args)
     if not 0 < args.ema_alpha < 1 or not 0 <= args.jitter_gate <= 1 or not 0 < args.tau <= 1:
         raise common.DataError("--ema-alpha in (0,1), --jitter-gate in [0,1] and --tau in (0,1] expected")
+    if args.consistency_weight < 0 or args.rampup_iters < 1:
+        raise common.DataError("--consistency-weight >= 0 and --rampup-iters >= 1 expected")
+    check_combinations(args, lambda *dests: [f"--{d.replace('_', '-')}" for d in dests
+                                             if getattr(args, d) != p.get_default(d)])
+    if args.split_file is not None:  # the list gives N (common.labeled_split): config.json, out dir, demo label
+        if not Path(args.split_file).is_file():
+            raise common.DataError(f"--split-file {args.split_file}: file not found (expected one image stem per line)")
+        n = sum(1 for s in Path(args.split_file).read_text().splitlines() if s.strip())
+        if args.n_labeled not in (n, p.get_default("n_labeled")):
+            raise common.DataError(f"--n-labeled {args.n_labeled} with --split-file {args.split_file} of {n} "
+                                   f"stems: the file gives N (drop --n-labeled)")
+        args.n_labeled = n
     if args.official_split is not None:
         args.split_seed = OFFICIAL_SPLIT_SEED[args.official_split]
     return args
 
 
+def check_combinations(args, changed):
+    """Refuse flags that the other flags would leave without effect; `changed(*dests)` names those given
+    a value other than their default."""
+    unused = changed("mask", "mask_rounding", "pixel_weight", "rampup_iters", "tau", "ema_alpha", "consistency_weight",
+                     "consistency_loss", "soft_targets", "extra_aug", "jitter_gate", "teacher_eval_bn")
+    if args.no_unlabeled and unused:
+        raise common.DataError(f"--no-unlabeled trains without teacher and mixed images: {', '.join(unused)} "
+                               f"would have no effect (drop them)")
+    if not args.no_unlabeled and args.batch_size < 2:
+        raise common.DataError(f"--batch-size {args.batch_size}: ClassMix pastes image k onto image k+1 of the "
+                               f"unlabeled batch, which needs at least 2 (or --no-unlabeled)")
+    if args.mask != "class" and changed("mask_rounding"):
+        raise common.DataError(f"--mask-rounding applies to --mask class (here --mask {args.mask})")
+    if args.consistency_loss == "mse" and changed("pixel_weight", "soft_targets"):
+        raise common.DataError(f"--consistency-loss mse is scaled by q whatever the weight (CM/trainSSL.py): "
+                               f"{', '.join(changed('pixel_weight', 'soft_targets'))} would have no effect")
+    if args.pixel_weight != "sigmoid" and changed("rampup_iters"):
+        raise common.DataError(f"--rampup-iters is the length of --pixel-weight sigmoid (here {args.pixel_weight})")
+    if not args.extra_aug and changed("jitter_gate"):
+        raise common.DataError("--jitter-gate gates the jitter of --extra-aug: add --extra-aug")
+    if args.split_file is not None and (args.official_split is not None or changed("split_seed")):
+        raise common.DataError("--split-file gives the labeled list itself: drop --split-seed / --official-split")
+    if args.official_split is not None and changed("split_seed") \
+            and args.split_seed != OFFICIAL_SPLIT_SEED[args.official_split]:
+        raise common.DataError(f"--official-split {args.official_split} is --split-seed "
+                               f"{OFFICIAL_SPLIT_SEED[args.official_split]} (here --split-seed {args.split_seed})")
+
+
 def sigmoid_rampup(i, length=10000, c=5.0):
     """eq. 2.13 as CM/trainSSL.py computes it: exp(-c (1 - i/length)^2), then 1."""
     return math.exp(-c * (1 - i / length) ** 2) if i < length else 1.0
+
+
+def scale_rampup(args, world):
+    """--scale-iters under torchrun divides --iters by the K processes (training.apply_world); the sigmoid
+    ramp-up, a warm-up length, is divided with it."""
+    if world > 1 and args.scale_iters:
+        args.rampup_iters = math.ceil(args.rampup_iters / world)
 
 
 def unsupervised_weight(conf, i, args):
@@ -134,7 +186,7 @@ def unsupervised_weight(conf, i, args):
         return confident.mean() * torch.ones_like(conf)          # one q for the batch (docs/quirks.md C3)
     if args.pixel_weight == "threshold":
         return confident
-    return torch.full_like(conf, sigmoid_rampup(i) if args.pixel_weight == "sigmoid" else 1.0)
+    return torch.full_like(conf, sigmoid_rampup(i, args.rampup_iters) if args.pixel_weight == "sigmoid" else 1.0)
 
 
 def cutmix_mask(n, h, w, generator, device="cpu"):
@@ -153,7 +205,8 @@ def cowmix_mask(n, h, w, generator, device="cpu", sigma_range=(8.0, 32.0), p=0.5
     log_lo, log_hi = math.log(sigma_range[0]), math.log(sigma_range[1])
     sigma = torch.exp(log_lo + torch.rand(n, generator=generator) * (log_hi - log_lo))
     noise = torch.randn(n, 1, h, w, generator=generator).to(device, non_blocking=True)
-    smooth = common.blur_batch(noise, sigma.to(device, non_blocking=True), kernel=(common.odd_kernel(h, 1.0), common.odd_kernel(w, 1.0)))
+    smooth = common.blur_batch(noise, sigma.to(device, non_blocking=True),
+                               kernel=(common.odd_kernel(h, 1.0), common.odd_kernel(w, 1.0)))
     flat = smooth.view(n, -1)
     std, mean = torch.std_mean(flat, dim=1, correction=0, keepdim=True)       # numpy's std
     threshold = torch.erfinv(torch.tensor(2 * p - 1.0)) * math.sqrt(2) * std + mean
@@ -186,6 +239,7 @@ def train(args):
     # ---------------------------------------------------------------- setup
     dist, device = training.distributed(args.device)
     training.apply_world(args, dist, device, pairs_within_batch=not args.no_unlabeled)
+    scale_rampup(args, dist.world)
     amp = training.Amp(device, args.amp)
     style, norm = common.init_convention(args.init)
     if norm == "imagenet_bgr":
@@ -275,7 +329,8 @@ def train(args):
         if training.is_due(i, args.eval_every, args.iters):
             metrics = training.evaluate_and_write(student, val, device, out_dir, i + 1, amp=amp, dist=dist)
     stop.restore()
-    return metrics or training.evaluate_and_write(student, val, device, out_dir, start, dist=dist)  # a finished run
+    return metrics or training.evaluate_and_write(student, val, device, out_dir, start, amp=amp,
+                                                dist=dist)  # a finished run
 
 
 def main(argv=None):

@@ -2,6 +2,7 @@
 import json
 import math
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,7 +66,8 @@ def test_demo_runs_method_and_baseline(tmp_path, capsys):
     assert (tmp_path / "run_baseline" / "metrics.json").is_file()
     assert "ClassMix" in capsys.readouterr().out.splitlines()[-1]
     summary = json.loads((out / "demo.json").read_text())
-    assert summary["script"] == "classmix_ssl.py" and summary["method"]["name"] == "ClassMix" and summary["iterations"] == 2
+    assert summary["script"] == "classmix_ssl.py" and summary["method"]["name"] == "ClassMix"
+    assert summary["iterations"] == 2
     assert [b["name"] for b in summary["baselines"]] == ["supervised (10 labeled)"]
     assert set(summary) == {"script", "method", "baselines", "iterations", "seconds", "torch"}
     assert json.loads((out / "config.json").read_text())["init"] == "demo"
@@ -85,7 +87,7 @@ def test_resume_from_checkpoint_is_exact(root, tmp_path):
 
 def _args(**kw):
     return types.SimpleNamespace(**{**dict(tau=0.9, pixel_weight="threshold_uniform", mask="class",
-                                           mask_rounding="floor"), **kw})
+                                           mask_rounding="floor", rampup_iters=10000), **kw})
 
 
 def test_unsupervised_weights():
@@ -245,12 +247,12 @@ def test_cutmix_mask_equals_per_image_slicing():
 
 def test_mse_consistency_is_scaled_by_q_whatever_the_pixel_weight(root, tmp_path, monkeypatch):
     """Table 5.1 MSE row as CM/trainSSL.py computes it: MSE(softmax(student(x_m)), P_m) x q, q = share of mixed
-    confidences >= tau, also with --pixel-weight none (the weight map does not enter the MSE)."""
+    confidences >= tau (the weight map does not enter the MSE, so another --pixel-weight is refused)."""
     mse = []
     plain = common.mse_softmax
     monkeypatch.setattr(common, "mse_softmax", lambda logits, target: mse.append(plain(logits, target).item())
                         or plain(logits, target))
-    run(root, tmp_path / "a", "--iters", "2", "--tau", "0.12", "--consistency-loss", "mse", "--pixel-weight", "none")
+    run(root, tmp_path / "a", "--iters", "2", "--tau", "0.12", "--consistency-loss", "mse")
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert len(mse) == 2 and any(0.05 < r["q"] < 0.95 for r in log)         # q strictly between 0 and 1
     for r, m in zip(log, mse):
@@ -305,3 +307,98 @@ def test_extra_aug_jitter_is_kornia_0_3_with_one_op_order_per_call(root, tmp_pat
     for call in calls:
         assert torch.equal(call[3], _jitter_again(call, strength=0.25, gate=0.2, per_image_order=False))
     assert any(not torch.equal(c[3], _jitter_again(c, strength=0.25, gate=0.2, per_image_order=True)) for c in fired)
+
+
+# ------------------------------------------------------------------ flags that other flags would silently drop
+
+REFUSED = [  # (flags, words of the one-line error): each was accepted and then had no effect
+    (["--no-unlabeled", "--mask", "cut"], "--no-unlabeled trains without teacher and mixed images: --mask would"),
+    (["--no-unlabeled", "--extra-aug", "--tau", "0.5", "--teacher-eval-bn"], ": --tau, --extra-aug, --teacher-eval-bn"),
+    (["--no-unlabeled", "--pixel-weight", "none"], ": --pixel-weight would have no effect"),
+    (["--batch-size", "1"], "--batch-size 1: ClassMix pastes image k onto image k\\+1"),
+    (["--mask", "cut", "--mask-rounding", "ceil"], "--mask-rounding applies to --mask class \\(here --mask cut\\)"),
+    (["--mask", "cow", "--mask-rounding", "ceil"], "--mask-rounding applies to --mask class \\(here --mask cow\\)"),
+    (["--consistency-loss", "mse", "--soft-targets"], "scaled by q whatever the weight .*: --soft-targets would"),
+    (["--consistency-loss", "mse", "--pixel-weight", "sigmoid"], ": --pixel-weight would have no effect"),
+    (["--jitter-gate", "0.5"], "--jitter-gate gates the jitter of --extra-aug"),
+    (["--rampup-iters", "5000"], "--rampup-iters is the length of --pixel-weight sigmoid \\(here threshold_uniform\\)"),
+    (["--official-split", "1", "--split-seed", "5"], "--official-split 1 is --split-seed 10 \\(here --split-seed 5\\)"),
+    (["--consistency-weight", "-1"], "--consistency-weight >= 0"),
+    (["--pixel-weight", "sigmoid", "--rampup-iters", "0"], "--rampup-iters >= 1"),
+]
+
+
+@pytest.mark.parametrize("flags,words", REFUSED, ids=[" ".join(f) for f, _ in REFUSED])
+def test_flags_without_effect_are_refused(flags, words):
+    with pytest.raises(common.DataError, match=words):
+        classmix_ssl.parse_args(flags)
+
+
+def test_combinations_that_take_effect_are_accepted():
+    for flags in (["--no-unlabeled", "--crop-size", "512", "512"], ["--no-unlabeled", "--batch-size", "1"],
+                  ["--official-split", "1", "--split-seed", "10"], ["--consistency-loss", "mse", "--tau", "0.5"],
+                  ["--extra-aug", "--jitter-gate", "0.5"], ["--soft-targets", "--pixel-weight", "none"],
+                  ["--mask", "cut"], ["--demo", "--no-unlabeled"],
+                  ["--pixel-weight", "sigmoid", "--rampup-iters", "1"]):
+        classmix_ssl.parse_args(flags)
+
+
+def test_refusal_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, str(Path(classmix_ssl.__file__)), "--no-unlabeled", "--mask", "cow",
+                          "--out-dir", str(tmp_path / "run")], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.splitlines() == [
+        "error: --no-unlabeled trains without teacher and mixed images: --mask would have no effect (drop them)"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_split_file_gives_n_and_excludes_the_seed_flags(root, tmp_path, monkeypatch):
+    """--split-file overrides N (common.labeled_split): config.json, the default out dir and the demo's baseline
+    name follow the file (they said the --n-labeled default 372); seed flags beside it would be ignored."""
+    stems = sorted(common.SegmentationDataset("cityscapes", root / "cityscapes").stems())
+    split = tmp_path / "three.txt"
+    split.write_text(f"{stems[4]}\n\n{stems[1]}\n{stems[2]}\n")
+    assert classmix_ssl.parse_args(["--split-file", str(split)]).n_labeled == 3
+    assert classmix_ssl.parse_args(["--split-file", str(split), "--n-labeled", "3"]).n_labeled == 3
+    assert classmix_ssl.parse_args(["--demo", "--split-file", str(split)]).n_labeled == 3
+    for flags, words in ((["--n-labeled", "5"], "--n-labeled 5 with --split-file .* of 3 stems"),
+                         (["--split-seed", "3"], "--split-file gives the labeled list itself"),
+                         (["--official-split", "2"], "--split-file gives the labeled list itself")):
+        with pytest.raises(common.DataError, match=words):
+            classmix_ssl.parse_args(["--split-file", str(split), *flags])
+    monkeypatch.chdir(tmp_path)
+    k = TINY.index("--n-labeled")
+    tiny = TINY[:k] + TINY[k + 2:]
+    classmix_ssl.main([*tiny, "--data-root", str(root), "--split-file", str(split)])
+    config = json.loads((tmp_path / "runs" / "classmix_ssl_cityscapes_3_s0" / "config.json").read_text())
+    assert config["n_labeled"] == 3 and config["split_file"] == str(split)
+
+
+def test_sigmoid_rampup_length_is_a_flag_and_follows_scale_iters():
+    """CM/trainSSL.py ramps over 10000 iterations; --scale-iters (K processes, --iters / K) shortens it with
+    --iters, as the poly schedule (it stayed at 10000 and never finished in a 4x shorter run)."""
+    conf = torch.tensor([[[0.95, 0.5]]])
+    assert classmix_ssl.parse_args([]).rampup_iters == 10000
+    w = classmix_ssl.unsupervised_weight(conf, 5000, _args(pixel_weight="sigmoid", rampup_iters=20000))
+    assert torch.allclose(w, torch.full_like(conf, math.exp(-5 * 0.75 ** 2)))
+    args = classmix_ssl.parse_args(["--pixel-weight", "sigmoid", "--iters", "40000", "--scale-iters"])
+    classmix_ssl.scale_rampup(args, 1)
+    assert args.rampup_iters == 10000
+    training.apply_world(args, common.Dist(0, 3, 0), torch.device("cpu"), pairs_within_batch=True)
+    classmix_ssl.scale_rampup(args, 3)
+    assert (args.iters, args.rampup_iters) == (13334, 3334)
+    args = classmix_ssl.parse_args(["--pixel-weight", "sigmoid"])
+    classmix_ssl.scale_rampup(args, 3)
+    assert args.rampup_iters == 10000                            # per-rank batch without --scale-iters
+
+
+def test_reevaluating_a_finished_amp_run_uses_amp(root, tmp_path, monkeypatch):
+    """--resume of a finished run evaluates again (the loop does not run): with --amp under autocast, as the
+    evaluation that wrote metrics.json at the end of training (it ran in fp32 and could change the digits)."""
+    dtypes = []
+    evaluate = common.evaluate
+    monkeypatch.setattr(common, "evaluate", lambda *a, **kw: dtypes.append(kw["amp_dtype"]) or evaluate(*a, **kw))
+    run(root, tmp_path / "a", "--amp")
+    run(root, tmp_path / "a", "--amp", "--resume")
+    assert dtypes == [torch.bfloat16, torch.bfloat16]

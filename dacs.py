@@ -270,7 +270,7 @@ def train(args):
         if training.is_due(i, args.eval_every, args.iters):
             metrics = training.evaluate_and_write(student, val, device, out_dir, i + 1, synthia, amp, dist=dist)
     stop.restore()
-    return metrics or training.evaluate_and_write(student, val, device, out_dir, start, synthia,
+    return metrics or training.evaluate_and_write(student, val, device, out_dir, start, synthia, amp,
                                                 dist=dist)  # a finished run
 
 

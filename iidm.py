@@ -89,14 +89,18 @@ def parse_args(argv=None):
     training.add_split_args(p, 100, "IIDM Table 1 (100/200/500/1000)")
     p.add_argument("--no-src-sup", action="store_true",
                    help="drop L_s (and the source: implies --no-inter); Table 4 rows 2 and 4")
-    p.add_argument("--no-tgt-sup", action="store_true", help="drop L_t (Table 4 row 1 = --n-labeled 0 --no-tgt-sup --no-inter --no-intra)")
+    p.add_argument("--no-tgt-sup", action="store_true",
+                   help="drop L_t (Table 4 row 1 = --n-labeled 0 --no-tgt-sup --no-inter --no-intra)")
     p.add_argument("--no-inter", action="store_true", help="drop the inter-domain stream L_inter (Table 4)")
     p.add_argument("--no-intra", action="store_true", help="drop the intra-domain stream L_intra (Table 4)")
     p.add_argument("--mix-strategy", choices=["one-two", "two-two", "one-one"], default="one-two",
                    help="Table 5: one x_u in two streams (IIDM), two x_u in two streams, one x_u in one "
                         "triple-mixed stream")
-    p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="weight of L_inter (eq. 11, Table 6)")
-    p.add_argument("--mu", type=float, default=2.0, help="weight of L_intra (eq. 11, Table 6)")
+    p.add_argument("--lambda", dest="lam", type=float, default=1.0,
+                   help="weight of L_inter (eq. 11, Table 6); with --mix-strategy one-one the weight of its one "
+                        "mixed loss (A18)")
+    p.add_argument("--mu", type=float, default=2.0,
+                   help="weight of L_intra (eq. 11, Table 6); unused with --mix-strategy one-one (A18)")
     p.add_argument("--tau", type=float, default=0.968, help="confidence threshold of q (eq. 6; IIDM)")
     p.add_argument("--ema-alpha", type=float, default=0.99, help="teacher EMA momentum (eq. 5; IIDM 'following DACS')")
     p.add_argument("--head-lr-mult", type=float, default=10.0, help="decoder lr / encoder lr (6e-4 / 6e-5; IIDM)")
@@ -126,15 +130,21 @@ def parse_args(argv=None):
     args = training.parse_with_demo(p, DEMO, argv)
     training.check_args(args)
     if not 0 < args.ema_alpha < 1 or not 0 < args.tau <= 1 or args.warmup_iters < 0 or args.head_lr_mult <= 0:
-        raise common.DataError("--ema-alpha in (0,1), --tau in (0,1], --warmup-iters >= 0, --head-lr-mult > 0 expected")
+        raise common.DataError("--ema-alpha in (0,1), --tau in (0,1], --warmup-iters >= 0, --head-lr-mult > 0 "
+                               "expected")
+    if min(args.lam, args.mu, args.weight_decay, args.rcs_min_pixels) < 0 or not args.rcs_temp > 0:
+        raise common.DataError("--lambda, --mu, --weight-decay, --rcs-min-pixels >= 0 and --rcs-temp > 0 expected")
     if args.no_src_sup:
         args.no_inter = True
-    if args.n_labeled == 0 and not (args.no_tgt_sup and args.no_intra):
+    if args.n_labeled == 0 and args.split_file is None and not (args.no_tgt_sup and args.no_intra):
         raise common.DataError("--n-labeled 0 leaves no labeled target image: add --no-tgt-sup --no-intra")
     if args.no_src_sup and args.no_tgt_sup:
         raise common.DataError("--no-src-sup with --no-tgt-sup leaves no supervised loss")
     if args.mix_strategy != "one-two" and (args.no_inter or args.no_intra):
         raise common.DataError(f"--mix-strategy {args.mix_strategy} needs both mixing streams")
+    if not any(args.crop_size) and not args.no_inter:   # x_s (GTA5 1280x704) and x_u (1024x512) must align
+        raise common.DataError("--crop-size 0 0: the inter-domain mix pastes source pixels onto a target image "
+                               "of another size; give a crop size or add --no-inter")
     if args.source_size is None:
         args.source_size = SOURCE_SIZE[args.source]
     return args
@@ -198,7 +208,9 @@ def train(args):
     use_teacher = not (args.no_inter and args.no_intra)
     if use_teacher and not unlabeled:
         raise common.DataError(f"--n-labeled {len(labeled)} leaves no unlabeled image for the mixing streams")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not labeled and not (args.no_tgt_sup and args.no_intra):     # a --split-file may list no stem
+        raise common.DataError(f"--split-file {args.split_file} leaves no labeled target image: add --no-tgt-sup "
+                               f"--no-intra")
     crop = args.crop_size if min(args.crop_size) > 0 else None
     source = None if args.no_src_sup else common.SegmentationDataset(
         source_kind, source_root, resize=args.source_size, keep_ratio=True, interp=args.resize, crop=crop,
@@ -220,15 +232,21 @@ def train(args):
     ckpt = training.resume_state(args, out_dir, num_classes)
     if ckpt is not None:
         start = training.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
-    training.write_run_files(out_dir, args, labeled, dist)
     model = training.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
 
     def loader(dataset, stream, rcs):
-        """Training loader: rare-class sampling (DAFormer; class counts cached in the run folder) or uniform."""
+        """Training loader: rare-class sampling (DAFormer) or uniform. The source's class counts are cached in
+        the run folder; the labeled target's follow the split, which another run in the folder may change."""
         if not rcs:
             return training.shuffled_loader(dataset, args, stream, start, dist=dist)
+        cache = out_dir / "rcs_counts_0.json" if stream == 0 else None
         with training.main_first(dist):   # rank 0 writes the cache, the others read it
-            counts = common.rcs_statistics(dataset, cache=out_dir / f"rcs_counts_{stream}.json", workers=args.workers)
+            if cache is not None:
+                out_dir.mkdir(parents=True, exist_ok=True)
+            counts = common.rcs_statistics(dataset, cache=cache, workers=args.workers)
+        if len(counts) != len(dataset):
+            raise common.DataError(f"{cache}: class counts of {len(counts)} images, the source has {len(dataset)} "
+                                   f"(a cache of another dataset: delete it)")
         return training.infinite_loader(dataset, common.RareClassSampler(
             counts, num_classes, args.batch_size, args.seed, stream, start, args.iters, temperature=args.rcs_temp,
             min_pixels=args.rcs_min_pixels, rank=dist.rank, world=dist.world), args.workers)
@@ -238,6 +256,7 @@ def train(args):
     loader_t = None if args.no_tgt_sup and args.no_intra else loader(data_t, 1, args.rcs == "both")
     n_u = 2 * B if args.mix_strategy == "two-two" else B                      # A17: 4 unlabeled crops
     loader_u = None if teacher is None else training.shuffled_loader(data_u, args, 2, start, n_u, dist)
+    training.write_run_files(out_dir, args, labeled, dist)   # after every refusal: a bad run writes nothing
     log = training.Logger(out_dir, args.log_every, args.iters, start, dist.main)
     metrics = None  # the last evaluation
 
@@ -307,7 +326,7 @@ def train(args):
             metrics = training.evaluate_and_write(student, val, device, out_dir, i + 1, synthia, amp,
                                                 align_corners=False, dist=dist)
     stop.restore()
-    return metrics or training.evaluate_and_write(student, val, device, out_dir, start, synthia,
+    return metrics or training.evaluate_and_write(student, val, device, out_dir, start, synthia, amp,
                                                 align_corners=False, dist=dist)  # resumed a finished run
 
 
@@ -323,6 +342,7 @@ def main(argv=None):
             baseline = copy.copy(args)
             baseline.no_inter = baseline.no_intra = True
             baseline.no_src_sup, baseline.out_dir = no_src, base_dir + suffix
+            baseline.resume = None if args.resume is None else "auto"   # its own folder, never IIDM's PATH
             baselines.append((name, train(baseline)))
         training.write_demo_summary(base_dir, "iidm.py", ("IIDM", metrics), baselines, args.iters, time.time() - t0)
     return metrics

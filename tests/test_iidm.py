@@ -325,3 +325,103 @@ def test_each_stream_loss_sees_its_own_augmented_images(root, tmp_path, monkeypa
     for i, x_all in enumerate(jittered):
         assert not torch.equal(x_all[:2], x_all[2:])
         assert torch.equal(inputs[4 * i + 2], x_all[:2]) and torch.equal(inputs[4 * i + 3], x_all[2:])
+
+
+# ------------------------------------------------------------------ flags with non-default values (review 2)
+
+B_ = "--lambda, --mu, --weight-decay, --rcs-min-pixels >= 0"
+
+
+@pytest.mark.parametrize("flags,needle,left", [
+    (["--lambda", "-1"], B_, []),
+    (["--mu", "-0.5"], B_, []),
+    (["--weight-decay", "-0.01"], B_, []),                          # was AdamW's ValueError
+    (["--rcs-min-pixels", "-1"], B_, []),
+    (["--rcs-temp", "0"], "--rcs-temp > 0", []),                    # was NaN class probabilities
+    (["--crop-size", "0", "0"], "--crop-size 0 0: the inter-domain mix", []),   # 53x32 source onto 64x32 target
+    (["--crop-size", "0", "0", "--no-intra"], "--crop-size 0 0: the inter-domain mix", []),
+    (["--init", "/nonexistent/init.pth"], "file not found", []),    # left an empty run folder
+    (["--rcs-min-pixels", "100000"], "no image holds more than 100000 pixels", ["rcs_counts_0.json"]),
+    (["--rcs", "both", "--rcs-min-pixels", "100000", "--no-src-sup"], "no image holds more than 100000 pixels", []),
+])
+def test_refused_before_anything_is_written(root, tmp_path, flags, needle, left):
+    """Bad values are one DataError (exit 2) raised before the run folder is written: no config.json, split.txt
+    or empty folder of a run that never started; only the source's class-count cache, complete and reusable,
+    may stay when rare-class sampling refuses its --rcs-min-pixels."""
+    with pytest.raises(common.DataError, match=needle):
+        run(root, tmp_path / "x", *flags)
+    x = tmp_path / "x"
+    assert sorted(p.name for p in x.iterdir()) == left if left else not x.exists()
+
+
+def test_crop_size_0_0_without_the_inter_stream_is_accepted():
+    a = iidm.parse_args([*TINY, "--crop-size", "0", "0", "--no-inter"])
+    assert tuple(a.crop_size) == (0, 0) and a.no_inter and not a.no_intra
+    assert iidm.parse_args([*TINY, "--crop-size", "0", "0", "--no-src-sup"]).no_inter   # implies --no-inter
+
+
+def test_split_file_not_n_labeled_decides_whether_labeled_images_exist(root, tmp_path):
+    """--split-file overrides --n-labeled (common.labeled_split): an empty file is refused like --n-labeled 0
+    (it crashed in the loader), and a file with stems is accepted even with --n-labeled 0 (it was refused)."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(common.DataError, match="--split-file .*empty.txt leaves no labeled target image"):
+        run(root, tmp_path / "x", "--split-file", empty)
+    assert not (tmp_path / "x").exists()
+    stems = ["aachen_000000_000019", "bochum_000003_000019"]
+    two = tmp_path / "two.txt"
+    two.write_text("".join(s + "\n" for s in stems))
+    run(root, tmp_path / "run", "--n-labeled", "0", "--split-file", two, "--iters", "1")
+    assert (tmp_path / "run" / "split.txt").read_text().split() == stems
+    assert {"loss_s", "loss_t", "loss_inter", "loss_intra"} <= set(
+        json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1]))
+    _, ckpt = run(root, tmp_path / "src", "--n-labeled", "3", "--split-file", empty, "--no-tgt-sup", "--no-intra",
+                  "--iters", "1")                                               # Table 4 row 1 from a file
+    assert (tmp_path / "src" / "split.txt").read_text() == "" and "ema_model" in ckpt
+
+
+def test_rcs_class_counts_follow_the_split_and_the_source(root, tmp_path, monkeypatch):
+    """--rcs both: a second run in the same folder with another --split-seed samples the labeled target by the
+    class counts of its own labeled images (the cached counts of the first run's split were reused); a source
+    count cache of another dataset is refused instead of sampling from its images' indices."""
+    seen = {}
+    sampler = common.RareClassSampler
+    monkeypatch.setattr(common, "RareClassSampler",
+                        lambda counts, *a, **k: seen.__setitem__(a[3], counts) or sampler(counts, *a, **k))
+    stems = common.SegmentationDataset("cityscapes", root / "cityscapes").stems()
+    for split_seed in (0, 1):
+        run(root, tmp_path / "run", "--rcs", "both", "--split-seed", split_seed, "--n-labeled", "3",
+            "--rcs-min-pixels", "100", "--iters", "1")
+        labeled = common.labeled_split(stems, 3, split_seed)[0]
+        assert (tmp_path / "run" / "split.txt").read_text().split() == labeled
+        data_t = common.SegmentationDataset("cityscapes", root / "cityscapes", stems=labeled)
+        assert seen[1] == [common.class_pixel_counts(data_t, i) for i in range(3)]
+    assert common.labeled_split(stems, 3, 0)[0] != common.labeled_split(stems, 3, 1)[0]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "rcs_counts_0.json").write_text(json.dumps([{"0": 500, "2": 460}]))
+    with pytest.raises(common.DataError, match="class counts of 1 images, the source has 4"):
+        run(root, tmp_path / "other", "--iters", "1")
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["rcs_counts_0.json"]
+
+
+def test_amp_reaches_the_evaluation_of_a_resumed_finished_run(root, tmp_path, monkeypatch):
+    """--amp evaluates under bf16 autocast in the loop, and also when --resume finds the run finished."""
+    dtypes = []
+    evaluate = common.evaluate
+    monkeypatch.setattr(common, "evaluate", lambda *a, **k: dtypes.append(k["amp_dtype"]) or evaluate(*a, **k))
+    run(root, tmp_path / "run", "--amp", "--iters", "1")
+    run(root, tmp_path / "run", "--amp", "--iters", "1", "--resume")
+    assert dtypes == [torch.bfloat16, torch.bfloat16]
+
+
+def test_demo_baselines_resume_their_own_folders(tmp_path):
+    """--demo --resume PATH continues IIDM from PATH and each baseline from its own checkpoint (they read
+    IIDM's checkpoint and stopped with 'made with other settings')."""
+    out = tmp_path / "run"
+    flags = ["--demo", "--iters", "1", "--data-root", str(tmp_path / "data"), "--out-dir", str(out)]
+    iidm.main(flags)
+    iidm.main([*flags, "--resume", str(out / "checkpoint.pth")])
+    summary = json.loads((out / "demo.json").read_text())
+    assert [b["name"] for b in summary["baselines"]] == ["target-only (L_t)", "source+target (L_s+L_t)"]
+    for suffix in ("", "_target_only", "_source_target"):
+        assert json.loads((tmp_path / f"run{suffix}" / "metrics.json").read_text())["iteration"] == 1

@@ -203,17 +203,9 @@ def resolve_preset(args):
                                f"semantic-level module (use ga-csa or ga-fcsa)")
     if args.ga_direction is None:
         args.ga_direction = "t2s" if args.preset == "adaptsegnet" else "s2t"
-    if args.lambda_sadv is None:                                # R17: FCSA's best lambda depends on N
-        args.lambda_sadv = {"csa": 0.01, "fcsa": 0.04 if split_size(args) == 500 else 1.0}.get(args.sa, 0.0)
+    if args.lambda_sadv is None:        # R17: FCSA's best lambda depends on N (a --split-file's N too)
+        args.lambda_sadv = {"csa": 0.01, "fcsa": 0.04 if args.n_labeled == 500 else 1.0}.get(args.sa, 0.0)
     return args
-
-
-def split_size(args):
-    """N of the run: the stems in --split-file (which overrides --n-labeled, common.labeled_split), else N."""
-    path = Path(args.split_file) if args.split_file else None
-    if path is not None and path.is_file():
-        return sum(1 for line in path.read_text().splitlines() if line.strip())
-    return args.n_labeled
 
 
 # ------------------------------------------------------------------ init, network, discriminators

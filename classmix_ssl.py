@@ -126,14 +126,6 @@ def parse_args(argv=None):
         raise common.DataError("--consistency-weight >= 0 and --rampup-iters >= 1 expected")
     check_combinations(args, lambda *dests: [f"--{d.replace('_', '-')}" for d in dests
                                              if getattr(args, d) != p.get_default(d)])
-    if args.split_file is not None:  # the list gives N (common.labeled_split): config.json, out dir, demo label
-        if not Path(args.split_file).is_file():
-            raise common.DataError(f"--split-file {args.split_file}: file not found (expected one image stem per line)")
-        n = sum(1 for s in Path(args.split_file).read_text().splitlines() if s.strip())
-        if args.n_labeled not in (n, p.get_default("n_labeled")):
-            raise common.DataError(f"--n-labeled {args.n_labeled} with --split-file {args.split_file} of {n} "
-                                   f"stems: the file gives N (drop --n-labeled)")
-        args.n_labeled = n
     if args.official_split is not None:
         args.split_seed = OFFICIAL_SPLIT_SEED[args.official_split]
     return args
@@ -159,7 +151,7 @@ def check_combinations(args, changed):
         raise common.DataError(f"--rampup-iters is the length of --pixel-weight sigmoid (here {args.pixel_weight})")
     if not args.extra_aug and changed("jitter_gate"):
         raise common.DataError("--jitter-gate gates the jitter of --extra-aug: add --extra-aug")
-    if args.split_file is not None and (args.official_split is not None or changed("split_seed")):
+    if args.split_file is not None and args.official_split is not None:   # (--split-seed: training.py refuses)
         raise common.DataError("--split-file gives the labeled list itself: drop --split-seed / --official-split")
     if args.official_split is not None and changed("split_seed") \
             and args.split_seed != OFFICIAL_SPLIT_SEED[args.official_split]:

@@ -410,7 +410,27 @@ def parse_with_demo(parser, demo, argv=None):
         for k, v in demo.items())
     if parser.parse_known_args(argv)[0].demo:
         parser.set_defaults(**demo)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "split_file", None) is not None:
+        split_file_gives_n(args, parser)
+    return args
+
+
+def split_file_gives_n(args, parser):
+    """--split-file replaces the drawn split (common.labeled_split), so it gives N: --n-labeled takes its
+    count of stems (the run folder's name, config.json, the demo labels follow); a different explicit
+    --n-labeled, or a --split-seed beside it, is a DataError rather than silently unused."""
+    path = Path(args.split_file)
+    if not path.is_file():
+        raise DataError(f"--split-file {args.split_file}: file not found (expected one image stem per line)")
+    n = sum(1 for line in path.read_text().splitlines() if line.strip())
+    if args.n_labeled not in (n, parser.get_default("n_labeled")):
+        raise DataError(f"--n-labeled {args.n_labeled} with --split-file {args.split_file} of {n} stems: the file "
+                        f"gives N (drop --n-labeled)")
+    if args.split_seed != parser.get_default("split_seed"):
+        raise DataError(f"--split-seed {args.split_seed} with --split-file {args.split_file}: --split-file gives the "
+                        f"labeled list itself (drop --split-seed)")
+    args.n_labeled = n
 
 
 def add_split_args(parser, n_labeled, source, split_seed=0, seed_help=""):
@@ -421,7 +441,8 @@ def add_split_args(parser, n_labeled, source, split_seed=0, seed_help=""):
                         help=f"seed of the permutation of the sorted train list; the first N are labeled "
                              f"(default: %(default)s){seed_help}")
     parser.add_argument("--split-file", default=None,
-                        help="reuse a list of labeled image stems, one per line (e.g. a run's split.txt)")
+                        help="reuse a list of labeled image stems, one per line (e.g. a run's split.txt); it gives "
+                             "N and replaces --n-labeled / --split-seed")
 
 
 def check_args(args):

@@ -99,8 +99,9 @@ def test_fcsa_lambda_follows_the_split_file(tmp_path):
     assert asss.parse_args(["--preset", "ga-fcsa", "--split-file", str(split)]).lambda_sadv == 0.04
     assert asss.parse_args(["--preset", "ga-csa", "--split-file", str(split)]).lambda_sadv == 0.01
     split.write_text("".join(f"city_{i:06d}\n" for i in range(100)))
-    flags = ["--preset", "ga-fcsa", "--n-labeled", "500", "--split-file", str(split)]
-    assert asss.parse_args(flags).lambda_sadv == 1.0
+    assert asss.parse_args(["--preset", "ga-fcsa", "--split-file", str(split)]).lambda_sadv == 1.0
+    with pytest.raises(common.DataError, match="--n-labeled 500 with --split-file .* of 100 stems"):
+        asss.parse_args(["--preset", "ga-fcsa", "--n-labeled", "500", "--split-file", str(split)])
 
 
 def test_optimisers_and_poly_schedule(root, tmp_path):

@@ -361,21 +361,23 @@ def test_crop_size_0_0_without_the_inter_stream_is_accepted():
 
 
 def test_split_file_not_n_labeled_decides_whether_labeled_images_exist(root, tmp_path):
-    """--split-file overrides --n-labeled (common.labeled_split): an empty file is refused like --n-labeled 0
-    (it crashed in the loader), and a file with stems is accepted even with --n-labeled 0 (it was refused)."""
+    """--split-file gives N (common.labeled_split): an empty file is refused like --n-labeled 0 (it crashed in
+    the loader), a file with stems trains, and a contradicting explicit --n-labeled is refused."""
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     with pytest.raises(common.DataError, match="--split-file .*empty.txt leaves no labeled target image"):
-        run(root, tmp_path / "x", "--split-file", empty)
+        run(root, tmp_path / "x", "--n-labeled", "0", "--split-file", empty)
     assert not (tmp_path / "x").exists()
     stems = ["aachen_000000_000019", "bochum_000003_000019"]
     two = tmp_path / "two.txt"
     two.write_text("".join(s + "\n" for s in stems))
-    run(root, tmp_path / "run", "--n-labeled", "0", "--split-file", two, "--iters", "1")
+    with pytest.raises(common.DataError, match="--n-labeled 0 with --split-file .* of 2 stems"):
+        run(root, tmp_path / "y", "--n-labeled", "0", "--split-file", two)
+    run(root, tmp_path / "run", "--split-file", two, "--iters", "1")
     assert (tmp_path / "run" / "split.txt").read_text().split() == stems
     assert {"loss_s", "loss_t", "loss_inter", "loss_intra"} <= set(
         json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1]))
-    _, ckpt = run(root, tmp_path / "src", "--n-labeled", "3", "--split-file", empty, "--no-tgt-sup", "--no-intra",
+    _, ckpt = run(root, tmp_path / "src", "--n-labeled", "0", "--split-file", empty, "--no-tgt-sup", "--no-intra",
                   "--iters", "1")                                               # Table 4 row 1 from a file
     assert (tmp_path / "src" / "split.txt").read_text() == "" and "ema_model" in ckpt
 

@@ -481,6 +481,9 @@ def data_roots(args, domain):
     demo data (GTA5 layout source, Cityscapes layout target), written under <data-root>/demo once."""
     if domain == "demo":
         import demo
+        given = [f"--{k}-root" for k in ("gta5", "synthia", "cityscapes") if getattr(args, f"{k}_root", None)]
+        if given:
+            raise DataError(f"{given[0]}: the demo reads its generated data under --data-root (drop {given[0]})")
         root = demo.ensure_demo(args.data_root)
         return "gta5", root / "gta5", root / "cityscapes"
     return domain, dataset_root(args, domain), dataset_root(args, "cityscapes")

@@ -559,3 +559,13 @@ def test_eval_only_evaluates_under_amp_as_training_does(tmp_path, monkeypatch):
                                   save_predictions=False)
         training.eval_only(args, model, [], torch.device("cpu"), tmp_path / f"ev{amp}")
     assert seen == [torch.bfloat16, None]
+
+
+def test_dataset_roots_are_refused_with_the_demo(tmp_path):
+    import argparse
+    args = argparse.Namespace(data_root=str(tmp_path), gta5_root=None, synthia_root=None, cityscapes_root="/x")
+    with pytest.raises(common.DataError, match="--cityscapes-root: the demo reads its generated data"):
+        training.data_roots(args, "demo")
+    assert not (tmp_path / "demo").exists()
+    args.cityscapes_root = None
+    assert training.data_roots(args, "gta5") == ("gta5", tmp_path / "gta5", tmp_path / "cityscapes")

@@ -515,6 +515,9 @@ def labeled_split(stems, n_labeled, seed=0, split_file=None):
         if unknown:
             raise DataError(f"{path}: stem {unknown[0]!r} is not a Cityscapes train image")
         chosen_set = set(chosen)
+        if len(chosen_set) < len(chosen):
+            twice = next(s for i, s in enumerate(chosen) if s in chosen[:i])
+            raise DataError(f"{path}: stem {twice!r} is listed twice (one stem per labeled image expected)")
         return chosen, [s for s in stems if s not in chosen_set]
     if not 0 <= n_labeled <= len(stems):
         raise DataError(f"--n-labeled {n_labeled}: expected 0..{len(stems)} (train images found)")

@@ -217,6 +217,9 @@ def test_split_deterministic_nested_and_reusable(tmp_path):
     f.write_text("nosuch_000000_000000\n")
     with pytest.raises(DataError, match="nosuch"):
         labeled_split(stems, 0, split_file=f)
+    f.write_text(f"{a100[0]}\n{a100[1]}\n{a100[0]}\n")
+    with pytest.raises(DataError, match=f"stem '{a100[0]}' is listed twice"):
+        labeled_split(stems, 0, split_file=f)
 
 
 def test_iteration_sampler_depends_on_seed_and_iteration_only():

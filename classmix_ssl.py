@@ -164,13 +164,6 @@ def sigmoid_rampup(i, length=10000, c=5.0):
     return math.exp(-c * (1 - i / length) ** 2) if i < length else 1.0
 
 
-def scale_rampup(args, world):
-    """--scale-iters under torchrun divides --iters by the K processes (training.apply_world); the sigmoid
-    ramp-up, a warm-up length, is divided with it."""
-    if world > 1 and args.scale_iters:
-        args.rampup_iters = math.ceil(args.rampup_iters / world)
-
-
 def unsupervised_weight(conf, i, args):
     """Per-pixel weight of L_u (§2.5.4) from the mixed confidences `conf` (N,H,W)."""
     confident = (conf >= args.tau).float()
@@ -231,7 +224,6 @@ def train(args):
     # ---------------------------------------------------------------- setup
     dist, device = training.distributed(args.device)
     training.apply_world(args, dist, device, pairs_within_batch=not args.no_unlabeled)
-    scale_rampup(args, dist.world)
     amp = training.Amp(device, args.amp)
     style, norm = common.init_convention(args.init)
     if norm == "imagenet_bgr":

@@ -85,7 +85,7 @@ def apply_world(args, dist, device, pairs_within_batch=False):
             if getattr(args, name, None):
                 setattr(args, name, getattr(args, name) * k)
     if args.scale_iters:
-        for name in ("iters", "poly_iters", "warmup_iters"):
+        for name in ("iters", "poly_iters", "warmup_iters", "rampup_iters"):   # lengths in iterations
             if getattr(args, name, None):
                 setattr(args, name, math.ceil(getattr(args, name) / k))
     if dist.main:
@@ -396,7 +396,8 @@ def shared_parser(defaults):
         choices=["per-rank", "paper"], default="per-rank")
     add("--scale-lr", "under torchrun with --global-batch per-rank: learning rate(s) x K (linear scaling)",
         action="store_true")
-    add("--scale-iters", "under torchrun with --global-batch per-rank: --iters (and poly/warm-up lengths) / K",
+    add("--scale-iters", "under torchrun with --global-batch per-rank: --iters (and poly, warm-up and ramp-up "
+        "lengths) / K",
         action="store_true")
     add("--sync-bn", "under torchrun: BatchNorm statistics over all processes' images (torch.nn.SyncBatchNorm, "
         "CUDA only)", action="store_true")

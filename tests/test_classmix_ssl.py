@@ -383,13 +383,10 @@ def test_sigmoid_rampup_length_is_a_flag_and_follows_scale_iters():
     w = classmix_ssl.unsupervised_weight(conf, 5000, _args(pixel_weight="sigmoid", rampup_iters=20000))
     assert torch.allclose(w, torch.full_like(conf, math.exp(-5 * 0.75 ** 2)))
     args = classmix_ssl.parse_args(["--pixel-weight", "sigmoid", "--iters", "40000", "--scale-iters"])
-    classmix_ssl.scale_rampup(args, 1)
-    assert args.rampup_iters == 10000
     training.apply_world(args, common.Dist(0, 3, 0), torch.device("cpu"), pairs_within_batch=True)
-    classmix_ssl.scale_rampup(args, 3)
     assert (args.iters, args.rampup_iters) == (13334, 3334)
     args = classmix_ssl.parse_args(["--pixel-weight", "sigmoid"])
-    classmix_ssl.scale_rampup(args, 3)
+    training.apply_world(args, common.Dist(0, 3, 0), torch.device("cpu"), pairs_within_batch=True)
     assert args.rampup_iters == 10000                            # per-rank batch without --scale-iters
 
 

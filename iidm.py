@@ -136,8 +136,9 @@ def parse_args(argv=None):
         raise common.DataError("--lambda, --mu, --weight-decay, --rcs-min-pixels >= 0 and --rcs-temp > 0 expected")
     if args.no_src_sup:
         args.no_inter = True
-    if args.n_labeled == 0 and args.split_file is None and not (args.no_tgt_sup and args.no_intra):
-        raise common.DataError("--n-labeled 0 leaves no labeled target image: add --no-tgt-sup --no-intra")
+    if args.n_labeled == 0 and not (args.no_tgt_sup and args.no_intra):   # (a --split-file's N: parse_with_demo)
+        given = f"--split-file {args.split_file}" if args.split_file else "--n-labeled 0"
+        raise common.DataError(f"{given} leaves no labeled target image: add --no-tgt-sup --no-intra")
     if args.no_src_sup and args.no_tgt_sup:
         raise common.DataError("--no-src-sup with --no-tgt-sup leaves no supervised loss")
     if args.mix_strategy != "one-two" and (args.no_inter or args.no_intra):
@@ -208,9 +209,6 @@ def train(args):
     use_teacher = not (args.no_inter and args.no_intra)
     if use_teacher and not unlabeled:
         raise common.DataError(f"--n-labeled {len(labeled)} leaves no unlabeled image for the mixing streams")
-    if not labeled and not (args.no_tgt_sup and args.no_intra):     # a --split-file may list no stem
-        raise common.DataError(f"--split-file {args.split_file} leaves no labeled target image: add --no-tgt-sup "
-                               f"--no-intra")
     crop = args.crop_size if min(args.crop_size) > 0 else None
     source = None if args.no_src_sup else common.SegmentationDataset(
         source_kind, source_root, resize=args.source_size, keep_ratio=True, interp=args.resize, crop=crop,

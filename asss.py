@@ -397,13 +397,6 @@ def discriminator_pass(discs, args, amp, saved):
     return losses
 
 
-def step_all(amp, optimisers):
-    """Step every optimiser, then update the (fp16-only) loss scale once for the iteration."""
-    for opt in optimisers:
-        amp.scaler.step(opt)
-    amp.scaler.update()
-
-
 # ------------------------------------------------------------------ checkpoints
 
 def training_state(i, model, opt_g, sched_g, discs, opt_d, sched_d, best, args):
@@ -459,7 +452,7 @@ def train(args):
     # ---------------------------------------------------------------- setup
     dist, device = training.distributed(args.device)
     training.apply_world(args, dist, device)
-    amp = training.Amp(device, args.amp)
+    amp = training.Amp(device, args.amp, args.amp_dtype)
     style, norm = common.init_convention(args.init)
     common.seed_everything(args.seed)
     synthia = args.source == "synthia"
@@ -516,7 +509,7 @@ def train(args):
         unlabeled = training.next_batch(loader_u, device)[0] if loader_u is not None else None   # labels unused
         losses, saved = generator_pass(model, discs, args, amp, source, labeled_batch, unlabeled, seg)   # Eq. 9
         losses.update(discriminator_pass(train_discs, args, amp, saved))                           # Eq. 10
-        step_all(amp, [opt_g, *opt_d.values()])
+        amp.step(opt_g, *opt_d.values())
         lr = sched_g.get_last_lr()[0]
         for sched in (sched_g, *sched_d.values()):
             sched.step()

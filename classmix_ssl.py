@@ -224,7 +224,7 @@ def train(args):
     # ---------------------------------------------------------------- setup
     dist, device = training.distributed(args.device)
     training.apply_world(args, dist, device, pairs_within_batch=not args.no_unlabeled)
-    amp = training.Amp(device, args.amp)
+    amp = training.Amp(device, args.amp, args.amp_dtype)
     style, norm = common.init_convention(args.init)
     if norm == "imagenet_bgr":
         norm = "cityscapes_bgr"  # ClassMix subtracts the Cityscapes RGB mean from BGR images (docs/quirks.md C9)

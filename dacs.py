@@ -168,7 +168,7 @@ def train(args):
     # ---------------------------------------------------------------- setup
     dist, device = training.distributed(args.device)
     training.apply_world(args, dist, device, pairs_within_batch=args.mix != "inter" and not args.source_only)
-    amp = training.Amp(device, args.amp)
+    amp = training.Amp(device, args.amp, args.amp_dtype)
     style, norm = common.init_convention(args.init)
     common.seed_everything(args.seed)
     out_dir = Path(args.out_dir or training.default_out_dir("dacs", args.source + "_source_only" * args.source_only,

@@ -492,7 +492,7 @@ class Run:
         self.args = args
         self.dist, self.device = training.distributed(args.device)
         training.apply_world(args, self.dist, self.device)
-        self.amp = training.Amp(self.device, args.amp)
+        self.amp = training.Amp(self.device, args.amp, args.amp_dtype)
         self.style, self.norm = common.init_convention(args.init, default=("caffe", "imagenet_bgr"))
         self.num_classes = 16 if args.source == "synthia" else 19
         self.synthia = self.num_classes == 16

@@ -188,7 +188,7 @@ def train(args):
     # ---------------------------------------------------------------- setup
     dist, device = training.distributed(args.device)
     training.apply_world(args, dist, device)
-    amp = training.Amp(device, args.amp)
+    amp = training.Amp(device, args.amp, args.amp_dtype)
     style, norm = common.init_convention(args.init, default=("pytorch", "imagenet_rgb"))
     common.seed_everything(args.seed)
     num_classes = 16 if args.source == "synthia" else 19                       # A1

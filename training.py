@@ -137,15 +137,17 @@ def agree(dist, value, op="max"):
 # ======================================================================================
 
 class Amp:
-    """autocast (bf16 where supported, else fp16 with a GradScaler) behind one switch; off = fp32.
+    """autocast behind one switch (`dtype` auto: bf16 where supported, else fp16 with a GradScaler); off = fp32.
 
-    On the CPU it is bf16 autocast (what lets the tests run the AMP code path without a GPU).
+    On the CPU auto is bf16 (what lets the tests run the AMP code path without a GPU); `--amp-dtype fp16` runs
+    the GradScaler path on any device.
     """
 
-    def __init__(self, device, enabled):
+    def __init__(self, device, enabled, dtype="auto"):
         self.enabled, self.device_type = enabled, device.type
-        bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
-        self.dtype = torch.bfloat16 if bf16 else torch.float16
+        if dtype == "auto":
+            dtype = "bf16" if device.type != "cuda" or torch.cuda.is_bf16_supported() else "fp16"
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         self.scaler = torch.amp.GradScaler(device.type, enabled=enabled and self.dtype == torch.float16)
 
     def autocast(self):
@@ -154,9 +156,26 @@ class Amp:
     def backward(self, loss):
         self.scaler.scale(loss).backward()
 
-    def step(self, optimizer):
-        self.scaler.step(optimizer)
+    def step(self, *optimizers):
+        """Step each optimiser (under fp16: unscaled, skipped on inf/NaN gradients), then update the scale once."""
+        if not self.scaler.is_enabled():
+            for optimizer in optimizers:
+                optimizer.step()
+            return
+        views = [OncePerTensor(o) for o in optimizers]  # kept alive until update(): the scaler keys them by id
+        for view in views:
+            self.scaler.step(view)
         self.scaler.update()
+
+
+class OncePerTensor:
+    """An optimiser as GradScaler sees it: each tensor once. GradScaler.unscale_ divides the gradient once per
+    param-group entry, so the authors' duplicated 1x group (docs/quirks.md Q4) would be unscaled up to 4 times
+    and the backbone would barely move; `step` is the optimiser's own, duplicates included."""
+
+    def __init__(self, optimizer):
+        self.step = optimizer.step
+        self.param_groups = [{"params": list(dict.fromkeys(p for g in optimizer.param_groups for p in g["params"]))}]
 
 
 def prepare_model(model, device, amp):
@@ -386,8 +405,10 @@ def shared_parser(defaults):
     add("--keep-checkpoints", "also keep checkpoint_<iter>.pth at every save", action="store_true")
     add("--log-every", "console/log.jsonl line every N iterations", type=int, default=50)
     add("--device", "where to train", choices=["auto", "cuda", "cpu"], default="auto")
-    add("--amp", "autocast (bf16 where supported, else fp16) and channels_last on GPU",
+    add("--amp", "autocast (bf16 where supported, else fp16 with a GradScaler) and channels_last on GPU",
         action=argparse.BooleanOptionalAction, default=False)
+    add("--amp-dtype", "with --amp: the autocast type (auto = bf16 where the device has it, else fp16)",
+        choices=["auto", "bf16", "fp16"], default="auto")
     add("--workers", "data-loading worker processes per data stream (the authors use 4; images/s per worker: "
         "benchmarks/RESULTS.md)", type=int, default=4)
     add("--demo", "run on the generated demo dataset with the small demo settings", action="store_true")
@@ -468,6 +489,8 @@ def check_args(args):
             raise DataError(f"--{name.replace('_', '-')} {size[0]} {size[1]}: expected positive W H")
     if args.crop_size is not None and (min(args.crop_size) < 0 or (0 in args.crop_size and any(args.crop_size))):
         raise DataError(f"--crop-size {args.crop_size[0]} {args.crop_size[1]}: expected positive H W or 0 0")
+    if getattr(args, "amp_dtype", "auto") != "auto" and not args.amp:
+        raise DataError(f"--amp-dtype {args.amp_dtype} has an effect with --amp only (add --amp, or drop it)")
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         raise DataError(f"--resume {args.resume}: file not found")
 
@@ -549,7 +572,7 @@ def resume_state(args, out_dir, num_classes):
 
 RUN_ONLY_ARGS = {"data_root", "gta5_root", "synthia_root", "cityscapes_root", "out_dir", "resume", "eval_only",
                  "checkpoint", "eval_model", "save_predictions", "eval_every", "save_every", "keep_checkpoints",
-                 "log_every", "device", "amp", "workers", "demo"}
+                 "log_every", "device", "amp", "amp_dtype", "workers", "demo"}
 
 
 def check_same_run(saved, current, path):
@@ -618,7 +641,8 @@ def eval_only(args, model, val, device, out_dir, synthia=False, align_corners=Tr
                         f"({str(exc).splitlines()[0][:200]})") from None
     if dist.main:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-    return evaluate_and_write(model, val, device, out_dir, ckpt.get("iteration"), synthia, Amp(device, args.amp),
+    amp = Amp(device, args.amp, args.amp_dtype)
+    return evaluate_and_write(model, val, device, out_dir, ckpt.get("iteration"), synthia, amp,
                               align_corners=align_corners, model_name=args.eval_model,
                               save_predictions=args.save_predictions, dist=dist)
 

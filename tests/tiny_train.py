@@ -41,7 +41,7 @@ def main():
         start = training.restore_training(ckpt, model, optimizer, scheduler, teacher)
     training.write_run_files(out_dir, args, labeled)
     loader = training.shuffled_loader(train, args, 0, start)
-    amp = training.Amp(device, args.amp)
+    amp = training.Amp(device, args.amp, args.amp_dtype)
     log = training.Logger(out_dir, args.log_every, args.iters, start)
     stop = training.StopSignals()         # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, args.iters):

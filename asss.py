@@ -495,7 +495,7 @@ def train(args):
     loader_s = training.shuffled_loader(data_s, args, 0, start, dist=dist) if data_s is not None else None
     loader_l = training.shuffled_loader(data_l, args, 1, start, dist=dist) if data_l is not None else None
     loader_u = training.shuffled_loader(data_u, args, 2, start, dist=dist) if data_u is not None else None
-    log = training.Logger(out_dir, args.log_every, args.iters, start, dist.main)
+    log = training.Logger(out_dir, args.log_every, args.iters, start, dist)
     metrics = None  # the last evaluation
     # ---------------------------------------------------------------- training loop (AdaptSegNet order)
     stop = training.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal

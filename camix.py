@@ -513,7 +513,7 @@ def train(args):
     model = training.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
     loader_s = training.shuffled_loader(source, args, 0, start, dist=dist)
     loader_t = None if args.source_only else training.shuffled_loader(target, args, 1, start, dist=dist)
-    log = training.Logger(out_dir, args.log_every, args.iters, start, dist.main)
+    log = training.Logger(out_dir, args.log_every, args.iters, start, dist)
     use_sigmask = args.consistency == "src" and (args.src_impl == "paper" or args.log_sigmask)
     best = json.loads((out_dir / "best_metrics.json").read_text()) if (
         out_dir / "best_metrics.json").is_file() and start > 0 else None

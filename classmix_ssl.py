@@ -264,7 +264,7 @@ def train(args):
     model = training.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
     loader_l = training.shuffled_loader(data_l, args, 0, start, dist=dist)
     loader_u = None if data_u is None else training.shuffled_loader(data_u, args, 1, start, dist=dist)
-    log = training.Logger(out_dir, args.log_every, args.iters, start, dist.main)
+    log = training.Logger(out_dir, args.log_every, args.iters, start, dist)
     metrics = None  # the last evaluation
     # ---------------------------------------------------------------- training loop (CM/trainSSL.py order)
     stop = training.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal

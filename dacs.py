@@ -215,7 +215,7 @@ def train(args):
     model = training.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
     loader_s = training.shuffled_loader(source, args, 0, start, dist=dist)
     loader_t = None if args.source_only else training.shuffled_loader(target, args, 1, start, dist=dist)
-    log = training.Logger(out_dir, args.log_every, args.iters, start, dist.main)
+    log = training.Logger(out_dir, args.log_every, args.iters, start, dist)
     metrics = None  # the last evaluation
     # ---------------------------------------------------------------- training loop (DACS/trainUDA.py order)
     stop = training.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal

@@ -678,7 +678,7 @@ def train_model(run, r, stage, teachers=None):
                    "t": target_loader(run, r, seed, 1, start, gt_only=a.student_ce == "gt")}
     else:
         loaders = {"t": target_loader(run, 1, seed, 1, start)}
-    log = training.Logger(stage_dir, a.log_every, a.iters, start, dist.main)
+    log = training.Logger(stage_dir, a.log_every, a.iters, start, dist)
     step = {"rl": rl_step, "sl": sl_step, "student": student_step, "supervised": supervised_step}[stage]
     net = training.ddp(model, dist, device, a.sync_bn,   # training forwards; `model` for the rest
                      find_unused=stage == "student" or not a.aux_weight)   # L_kl reads the main head only

@@ -255,7 +255,7 @@ def train(args):
     n_u = 2 * B if args.mix_strategy == "two-two" else B                      # A17: 4 unlabeled crops
     loader_u = None if teacher is None else training.shuffled_loader(data_u, args, 2, start, n_u, dist)
     training.write_run_files(out_dir, args, labeled, dist)   # after every refusal: a bad run writes nothing
-    log = training.Logger(out_dir, args.log_every, args.iters, start, dist.main)
+    log = training.Logger(out_dir, args.log_every, args.iters, start, dist)
     metrics = None  # the last evaluation
 
     def pseudo_label(x_u):

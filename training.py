@@ -94,17 +94,23 @@ def apply_world(args, dist, device, pairs_within_batch=False):
               f"{'SyncBatchNorm' if args.sync_bn else 'BatchNorm statistics per process'}", flush=True)
 
 
-def ddp(model, dist, device, sync_bn=False, find_unused=True):
+def ddp(model, dist, device, sync_bn=False, find_unused=False):
     """The training forward of `model`: DistributedDataParallel under torchrun (BN -> SyncBatchNorm with
-    `sync_bn`, in place), the model itself in one process. find_unused_parameters: the two-branch ASPP
-    (docs/quirks.md Q1) and an unused aux head leave parameters without gradient, and dacs/classmix/camix
-    run two forwards before one backward, which DDP accepts only so; unused gradients stay None."""
+    `sync_bn`, in place), the model itself in one process. `find_unused`: the script's passes leave some
+    parameters without gradient (DLDM's student reads the main head only); the two-branch ASPP
+    (docs/quirks.md Q1) is detected here. Otherwise DDP skips its per-backward search for unused parameters
+    (several forwards before one backward need no search: checked under gloo in the tests)."""
     if dist.world == 1:
         return model
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                               find_unused_parameters=find_unused)
+                                               find_unused_parameters=find_unused or has_unused_aspp(model))
+
+
+def has_unused_aspp(model):
+    """True when `model` holds the official two-branch ASPP, whose dilation-18/24 convs never get a gradient."""
+    return any(isinstance(m, common.ClassifierModule) and not m.full for m in model.modules())
 
 
 def barrier(dist):
@@ -184,6 +190,9 @@ def prepare_model(model, device, amp):
     return model.to(memory_format=torch.channels_last) if amp.enabled else model
 
 
+NEVER = 2 ** 62  # "no non-finite loss yet" in the ranks' agreement on the divergence guard
+
+
 class Diverged(Exception):
     """A non-finite loss or weight: the run stops with exit 3 and keeps its last good checkpoint."""
 
@@ -194,12 +203,14 @@ class Logger:
     it/s is measured over the last log window; on CUDA the record also holds the peak GPU memory. The
     divergence guard notes, on the device, the first iteration at which each loss is not finite and raises
     `Diverged` at the next log step (no host sync in between). Under torchrun only rank 0 writes (its own
-    losses); every rank keeps the guard, so all stop together.
+    losses); the ranks agree on the guard at each log step (a NaN loss on one rank reaches the others only
+    through the averaged gradients), so all stop together with exit 3.
     """
 
-    def __init__(self, out_dir, every, max_iter, start_iter=0, main=True):
+    def __init__(self, out_dir, every, max_iter, start_iter=0, dist=common.Dist()):
         import time
-        self.path, self.every, self.max_iter, self.main = Path(out_dir) / "log.jsonl", every, max_iter, main
+        self.path, self.every, self.max_iter = Path(out_dir) / "log.jsonl", every, max_iter
+        self.dist, self.main = dist, dist.main
         self.sums, self.count, self.clock = {}, 0, time.time
         self.first_bad = {}  # loss name -> (iteration, value) of its first non-finite value, on the device
         self.t0, self.i0 = self.clock(), start_iter
@@ -243,15 +254,19 @@ class Logger:
         self.sums, self.count, self.t0, self.i0 = {}, 0, now, i + 1
 
     def check_finite(self):
-        """Raise Diverged naming the first non-finite loss seen so far (one host sync)."""
-        if not self.first_bad:
+        """Raise Diverged naming the first non-finite loss seen so far on any rank (one host sync)."""
+        bad = []
+        if self.first_bad:
+            its, vals = torch.cat([torch.stack(pair) for pair in self.first_bad.values()], 1).tolist()
+            names = [k for names in self.first_bad for k in names]
+            bad = [(int(it), k, val) for k, it, val in zip(names, its, vals) if it >= 0]
+        first = agree(self.dist, min(bad)[0] if bad else NEVER, "min")
+        if first == NEVER:
             return
-        its, vals = torch.cat([torch.stack(pair) for pair in self.first_bad.values()], 1).tolist()
-        bad = [(it, k, val) for k, it, val in zip([k for names in self.first_bad for k in names], its, vals) if it >= 0]
-        if bad:
-            it, k, val = min(bad, key=lambda b: b[0])
-            raise Diverged(f"iteration {int(it)}: {k} is {val}; training stopped, the last checkpoint "
-                           f"written before it is kept (continue from it with --resume auto)")
+        mine = min(bad) if bad else None
+        what = f"{mine[1]} is {mine[2]}" if mine and mine[0] == first else "a loss is not finite on another process"
+        raise Diverged(f"iteration {first}: {what}; training stopped, the last checkpoint "
+                       f"written before it is kept (continue from it with --resume auto)")
 
 
 class StopSignals:
@@ -420,8 +435,9 @@ def shared_parser(defaults):
     add("--scale-iters", "under torchrun with --global-batch per-rank: --iters (and poly, warm-up and ramp-up "
         "lengths) / K",
         action="store_true")
-    add("--sync-bn", "under torchrun: BatchNorm statistics over all processes' images (torch.nn.SyncBatchNorm, "
-        "CUDA only)", action="store_true")
+    add("--sync-bn", "under torchrun: the student's BatchNorm statistics over all processes' images "
+        "(torch.nn.SyncBatchNorm, CUDA only; a train-mode EMA teacher keeps per-process statistics)",
+        action="store_true")
     return p
 
 

@@ -151,6 +151,17 @@ def test_sigterm_to_every_process_checkpoints_once_and_stops_every_rank(root, tm
     assert records(spy, 0) == records(spy, 1) and written(spy, 1) == []
 
 
+def test_a_nan_loss_on_one_rank_stops_every_rank_with_exit_3(root, tmp_path):
+    """The divergence guard agrees over the ranks at the log step: rank 1's NaN stops rank 0 too, both exit 3."""
+    proc, spy = launch("dacs", root, tmp_path / "run", "--iters", 6, "--log-every", 3, "--save-every", 1,
+                       env={"DDP_TEST_NAN_ON_RANK": "1"})
+    assert proc.returncode != 0
+    assert "error: iteration 2: loss_" in proc.stderr, proc.stderr[-3000:]        # rank 1: its own loss
+    assert "error: iteration 2: a loss is not finite on another process" in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("exitcode  : 3") == 2, proc.stderr[-3000:]   # torchrun's summary of both ranks
+    assert "it 3/6" not in proc.stdout
+
+
 def test_distributed_evaluation_equals_one_process_exactly(root, dacs_run, tmp_path, monkeypatch):
     import common
     import dacs
@@ -234,6 +245,22 @@ def test_script_runs_under_two_processes(root, tmp_path, script):
         assert len(files) == 7 and files == sorted(p.name for p in (out / "round1" / "pseudo").iterdir())
         for name in files:           # thresholds.json (from the summed histograms) and the 6 label maps
             assert (one / "round1" / "pseudo" / name).read_bytes() == (out / "round1" / "pseudo" / name).read_bytes()
+
+
+def test_without_unused_parameters_ddp_skips_the_search_and_two_forwards_per_backward_train():
+    """find_unused_parameters only for the two-branch ASPP (or a script's own unused head); DACS's two forwards
+    before one backward train without it (DDP raises at the 2nd iteration if a parameter went unused)."""
+    import common
+    import training
+    assert training.has_unused_aspp(common.DeepLabV2(layers=(1, 1, 1, 1)))
+    assert not training.has_unused_aspp(common.DeepLabV2(layers=(1, 1, 1, 1), aspp_full=True))
+    assert training.has_unused_aspp(common.DeepLabV2(layers=(1, 1, 1, 1), multi_level=True))
+
+
+def test_dacs_with_the_full_aspp_runs_under_two_processes(root, tmp_path):
+    out = tmp_path / "run"
+    proc, spy = launch("dacs", root, out, "--iters", 3, "--save-every", 3, "--aspp-full")
+    check_run(out, spy, proc, 3)
 
 
 def test_world_settings_resolved_or_refused_before_anything_is_written():
@@ -329,6 +356,10 @@ def rank_main(script, argv):
         ddp = torch.nn.parallel.DistributedDataParallel
         ddp._passing_sync_batchnorm_handle = lambda self, module: None   # DDP's own refusal of CPU SyncBatchNorm
         training.SYNC_BN_DEVICES = ("cuda", "cpu")
+    if os.environ.get("DDP_TEST_NAN_ON_RANK") == str(rank):   # this rank's losses turn NaN from iteration 2
+        real_log = training.Logger.log
+        training.Logger.log = lambda self, i, losses, lr: real_log(
+            self, i, {k: v * float("nan") if i >= 1 else v for k, v in losses.items()}, lr)
     module = importlib.import_module(script)
     training.run_script(lambda: module.main(argv))
 

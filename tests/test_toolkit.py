@@ -467,7 +467,7 @@ def test_ema_update_with_buffers_lerps_statistics_and_copies_counters():
 
 
 def test_logger_means_per_loss_with_changing_loss_sets_and_first_non_finite(tmp_path):
-    log = training.Logger(tmp_path, every=4, max_iter=100, main=True)
+    log = training.Logger(tmp_path, every=4, max_iter=100)
     t = torch.tensor
     log.log(0, {"a": t(1.0), "b": t([2.0, 4.0])}, 0.1)
     log.log(1, {"a": t(3.0)}, 0.1)

@@ -41,7 +41,8 @@ Paper -> code:
 AdaptSegNet facts kept (its released code): multi-level DeepLabv2 (aux head `layer5` on layer3, main head
 `layer6` on layer4; checkpoints keep these DeeplabMulti keys), two-branch ASPP sum (--aspp-full sums four),
 BN in train mode with frozen affine parameters (also during the no-graph target forward), the duplicated 1x
-parameter group with the PyTorch-1.5-era SGD update (--clean-param-groups: each tensor once; changes results),
+parameter group with PyTorch 0.4's per-entry SGD (weight decay added into p.grad in place, compounding over a
+tensor's listings; --sgd-rule torch1.5: out of place; --clean-param-groups: each tensor once; changes results),
 logits upsampled to the input size with align_corners=True before the softmax that D_g sees, BCE with logits,
 domain labels source 0 / target 1, lambda_adv 0.0002 (aux) / 0.001 (main), lambda_seg 0.1 on the aux output,
 poly over 250k iterations stopped at 150k, GTA5 resized to 1280x720 and Cityscapes to 1024x512 (bicubic)
@@ -76,9 +77,7 @@ Readings the paper leaves open (each a default; the flag gives the alternative):
     R19 FCSA: no minimum pixel count for a class vector; the vectors of one image form D_s's batch
 
 Deviations: --seed seeds everything and fixes every data draw by (seed, stream, iteration) (AdaptSegNet
-defines a seed it never applies); AdaptSegNet ran PyTorch 0.3/0.4, whose SGD added the weight decay into
-p.grad in place, so the decay compounds over the duplicated listings slightly differently from the
-PyTorch-1.5 rule used here. --preset source-only (source CE only) is a demo baseline, not an ASS column.
+defines a seed it never applies). --preset source-only (source CE only) is a demo baseline, not an ASS column.
 --demo trains a light network (--layers 1 1 1 1 --width 32) from the demo init with Adam, 5 labeled images;
 it shows the loop working and the paper's ordering (GA+CSA above its oracle), not the paper's numbers.
 """
@@ -103,6 +102,7 @@ PAPER = {  # dest: (value, source) — shown in --help
     "crop_size": ((0, 0), "AdaptSegNet resizes whole images, never crops"),
     "eval_res": ("full", "AdaptSegNet evaluate_cityscapes.py: main head upsampled to 2048x1024"),
     "init": ("adaptsegnet", "AdaptSegNet RESTORE_FROM DeepLab_resnet_pretrained_init-f81d91e8.pth"),
+    "sgd_rule": ("torch0.4", "AdaptSegNet README: PyTorch 0.4 (pytorch_0.4/), the root scripts older"),
     "eval_every": (5000, "AdaptSegNet SAVE_PRED_EVERY snapshots; best-of-snapshots logged (R15)"),
     "save_every": (5000, "AdaptSegNet SAVE_PRED_EVERY"),
 }
@@ -255,9 +255,9 @@ def build_optimisers(model, discs, args):
     duplicates = not args.clean_param_groups
     if args.optimizer == "sgd" and args.nesterov:
         opt_g = common.LegacySGD(common.param_groups(model, args.lr, official_duplicates=duplicates), lr=args.lr,
-                                 nesterov=True)
+                                 nesterov=True, rule=args.sgd_rule)
     else:
-        opt_g = common.deeplab_optimizer(model, args.lr, args.optimizer, duplicates)
+        opt_g = common.deeplab_optimizer(model, args.lr, args.optimizer, duplicates, args.sgd_rule)
     opt_d = {name: torch.optim.Adam(d.parameters(), lr=args.lr_d, betas=(0.9, 0.99)) for name, d in discs.items()}
     poly = lambda i: common.poly_factor(i, args.poly_iters)  # noqa: E731 (lr set before iteration i)
     return opt_g, opt_d, common.lr_scheduler(opt_g, poly), {k: common.lr_scheduler(o, poly) for k, o in opt_d.items()}
@@ -481,7 +481,7 @@ def train(args):
     # ---------------------------------------------------------------- models, optimisers
     init = args.init if args.init != "adaptsegnet" else str(common.download_init(      # AdaptSegNet's own file
         "adaptsegnet", ADAPTSEGNET_INIT_URL, ADAPTSEGNET_INIT_SHA256_PREFIX))
-    common.initialise(model, init, norm, args.data_root)
+    training.initialise(model, init, norm, args.data_root)
     discs = nn.ModuleDict({k: training.prepare_model(d, device, amp) for k, d in build_discriminators(args).items()})
     opt_g, opt_d, sched_g, sched_d = build_optimisers(model, discs, args)
     start, best = 0, {}

@@ -41,8 +41,8 @@ Paper vs code (the default follows the code; the flag gives the other):
  1 warm-up: 110k/40k iterations of DACS before CAMix, not in the paper (--warmup-iters 0 = CAMix throughout).
  2 optimiser: paper Adam wd 5e-5; code SGD 0.9, wd 5e-4, 10x head over DACS's duplicated parameter group
    (model/deeplabv2.py optim_parameters: 314 entries for 104 tensors) with the PyTorch-1.5 update
-   (--optimizer adam-paper, --clean-param-groups). CAMix pins no torch version, so whether the authors'
-   runs compounded the duplicates as PyTorch 1.5 does is unknown.
+   (--optimizer adam-paper, --clean-param-groups). CAMix pins no torch version: the PyTorch-1.5 rule of its
+   DACS base is assumed (--sgd-rule torch0.4: PyTorch <= 1.4, weight decay added into p.grad in place).
  3 target geometry: the code crops 512x512 from the FULL 2048x1024 Cityscapes image (data/augmentations.py
    drops DACS's halving) and cuts Q with the same window; validation at 1024x512 (--target-scale 0.5 = DACS).
  4 Q: "counting the class frequencies" in the paper; the code loads offline files (the CBST GTA5 prior
@@ -92,7 +92,6 @@ from PIL import Image
 
 import common
 import training
-from classmix_ssl import cowmix_mask, cutmix_mask
 
 PAPER = {  # dest: (value, source) — shown in --help
     "iters": (250000, "CAMix configs/configUDA_ucspa_gtav.json num_iterations"),
@@ -105,6 +104,7 @@ PAPER = {  # dest: (value, source) — shown in --help
     "crop_size": ((512, 512), "CAMix configUDA_ucspa_*.json input_size"),
     "eval_res": ("half", "CAMix evaluateUDA.py (labels at 1024x512)"),
     "init": ("coco", "CAMix configUDA_ucspa_*.json 'pretrained: coco'"),
+    "sgd_rule": ("torch1.5", "assumption: qianyuzqy/CAMix, a 2021 DACS fork, names no PyTorch version"),
     "eval_every": (2000, "CAMix configUDA_ucspa_*.json val_per_iter"),
     "save_every": (2000, "CAMix configUDA_ucspa_*.json save_checkpoint_every"),
 }
@@ -358,7 +358,7 @@ def target_pixels(mix, y_s, y_raw, prob_t, prior, generator, args):
         return contextual_mask(prob_t, None if args.no_spatial_prior else prior, generator, not args.no_context)[0]
     if mix == "none":     # Mean Teacher (A8)
         return torch.ones_like(prob_t[:, 0])
-    box = (cutmix_mask if mix == "cutmix" else cowmix_mask)(n, h, w, generator, y_raw.device)
+    box = (common.cutmix_mask if mix == "cutmix" else common.cowmix_mask)(n, h, w, generator, y_raw.device)
     return 1 - box        # 1 = pixel of the source image in the ClassMix generators (A9)
 
 
@@ -433,7 +433,7 @@ def build_optimizer(student, args):
     if args.optimizer == "adam-paper":
         return torch.optim.Adam(common.param_groups(student, args.lr, official_duplicates=False), lr=args.lr,
                                 betas=(0.9, 0.999), weight_decay=5e-5)
-    return common.deeplab_optimizer(student, args.lr, args.optimizer, not args.clean_param_groups)
+    return common.deeplab_optimizer(student, args.lr, args.optimizer, not args.clean_param_groups, args.sgd_rule)
 
 
 def prior_for_run(args, source, target_root, out_dir):
@@ -500,7 +500,7 @@ def train(args):
         target = common.SegmentationDataset("cityscapes", target_root, resize=target_resize, crop=crop, norm=norm)
     Q = None if prior is None else torch.from_numpy(prior).to(device)   # on the device once, cut per batch
     # ---------------------------------------------------------------- models, optimiser
-    common.initialise(student, args.init, norm, args.data_root)
+    training.initialise(student, args.init, norm, args.data_root)
     teacher = None if args.source_only else training.prepare_model(      # train-mode BN as the authors'
         common.ema_teacher(student, build, train_bn=not args.teacher_eval_bn), device, amp)
     optimizer = build_optimizer(student, args)

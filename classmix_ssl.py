@@ -31,7 +31,7 @@ jitter + blur, the released config), --iters 80000.
 Authors' quirks kept by default (docs/quirks.md, C1-C12 and Q1-Q12), with the
 clean variant as a flag: floor(n/2) classes (--mask-rounding ceil = thesis Alg. 1), two-branch ASPP sum
 (--aspp-full), train-mode teacher BN without averaged buffers (--teacher-eval-bn), duplicated 1x parameter
-group with the PyTorch-1.5 SGD (--clean-param-groups), jitter applied when U > 0.2 (--jitter-gate 0.5 =
+group with the PyTorch-1.5 SGD of its requirements.txt (--clean-param-groups; --sgd-rule torch0.4), jitter applied when U > 0.2 (--jitter-gate 0.5 =
 thesis' 50 %), half-resolution evaluation (--eval-res full), the Cityscapes RGB mean subtracted from BGR
 images (normalisation `cityscapes_bgr`), q from the *mixed* confidences as one scalar per batch.
 
@@ -67,6 +67,7 @@ PAPER = {  # dest: (value, source) — shown in --help
     "crop_size": ((0, 0), "no crop: CM configCityscapes.json crop false; thesis §4.1.2"),
     "eval_res": ("half", "CM/evaluateSSL.py"),
     "init": ("coco", "CM configCityscapes.json 'pretrained: coco'"),
+    "sgd_rule": ("torch1.5", "WilhelmT/ClassMix requirements.txt: torch==1.5.0"),
     "eval_every": (5000, "CM configCityscapes.json"),
     "save_every": (5000, "CM configCityscapes.json"),
 }
@@ -174,37 +175,13 @@ def unsupervised_weight(conf, i, args):
     return torch.full_like(conf, sigmoid_rampup(i, args.rampup_iters) if args.pixel_weight == "sigmoid" else 1.0)
 
 
-def cutmix_mask(n, h, w, generator, device="cpu"):
-    """CutMix (ClassMix ablation): a box of area HW/2, width U{W/2..W}; mask 0 inside, 1 outside."""
-    area = h * w / 2
-    bw = torch.randint(math.ceil(w / 2), w + 1, (n,), generator=generator)
-    bh = (area / bw).round().clamp(max=h).long()
-    x0 = (torch.rand(n, generator=generator) * (w - bw + 1)).long()
-    y0 = (torch.rand(n, generator=generator) * (h - bh + 1)).long()
-    return common.outside_boxes(torch.stack([y0, y0 + bh, x0, x0 + bw], 1), h, w, device)
-
-
-def cowmix_mask(n, h, w, generator, device="cpu", sigma_range=(8.0, 32.0), p=0.5):
-    """CowMix (ClassMix ablation): Gaussian noise smoothed with sigma log-uniform in range, cut where a normal
-    distribution with the smoothed noise's mean and std has mass p below (CowMask's erfinv threshold)."""
-    log_lo, log_hi = math.log(sigma_range[0]), math.log(sigma_range[1])
-    sigma = torch.exp(log_lo + torch.rand(n, generator=generator) * (log_hi - log_lo))
-    noise = torch.randn(n, 1, h, w, generator=generator).to(device, non_blocking=True)
-    smooth = common.blur_batch(noise, sigma.to(device, non_blocking=True),
-                               kernel=(common.odd_kernel(h, 1.0), common.odd_kernel(w, 1.0)))
-    flat = smooth.view(n, -1)
-    std, mean = torch.std_mean(flat, dim=1, correction=0, keepdim=True)       # numpy's std
-    threshold = torch.erfinv(torch.tensor(2 * p - 1.0)) * math.sqrt(2) * std + mean
-    return (flat > threshold).float().view(n, h, w)
-
-
 def mixing_mask(teacher_label, g, args):
     """M_k: classes of pseudo-label k (ClassMix) or a CutMix / CowMix mask, 1 = pixel from image k."""
     n, h, w = teacher_label.shape
     if args.mask == "cut":
-        return cutmix_mask(n, h, w, g, teacher_label.device)
+        return common.cutmix_mask(n, h, w, g, teacher_label.device)
     if args.mask == "cow":
-        return cowmix_mask(n, h, w, g, teacher_label.device)
+        return common.cowmix_mask(n, h, w, g, teacher_label.device)
     return common.class_mix_mask(teacher_label, g, rule=args.mask_rounding, drop_ignore=True)
 
 
@@ -251,10 +228,10 @@ def train(args):
     data_u = None if args.no_unlabeled else common.SegmentationDataset(
         "cityscapes", root, resize=args.target_size, crop=crop, norm=norm, stems=unlabeled)
     # ---------------------------------------------------------------- models, optimiser
-    common.initialise(student, args.init, norm, args.data_root)
+    training.initialise(student, args.init, norm, args.data_root)
     teacher = None if args.no_unlabeled else training.prepare_model(    # train-mode BN as the authors' (C4)
         common.ema_teacher(student, build, train_bn=not args.teacher_eval_bn), device, amp)
-    optimizer = common.deeplab_optimizer(student, args.lr, args.optimizer, not args.clean_param_groups)
+    optimizer = common.deeplab_optimizer(student, args.lr, args.optimizer, not args.clean_param_groups, args.sgd_rule)
     scheduler = common.lr_scheduler(optimizer, lambda i: common.poly_factor(i, args.iters))
     start = 0
     ckpt = training.resume_state(args, out_dir, 19)

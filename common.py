@@ -212,15 +212,10 @@ def init_convention(init, default=("caffe", "imagenet_bgr")):
     return {"imagenet": ("pytorch", "imagenet_rgb"), "coco": ("caffe", "imagenet_bgr")}.get(init, default)
 
 
-def initialise(model, init, norm="imagenet_bgr", data_root="./data"):
-    """Apply `--init` (coco|imagenet|demo|none|PATH); return copied-tensor count, refuse a zero copy.
-    `demo` is the demo's stand-in for pretraining (demo.ensure_demo_init), for this network and `norm`."""
+def initialise(model, init):
+    """Apply `--init` (coco|imagenet|none|PATH); return copied-tensor count, refuse a zero copy."""
     if init == "none":
         return 0
-    if init == "demo":
-        import demo
-        layers = [len(stage) for stage in (model.layer1, model.layer2, model.layer3, model.layer4)]
-        init = demo.ensure_demo_init(data_root, layers, model.style, norm, model.conv1.out_channels)
     if init == "imagenet":
         import torchvision  # torchvision's weights API downloads and caches the file (never in tests)
         weights = torchvision.models.ResNet101_Weights.IMAGENET1K_V1
@@ -265,27 +260,34 @@ def param_groups(model, lr, head_mult=10.0, official_duplicates=True):
     return [{"params": backbone, "lr": lr}, {"params": head, "lr": lr * head_mult}]
 
 
-def deeplab_optimizer(model, lr, kind="sgd", official_duplicates=True):
-    """The authors' optimiser (PyTorch-1.5 SGD 0.9 / 5e-4 over the 1x/10x groups) or, for the random-init
-    demo, Adam with one learning rate for all parameters (a 10x head diverges with Adam from scratch)."""
+def deeplab_optimizer(model, lr, kind="sgd", official_duplicates=True, rule="torch1.5"):
+    """The authors' optimiser (per-entry SGD 0.9 / 5e-4 over the 1x/10x groups, their PyTorch's `rule`) or, for
+    the random-init demo, Adam with one learning rate for all parameters (a 10x head diverges with Adam from scratch)."""
     if kind == "adam":
         return torch.optim.Adam(param_groups(model, lr, head_mult=1.0, official_duplicates=False), lr=lr)
-    return LegacySGD(param_groups(model, lr, official_duplicates=official_duplicates), lr=lr)
+    return LegacySGD(param_groups(model, lr, official_duplicates=official_duplicates), lr=lr, rule=rule)
+
+
+SGD_RULES = ("torch0.4", "torch1.5")  # PyTorch <= 1.4 / >= 1.5 per-entry SGD (docs/quirks.md Q4)
 
 
 class LegacySGD(torch.optim.Optimizer):
-    """SGD with the PyTorch-1.5 per-entry update, so duplicated tensors compound as for the authors (docs/quirks.md Q4).
+    """SGD with the per-entry update of old PyTorch, so duplicated tensors compound as for the authors (docs/quirks.md Q4).
 
-    For each entry in order: d = grad + wd*p (p current), buf = m*buf + d (d on first use, buffer shared
-    per tensor), p -= lr*buf (or lr*(d + m*buf) with `nesterov`). torch.optim.SGD(foreach=False) collapses
-    duplicates differently.
+    For each entry in order: d = grad + wd*p (p current), buf = m*buf + d (a copy of d on first use, buffer shared
+    per tensor), p -= lr*buf (or lr*(d + m*buf) with `nesterov`). `rule` torch1.5: d is a new tensor (PyTorch 1.5);
+    torch0.4: d is p.grad itself, so a tensor's later entries see the decay of the earlier ones added in (PyTorch
+    0.3-1.4 `d_p.add_(weight_decay, p.data)`). torch.optim.SGD(foreach=False) collapses duplicates differently.
     """
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=5e-4, nesterov=False):
+    def __init__(self, params, lr, momentum=0.9, weight_decay=5e-4, nesterov=False, rule="torch1.5"):
+        if rule not in SGD_RULES:
+            raise ValueError(f"rule must be one of {SGD_RULES}, got {rule!r}")
         with warnings.catch_warnings():  # the duplicates are intentional (official layout)
             warnings.filterwarnings("ignore", message=".*duplicate parameters.*")
             super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.nesterov = nesterov  # p -= lr * (d + m*buf) instead of lr * buf (not a group key: old checkpoints load)
+        self.rule = rule
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -296,11 +298,17 @@ class LegacySGD(torch.optim.Optimizer):
                 if not params:
                     continue
                 grads = [p.grad for p in params]
-                ds = torch._foreach_add(grads, params, alpha=wd) if wd else [g.clone() for g in grads]
+                if self.rule == "torch0.4":
+                    if wd:
+                        torch._foreach_add_(grads, params, alpha=wd)
+                    ds = grads
+                else:
+                    ds = torch._foreach_add(grads, params, alpha=wd) if wd else [g.clone() for g in grads]
                 old = [(self.state[p]["momentum_buffer"], d) for p, d in zip(params, ds) if self.state[p]]
-                for p, d in zip(params, ds):  # first use: the buffer is d (a copy of d with Nesterov)
+                copy = self.nesterov or self.rule == "torch0.4"  # d is reused (Nesterov) or is p.grad itself
+                for p, d in zip(params, ds):  # first use: the buffer is d
                     if not self.state[p]:
-                        self.state[p]["momentum_buffer"] = d.clone() if self.nesterov else d
+                        self.state[p]["momentum_buffer"] = d.clone() if copy else d
                 if old:
                     bufs, dd = zip(*old)
                     torch._foreach_mul_(bufs, m)
@@ -822,6 +830,30 @@ def outside_boxes(boxes, h, w, device="cpu"):
     y0, y1, x0, x1 = boxes.to(device, non_blocking=True).view(-1, 4, 1, 1).unbind(1)
     ys, xs = torch.arange(h, device=device)[None, :, None], torch.arange(w, device=device)[None, None, :]
     return (~((ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1))).float()
+
+
+def cutmix_mask(n, h, w, generator, device="cpu"):
+    """CutMix (ClassMix's ablation, CAMix's Table 2): a box of area HW/2, width U{W/2..W}; mask 0 inside, 1 outside."""
+    area = h * w / 2
+    bw = torch.randint(math.ceil(w / 2), w + 1, (n,), generator=generator)
+    bh = (area / bw).round().clamp(max=h).long()
+    x0 = (torch.rand(n, generator=generator) * (w - bw + 1)).long()
+    y0 = (torch.rand(n, generator=generator) * (h - bh + 1)).long()
+    return outside_boxes(torch.stack([y0, y0 + bh, x0, x0 + bw], 1), h, w, device)
+
+
+def cowmix_mask(n, h, w, generator, device="cpu", sigma_range=(8.0, 32.0), p=0.5):
+    """CowMix (ClassMix's ablation, CAMix's Table 2): Gaussian noise smoothed with sigma log-uniform in range, cut where a normal
+    distribution with the smoothed noise's mean and std has mass p below (CowMask's erfinv threshold)."""
+    log_lo, log_hi = math.log(sigma_range[0]), math.log(sigma_range[1])
+    sigma = torch.exp(log_lo + torch.rand(n, generator=generator) * (log_hi - log_lo))
+    noise = torch.randn(n, 1, h, w, generator=generator).to(device, non_blocking=True)
+    smooth = blur_batch(noise, sigma.to(device, non_blocking=True),
+                               kernel=(odd_kernel(h, 1.0), odd_kernel(w, 1.0)))
+    flat = smooth.view(n, -1)
+    std, mean = torch.std_mean(flat, dim=1, correction=0, keepdim=True)       # numpy's std
+    threshold = torch.erfinv(torch.tensor(2 * p - 1.0)) * math.sqrt(2) * std + mean
+    return (flat > threshold).float().view(n, h, w)
 
 
 def odd_kernel(size, fraction=0.1):

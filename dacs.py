@@ -27,8 +27,9 @@ Thesis -> code:
 Authors' quirks kept by default (docs/quirks.md, D1-D13 and Q1-Q12), each with
 its clean variant as a flag: two-branch ASPP sum (--aspp-full), BN in train mode with frozen affine and a
 train-mode teacher whose buffers are not averaged (--teacher-eval-bn), duplicated 1x parameter group with
-the PyTorch-1.5 SGD (--clean-param-groups), ceil(n/2) classes with the ignore value as a candidate
-(--mask-rounding floor, --mask-exclude-ignore), jitter applied when U > 0.2, i.e. 80 % (--jitter-gate 0.5
+the PyTorch-1.5 SGD (--clean-param-groups; DACS pins no PyTorch: 1.5 is assumed, --sgd-rule torch0.4 is
+<= 1.4), ceil(n/2) classes with the ignore value as a candidate (--mask-rounding floor,
+--mask-exclude-ignore), jitter applied when U > 0.2, i.e. 80 % (--jitter-gate 0.5
 is the thesis' 50 %), evaluation at half resolution (--eval-res full).
 
 Deviations and assumptions:
@@ -63,6 +64,7 @@ PAPER = {  # dest: (value, source) — shown in --help
     "crop_size": ((512, 512), "DACS configUDA.json input_size; data/augmentations.py RandomCrop_gta/_city"),
     "eval_res": ("half", "DACS/evaluateUDA.py"),
     "init": ("coco", "DACS configUDA.json 'pretrained: coco'"),
+    "sgd_rule": ("torch1.5", "assumption: vikolss/DACS pins no PyTorch; its sibling ClassMix pins torch==1.5.0"),
     "eval_every": (5000, "DACS configUDA.json"),
     "save_every": (5000, "DACS configUDA.json"),
 }
@@ -187,10 +189,10 @@ def train(args):
     target = common.SegmentationDataset("cityscapes", target_root, resize=args.target_size, crop=args.crop_size,
                                         norm=norm)
     # ---------------------------------------------------------------- models, optimiser
-    common.initialise(student, args.init, norm, args.data_root)
+    training.initialise(student, args.init, norm, args.data_root)
     teacher = None if args.source_only else training.prepare_model(      # train-mode BN as the authors' (Q3)
         common.ema_teacher(student, build, train_bn=not args.teacher_eval_bn), device, amp)
-    optimizer = common.deeplab_optimizer(student, args.lr, args.optimizer, not args.clean_param_groups)
+    optimizer = common.deeplab_optimizer(student, args.lr, args.optimizer, not args.clean_param_groups, args.sgd_rule)
     scheduler = common.lr_scheduler(optimizer, lambda i: common.poly_factor(i, args.iters))
     ckpt = training.resume_state(args, out_dir, 19)
     p_target = p_model = None

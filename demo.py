@@ -202,7 +202,6 @@ def ensure_demo_init(data_root, layers, style, norm, width=64):
     first-stage width), trained on the demo source on first use and cached by digest."""
     import torch
     import common
-    import training
     recipe = {**INIT_RECIPE, "layers": list(layers), "style": style, "norm": norm, "width": width}
     iters = recipe["iters"]
     code = inspect.getsource(common.Bottleneck) + inspect.getsource(common.ClassifierModule) + \
@@ -225,7 +224,8 @@ def ensure_demo_init(data_root, layers, style, norm, width=64):
         loss.backward()
         optimizer.step()
     backbone = {k: v for k, v in model.state_dict().items() if not k.startswith("layer5.")}
-    training.save_checkpoint(path, backbone)
+    with common.atomic_path(path) as tmp:
+        torch.save(backbone, tmp)
     print(f"demo init built in {time.time() - t0:.0f} s", flush=True)
     return path
 

@@ -81,8 +81,9 @@ snapshot has seen 120001 updates; --iters 120001 reproduces that (A3 keeps 12000
 The paper's weight decay 1e-4 is used (DDM config.py has AdvEnt's 5e-4: --weight-decay);
 the ASPP classifier sums all four branches as AdvEnt's does (not AdaptSegNet's two); BN layers have frozen
 affine parameters and batch statistics in training (AdvEnt); the 1x parameter group repeats tensors as
-AdvEnt's `optim_parameters` does, with the per-entry SGD update of PyTorch 0.4-1.5 (common.LegacySGD;
---clean-param-groups lists each tensor once). The paper has LAB on "in most experiments" (all but
+AdvEnt's `optim_parameters` does, with the per-entry SGD update of AdvEnt's PyTorch 0.4.1 (common.LegacySGD,
+weight decay added into p.grad in place; --sgd-rule torch1.5: out of place; --clean-param-groups lists each
+tensor once). The paper has LAB on "in most experiments" (all but
 Table 5's F column) while DDM's config.py ships SOURCE_TRANS = False: the default here follows the paper.
 Init: --init advent (default) is AdvEnt's caffe-style ImageNet DeepLab file
 DeepLab_resnet_pretrained_imagenet.pth from the ADVENT v0.1 release, which DDM's BGR-mean normalisation
@@ -119,6 +120,7 @@ PAPER = {  # dest: (value, source) — shown in --help
     "crop_size": ((0, 0), "no random crop (A18); M_RL's source window is --src-fit"),
     "eval_res": ("full", "DDM eval.py: main logits upsampled to 2048x1024"),
     "init": ("advent", "AdvEnt's caffe-style ImageNet DeepLab (ADVENT release v0.1); imagenet = torchvision"),
+    "sgd_rule": ("torch0.4", "assumption: AdvEnt's PyTorch 0.4.1 (valeoai/ADVENT README); DLDM released no training code"),
     "eval_every": (0, "0 = evaluate at the end of each stage; 2000 = AdvEnt's snapshot step (A15)"),
     "save_every": (2000, "AdvEnt SAVE_PRED_EVERY"),
 }
@@ -540,7 +542,7 @@ class Run:
         if warm_from is not None:
             model.load_state_dict(training.load_checkpoint(warm_from, self.num_classes)["model"])
         else:
-            common.initialise(model, self.resolve_init(), self.norm, self.args.data_root)
+            training.initialise(model, self.resolve_init(), self.norm, self.args.data_root)
         return training.prepare_model(model, self.device, self.amp)
 
     def load_model(self, path):
@@ -613,7 +615,8 @@ def make_optimizer(model, args):
     if args.optimizer == "adam":
         return torch.optim.Adam(common.param_groups(model, args.lr, 1.0, official_duplicates=False), lr=args.lr)
     groups = common.param_groups(model, args.lr, 10.0, official_duplicates=not args.clean_param_groups)
-    return common.LegacySGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    return common.LegacySGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                            rule=args.sgd_rule)
 
 
 def stage_finished(stage_dir, iters):

@@ -220,7 +220,7 @@ def train(args):
         "cityscapes", target_root, resize=args.target_size, interp=args.resize, crop=crop, flip=True, norm=norm,
         num_classes=num_classes, stems=unlabeled)
     # ---------------------------------------------------------------- models, optimiser
-    common.initialise(student, args.init, norm, args.data_root)
+    training.initialise(student, args.init, norm, args.data_root)
     teacher = training.prepare_model(common.ema_teacher(student, build, train_bn=not args.teacher_eval_bn),  # A8
                                    device, amp) if use_teacher else None
     optimizer = torch.optim.AdamW(common.param_groups(student, args.lr, args.head_lr_mult, official_duplicates=False),

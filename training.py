@@ -184,6 +184,16 @@ class OncePerTensor:
         self.param_groups = [{"params": list(dict.fromkeys(p for g in optimizer.param_groups for p in g["params"]))}]
 
 
+def initialise(model, init, norm="imagenet_bgr", data_root="./data"):
+    """common.initialise, with `--init demo` = the demo's stand-in pretraining for this network and `norm`
+    (demo.ensure_demo_init: trained once on the demo source, cached under <data-root>/demo)."""
+    if init == "demo":
+        import demo
+        layers = [len(stage) for stage in (model.layer1, model.layer2, model.layer3, model.layer4)]
+        init = str(demo.ensure_demo_init(data_root, layers, model.style, norm, model.conv1.out_channels))
+    return common.initialise(model, init)
+
+
 def prepare_model(model, device, amp):
     """Move to device; channels_last with AMP."""
     model = model.to(device)
@@ -217,7 +227,7 @@ class Logger:
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(out_dir)) if main else None
+            self.tb = SummaryWriter(str(out_dir)) if self.main else None
         except Exception:  # TensorBoard is optional
             pass
 
@@ -424,6 +434,10 @@ def shared_parser(defaults):
         action=argparse.BooleanOptionalAction, default=False)
     add("--amp-dtype", "with --amp: the autocast type (auto = bf16 where the device has it, else fp16)",
         choices=["auto", "bf16", "fp16"], default="auto")
+    if "sgd_rule" in d:
+        add("--sgd-rule", "the per-entry SGD over the duplicated 1x group (docs/quirks.md Q4): torch0.4 adds the weight "
+            "decay into p.grad, compounding over a tensor's listings (PyTorch 0.3-1.4); torch1.5 adds it out of place "
+            "(SGD only; no effect with --clean-param-groups)", choices=common.SGD_RULES)
     add("--workers", "data-loading worker processes per data stream (the authors use 4; images/s per worker: "
         "benchmarks/RESULTS.md)", type=int, default=4)
     add("--demo", "run on the generated demo dataset with the small demo settings", action="store_true")

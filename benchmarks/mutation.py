@@ -118,7 +118,7 @@ MUTATIONS = [
       'p.add_argument("--mask-rounding", choices=["floor", "ceil"], default="floor",',
       'p.add_argument("--mask-rounding", choices=["floor", "ceil"], default="ceil",',
       "--mask-rounding default floor(n/2) -> ceil(n/2)", f"{T_CM}::test_defaults_are_the_table_4_1_configuration"),
-    M("cm_cutmix_area", "classmix_ssl.py", "area = h * w / 2", "area = h * w / 4",
+    M("cm_cutmix_area", "common.py", "area = h * w / 2", "area = h * w / 4",
       "CutMix box of a quarter of the image",
       f"{T_CM}::test_cutmix_and_cowmix_masks"),
     M("cm_norm_imagenet_mean", "classmix_ssl.py", '        norm = "cityscapes_bgr"', '        norm = "imagenet_bgr"',

@@ -115,21 +115,21 @@ def test_masks_come_from_the_teacher_argmax():
 
 
 def test_cutmix_and_cowmix_masks():
-    m = classmix_ssl.cutmix_mask(50, 16, 32, torch.Generator().manual_seed(0))
+    m = common.cutmix_mask(50, 16, 32, torch.Generator().manual_seed(0))
     zeros = (m == 0).sum((1, 2)).float()
     assert ((zeros - 256).abs() <= 16).all()  # box area = HW/2 up to rounding of the height
     for k in range(5):
         ys, xs = torch.nonzero(m[k] == 0, as_tuple=True)
         assert len(ys) == (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)  # one rectangle
         assert xs.max() - xs.min() + 1 >= 16
-    c = classmix_ssl.cowmix_mask(16, 64, 64, torch.Generator().manual_seed(0))
+    c = common.cowmix_mask(16, 64, 64, torch.Generator().manual_seed(0))
     assert c.shape == (16, 64, 64) and c.mean().item() == pytest.approx(0.5, abs=0.1)
     assert (c[:, 1:] == c[:, :-1]).float().mean() > 0.9  # smooth blobs, not salt and pepper
     # CowMask's threshold erfinv(2p-1) sqrt(2) std + mean (p = 0.5: the mean), not a per-image quantile
     assert (c.mean((1, 2)) - 0.5).abs().max() > 0.02
     g = torch.Generator().manual_seed(1)
     for p, frac in ((0.5, 0.5), (0.8, 0.2)):
-        c = classmix_ssl.cowmix_mask(64, 48, 48, g, sigma_range=(1.0, 1.0), p=p)   # near-white noise
+        c = common.cowmix_mask(64, 48, 48, g, sigma_range=(1.0, 1.0), p=p)   # near-white noise
         assert c.mean().item() == pytest.approx(frac, abs=0.02)
 
 
@@ -173,6 +173,7 @@ FLAG_CASES = [  # (flags, baseline flags): the flag must change the trained weig
     (["--aspp-full"], []),
     (["--teacher-eval-bn", *T], T),
     (["--clean-param-groups"], []),
+    (["--sgd-rule", "torch0.4"], []),                  # PyTorch <= 1.4: decay into p.grad, compounding
     (["--tau", "0.01"], []),
     (["--ema-alpha", "0.3", *T], T),
     (["--consistency-weight", "0.5", *T], T),
@@ -234,7 +235,7 @@ def test_targets_and_q_come_from_the_mixed_teacher_maps(root, tmp_path, monkeypa
 
 def test_cutmix_mask_equals_per_image_slicing():
     g, ref = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
-    m = classmix_ssl.cutmix_mask(6, 15, 22, g)
+    m = common.cutmix_mask(6, 15, 22, g)
     bw = torch.randint(11, 23, (6,), generator=ref)
     bh = (15 * 22 / 2 / bw).round().clamp(max=15).long()
     x0 = (torch.rand(6, generator=ref) * (22 - bw + 1)).long()

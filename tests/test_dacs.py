@@ -199,6 +199,8 @@ FLAG_CASES = [  # (flags, baseline flags): the flag must change the trained weig
     (["--aspp-full"], []),
     (["--teacher-eval-bn", "--tau", "0.01"], ["--tau", "0.01"]),   # q > 0 so the pseudo-labels count
     (["--clean-param-groups"], []),
+    (["--sgd-rule", "torch0.4"], []),                  # PyTorch <= 1.4: decay into p.grad, compounding
+    (["--amp", "--amp-dtype", "fp16"], ["--amp"]),     # fp16 autocast + GradScaler on the CPU: that path runs
     (["--tau", "0.01"], []),
     (["--pixel-weight", "threshold", "--tau", "0.1"], ["--tau", "0.1"]),
     (["--pixel-weight", "none"], []),

@@ -259,11 +259,12 @@ def test_pytorch_style_backbone_computes_torchvision_resnet101_layers():
             assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4, rtol=1e-4), name
 
 
-def per_entry_sgd_step(entries, state, lr, m, wd, nesterov):
-    """The PyTorch-1.5 SGD loop written out entry by entry (the reference for LegacySGD's foreach waves)."""
+def per_entry_sgd_step(entries, state, lr, m, wd, nesterov, in_place=False):
+    """The old PyTorch SGD loop written out entry by entry (the reference for LegacySGD's foreach waves):
+    PyTorch 1.5 adds the weight decay out of place, 0.3-1.4 into p.grad (`d_p.add_(weight_decay, p.data)`)."""
     with torch.no_grad():
         for p in entries:
-            d = p.grad.add(p, alpha=wd)
+            d = p.grad.add_(p, alpha=wd) if in_place else p.grad.add(p, alpha=wd)
             if p not in state:
                 state[p] = d.clone()
             else:
@@ -271,15 +272,16 @@ def per_entry_sgd_step(entries, state, lr, m, wd, nesterov):
             p.sub_(d.add(state[p], alpha=m) if nesterov else state[p], alpha=lr)
 
 
+@pytest.mark.parametrize("rule", ["torch1.5", "torch0.4"])
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_legacy_sgd_waves_equal_the_per_entry_loop_bitwise(nesterov):
+def test_legacy_sgd_waves_equal_the_per_entry_loop_bitwise(nesterov, rule):
     torch.manual_seed(0)
     fast, ref = DeepLabV2(width=8), DeepLabV2(width=8)
     ref.load_state_dict(fast.state_dict())
     groups = param_groups(fast, 0.01)
     ref_groups = param_groups(ref, 0.01)
     assert len(groups[0]["params"]) > len(set(groups[0]["params"]))  # duplicates present
-    opt, state = LegacySGD(groups, lr=0.01, nesterov=nesterov), {}
+    opt, state = LegacySGD(groups, lr=0.01, nesterov=nesterov, rule=rule), {}
     for step in range(3):
         for p, q in zip(fast.parameters(), ref.parameters()):
             p.grad = torch.randn_like(p)
@@ -288,9 +290,26 @@ def test_legacy_sgd_waves_equal_the_per_entry_loop_bitwise(nesterov):
         next(ref.parameters()).grad = None if step == 1 else next(ref.parameters()).grad
         opt.step()
         for g in ref_groups:
-            per_entry_sgd_step([p for p in g["params"] if p.grad is not None], state, g["lr"], 0.9, 5e-4, nesterov)
+            per_entry_sgd_step([p for p in g["params"] if p.grad is not None], state, g["lr"], 0.9, 5e-4, nesterov,
+                               in_place=rule == "torch0.4")
     for (name, a), b in zip(fast.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("k,extra", [(1, 1.0), (2, 1.5), (3, 2.0), (4, 2.5)])
+def test_in_place_decay_compounds_over_duplicates_by_k_plus_1_over_2(k, extra):
+    """docs/quirks.md Q4's magnitude: at steady state a tensor listed k times decays k(k+1)/2 times as fast
+    under the torch0.4 rule, k times under torch1.5 (as its gradient does under both)."""
+    shrink = {}
+    for rule in ("torch0.4", "torch1.5"):
+        p = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+        opt = LegacySGD([p] * k, lr=2.5e-4, weight_decay=5e-4, rule=rule)
+        for _ in range(300):
+            before = p.detach().clone()
+            p.grad = torch.zeros_like(p)
+            opt.step()
+        shrink[rule] = float(1 - p.detach() / before)
+    assert shrink["torch0.4"] / shrink["torch1.5"] == pytest.approx(extra, rel=2e-3)
 
 
 def test_legacy_sgd_waves_keep_each_tensors_occurrences_in_order():

@@ -444,9 +444,9 @@ def test_demo_init_is_built_once_and_rebuilt_for_another_network(tmp_path, capsy
     assert other != path and other.is_file() and "building" in capsys.readouterr().out
     assert demo.ensure_demo_init(tmp_path, [1, 1, 1, 1], "pytorch", "imagenet_rgb") not in (path, other)
     model = common.DeepLabV2(19, layers=(1, 1, 2, 1))
-    assert common.initialise(model, "demo", "imagenet_bgr", tmp_path) == len(torch.load(other, weights_only=True))
+    assert training.initialise(model, "demo", "imagenet_bgr", tmp_path) == len(torch.load(other, weights_only=True))
     narrow = common.DeepLabV2(19, layers=(1, 1, 2, 1), width=16)                               # another width
-    assert common.initialise(narrow, "demo", "imagenet_bgr", tmp_path) == len(torch.load(other, weights_only=True))
+    assert training.initialise(narrow, "demo", "imagenet_bgr", tmp_path) == len(torch.load(other, weights_only=True))
     assert "building" in capsys.readouterr().out
 
 

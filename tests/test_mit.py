@@ -53,7 +53,8 @@ def test_b5_state_dict_keys_are_the_authors_student_names_and_shapes():
     shapes = {"backbone.patch_embed1.proj.weight": (64, 3, 7, 7), "backbone.patch_embed4.proj.weight": (512, 320, 3, 3),
               "backbone.block1.0.attn.q.weight": (64, 64), "backbone.block1.0.attn.kv.weight": (128, 64),
               "backbone.block1.2.attn.sr.weight": (64, 64, 8, 8), "backbone.block3.39.attn.sr.weight": (320, 320, 2, 2),
-              "backbone.block2.5.mlp.dwconv.dwconv.weight": (512, 1, 3, 3), "backbone.block4.2.mlp.fc2.weight": (512, 2048),
+              "backbone.block2.5.mlp.dwconv.dwconv.weight": (512, 1, 3, 3),
+              "backbone.block4.2.mlp.fc2.weight": (512, 2048),
               "decode_head.embed_layers.3.proj.weight": (256, 512),
               "decode_head.fuse_layer.aspp_modules.0.conv.weight": (256, 1024, 1, 1),
               "decode_head.fuse_layer.aspp_modules.3.depthwise_conv.conv.weight": (1024, 1, 3, 3),
@@ -325,3 +326,42 @@ def test_init_follows_segformer_and_mmcv():
     assert head.conv_seg.weight.std().item() == pytest.approx(0.01, rel=0.15) and torch.all(head.conv_seg.bias == 0)
     embed = head.embed_layers[3].proj.weight  # PyTorch's default: U(+-1/sqrt(fan_in)), std 1/sqrt(3 fan_in)
     assert embed.abs().max() <= 1 / math.sqrt(128) and embed.std().item() == pytest.approx(1 / math.sqrt(384), rel=0.05)
+
+
+def test_stage_maps_end_with_a_layer_norm():
+    model = tiny().eval()
+    with torch.no_grad():
+        feats = model.backbone(torch.randn(2, 3, 40, 56))
+    for f in feats:  # norm{i} (weight 1, bias 0 at init) is the last op: per-position mean 0, variance 1
+        torch.testing.assert_close(f.mean(1), torch.zeros_like(f.mean(1)), atol=1e-5, rtol=0)
+        torch.testing.assert_close(f.var(1, unbiased=False), torch.ones_like(f[:, 0]), atol=1e-3, rtol=0)
+
+
+def test_head_is_embed_resize_concat_sep_aspp_dropout_conv_seg():
+    torch.manual_seed(0)
+    head = common.DAFormerHead((4, 6, 8, 10), num_classes=3, embed_dim=4, channels=5).double().eval()
+    for m in head.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 2)
+    feats = [torch.randn(2, c, h, w, dtype=torch.float64) for c, (h, w) in zip((4, 6, 8, 10),
+                                                                              ((20, 22), (10, 11), (5, 6), (3, 3)))]
+
+    def conv_bn_relu(x, mod, **kw):
+        bn = mod.bn
+        return F.relu(F.batch_norm(F.conv2d(x, mod.conv.weight, **kw), bn.running_mean, bn.running_var, bn.weight,
+                                   bn.bias, eps=1e-5))
+
+    maps = []
+    for f, embed in zip(feats, head.embed_layers):
+        e = torch.einsum("bchw,oc->bohw", f, embed.proj.weight) + embed.proj.bias[:, None, None]
+        maps.append(F.interpolate(e, size=(20, 22), mode="bilinear", align_corners=False))
+    x = torch.cat(maps, 1)
+    aspp = head.fuse_layer.aspp_modules
+    branches = [conv_bn_relu(x, aspp[0])]
+    for i, d in zip((1, 2, 3), (6, 12, 18)):
+        dw = conv_bn_relu(x, aspp[i].depthwise_conv, padding=d, dilation=d, groups=16)
+        branches.append(conv_bn_relu(dw, aspp[i].pointwise_conv))
+    fused = conv_bn_relu(torch.cat(branches, 1), head.fuse_layer.bottleneck, padding=1)
+    expected = F.conv2d(fused, head.conv_seg.weight, head.conv_seg.bias)
+    torch.testing.assert_close(head(feats), expected, rtol=1e-10, atol=1e-10)
+    assert isinstance(head.dropout, nn.Dropout2d) and head.dropout.p == 0.1

@@ -365,3 +365,12 @@ def test_head_is_embed_resize_concat_sep_aspp_dropout_conv_seg():
     expected = F.conv2d(fused, head.conv_seg.weight, head.conv_seg.bias)
     torch.testing.assert_close(head(feats), expected, rtol=1e-10, atol=1e-10)
     assert isinstance(head.dropout, nn.Dropout2d) and head.dropout.p == 0.1
+
+
+def test_every_parameter_gets_a_gradient_and_fd_needs_no_second_pass():
+    model = tiny(stochastic=False)  # no DropPath draw may zero a block's gradient
+    feats, logits = model.forward_features(torch.randn(2, 3, 64, 64))
+    (common.ce_loss(F.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=False),
+                    torch.randint(0, 19, (2, 64, 64))) + feats[-1].norm(dim=1).mean()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert tuple(feats[-1].shape) == (2, 128, 2, 2)

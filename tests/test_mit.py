@@ -298,6 +298,12 @@ def test_authors_archive_errors(tmp_path):
     torch.save({"state_dict": {"ema_model.backbone.norm1.weight": torch.ones(2)}}, only_ema)
     with pytest.raises(common.DataError, match=r"ema\.pth: not a DAFormer/HRDA checkpoint .*'ema_model\."):
         common.load_authors_segmentor(only_ema)
+    odd = tmp_path / "odd.pth"
+    torch.save({0: torch.ones(1)}, odd)
+    with pytest.raises(common.DataError, match=r"odd\.pth: not a DAFormer/HRDA checkpoint .*found '0'"):
+        common.load_authors_segmentor(odd)
+    with pytest.raises(common.DataError, match=r"odd\.pth: not a SegFormer ImageNet MiT .*unexpected 1 \(first \[0\]"):
+        common.load_mit_imagenet(common.MixVisionTransformer("tiny"), odd)
     project = tmp_path / "checkpoint.pth"
     torch.save({"model": tiny().state_dict(), "iteration": 3}, project)
     with pytest.raises(common.DataError, match="checkpoint.pth: not a DAFormer/HRDA checkpoint"):

@@ -499,8 +499,9 @@ def test_backbone_group_lists_each_tensor_as_adaptsegnet(clean):
     heads' group lists each tensor once. --clean-param-groups lists every tensor once."""
     model = common.DeepLabV2(19, multi_level=True, layers=(2, 1, 1, 1))
     args = types.SimpleNamespace(clean_param_groups=clean, optimizer="sgd", nesterov=False, lr=2.5e-4, lr_d=1e-4,
-                                 poly_iters=10)
+                                 poly_iters=10, sgd_rule=asss.parse_args([]).sgd_rule)
     opt_g, *_ = asss.build_optimisers(model, torch.nn.ModuleDict(), args)
+    assert opt_g.rule == "torch0.4"                    # AdaptSegNet's PyTorch 0.4: decay into p.grad
     backbone, head = opt_g.param_groups
     times = [sum(q is p for q in backbone["params"]) for p in (
         model.conv1.weight, model.layer1[0].conv1.weight, model.layer1[1].conv3.weight,

@@ -554,11 +554,11 @@ def test_eval_only_evaluates_under_amp_as_training_does(tmp_path, monkeypatch):
     seen = []
     metrics = {"mIoU": 1.0, "iteration": 3, "model": "student", "num_classes": 19}
     monkeypatch.setattr(common, "evaluate", lambda *a, **k: seen.append(k["amp_dtype"]) or metrics)
-    for amp in (True, False):
+    for amp, dtype in ((True, "auto"), (True, "fp16"), (False, "auto")):
         args = argparse.Namespace(checkpoint=str(tmp_path / "c.pth"), eval_model="student", init="coco", amp=amp,
-                                  save_predictions=False)
-        training.eval_only(args, model, [], torch.device("cpu"), tmp_path / f"ev{amp}")
-    assert seen == [torch.bfloat16, None]
+                                  amp_dtype=dtype, save_predictions=False)
+        training.eval_only(args, model, [], torch.device("cpu"), tmp_path / f"ev{amp}{dtype}")
+    assert seen == [torch.bfloat16, torch.float16, None]
 
 
 def test_dataset_roots_are_refused_with_the_demo(tmp_path):

@@ -542,6 +542,236 @@ def load_authors_segmentor(path, model=None):
     return state
 
 
+# ======================================================================================
+# HRDA multi-resolution training and inference (lhoyer/HRDA) and MIC masking (lhoyer/MIC)
+# ======================================================================================
+
+HRDA_CONTEXT_SCALE = 0.5  # HRDA's scales [0.5, 1]: the context view is the crop at half resolution
+
+
+class HRDAOutput(NamedTuple):
+    """A training forward: fused logits over the whole crop and detail logits over `box`, both at stride 4 of
+    the full-resolution crop; `box` (y0, y1, x0, x1) in crop pixels; the 4 context encoder maps (FD)."""
+    fused: torch.Tensor
+    detail: torch.Tensor
+    box: tuple
+    features: list
+
+
+def context_view(x):
+    """HRDA's low-resolution context input: bilinear x0.5, align_corners False (mmseg resize)."""
+    return F.interpolate(x, scale_factor=HRDA_CONTEXT_SCALE, mode="bilinear", align_corners=False)
+
+
+def hr_crop_box(size, crop, generator, divisible=8):
+    """Random detail window (y0, y1, x0, x1) of size `crop` inside `size` with offsets randint(0, (margin + 1) //
+    divisible) * divisible (HRDA get_crop_bbox; at least one position: offset 0 for a margin under 7)."""
+    (h, w), (ch, cw) = size, crop
+    if ch > h or cw > w:
+        raise ValueError(f"detail crop {ch}x{cw} does not fit the {h}x{w} crop")
+    y0, x0 = (int(torch.randint(max((m + 1) // divisible, 1), (), generator=generator)) * divisible
+              for m in (h - ch, w - cw))
+    return y0, y0 + ch, x0, x0 + cw
+
+
+def crop_box(t, box):
+    """The (y0, y1, x0, x1) window of the last two dims of an image, label or weight map."""
+    y0, y1, x0, x1 = box
+    return t[..., y0:y1, x0:x1]
+
+
+def scale_box(box, factor):
+    """A box in another grid: each coordinate divided by `factor` and truncated (HRDA scale_box)."""
+    return tuple(int(c / factor) for c in box)
+
+
+def slide_boxes(size, crop, stride):
+    """mmseg's sliding-window grid: windows of min(crop, size) every `stride`, the last one moved back inside."""
+    (h, w), (ch, cw), (sh, sw) = size, crop, stride
+    boxes = []
+    for i in range(max(h - ch + sh - 1, 0) // sh + 1):
+        for j in range(max(w - cw + sw - 1, 0) // sw + 1):
+            y1, x1 = min(i * sh + ch, h), min(j * sw + cw, w)
+            boxes.append((max(y1 - ch, 0), y1, max(x1 - cw, 0), x1))
+    return boxes
+
+
+def merge_windows(window_logits, boxes, n, size):
+    """Sum window logits (window-major batches of n) into a (n, C, *size) map, divided by each pixel's count."""
+    out = window_logits.new_zeros((n, window_logits.shape[1], *size))
+    count = window_logits.new_zeros((1, 1, *size))
+    for i, (y0, y1, x0, x1) in enumerate(boxes):
+        out[:, :, y0:y1, x0:x1] += window_logits[i * n:(i + 1) * n]
+        count[:, :, y0:y1, x0:x1] += 1
+    return out / count
+
+
+def slide_inference(forward, img, crop=(1024, 1024), stride=(512, 512)):
+    """mmseg batched slide inference: all windows through `forward` (logits at window size) as one batch,
+    summed into the image and divided by the overlap count; full-resolution logits (HRDA test_cfg)."""
+    boxes = slide_boxes(img.shape[2:], crop, stride)
+    logits = forward(torch.cat([crop_box(img, b) for b in boxes]))
+    return merge_windows(logits, boxes, img.shape[0], img.shape[2:])
+
+
+class SlideInference(nn.Module):
+    """A segmentor evaluated by `slide_inference`: each window's logits resized bilinearly to the window, then
+    merged at full resolution (HRDA's test mode: crop 1024, stride 512); for `evaluate`."""
+
+    def __init__(self, model, crop=(1024, 1024), stride=(512, 512)):
+        super().__init__()
+        self.model, self.crop, self.stride = model, tuple(crop), tuple(stride)
+        self.num_classes = model.num_classes
+
+    def forward(self, x):
+        return slide_inference(lambda w: upsample(self.model(w), w.shape[2:], align_corners=False), x,
+                               self.crop, self.stride)
+
+
+class HRDAHead(nn.Module):
+    """HRDA's decode head: one DAFormer head `head` for context and detail, a scale-attention head
+    `scale_attention` (DAFormer head, 1x1 conv fusion) on the context features; no own conv_seg."""
+
+    def __init__(self, in_channels=(64, 128, 320, 512), num_classes=19, channels=256, attention_channels=256,
+                 dropout_ratio=0.1):
+        super().__init__()
+        self.head = DAFormerHead(in_channels, num_classes, channels, channels, "aspp", dropout_ratio)
+        self.scale_attention = DAFormerHead(in_channels, num_classes, attention_channels, attention_channels,
+                                            "conv1x1", dropout_ratio)
+
+    def forward(self, context_feats, detail_feats, box=None, windows=None):
+        """Fused logits at stride 4 of the full-resolution input and the detail logits (HRDAHead.forward).
+
+        Training (`box`: the detail window in input pixels): the attention is zeroed outside the window's
+        footprint and the detail logits are pasted at box/4. Inference (`windows`: the overlapping detail
+        boxes, window-major in `detail_feats`): the detail logits are averaged over the windows.
+        """
+        lr = self.head(context_feats)                                   # stride 8 w.r.t. the input
+        hr = self.head(detail_feats)                                    # stride 4
+        att = torch.sigmoid(self.scale_attention(context_feats))
+        up = 1 / HRDA_CONTEXT_SCALE
+        if box is not None:
+            mask = torch.zeros_like(att[:, :1])
+            y0, y1, x0, x1 = scale_box(box, 4 * up)                     # the window on the context grid
+            mask[..., y0:y1, x0:x1] = 1
+            att = att * mask
+        lr = F.interpolate((1 - att) * lr, scale_factor=up, mode="bilinear", align_corners=False)
+        att = F.interpolate(att, scale_factor=up, mode="bilinear", align_corners=False)
+        if box is not None:
+            detail_map = torch.zeros_like(lr)
+            y0, y1, x0, x1 = scale_box(box, 4)
+            detail_map[..., y0:y1, x0:x1] = hr
+        elif windows is not None:
+            boxes = [scale_box(b, 4) for b in windows]
+            detail_map = merge_windows(hr, boxes, lr.shape[0], (max(b[1] for b in boxes), max(b[3] for b in boxes)))
+        else:
+            detail_map = hr
+        if detail_map.shape != lr.shape:
+            raise ValueError(f"context logits {tuple(lr.shape[2:])} and detail logits {tuple(detail_map.shape[2:])} "
+                             "differ: HRDA needs input sides divisible by 8")
+        return att * detail_map + lr, hr
+
+
+class HRDA(DAFormer):
+    """HRDA's segmentor: the MiT encoder (`backbone`) and HRDAHead (`decode_head`); the authors' state_dict names.
+
+    `model(x)` is the inference path (HRDA encode_decode, the teacher's pseudo-label path): the context view and
+    overlapping detail windows of `detail_crop` every half window, batched, fused logits at stride 4 of x.
+    `model(x, box)` is the training path: the context view and the one detail window `box` (`hr_crop_box`),
+    returning an HRDAOutput. The teacher switch (`stochastic`) is DAFormer's.
+    """
+
+    def __init__(self, num_classes=19, variant="b5", drop_path_rate=0.1, dropout_ratio=0.1, stochastic=True,
+                 head_channels=256, detail_crop=(512, 512)):
+        super().__init__(num_classes, variant, drop_path_rate, dropout_ratio, stochastic, head_channels)
+        self.decode_head = HRDAHead(self.backbone.embed_dims, num_classes, head_channels, head_channels,
+                                    dropout_ratio)
+        self.num_classes, self.detail_crop = num_classes, tuple(detail_crop)
+        self.set_stochastic(stochastic)
+
+    def forward_features(self, x):
+        raise NotImplementedError("HRDA: use model(x, box) for training; its output holds the context features")
+
+    def forward(self, x, box=None):
+        context = self.backbone(context_view(x))
+        if box is not None:
+            fused, detail = self.decode_head(context, self.backbone(crop_box(x, box)), box=box)
+            return HRDAOutput(fused, detail, tuple(box), context)
+        windows = slide_boxes(x.shape[2:], self.detail_crop, [c // 2 for c in self.detail_crop])
+        detail_feats = self.backbone(torch.cat([crop_box(x, b) for b in windows]))
+        return self.decode_head(context, detail_feats, windows=windows)[0]
+
+
+def hrda_loss(out, label, weight=1.0, hr_weight=0.1, fused_scale=1.0):
+    """(1 - hr_weight) * CE(fused, label) + hr_weight * CE(detail, label in the box), logits resized bilinearly
+    to the labels, weighted CE averaged over all pixels, ignored ones included (HRDAHead.losses, mmseg).
+
+    `weight` is 1 or a (B, H, W) pixel weight, cropped with the label; `fused_scale` multiplies the fused term
+    only (MIC's mask_lambda).
+    """
+    def ce(logits, y, w):
+        return ce_pixel_weighted(upsample(logits, y.shape[1:], align_corners=False), y, w)
+    fused = ce(out.fused, label, weight)
+    if hr_weight == 0:
+        return fused_scale * fused
+    detail_weight = crop_box(weight, out.box) if torch.is_tensor(weight) and weight.dim() > 1 else weight
+    return fused_scale * (1 - hr_weight) * fused + hr_weight * ce(out.detail, crop_box(label, out.box), detail_weight)
+
+
+def pseudo_margin_mask(size, margins=(30, 240, 30, 30)):
+    """(H, W) uint8 map, 0 in the [top, bottom, left, right] pixel margins (HRDA crop_pseudo_margins, v2)."""
+    top, bottom, left, right = margins
+    h, w = size
+    valid = np.ones((h, w), dtype=np.uint8)
+    valid[:top], valid[h - bottom:], valid[:, :left], valid[:, w - right:] = 0, 0, 0, 0
+    return valid
+
+
+class PseudoMarginDataset(torch.utils.data.Dataset):
+    """A SegmentationDataset whose items also hold "valid": the pseudo-label margin mask built at the image's
+    original size (HRDA: 2048x1024 Cityscapes), resized (nearest) and cropped and flipped with the image.
+
+    The crop and flip are the dataset's own (`random_crop` on the image with the mask as a 4th channel, the same
+    random draws), so image and label equal the wrapped dataset's item; padding is 0 (not valid).
+    """
+
+    def __init__(self, dataset, margins=(30, 240, 30, 30)):
+        self.dataset, self.margins = dataset, tuple(margins)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed, required_class = (item, 0, -1) if isinstance(item, int) else item
+        rgb, label, full = self.dataset.load(index)
+        valid = pseudo_margin_mask(full.shape, self.margins)
+        if valid.shape != label.shape:
+            valid = resize_label(valid, label.shape[::-1], "cv2")
+        stacked = np.concatenate([rgb, valid[..., None]], axis=2)
+        rng = np.random.default_rng(seed)
+        for _ in range(10 if required_class >= 0 else 1):  # as SegmentationDataset.__getitem__
+            x, y = self.dataset.random_crop(stacked, label, rng)
+            if required_class < 0 or (y == required_class).sum() > self.dataset.rcs_min_crop_pixels:
+                break
+        return {"image": normalise(np.ascontiguousarray(x[..., :3]), self.dataset.norm),
+                "label": torch.from_numpy(np.array(y)).long(), "index": index,
+                "valid": torch.from_numpy(np.array(x[..., 3])).float()}
+
+
+def mic_block_mask(n, h, w, generator, block=64, ratio=0.7, device="cpu"):
+    """(n,1,H,W) MIC block mask: a round(H/block) x round(W/block) U(0,1) grid, 1 where > ratio, nearest upsampled."""
+    grid = torch.rand(n, 1, round(h / block), round(w / block), generator=generator).to(device, non_blocking=True)
+    return F.interpolate((grid > ratio).float(), size=(h, w), mode="nearest")
+
+
+def mic_masked_input(x, norm, generator, block=64, ratio=0.7, jitter_strength=0.2, jitter_gate=0.2):
+    """MIC's masked target image (mask_mode separatetrgaug): colour jitter and blur with fresh draws, as one batch
+    (one op order and one blur sigma per call), then the normalised image times the block mask (0 = the mean)."""
+    x = color_jitter(x, norm, generator, strength=jitter_strength, gate=jitter_gate, per_image_order=False)
+    x = gaussian_blur(x, generator, gate=0.5, per_image=False)
+    return x * mic_block_mask(x.shape[0], x.shape[2], x.shape[3], generator, block, ratio, x.device).to(x.dtype)
+
+
 def load_init(model, state):
     """Copy every tensor whose name (minus a leading `Scale.`/`module.`) and shape match; return the count.
 

@@ -83,7 +83,6 @@ PyTorch-1.5 rule used here. --preset source-only (source CE only) is a demo base
 it shows the loop working and the paper's ordering (GA+CSA above its oracle), not the paper's numbers.
 """
 import copy
-import json
 import time
 from pathlib import Path
 
@@ -437,22 +436,6 @@ def restore(ckpt, path, model, opt_g, sched_g, discs, opt_d, sched_d, dist=commo
     return start, ckpt.get("best", {})
 
 
-def update_best(best, metrics, out_dir, synthia, main=True):
-    """Best-of-snapshots on val (R15): model selection on the evaluation set, never the primary number
-    (rank 0 writes and says it)."""
-    key = "mIoU13" if synthia else "mIoU"
-    if not best or metrics[key] > best[key]:
-        best.clear()
-        best.update({"iteration": metrics["iteration"], key: metrics[key]})
-        record = {**best, "selection": "best of the evaluated snapshots on Cityscapes val (selected on the "
-                                       "evaluation set; metrics.json holds the final snapshot, the primary number)"}
-        if main:
-            common.atomic_write_text(Path(out_dir) / "best_snapshot.json", json.dumps(record, indent=1))
-    if main:
-        print(f"best of snapshots so far (selected on val): {key} {best[key]:.2f} at iteration {best['iteration']}",
-              flush=True)
-
-
 # ------------------------------------------------------------------ training
 
 def train(args):
@@ -524,7 +507,7 @@ def train(args):
         # ------------------------------------------------------------ snapshots, evaluation
         if training.is_due(i, args.eval_every, args.iters):
             metrics = training.evaluate_and_write(model, val, device, out_dir, i + 1, synthia, amp, dist=dist)
-            update_best(best, metrics, out_dir, synthia, dist.main)
+            training.update_best(best, metrics, out_dir, synthia, dist.main)     # R15
         if training.is_due(i, args.save_every, args.iters) or stop.requested:
             training.write_checkpoints(out_dir, training_state(i + 1, model, opt_g, sched_g, discs, opt_d, sched_d,
                                                              best, args), args.keep_checkpoints, dist)

@@ -34,7 +34,7 @@ Paper -> code:
     Table 4 (M_RL^r, M_SL^r, M_S^r of every round)        -> round<r>/{rl,sl,student}/metrics.json, "rounds" in
                                                              metrics.json
     Table 5 (round 1, with/without LAB)                    -> --rounds 1 --lab on|off
-    Tables 1-2 "Supervised DeeplabV2"                      -> --stage supervised
+    Tables 1-2 "Supervised DeeplabV2"                      -> --stage supervised (recipe assumed, A19)
 
 Assumptions (the paper is silent; each alternative is a flag):
     A1  The network is AdvEnt's multi-level DeepLabv2 (aux classifier on layer3, main on layer4, as DDM's
@@ -68,19 +68,25 @@ Assumptions (the paper is silent; each alternative is a flag):
     A15 Every stage keeps its last iteration; no selection on val. With --eval-every the best snapshot is
         also logged (best_snapshot.json), labelled as selection on val (DDM's README evaluates a
         best_model checkpoint and AdvEnt's test mode 'best' scans snapshots every 2000 iterations).
+        Snapshots and rounds are ranked by the reported mIoU: mIoU13 for SYNTHIA (Table 2), else mIoU.
     A16 D_U = all 2975 train images, labeled ones included (DDM's DEL_XL=False; Table 4 distils at N=2975)
         (--exclude-labeled-from-u).
     A17 The LAB reference is a fresh uniformly drawn Cityscapes train image at every load, from all train
         images (DDM dataset/base_dataset.py) (--lab-mode offline: one fixed reference per source image,
         translated once and cached as PNG in the run folder).
     A18 No crop, flip or scale augmentation beyond the fixed resize and the mixes (AdvEnt/BDL/DDM loaders).
+    A19 "Supervised DeeplabV2" (Tables 1-2) has no recipe in the paper: the same network, init, optimiser and
+        schedule (A1-A3), CE on the N labeled target images only, one per iteration, last iteration.
+    A20 BN gamma/beta are frozen, as AdvEnt's deeplabv2.py and the default of DDM's get_deeplab_v2
+        (freeze_bn_affine=True, the net its eval.py builds); DDM config.py holds TRAIN.FREEZE_BN_AFFINE =
+        False, a key nothing in the release reads (--bn-affine train).
 
 Other decisions: SYNTHIA-RAND-CITYSCAPES images are used at their native 1280x760 (BDL's loader size); §4.1's
 "1280x960" is taken for a typo. AdvEnt's train_UDA.py loops over range(EARLY_STOP + 1), i.e. its 120000
 snapshot has seen 120001 updates; --iters 120001 reproduces that (A3 keeps 120000).
 The paper's weight decay 1e-4 is used (DDM config.py has AdvEnt's 5e-4: --weight-decay);
-the ASPP classifier sums all four branches as AdvEnt's does (not AdaptSegNet's two); BN layers have frozen
-affine parameters and batch statistics in training (AdvEnt); the 1x parameter group repeats tensors as
+the ASPP classifier sums all four branches as AdvEnt's does (not AdaptSegNet's two); BN layers use
+batch statistics in training (AdvEnt; A20 for their affine parameters); the 1x parameter group repeats tensors as
 AdvEnt's `optim_parameters` does, with the per-entry SGD update of PyTorch 0.4-1.5 (common.LegacySGD;
 --clean-param-groups lists each tensor once). The paper has LAB on "in most experiments" (all but
 Table 5's F column) while DDM's config.py ships SOURCE_TRANS = False: the default here follows the paper.
@@ -193,8 +199,12 @@ def parse_args(argv=None):
     p.add_argument("--clean-param-groups", action="store_true",
                    help="each tensor once in the 1x group (AdvEnt's optim_parameters repeats them)")
     p.add_argument("--init-sha256", default=None, help="expected sha256 of the --init advent file")
+    p.add_argument("--bn-affine", choices=["frozen", "train"], default="frozen",
+                   help="BN gamma/beta: frozen (AdvEnt's net, DDM's net default used by its eval.py; A20) or trained "
+                        "(DDM config.py FREEZE_BN_AFFINE = False)")
     args = training.parse_with_demo(p, DEMO, argv)
     training.check_args(args)
+    check_stage_flags(args)
     if args.resume not in (None, "auto"):
         raise common.DataError(f"--resume {args.resume}: dldm.py resumes every stage from its own folder; "
                                f"use --resume auto")
@@ -212,6 +222,27 @@ def parse_args(argv=None):
     if args.source_size is None:
         args.source_size = SOURCE_SIZE[args.source]
     return args
+
+
+def check_stage_flags(args):
+    """Refuse the flags the chosen --stage would ignore or apply to every round (DataError = exit 2)."""
+    single = "--stage all runs every round with its own teachers and pseudo-labels; run one --stage to set it"
+    if args.eval_model == "teacher":
+        raise common.DataError("--eval-model teacher: DLDM has no EMA teacher (a checkpoint holds `model` only); "
+                               "drop it, or pass the teachers to --stage eval --ensemble RL SL")
+    if args.stage == "all" and (args.round != 1 or args.pseudo_dir or args.teachers):
+        flag = f"--round {args.round}" if args.round != 1 else "--pseudo-dir" if args.pseudo_dir else "--teachers"
+        raise common.DataError(f"{flag} with --stage all: {single}")
+    if args.round != 1 and args.stage in ("eval", "supervised"):
+        raise common.DataError(f"--round {args.round}: --stage {args.stage} belongs to no round "
+                               f"(--round is for --stage rl|sl|student|pseudo)")
+    if args.teachers and args.stage != "student":
+        raise common.DataError(f"--teachers: read by --stage student only (this is --stage {args.stage})")
+    if args.pseudo_dir and (args.stage not in ("rl", "sl", "student") or args.round == 1):
+        raise common.DataError(f"--pseudo-dir: read by --stage rl|sl|student of --round 2 or later (this is "
+                               f"--stage {args.stage} --round {args.round})")
+    if args.ensemble and args.stage != "eval":
+        raise common.DataError(f"--ensemble: read by --stage eval only (this is --stage {args.stage})")
 
 
 # ======================================================================================
@@ -503,6 +534,9 @@ class Run:
                                                   args.split_file)
         if not self.labeled:
             raise common.DataError(f"--n-labeled {args.n_labeled}: DLDM needs labeled target images")
+        if args.exclude_labeled_from_u and not rest:
+            raise common.DataError(f"--exclude-labeled-from-u with --n-labeled {len(self.labeled)}: every train "
+                                   f"image is labeled, so D_U would be empty (drop the flag)")
         self.unlabeled = rest if args.exclude_labeled_from_u else list(self.train_stems)      # D_U (A16)
         if args.rounds is None:
             args.rounds = {"gta5": 4, "synthia": 3, "demo": 2}[args.source] if rest else 1
@@ -532,22 +566,32 @@ class Run:
             self.init_path, self.init_digest = str(path), digest
         return self.init_path
 
+    def network(self):
+        """AdvEnt's multi-level DeepLabv2 (four ASPP branches summed), BN affine frozen unless --bn-affine train."""
+        return common.DeepLabV2(self.num_classes, multi_level=True, aspp_full=True, style=self.style,
+                                layers=self.args.layers, width=self.args.width,
+                                freeze_bn_affine=self.args.bn_affine == "frozen")
+
     def new_model(self, seed, warm_from=None):
-        """AdvEnt's multi-level DeepLabv2 (four ASPP branches summed), ImageNet init or a warm start."""
+        """A fresh network from the ImageNet init, or a warm start from a checkpoint."""
         common.seed_everything(seed)
-        model = common.DeepLabV2(self.num_classes, multi_level=True, aspp_full=True, style=self.style,
-                                 layers=self.args.layers, width=self.args.width)
+        model = self.network()
         if warm_from is not None:
             model.load_state_dict(training.load_checkpoint(warm_from, self.num_classes)["model"])
         else:
             common.initialise(model, self.resolve_init(), self.norm, self.args.data_root)
         return training.prepare_model(model, self.device, self.amp)
 
-    def load_model(self, path):
-        """A frozen eval-mode model from a checkpoint (class count checked, weights_only)."""
+    def checkpoint(self, path):
+        """A checkpoint of this run's network: class count, size and input convention checked (weights_only)."""
         ckpt = training.load_checkpoint(path, self.num_classes)
-        model = common.DeepLabV2(self.num_classes, multi_level=True, aspp_full=True, style=self.style,
-                                 layers=self.args.layers, width=self.args.width)
+        training.check_same_network(ckpt.get("args", {}), self.args, path, ("caffe", "imagenet_bgr"))
+        return ckpt
+
+    def load_model(self, path):
+        """A frozen eval-mode model from a checkpoint (see `checkpoint`)."""
+        ckpt = self.checkpoint(path)
+        model = self.network()
         try:
             model.load_state_dict(ckpt.get("model", ckpt))
         except RuntimeError as exc:
@@ -660,10 +704,10 @@ def train_model(run, r, stage, teachers=None):
     model = run.new_model(seed, warm)
     optimizer = make_optimizer(model, a)
     scheduler = common.lr_scheduler(optimizer, lambda i: common.poly_factor(i, a.poly_iters))
-    start = 0
+    start, best = 0, {}
     if a.resume and (stage_dir / "checkpoint.pth").is_file():
-        start = training.restore_training(training.load_checkpoint(stage_dir / "checkpoint.pth", run.num_classes),
-                                        model, optimizer, scheduler, dist=dist)
+        ckpt = training.load_checkpoint(stage_dir / "checkpoint.pth", run.num_classes)
+        start, best = training.restore_training(ckpt, model, optimizer, scheduler, dist=dist), ckpt.get("best", {})
     stage_dir.mkdir(parents=True, exist_ok=True)
     if start == 0 and dist.main:  # a fresh stage: no log or best snapshot of an earlier attempt
         for stale in ("log.jsonl", "best_snapshot.json"):
@@ -695,27 +739,23 @@ def train_model(run, r, stage, teachers=None):
         scheduler.step()
         log.log(i, losses, lr)
         if training.is_due(i, a.save_every, a.iters) or stop.requested:
-            training.write_checkpoints(stage_dir, training.training_state(i + 1, model, optimizer, scheduler, a),
-                                     a.keep_checkpoints, dist)
+            state = {**training.training_state(i + 1, model, optimizer, scheduler, a), "best": dict(best)}
+            training.write_checkpoints(stage_dir, state, a.keep_checkpoints, dist)
             stop.exit_if_requested(i + 1, stage_dir)
         if training.is_due(i, a.eval_every, a.iters) and i + 1 < a.iters:
-            metrics = evaluate(run, model, stage_dir, i + 1, stage)
+            metrics = evaluate(run, model, stage_dir, i + 1, stage, best)
     stop.restore()
     if metrics is None or metrics["iteration"] != a.iters:
-        metrics = evaluate(run, model, stage_dir, a.iters, stage)
+        metrics = evaluate(run, model, stage_dir, a.iters, stage, best)
     return metrics
 
 
-def evaluate(run, model, stage_dir, iteration, name):
-    """Main head at full resolution on val (DDM eval.py); metrics.json, and best_snapshot.json (A15)."""
+def evaluate(run, model, stage_dir, iteration, name, best):
+    """Main head at full resolution on val (DDM eval.py): metrics.json; best_snapshot.json by the reported
+    mIoU (mIoU13 for SYNTHIA, A15)."""
     metrics = training.evaluate_and_write(model, run.val, run.device, stage_dir, iteration, run.synthia, run.amp,
                                         align_corners=True, model_name=name, dist=run.dist)
-    if not run.dist.main:
-        return metrics
-    best_path = stage_dir / "best_snapshot.json"
-    best = json.loads(best_path.read_text()) if best_path.is_file() else None
-    if best is None or metrics["mIoU"] > best["mIoU"]:
-        common.atomic_write_text(best_path, json.dumps({**metrics, "selection": "best snapshot on val"}, indent=1))
+    training.update_best(best, metrics, stage_dir, run.synthia, run.dist.main)
     return metrics
 
 
@@ -881,9 +921,11 @@ def round_summary(run):
         last = run.stage_dir(run.args.rounds, "student") / "metrics.json"
         if last.is_file():
             summary = {**json.loads(last.read_text()), **summary, "final (M_S^R)": json.loads(last.read_text())}
-        best = max(students, key=lambda e: e["M_S"]["mIoU"])
+        key = training.reported_key(run.synthia)                    # Table 2 reports mIoU13
+        best = max(students, key=lambda e: e["M_S"][key])
         summary["best over rounds"] = {"round": best["round"], **best["M_S"],
-                                       "selection": "best student over rounds, on val (as Table 1 reads)"}
+                                       "selection": f"best student over rounds by {key}, on val (as Tables 1-2 "
+                                                    f"read)"}
     common.atomic_write_text(run.out / "metrics.json", json.dumps(summary, indent=1))
     return summary
 
@@ -904,7 +946,8 @@ def check_inputs(run):
     """Validate the inputs a single stage needs before anything is written (exit 2 on bad input)."""
     a, r = run.args, run.args.round
     if a.stage == "student":
-        teacher_paths(run, r)
+        for path in teacher_paths(run, r):
+            run.checkpoint(path)
     if a.stage in ("rl", "sl", "student") and r > 1 and not (a.stage == "student" and a.student_ce == "gt"):
         run.check_pseudo(r)
     if a.stage == "pseudo" and not (run.stage_dir(r, "student") / "checkpoint.pth").is_file():

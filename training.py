@@ -601,6 +601,28 @@ def write_metrics(out_dir, metrics, name="metrics.json"):
           f"({metrics['num_classes']} classes)", flush=True)
 
 
+def reported_key(synthia):
+    """The mIoU the papers report: over 13 classes for SYNTHIA (`mIoU13`), else over all classes (`mIoU`)."""
+    return "mIoU13" if synthia else "mIoU"
+
+
+def update_best(best, metrics, out_dir, synthia, main=True):
+    """Best-of-snapshots on val by the reported mIoU (`best` is updated in place and belongs in the checkpoint):
+    model selection on the evaluation set, never the primary number (rank 0 writes best_snapshot.json and
+    says it)."""
+    key = reported_key(synthia)
+    if not best or metrics[key] > best[key]:
+        best.clear()
+        best.update({"iteration": metrics["iteration"], key: metrics[key]})
+        record = {**best, "selection": "best of the evaluated snapshots on Cityscapes val (selected on the "
+                                       "evaluation set; metrics.json holds the final snapshot, the primary number)"}
+        if main:
+            common.atomic_write_text(Path(out_dir) / "best_snapshot.json", json.dumps(record, indent=1))
+    if main:
+        print(f"best of snapshots so far (selected on val): {key} {best[key]:.2f} at iteration {best['iteration']}",
+              flush=True)
+
+
 def eval_only(args, model, val, device, out_dir, synthia=False, align_corners=True, dist=common.Dist(),
               init_default=("caffe", "imagenet_bgr")):
     """--eval-only: load --checkpoint's `model` or `ema_model` (--eval-model; class count checked,

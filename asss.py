@@ -96,7 +96,8 @@ import training
 PAPER = {  # dest: (value, source) — shown in --help
     "iters": (150000, "stop iteration, AdaptSegNet train_gta2cityscapes_multi.py NUM_STEPS_STOP"),
     "batch_size": (1, "one image per stream; AdaptSegNet BATCH_SIZE, ITER_SIZE 1"),
-    "lr": (2.5e-4, "ASS §4.2; AdaptSegNet LEARNING_RATE; heads x10"),
+    "lr": (2.5e-4, "ASS §4.2; AdaptSegNet LEARNING_RATE; heads x10 with SGD, one rate for every parameter "
+                   "with --optimizer adam"),
     "source_size": (None, "GTA5 1280 720 (AdaptSegNet INPUT_SIZE), SYNTHIA 1280 760 (assumed, R13)"),
     "target_size": ((1024, 512), "AdaptSegNet INPUT_SIZE_TARGET"),
     "crop_size": ((0, 0), "AdaptSegNet resizes whole images, never crops"),
@@ -168,6 +169,7 @@ def parse_args(argv=None):
                    help="G's optimiser: sgd = AdaptSegNet's SGD 0.9 / wd 5e-4; adam is for the random-init demo")
     args = training.parse_with_demo(p, DEMO, argv)
     training.check_args(args)
+    training.check_optimizer_flags(args)
     resolve_preset(args)
     if args.source_size is None:
         args.source_size = SOURCE_SIZE[args.source]
@@ -200,7 +202,7 @@ def resolve_preset(args):
     if args.sa == "none" and args.lambda_sadv is not None:
         raise common.DataError(f"--lambda-sadv {args.lambda_sadv}: --preset {args.preset} has no "
                                f"semantic-level module (use ga-csa or ga-fcsa)")
-    if args.ga_direction is None:
+    if args.ga_direction is None and args.use_ga:   # a preset without GA records none
         args.ga_direction = "t2s" if args.preset == "adaptsegnet" else "s2t"
     if args.lambda_sadv is None:        # R17: FCSA's best lambda depends on N (a --split-file's N too)
         args.lambda_sadv = {"csa": 0.01, "fcsa": 0.04 if args.n_labeled == 500 else 1.0}.get(args.sa, 0.0)

@@ -119,7 +119,7 @@ import training
 PAPER = {  # dest: (value, source) — shown in --help
     "iters": (120000, "iterations of every teacher/student stage: DDM config.py EARLY_STOP (AdvEnt; A3)"),
     "batch_size": (1, "1 source + 1 target image: DDM config.py BATCH_SIZE_SOURCE / BATCH_SIZE_TARGET"),
-    "lr": (2.5e-4, "DLDM §4.2; classifiers x10 (A2)"),
+    "lr": (2.5e-4, "DLDM §4.2; classifiers x10 with SGD (A2), one rate for every parameter with --optimizer adam"),
     "source_size": (None, "GTA5 1280 720 (DDM config.py), SYNTHIA 1280 760 (BDL data/__init__.py)"),
     "target_size": ((1024, 512), "DDM config.py INPUT_SIZE_TARGET"),
     "crop_size": ((0, 0), "no random crop (A18); M_RL's source window is --src-fit"),
@@ -204,6 +204,7 @@ def parse_args(argv=None):
                         "(DDM config.py FREEZE_BN_AFFINE = False)")
     args = training.parse_with_demo(p, DEMO, argv)
     training.check_args(args)
+    training.check_optimizer_flags(args)
     check_stage_flags(args)
     if args.resume not in (None, "auto"):
         raise common.DataError(f"--resume {args.resume}: dldm.py resumes every stage from its own folder; "

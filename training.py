@@ -472,6 +472,14 @@ def check_args(args):
         raise DataError(f"--resume {args.resume}: file not found")
 
 
+def check_optimizer_flags(args):
+    """--clean-param-groups changes the duplicated 1x group of the authors' SGD; Adam has one group of each
+    tensor at one rate (common.deeplab_optimizer), so the flag would do nothing there: DataError."""
+    if args.clean_param_groups and args.optimizer != "sgd":
+        raise DataError(f"--clean-param-groups with --optimizer {args.optimizer}: Adam lists every tensor once at "
+                        f"one learning rate already (the flag changes the SGD groups only)")
+
+
 def dataset_root(args, kind):
     """The root of one dataset: --<kind>-root or <data-root>/<kind>."""
     return Path(getattr(args, f"{kind}_root") or Path(args.data_root) / kind)

@@ -745,3 +745,11 @@ def test_every_readme_dldm_command_runs_as_written(tmp_path):
     import asss
     for argv in readme_commands("asss.py"):
         asss.parse_args(argv)
+
+
+def test_adam_refuses_clean_param_groups():
+    """--clean-param-groups changes the SGD groups only; with Adam (one group per tensor, one rate) it is refused."""
+    with pytest.raises(common.DataError, match="--clean-param-groups with --optimizer adam"):
+        dldm.parse_args(["--optimizer", "adam", "--clean-param-groups"])
+    with pytest.raises(common.DataError, match="--clean-param-groups with --optimizer adam"):
+        dldm.parse_args(["--demo", "--clean-param-groups"])

@@ -20,7 +20,7 @@ passes accumulated, then one step of every optimiser):
      sees source (class k) and labeled-target (class k + c) features; each half weighted 0.5; backward.
 
 Paper -> code:
-    Eq. 1  L_seg(I) pixel CE of the upsampled score maps          -> `seg_loss` (main + 0.1 aux, AdaptSegNet)
+    Eq. 1  L_seg(I) pixel CE of the upsampled score maps          -> `common.seg_loss` (main + 0.1 aux, AdaptSegNet)
     Eq. 2  L_gadv(I_s) = -log D_g(P_s)[target]                     -> `gan_loss(D_g(P_s), TARGET)` (--ga-direction s2t)
            AdaptSegNet's own direction: target maps labelled source -> `gan_loss(D_g(P_tu), SOURCE)` (t2s)
     Eq. 3  L_gd: D_g on P_s (z = 0) and P_tu (z = 1)               -> `discriminator_pass`, lambda_gd = 0.5 each
@@ -266,12 +266,6 @@ def build_optimisers(model, discs, args):
 
 # ------------------------------------------------------------------ losses (Eq. 1-8)
 
-def seg_loss(pred1, pred2, y, lambda_seg):
-    """Eq. 1 on both heads: CE(main) + lambda_seg CE(aux), logits upsampled to the label size (align_corners)."""
-    size = y.shape[1:]
-    return common.ce_loss(common.upsample(pred2, size), y) + lambda_seg * common.ce_loss(common.upsample(pred1, size), y)
-
-
 def gan_loss(d_logits, domain):
     """BCE with logits against a constant domain label, mean over D's output map (AdaptSegNet 'Vanilla')."""
     d_logits = d_logits.float()
@@ -340,7 +334,7 @@ def generator_pass(model, discs, args, amp, source, labeled, unlabeled, seg=None
         x_s, y_s = source
         with amp.autocast():
             p1, p2, feat = seg(x_s)
-            losses["loss_seg_s"] = seg_loss(p1, p2, y_s, args.lambda_seg)     # Eq. 1 on I_s
+            losses["loss_seg_s"] = common.seg_loss(p1, p2, y_s, args.lambda_seg)    # Eq. 1 on I_s
             loss = losses["loss_seg_s"]
             if args.use_ga:
                 P1, P2 = d_input(p1, x_s.shape[2:]), d_input(p2, x_s.shape[2:])
@@ -359,7 +353,7 @@ def generator_pass(model, discs, args, amp, source, labeled, unlabeled, seg=None
         x_l, y_l = labeled
         with amp.autocast():
             p1, p2, feat = seg(x_l)
-            losses["loss_seg_tl"] = seg_loss(p1, p2, y_l, args.lambda_seg)    # Eq. 1 on I_tl
+            losses["loss_seg_tl"] = common.seg_loss(p1, p2, y_l, args.lambda_seg)   # Eq. 1 on I_tl
         amp.backward(losses["loss_seg_tl"])
         if args.sa != "none":
             saved["F_tl"] = (feat.detach(), downsample_labels(y_l, feat.shape[2:]))

@@ -20,7 +20,7 @@ rule is BDL's (liyunsheng13/BDL SSL.py), which the paper follows ("following [23
 
 Paper -> code:
     Eq. 1  x_rl = M x_t + (1 - M) x_s, y_rl likewise    -> `region_mix` (M from `box_mask`: 0 in the box = source)
-    Eq. 2  L_RL = CE(M_RL(x_rl), y_rl)                   -> `loss_rl` in `rl_step` (+0.1 CE on the aux head, A1)
+    Eq. 2  L_RL = CE(M_RL(x_rl), y_rl)                   -> `loss_rl` in `rl_step` (common.seg_loss: +0.1 aux, A1)
     Eq. 3  L_SL = CE(M_SL(x_s), y_s) + CE(M_SL(x_t), y_t) -> `loss_sl_s`, `loss_sl_t` (a sum, one step)
     Eq. 4  L_S = l_kl KL(E(M_RL(x_u), M_SL(x_u)) || M_S(x_u)) + l_ce CE(M_S(x_t), y_t)
                                                           -> `ensemble_probs`, `kd_loss`, `student_step`
@@ -28,7 +28,7 @@ Paper -> code:
     Alg. 1 line 5 pseudo-labels "following [23]" (BDL)    -> `pseudo_stage`, `bdl_thresholds`, `apply_thresholds`
     Alg. 1 line 6 merge into D_T                          -> `target_set` (ground truth wins, A13)
     §4.2 LAB translation "following [14]"                 -> `LabSourceDataset`, `lab_transfer` (--lab, --lab-mode)
-    §4.2 SGD 2.5e-4, momentum 0.9, wd 1e-4, poly 0.9     -> `make_optimizer`, common.poly_factor(--poly-iters)
+    §4.2 SGD 2.5e-4, momentum 0.9, wd 1e-4, poly 0.9     -> common.deeplab_optimizer, common.poly_factor
     §4.2 l_kl 0.5, l_ce 1, portion 0.5, threshold 0.9    -> --lambda-kl, --lambda-ce, --pl-portion, --pl-cap
     Table 3 (test-time ensembles E(a, b))                  -> --stage eval --ensemble A B
     Table 4 (M_RL^r, M_SL^r, M_S^r of every round)        -> round<r>/{rl,sl,student}/metrics.json, "rounds" in
@@ -339,37 +339,33 @@ class LabSourceDataset(common.SegmentationDataset):
     def __init__(self, *a, ref_stats, mode="online", seed=0, cache_dir=None, **kw):
         super().__init__(*a, **kw)
         self.ref_stats, self.mode, self.seed, self.cache_dir = ref_stats, mode, seed, cache_dir
-        self.reference = None
+
+    def reference(self, index, item_seed):
+        """The reference image (an index into `ref_stats`) of one load of source image `index` (A17)."""
+        rng = np.random.default_rng([self.seed, index] if self.mode == "offline" else [item_seed, 7])
+        return int(rng.integers(len(self.ref_stats)))
+
+    def translated(self, index, reference):
+        """The source image at its original size with the reference's LAB statistics (offline: cached)."""
+        img_path = self.pairs[index][0]
+        if self.mode == "online":
+            return lab_transfer(common.read_rgb(img_path), self.ref_stats[reference])
+        cached = Path(self.cache_dir) / f"{common.stem_of(img_path)}.png"
+        if cached.is_file():
+            return common.read_rgb(cached)
+        rgb = lab_transfer(common.read_rgb(img_path), self.ref_stats[reference])
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        common.save_png(cached, rgb)
+        return rgb
+
+    def load(self, index, reference):
+        """The translated image resized, its label, and the label at its original size."""
+        label = self.map_label(common.read_label(self.pairs[index][1], self.kind))
+        return (*self.resized(self.translated(index, reference), label), label)
 
     def __getitem__(self, item):
-        index, seed, _ = (item, 0, -1) if isinstance(item, int) else item
-        rng = np.random.default_rng([self.seed, index] if self.mode == "offline" else [seed, 7])
-        self.reference = int(rng.integers(len(self.ref_stats)))
-        return super().__getitem__(item)
-
-    def translated(self, index):
-        """The LAB-translated source image at its original size."""
-        img_path = self.pairs[index][0]
-        if self.mode == "offline":
-            cached = Path(self.cache_dir) / f"{common.stem_of(img_path)}.png"
-            if cached.is_file():
-                return common.read_rgb(cached)
-            rgb = lab_transfer(common.read_rgb(img_path), self.ref_stats[self.reference])
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            common.save_png(cached, rgb)
-            return rgb
-        return lab_transfer(common.read_rgb(img_path), self.ref_stats[self.reference])
-
-    def load(self, index):
-        rgb = self.translated(index)
-        label = self.map_label(common.read_label(self.pairs[index][1], self.kind))
-        full = label
-        size = self.target_size(rgb.shape[1], rgb.shape[0])
-        if size != rgb.shape[1::-1]:
-            rgb = common.resize_image(rgb, size, self.interp)
-        if label.shape != rgb.shape[:2]:
-            label = common.resize_label(label, rgb.shape[1::-1], self.interp)
-        return rgb, label, full
+        index, seed, required_class = (item, 0, -1) if isinstance(item, int) else item
+        return self.sample(index, seed, required_class, *self.load(index, self.reference(index, seed)))
 
 
 class TargetDataset(common.SegmentationDataset):
@@ -383,30 +379,9 @@ class TargetDataset(common.SegmentationDataset):
         stem = common.stem_of(self.pairs[index][0])
         if stem not in self.pseudo:
             return super().load(index)
-        rgb = common.read_rgb(self.pairs[index][0])
         label = np.asarray(Image.open(self.pseudo[stem]))   # already in the model's label space
-        size = self.target_size(rgb.shape[1], rgb.shape[0])
-        if size != rgb.shape[1::-1]:
-            rgb = common.resize_image(rgb, size, self.interp)
-        if label.shape != rgb.shape[:2]:
-            label = common.resize_label(label, rgb.shape[1::-1], self.interp)
+        rgb, label = self.resized(common.read_rgb(self.pairs[index][0]), label)
         return rgb, label, label
-
-
-class BalancedSampler(common.IterationSampler):
-    """1:1 stream of ground-truth and pseudo-labeled images (A14 alternative): even iterations draw a
-    ground-truth image, odd ones a pseudo-labeled one, each from its own seeded epoch order."""
-
-    def __init__(self, n_gt, n_pseudo, batch_size, seed, stream, start_iter=0, num_iters=None, rank=0, world=1):
-        super().__init__(n_gt + n_pseudo, batch_size, seed, stream, start_iter, num_iters, rank, world)
-        self.gt = common.IterationSampler(n_gt, batch_size, seed, stream * 10 + 1, rank=rank, world=world)
-        self.ps = common.IterationSampler(n_pseudo, batch_size, seed, stream * 10 + 2, rank=rank, world=world)
-        self.n_gt = n_gt
-
-    def batch(self, i):
-        if i % 2 == 0:
-            return self.gt.batch(i // 2)
-        return [(self.n_gt + index, s, c) for index, s, c in self.ps.batch(i // 2)]
 
 
 # ======================================================================================
@@ -436,18 +411,6 @@ def region_mix(mask, x_s, y_s, x_t, y_t):
     x_rl = mask * x_t + (1 - mask) * x_s
     y_rl = torch.where(mask[:, 0].bool(), y_t, y_s)
     return x_rl, y_rl
-
-
-def up(logits, size):
-    """Bilinear upsampling with align_corners=True, as AdvEnt/BDL (A8)."""
-    return common.upsample(logits, size, align_corners=True)
-
-
-def seg_loss(model, x, y, aux_weight):
-    """CE of the main head + aux_weight x CE of the aux head, both at label size (AdvEnt; A1)."""
-    aux, main = model(x)
-    loss = common.ce_loss(up(main, y.shape[1:]), y)
-    return loss + aux_weight * common.ce_loss(up(aux, y.shape[1:]), y) if aux_weight else loss
 
 
 def ensemble_probs(logits, temperature=1.0, mode="probs"):
@@ -653,14 +616,6 @@ class Run:
                             stems=self.unlabeled, resize=tuple(self.args.target_size))
 
 
-def make_optimizer(model, args):
-    """SGD over AdvEnt's 1x/10x groups (DLDM §4.2), or Adam with one learning rate for the demo."""
-    if args.optimizer == "adam":
-        return torch.optim.Adam(common.param_groups(model, args.lr, 1.0, official_duplicates=False), lr=args.lr)
-    groups = common.param_groups(model, args.lr, 10.0, official_duplicates=not args.clean_param_groups)
-    return common.LegacySGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-
-
 def stage_finished(stage_dir, iters):
     """A trained stage is done when its final evaluation (metrics.json at --iters) and checkpoint exist."""
     path = stage_dir / "metrics.json"
@@ -682,7 +637,7 @@ def target_loader(run, r, seed, stream, start, gt_only=False):
     a = run.args
     sampler = None
     if a.merge_sampling == "balanced" and n_pseudo:
-        sampler = BalancedSampler(n_gt, n_pseudo, a.batch_size, seed, stream, start, a.iters, run.dist.rank,
+        sampler = common.BalancedSampler(n_gt, n_pseudo, a.batch_size, seed, stream, start, a.iters, run.dist.rank,
                                   run.dist.world)
     return loader(run, data, seed, stream, start, sampler)
 
@@ -703,7 +658,8 @@ def train_model(run, r, stage, teachers=None):
     seed = run.seed(r, stage)
     warm = run.stage_dir(r - 1, stage) / "checkpoint.pth" if a.warm_start and r > 1 else None
     model = run.new_model(seed, warm)
-    optimizer = make_optimizer(model, a)
+    optimizer = common.deeplab_optimizer(model, a.lr, a.optimizer, not a.clean_param_groups, a.momentum,
+                                         a.weight_decay)                          # DLDM §4.2 (A2)
     scheduler = common.lr_scheduler(optimizer, lambda i: common.poly_factor(i, a.poly_iters))
     start, best = 0, {}
     if a.resume and (stage_dir / "checkpoint.pth").is_file():
@@ -766,7 +722,7 @@ def rl_step(model, b, g, run, _):
     mask = box_mask(x_t.shape[0], *x_t.shape[2:], g, run.args.box, x_t.device)
     x_rl, y_rl = region_mix(mask, x_s, y_s, x_t, y_t)
     with run.amp.autocast():
-        loss_rl = seg_loss(model, x_rl, y_rl, run.args.aux_weight)                        # Eq. 2
+        loss_rl = common.seg_loss(*model(x_rl), y_rl, run.args.aux_weight)                # Eq. 2 (A1, A8)
     run.amp.backward(loss_rl)
     return {"loss_rl": loss_rl, "source_share": 1 - mask.mean()}
 
@@ -775,10 +731,10 @@ def sl_step(model, b, g, run, _):
     """Eq. 3: a source and a target image in the same iteration; CE summed (two backward passes, one step)."""
     (x_s, y_s), (x_t, y_t) = b["s"], b["t"]
     with run.amp.autocast():
-        loss_sl_s = seg_loss(model, x_s, y_s, run.args.aux_weight)
+        loss_sl_s = common.seg_loss(*model(x_s), y_s, run.args.aux_weight)
     run.amp.backward(loss_sl_s)
     with run.amp.autocast():
-        loss_sl_t = seg_loss(model, x_t, y_t, run.args.aux_weight)
+        loss_sl_t = common.seg_loss(*model(x_t), y_t, run.args.aux_weight)
     run.amp.backward(loss_sl_t)
     return {"loss_sl_s": loss_sl_s, "loss_sl_t": loss_sl_t}
 
@@ -789,13 +745,13 @@ def student_step(model, b, g, run, teachers):
     x_u, (x_t, y_t) = b["u"][0], b["t"]
     size = x_u.shape[2:]
     with torch.no_grad(), run.amp.autocast():
-        z_teachers = [up(t(x_u)[1].float(), size) for t in teachers]                  # z_RL, z_SL (A8)
+        z_teachers = [common.upsample(t(x_u)[1].float(), size) for t in teachers]     # z_RL, z_SL (A8)
     p_e = ensemble_probs(z_teachers, a.kd_temp, a.ens)                                 # E(M_RL, M_SL) (A10)
     with run.amp.autocast():
-        loss_kl = kd_loss(up(model(x_u)[1], size), p_e, a.kd_temp, a.kd_t2)          # L_kl (A9)
+        loss_kl = kd_loss(common.upsample(model(x_u)[1], size), p_e, a.kd_temp, a.kd_t2)   # L_kl (A9)
     run.amp.backward(a.lambda_kl * loss_kl)
     with run.amp.autocast():
-        loss_ce = seg_loss(model, x_t, y_t, a.aux_weight)                             # L_ce
+        loss_ce = common.seg_loss(*model(x_t), y_t, a.aux_weight)                     # L_ce
     run.amp.backward(a.lambda_ce * loss_ce)
     return {"loss_kl": loss_kl, "loss_ce": loss_ce}
 
@@ -804,7 +760,7 @@ def supervised_step(model, b, g, run, _):
     """The 'Supervised DeeplabV2' row: CE on the labeled target images only."""
     x_t, y_t = b["t"]
     with run.amp.autocast():
-        loss_ce = seg_loss(model, x_t, y_t, run.args.aux_weight)
+        loss_ce = common.seg_loss(*model(x_t), y_t, run.args.aux_weight)
     run.amp.backward(loss_ce)
     return {"loss_ce": loss_ce}
 
@@ -845,7 +801,7 @@ def pseudo_stage(run, r):
     def probabilities(x):
         with run.amp.autocast():
             z = student(x.to(run.device, non_blocking=True))[1]
-        return up(F.softmax(z.float(), 1), (h, w))                                  # BDL: softmax, then upsample
+        return common.upsample(F.softmax(z.float(), 1), (h, w))                     # BDL: softmax, then upsample
 
     folder.mkdir(parents=True, exist_ok=True)
     if a.resume and th_path.is_file():

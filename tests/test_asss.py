@@ -423,7 +423,7 @@ def test_seg_loss_weights_the_aux_head_by_lambda_seg():
     y[0, :3] = 255
     up = lambda p: F.interpolate(p, size=(16, 32), mode="bilinear", align_corners=True)  # noqa: E731
     expect = F.cross_entropy(up(pred2), y, ignore_index=255) + 0.1 * F.cross_entropy(up(pred1), y, ignore_index=255)
-    assert asss.seg_loss(pred1, pred2, y, 0.1).item() == pytest.approx(expect.item(), rel=1e-6)
+    assert common.seg_loss(pred1, pred2, y, 0.1).item() == pytest.approx(expect.item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("direction", ["s2t", "t2s"])

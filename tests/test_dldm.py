@@ -156,7 +156,7 @@ def test_source_fit_lab_and_unlabeled_flags_build_the_right_data(root, tmp_path)
 def test_balanced_sampling_alternates_ground_truth_and_pseudo_labels():
     """--merge-sampling balanced (A14 alternative): even iterations a ground-truth image (indices < n_gt),
     odd ones a pseudo-labeled image; each kind runs through all of its images before repeating."""
-    s = dldm.BalancedSampler(3, 5, 1, seed=0, stream=1)
+    s = common.BalancedSampler(3, 5, 1, seed=0, stream=1)
     drawn = [s.batch(i)[0][0] for i in range(20)]
     assert all(d < 3 for d in drawn[0::2]) and all(3 <= d < 8 for d in drawn[1::2])
     assert sorted(drawn[0:6:2]) == [0, 1, 2] and sorted(drawn[1:10:2]) == [3, 4, 5, 6, 7]
@@ -387,10 +387,7 @@ def test_lab_reference_drawn_per_load_online_and_fixed_offline(root, tmp_path):
     args = dldm.parse_args([*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / "r")])
     r = dldm.Run(args)
     online = r.source_set(False)
-    refs = set()
-    for s in range(12):
-        online[(0, s, -1)]
-        refs.add(online.reference)
+    refs = {online.reference(0, s) for s in range(12)}
     assert len(refs) > 1 and len(r.train_stems) == len(online.ref_stats) == 6        # all train images (A17)
     args.lab_mode = "offline"
     offline = r.source_set(False)
@@ -621,7 +618,7 @@ def test_student_gradient_weights_kl_and_ce_by_lambda():
     p_e = dldm.ensemble_probs([rl(x_u)[1].detach(), sl(x_u)[1].detach()], 2.0)
     kl = dldm.kd_loss(student(x_u)[1], p_e, 2.0)
     assert losses["loss_kl"].item() == pytest.approx(kl.item(), rel=1e-6)
-    (2.0 * kl + 0.25 * dldm.seg_loss(student, x_t, y_t, 0.1)).backward()
+    (2.0 * kl + 0.25 * common.seg_loss(*student(x_t), y_t, 0.1)).backward()
     assert got.item() == pytest.approx(student.w.grad.item(), rel=1e-5) and abs(got.item()) > 1e-3
 
 
@@ -753,3 +750,16 @@ def test_adam_refuses_clean_param_groups():
         dldm.parse_args(["--optimizer", "adam", "--clean-param-groups"])
     with pytest.raises(common.DataError, match="--clean-param-groups with --optimizer adam"):
         dldm.parse_args(["--demo", "--clean-param-groups"])
+
+
+def test_lab_reference_is_an_argument_of_the_load_not_a_stored_attribute(root, tmp_path):
+    """The reference of one load is computed from (index, item seed) and passed to `load`: the dataset keeps no
+    per-item state (a worker or thread reading it between __getitem__ and load would get another item's)."""
+    r = dldm.Run(dldm.parse_args([*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / "r")]))
+    online = r.source_set(False)
+    seeds = {online.reference(0, s): s for s in range(12)}
+    (ref_a, seed_a), (ref_b, _) = list(seeds.items())[:2]
+    item = online[(0, seed_a, -1)]
+    assert "reference" not in vars(online)
+    assert torch.equal(item["image"], common.normalise(online.load(0, ref_a)[0], online.norm))
+    assert not np.array_equal(online.load(0, ref_a)[0], online.load(0, ref_b)[0])

@@ -239,9 +239,10 @@ def check_stage_flags(args):
                                f"(--round is for --stage rl|sl|student|pseudo)")
     if args.teachers and args.stage != "student":
         raise common.DataError(f"--teachers: read by --stage student only (this is --stage {args.stage})")
-    if args.pseudo_dir and (args.stage not in ("rl", "sl", "student") or args.round == 1):
-        raise common.DataError(f"--pseudo-dir: read by --stage rl|sl|student of --round 2 or later (this is "
-                               f"--stage {args.stage} --round {args.round})")
+    if args.pseudo_dir and (args.stage not in ("rl", "sl", "student") or args.round == 1
+                            or (args.stage == "student" and args.student_ce == "gt")):
+        raise common.DataError(f"--pseudo-dir: read by --stage rl|sl|student of --round 2 or later, not with "
+                               f"--student-ce gt (this is --stage {args.stage} --round {args.round})")
     if args.ensemble and args.stage != "eval":
         raise common.DataError(f"--ensemble: read by --stage eval only (this is --stage {args.stage})")
 

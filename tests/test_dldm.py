@@ -654,6 +654,8 @@ def test_synthia_selection_uses_the_13_class_miou(tmp_path, monkeypatch):
     (["--stage", "rl", "--teachers", "a", "b"], "--teachers: read by --stage student only"),
     (["--stage", "rl", "--pseudo-dir", "p"], "--pseudo-dir: read by --stage rl|sl|student of --round 2"),
     (["--stage", "pseudo", "--round", "2", "--rounds", "3", "--pseudo-dir", "p"], "--pseudo-dir: read by"),
+    (["--stage", "student", "--round", "2", "--rounds", "2", "--student-ce", "gt", "--pseudo-dir", "p"],
+     "not with --student-ce gt"),
     (["--stage", "supervised", "--round", "2"], "--stage supervised belongs to no round"),
     (["--stage", "rl", "--ensemble", "a.pth"], "--ensemble: read by --stage eval only"),
 ])

@@ -20,7 +20,7 @@ passes accumulated, then one step of every optimiser):
      sees source (class k) and labeled-target (class k + c) features; each half weighted 0.5; backward.
 
 Paper -> code:
-    Eq. 1  L_seg(I) pixel CE of the upsampled score maps          -> `seg_loss` (main + 0.1 aux, AdaptSegNet)
+    Eq. 1  L_seg(I) pixel CE of the upsampled score maps          -> `common.seg_loss` (main + 0.1 aux, AdaptSegNet)
     Eq. 2  L_gadv(I_s) = -log D_g(P_s)[target]                     -> `gan_loss(D_g(P_s), TARGET)` (--ga-direction s2t)
            AdaptSegNet's own direction: target maps labelled source -> `gan_loss(D_g(P_tu), SOURCE)` (t2s)
     Eq. 3  L_gd: D_g on P_s (z = 0) and P_tu (z = 1)               -> `discriminator_pass`, lambda_gd = 0.5 each
@@ -82,7 +82,6 @@ defines a seed it never applies). --preset source-only (source CE only) is a dem
 it shows the loop working and the paper's ordering (GA+CSA above its oracle), not the paper's numbers.
 """
 import copy
-import json
 import time
 from pathlib import Path
 
@@ -96,7 +95,8 @@ import training
 PAPER = {  # dest: (value, source) — shown in --help
     "iters": (150000, "stop iteration, AdaptSegNet train_gta2cityscapes_multi.py NUM_STEPS_STOP"),
     "batch_size": (1, "one image per stream; AdaptSegNet BATCH_SIZE, ITER_SIZE 1"),
-    "lr": (2.5e-4, "ASS §4.2; AdaptSegNet LEARNING_RATE; heads x10"),
+    "lr": (2.5e-4, "ASS §4.2; AdaptSegNet LEARNING_RATE; heads x10 with SGD, one rate for every parameter "
+                   "with --optimizer adam"),
     "source_size": (None, "GTA5 1280 720 (AdaptSegNet INPUT_SIZE), SYNTHIA 1280 760 (assumed, R13)"),
     "target_size": ((1024, 512), "AdaptSegNet INPUT_SIZE_TARGET"),
     "crop_size": ((0, 0), "AdaptSegNet resizes whole images, never crops"),
@@ -169,6 +169,7 @@ def parse_args(argv=None):
                    help="G's optimiser: sgd = AdaptSegNet's SGD 0.9 / wd 5e-4; adam is for the random-init demo")
     args = training.parse_with_demo(p, DEMO, argv)
     training.check_args(args)
+    training.check_optimizer_flags(args)
     resolve_preset(args)
     if args.source_size is None:
         args.source_size = SOURCE_SIZE[args.source]
@@ -201,7 +202,7 @@ def resolve_preset(args):
     if args.sa == "none" and args.lambda_sadv is not None:
         raise common.DataError(f"--lambda-sadv {args.lambda_sadv}: --preset {args.preset} has no "
                                f"semantic-level module (use ga-csa or ga-fcsa)")
-    if args.ga_direction is None:
+    if args.ga_direction is None and args.use_ga:   # a preset without GA records none
         args.ga_direction = "t2s" if args.preset == "adaptsegnet" else "s2t"
     if args.lambda_sadv is None:        # R17: FCSA's best lambda depends on N (a --split-file's N too)
         args.lambda_sadv = {"csa": 0.01, "fcsa": 0.04 if args.n_labeled == 500 else 1.0}.get(args.sa, 0.0)
@@ -264,12 +265,6 @@ def build_optimisers(model, discs, args):
 
 
 # ------------------------------------------------------------------ losses (Eq. 1-8)
-
-def seg_loss(pred1, pred2, y, lambda_seg):
-    """Eq. 1 on both heads: CE(main) + lambda_seg CE(aux), logits upsampled to the label size (align_corners)."""
-    size = y.shape[1:]
-    return common.ce_loss(common.upsample(pred2, size), y) + lambda_seg * common.ce_loss(common.upsample(pred1, size), y)
-
 
 def gan_loss(d_logits, domain):
     """BCE with logits against a constant domain label, mean over D's output map (AdaptSegNet 'Vanilla')."""
@@ -339,7 +334,7 @@ def generator_pass(model, discs, args, amp, source, labeled, unlabeled, seg=None
         x_s, y_s = source
         with amp.autocast():
             p1, p2, feat = seg(x_s)
-            losses["loss_seg_s"] = seg_loss(p1, p2, y_s, args.lambda_seg)     # Eq. 1 on I_s
+            losses["loss_seg_s"] = common.seg_loss(p1, p2, y_s, args.lambda_seg)    # Eq. 1 on I_s
             loss = losses["loss_seg_s"]
             if args.use_ga:
                 P1, P2 = d_input(p1, x_s.shape[2:]), d_input(p2, x_s.shape[2:])
@@ -358,7 +353,7 @@ def generator_pass(model, discs, args, amp, source, labeled, unlabeled, seg=None
         x_l, y_l = labeled
         with amp.autocast():
             p1, p2, feat = seg(x_l)
-            losses["loss_seg_tl"] = seg_loss(p1, p2, y_l, args.lambda_seg)    # Eq. 1 on I_tl
+            losses["loss_seg_tl"] = common.seg_loss(p1, p2, y_l, args.lambda_seg)   # Eq. 1 on I_tl
         amp.backward(losses["loss_seg_tl"])
         if args.sa != "none":
             saved["F_tl"] = (feat.detach(), downsample_labels(y_l, feat.shape[2:]))
@@ -428,22 +423,6 @@ def restore(ckpt, path, model, opt_g, sched_g, discs, opt_d, sched_d, dist=commo
         raise common.DataError(f"{path}: not a checkpoint of this run's models "
                                f"({str(exc).strip().splitlines()[0][:200]})") from None
     return start, ckpt.get("best", {})
-
-
-def update_best(best, metrics, out_dir, synthia, main=True):
-    """Best-of-snapshots on val (R15): model selection on the evaluation set, never the primary number
-    (rank 0 writes and says it)."""
-    key = "mIoU13" if synthia else "mIoU"
-    if not best or metrics[key] > best[key]:
-        best.clear()
-        best.update({"iteration": metrics["iteration"], key: metrics[key]})
-        record = {**best, "selection": "best of the evaluated snapshots on Cityscapes val (selected on the "
-                                       "evaluation set; metrics.json holds the final snapshot, the primary number)"}
-        if main:
-            common.atomic_write_text(Path(out_dir) / "best_snapshot.json", json.dumps(record, indent=1))
-    if main:
-        print(f"best of snapshots so far (selected on val): {key} {best[key]:.2f} at iteration {best['iteration']}",
-              flush=True)
 
 
 # ------------------------------------------------------------------ training
@@ -517,7 +496,7 @@ def train(args):
         # ------------------------------------------------------------ snapshots, evaluation
         if training.is_due(i, args.eval_every, args.iters):
             metrics = training.evaluate_and_write(model, val, device, out_dir, i + 1, synthia, amp, dist=dist)
-            update_best(best, metrics, out_dir, synthia, dist.main)
+            training.update_best(best, metrics, out_dir, synthia, dist.main)     # R15
         if training.is_due(i, args.save_every, args.iters) or stop.requested:
             training.write_checkpoints(out_dir, training_state(i + 1, model, opt_g, sched_g, discs, opt_d, sched_d,
                                                              best, args), args.keep_checkpoints, dist)

@@ -858,12 +858,15 @@ def param_groups(model, lr, head_mult=10.0, official_duplicates=True):
     return [{"params": backbone, "lr": lr}, {"params": head, "lr": lr * head_mult}]
 
 
-def deeplab_optimizer(model, lr, kind="sgd", official_duplicates=True, rule="torch1.5"):
-    """The authors' optimiser (per-entry SGD 0.9 / 5e-4 over the 1x/10x groups, their PyTorch's `rule`) or, for
-    the random-init demo, Adam with one learning rate for all parameters (a 10x head diverges with Adam from scratch)."""
+def deeplab_optimizer(model, lr, kind="sgd", official_duplicates=True, rule="torch1.5", momentum=0.9,
+                      weight_decay=5e-4):
+    """The authors' optimiser (per-entry SGD of their PyTorch's `rule`, momentum 0.9 and weight decay 5e-4 unless
+    given, over the 1x/10x groups) or, for the random-init demo, Adam with one learning rate for all parameters
+    (a 10x head diverges with Adam from scratch)."""
     if kind == "adam":
         return torch.optim.Adam(param_groups(model, lr, head_mult=1.0, official_duplicates=False), lr=lr)
-    return LegacySGD(param_groups(model, lr, official_duplicates=official_duplicates), lr=lr, rule=rule)
+    return LegacySGD(param_groups(model, lr, official_duplicates=official_duplicates), lr=lr, momentum=momentum,
+                     weight_decay=weight_decay, rule=rule)
 
 
 SGD_RULES = ("torch0.4", "torch1.5")  # PyTorch <= 1.4 / >= 1.5 per-entry SGD (docs/quirks.md Q4)
@@ -1242,6 +1245,23 @@ class RareClassSampler(IterationSampler):
         return out
 
 
+class BalancedSampler(IterationSampler):
+    """1:1 stream of two image sets listed one after the other (DLDM's ground-truth then pseudo-labeled
+    images): even iterations draw from the first n_a, odd ones from the next n_b, each from its own seeded
+    epoch order."""
+
+    def __init__(self, n_a, n_b, batch_size, seed, stream, start_iter=0, num_iters=None, rank=0, world=1):
+        super().__init__(n_a + n_b, batch_size, seed, stream, start_iter, num_iters, rank, world)
+        self.a = IterationSampler(n_a, batch_size, seed, stream * 10 + 1, rank=rank, world=world)
+        self.b = IterationSampler(n_b, batch_size, seed, stream * 10 + 2, rank=rank, world=world)
+        self.n_a = n_a
+
+    def batch(self, i):
+        if i % 2 == 0:
+            return self.a.batch(i // 2)
+        return [(self.n_a + index, s, c) for index, s, c in self.b.batch(i // 2)]
+
+
 def resize_image(rgb, size, interp):
     """HxWx3 uint8 image to size (W, H): PIL's antialiased 'bilinear'/'bicubic', or 'cv2' = OpenCV's
     INTER_LINEAR as mmcv.imresize calls it (half-pixel centres, no antialiasing; float arithmetic, so a
@@ -1308,18 +1328,21 @@ class SegmentationDataset(torch.utils.data.Dataset):
         scale = min(long_side / max(w, h), short_side / min(w, h))
         return int(w * scale + 0.5), int(h * scale + 0.5)
 
-    def load(self, index):
-        """Resized RGB image, label (dataset label space) and the original label size."""
-        img_path, lab_path = self.pairs[index]
-        rgb, label = read_rgb(img_path), self.map_label(read_label(lab_path, self.kind))
-        full = label
+    def resized(self, rgb, label):
+        """The image resized by the pipeline's rule and the label brought to the image's size."""
         h, w = rgb.shape[:2]
         size = self.target_size(w, h)
         if size != (w, h):
             rgb = resize_image(rgb, size, self.interp)
         if label.shape != rgb.shape[:2]:  # also fixes GTA5's size-mismatched pairs, as the resize does there
             label = resize_label(label, rgb.shape[1::-1], self.interp)
-        return rgb, label, full
+        return rgb, label
+
+    def load(self, index):
+        """Resized RGB image, label (dataset label space) and the label at its original size."""
+        img_path, lab_path = self.pairs[index]
+        rgb, label = read_rgb(img_path), self.map_label(read_label(lab_path, self.kind))
+        return (*self.resized(rgb, label), label)
 
     def random_crop(self, rgb, label, rng):
         """Crop box by the pipeline's rules (padding with ignore if too small), then the random flip."""
@@ -1347,7 +1370,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, seed, required_class = (item, 0, -1) if isinstance(item, int) else item
-        rgb, label, full = self.load(index)
+        return self.sample(index, seed, required_class, *self.load(index))
+
+    def sample(self, index, seed, required_class, rgb, label, full):
+        """The item of a loaded image: seeded crop (retried for RCS), flip, label resolution, normalisation."""
         rng = np.random.default_rng(seed)
         for _ in range(10 if required_class >= 0 else 1):  # RCS: retry the crop on the same image
             x, y = self.random_crop(rgb, label, rng)
@@ -1558,6 +1584,14 @@ def ce_loss(logits, target, ignore=IGNORE):
     """Cross-entropy averaged over non-ignored pixels; a differentiable 0 when none is valid (no sync)."""
     total = F.cross_entropy(logits.float(), target, ignore_index=ignore, reduction="sum")
     return total / (target != ignore).sum().clamp(min=1)
+
+
+def seg_loss(aux, main, y, aux_weight):
+    """CE of the main head + aux_weight x CE of the aux head, logits upsampled (align_corners=True) to the label
+    size (AdaptSegNet/AdvEnt multi-level); at weight 0 the aux head stays out of the graph."""
+    size = y.shape[1:]
+    loss = ce_loss(upsample(main, size), y)
+    return loss + aux_weight * ce_loss(upsample(aux, size), y) if aux_weight else loss
 
 
 def ce_pixel_weighted(logits, target, weight, ignore=IGNORE):

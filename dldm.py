@@ -20,7 +20,7 @@ rule is BDL's (liyunsheng13/BDL SSL.py), which the paper follows ("following [23
 
 Paper -> code:
     Eq. 1  x_rl = M x_t + (1 - M) x_s, y_rl likewise    -> `region_mix` (M from `box_mask`: 0 in the box = source)
-    Eq. 2  L_RL = CE(M_RL(x_rl), y_rl)                   -> `loss_rl` in `rl_step` (+0.1 CE on the aux head, A1)
+    Eq. 2  L_RL = CE(M_RL(x_rl), y_rl)                   -> `loss_rl` in `rl_step` (common.seg_loss: +0.1 aux, A1)
     Eq. 3  L_SL = CE(M_SL(x_s), y_s) + CE(M_SL(x_t), y_t) -> `loss_sl_s`, `loss_sl_t` (a sum, one step)
     Eq. 4  L_S = l_kl KL(E(M_RL(x_u), M_SL(x_u)) || M_S(x_u)) + l_ce CE(M_S(x_t), y_t)
                                                           -> `ensemble_probs`, `kd_loss`, `student_step`
@@ -28,13 +28,13 @@ Paper -> code:
     Alg. 1 line 5 pseudo-labels "following [23]" (BDL)    -> `pseudo_stage`, `bdl_thresholds`, `apply_thresholds`
     Alg. 1 line 6 merge into D_T                          -> `target_set` (ground truth wins, A13)
     §4.2 LAB translation "following [14]"                 -> `LabSourceDataset`, `lab_transfer` (--lab, --lab-mode)
-    §4.2 SGD 2.5e-4, momentum 0.9, wd 1e-4, poly 0.9     -> `make_optimizer`, common.poly_factor(--poly-iters)
+    §4.2 SGD 2.5e-4, momentum 0.9, wd 1e-4, poly 0.9     -> common.deeplab_optimizer, common.poly_factor
     §4.2 l_kl 0.5, l_ce 1, portion 0.5, threshold 0.9    -> --lambda-kl, --lambda-ce, --pl-portion, --pl-cap
     Table 3 (test-time ensembles E(a, b))                  -> --stage eval --ensemble A B
     Table 4 (M_RL^r, M_SL^r, M_S^r of every round)        -> round<r>/{rl,sl,student}/metrics.json, "rounds" in
                                                              metrics.json
     Table 5 (round 1, with/without LAB)                    -> --rounds 1 --lab on|off
-    Tables 1-2 "Supervised DeeplabV2"                      -> --stage supervised
+    Tables 1-2 "Supervised DeeplabV2"                      -> --stage supervised (recipe assumed, A19)
 
 Assumptions (the paper is silent; each alternative is a flag):
     A1  The network is AdvEnt's multi-level DeepLabv2 (aux classifier on layer3, main on layer4, as DDM's
@@ -68,19 +68,25 @@ Assumptions (the paper is silent; each alternative is a flag):
     A15 Every stage keeps its last iteration; no selection on val. With --eval-every the best snapshot is
         also logged (best_snapshot.json), labelled as selection on val (DDM's README evaluates a
         best_model checkpoint and AdvEnt's test mode 'best' scans snapshots every 2000 iterations).
+        Snapshots and rounds are ranked by the reported mIoU: mIoU13 for SYNTHIA (Table 2), else mIoU.
     A16 D_U = all 2975 train images, labeled ones included (DDM's DEL_XL=False; Table 4 distils at N=2975)
         (--exclude-labeled-from-u).
     A17 The LAB reference is a fresh uniformly drawn Cityscapes train image at every load, from all train
         images (DDM dataset/base_dataset.py) (--lab-mode offline: one fixed reference per source image,
         translated once and cached as PNG in the run folder).
     A18 No crop, flip or scale augmentation beyond the fixed resize and the mixes (AdvEnt/BDL/DDM loaders).
+    A19 "Supervised DeeplabV2" (Tables 1-2) has no recipe in the paper: the same network, init, optimiser and
+        schedule (A1-A3), CE on the N labeled target images only, one per iteration, last iteration.
+    A20 BN gamma/beta are frozen, as AdvEnt's deeplabv2.py and the default of DDM's get_deeplab_v2
+        (freeze_bn_affine=True, the net its eval.py builds); DDM config.py holds TRAIN.FREEZE_BN_AFFINE =
+        False, a key nothing in the release reads (--bn-affine train).
 
 Other decisions: SYNTHIA-RAND-CITYSCAPES images are used at their native 1280x760 (BDL's loader size); §4.1's
 "1280x960" is taken for a typo. AdvEnt's train_UDA.py loops over range(EARLY_STOP + 1), i.e. its 120000
 snapshot has seen 120001 updates; --iters 120001 reproduces that (A3 keeps 120000).
 The paper's weight decay 1e-4 is used (DDM config.py has AdvEnt's 5e-4: --weight-decay);
-the ASPP classifier sums all four branches as AdvEnt's does (not AdaptSegNet's two); BN layers have frozen
-affine parameters and batch statistics in training (AdvEnt); the 1x parameter group repeats tensors as
+the ASPP classifier sums all four branches as AdvEnt's does (not AdaptSegNet's two); BN layers use
+batch statistics in training (AdvEnt; A20 for their affine parameters); the 1x parameter group repeats tensors as
 AdvEnt's `optim_parameters` does, with the per-entry SGD update of AdvEnt's PyTorch 0.4.1 (common.LegacySGD,
 weight decay added into p.grad in place; --sgd-rule torch1.5: out of place; --clean-param-groups lists each
 tensor once). The paper has LAB on "in most experiments" (all but
@@ -114,13 +120,14 @@ import training
 PAPER = {  # dest: (value, source) — shown in --help
     "iters": (120000, "iterations of every teacher/student stage: DDM config.py EARLY_STOP (AdvEnt; A3)"),
     "batch_size": (1, "1 source + 1 target image: DDM config.py BATCH_SIZE_SOURCE / BATCH_SIZE_TARGET"),
-    "lr": (2.5e-4, "DLDM §4.2; classifiers x10 (A2)"),
+    "lr": (2.5e-4, "DLDM §4.2; classifiers x10 with SGD (A2), one rate for every parameter with --optimizer adam"),
     "source_size": (None, "GTA5 1280 720 (DDM config.py), SYNTHIA 1280 760 (BDL data/__init__.py)"),
     "target_size": ((1024, 512), "DDM config.py INPUT_SIZE_TARGET"),
     "crop_size": ((0, 0), "no random crop (A18); M_RL's source window is --src-fit"),
     "eval_res": ("full", "DDM eval.py: main logits upsampled to 2048x1024"),
     "init": ("advent", "AdvEnt's caffe-style ImageNet DeepLab (ADVENT release v0.1); imagenet = torchvision"),
-    "sgd_rule": ("torch0.4", "assumption: AdvEnt's PyTorch 0.4.1 (valeoai/ADVENT README); DLDM released no training code"),
+    "sgd_rule": ("torch0.4", "assumption: AdvEnt's PyTorch 0.4.1 (valeoai/ADVENT README); DLDM released no "
+                 "training code"),
     "eval_every": (0, "0 = evaluate at the end of each stage; 2000 = AdvEnt's snapshot step (A15)"),
     "save_every": (2000, "AdvEnt SAVE_PRED_EVERY"),
 }
@@ -195,8 +202,13 @@ def parse_args(argv=None):
     p.add_argument("--clean-param-groups", action="store_true",
                    help="each tensor once in the 1x group (AdvEnt's optim_parameters repeats them)")
     p.add_argument("--init-sha256", default=None, help="expected sha256 of the --init advent file")
+    p.add_argument("--bn-affine", choices=["frozen", "train"], default="frozen",
+                   help="BN gamma/beta: frozen (AdvEnt's net, DDM's net default used by its eval.py; A20) or trained "
+                        "(DDM config.py FREEZE_BN_AFFINE = False)")
     args = training.parse_with_demo(p, DEMO, argv)
     training.check_args(args)
+    training.check_optimizer_flags(args)
+    check_stage_flags(args)
     if args.resume not in (None, "auto"):
         raise common.DataError(f"--resume {args.resume}: dldm.py resumes every stage from its own folder; "
                                f"use --resume auto")
@@ -214,6 +226,28 @@ def parse_args(argv=None):
     if args.source_size is None:
         args.source_size = SOURCE_SIZE[args.source]
     return args
+
+
+def check_stage_flags(args):
+    """Refuse the flags the chosen --stage would ignore or apply to every round (DataError = exit 2)."""
+    single = "--stage all runs every round with its own teachers and pseudo-labels; run one --stage to set it"
+    if args.eval_model == "teacher":
+        raise common.DataError("--eval-model teacher: DLDM has no EMA teacher (a checkpoint holds `model` only); "
+                               "drop it, or pass the teachers to --stage eval --ensemble RL SL")
+    if args.stage == "all" and (args.round != 1 or args.pseudo_dir or args.teachers):
+        flag = f"--round {args.round}" if args.round != 1 else "--pseudo-dir" if args.pseudo_dir else "--teachers"
+        raise common.DataError(f"{flag} with --stage all: {single}")
+    if args.round != 1 and args.stage in ("eval", "supervised"):
+        raise common.DataError(f"--round {args.round}: --stage {args.stage} belongs to no round "
+                               f"(--round is for --stage rl|sl|student|pseudo)")
+    if args.teachers and args.stage != "student":
+        raise common.DataError(f"--teachers: read by --stage student only (this is --stage {args.stage})")
+    if args.pseudo_dir and (args.stage not in ("rl", "sl", "student") or args.round == 1
+                            or (args.stage == "student" and args.student_ce == "gt")):
+        raise common.DataError(f"--pseudo-dir: read by --stage rl|sl|student of --round 2 or later, not with "
+                               f"--student-ce gt (this is --stage {args.stage} --round {args.round})")
+    if args.ensemble and args.stage != "eval":
+        raise common.DataError(f"--ensemble: read by --stage eval only (this is --stage {args.stage})")
 
 
 # ======================================================================================
@@ -309,37 +343,33 @@ class LabSourceDataset(common.SegmentationDataset):
     def __init__(self, *a, ref_stats, mode="online", seed=0, cache_dir=None, **kw):
         super().__init__(*a, **kw)
         self.ref_stats, self.mode, self.seed, self.cache_dir = ref_stats, mode, seed, cache_dir
-        self.reference = None
+
+    def reference(self, index, item_seed):
+        """The reference image (an index into `ref_stats`) of one load of source image `index` (A17)."""
+        rng = np.random.default_rng([self.seed, index] if self.mode == "offline" else [item_seed, 7])
+        return int(rng.integers(len(self.ref_stats)))
+
+    def translated(self, index, reference):
+        """The source image at its original size with the reference's LAB statistics (offline: cached)."""
+        img_path = self.pairs[index][0]
+        if self.mode == "online":
+            return lab_transfer(common.read_rgb(img_path), self.ref_stats[reference])
+        cached = Path(self.cache_dir) / f"{common.stem_of(img_path)}.png"
+        if cached.is_file():
+            return common.read_rgb(cached)
+        rgb = lab_transfer(common.read_rgb(img_path), self.ref_stats[reference])
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        common.save_png(cached, rgb)
+        return rgb
+
+    def load(self, index, reference):
+        """The translated image resized, its label, and the label at its original size."""
+        label = self.map_label(common.read_label(self.pairs[index][1], self.kind))
+        return (*self.resized(self.translated(index, reference), label), label)
 
     def __getitem__(self, item):
-        index, seed, _ = (item, 0, -1) if isinstance(item, int) else item
-        rng = np.random.default_rng([self.seed, index] if self.mode == "offline" else [seed, 7])
-        self.reference = int(rng.integers(len(self.ref_stats)))
-        return super().__getitem__(item)
-
-    def translated(self, index):
-        """The LAB-translated source image at its original size."""
-        img_path = self.pairs[index][0]
-        if self.mode == "offline":
-            cached = Path(self.cache_dir) / f"{common.stem_of(img_path)}.png"
-            if cached.is_file():
-                return common.read_rgb(cached)
-            rgb = lab_transfer(common.read_rgb(img_path), self.ref_stats[self.reference])
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            common.save_png(cached, rgb)
-            return rgb
-        return lab_transfer(common.read_rgb(img_path), self.ref_stats[self.reference])
-
-    def load(self, index):
-        rgb = self.translated(index)
-        label = self.map_label(common.read_label(self.pairs[index][1], self.kind))
-        full = label
-        size = self.target_size(rgb.shape[1], rgb.shape[0])
-        if size != rgb.shape[1::-1]:
-            rgb = common.resize_image(rgb, size, self.interp)
-        if label.shape != rgb.shape[:2]:
-            label = common.resize_label(label, rgb.shape[1::-1], self.interp)
-        return rgb, label, full
+        index, seed, required_class = (item, 0, -1) if isinstance(item, int) else item
+        return self.sample(index, seed, required_class, *self.load(index, self.reference(index, seed)))
 
 
 class TargetDataset(common.SegmentationDataset):
@@ -353,30 +383,9 @@ class TargetDataset(common.SegmentationDataset):
         stem = common.stem_of(self.pairs[index][0])
         if stem not in self.pseudo:
             return super().load(index)
-        rgb = common.read_rgb(self.pairs[index][0])
         label = np.asarray(Image.open(self.pseudo[stem]))   # already in the model's label space
-        size = self.target_size(rgb.shape[1], rgb.shape[0])
-        if size != rgb.shape[1::-1]:
-            rgb = common.resize_image(rgb, size, self.interp)
-        if label.shape != rgb.shape[:2]:
-            label = common.resize_label(label, rgb.shape[1::-1], self.interp)
+        rgb, label = self.resized(common.read_rgb(self.pairs[index][0]), label)
         return rgb, label, label
-
-
-class BalancedSampler(common.IterationSampler):
-    """1:1 stream of ground-truth and pseudo-labeled images (A14 alternative): even iterations draw a
-    ground-truth image, odd ones a pseudo-labeled one, each from its own seeded epoch order."""
-
-    def __init__(self, n_gt, n_pseudo, batch_size, seed, stream, start_iter=0, num_iters=None, rank=0, world=1):
-        super().__init__(n_gt + n_pseudo, batch_size, seed, stream, start_iter, num_iters, rank, world)
-        self.gt = common.IterationSampler(n_gt, batch_size, seed, stream * 10 + 1, rank=rank, world=world)
-        self.ps = common.IterationSampler(n_pseudo, batch_size, seed, stream * 10 + 2, rank=rank, world=world)
-        self.n_gt = n_gt
-
-    def batch(self, i):
-        if i % 2 == 0:
-            return self.gt.batch(i // 2)
-        return [(self.n_gt + index, s, c) for index, s, c in self.ps.batch(i // 2)]
 
 
 # ======================================================================================
@@ -406,18 +415,6 @@ def region_mix(mask, x_s, y_s, x_t, y_t):
     x_rl = mask * x_t + (1 - mask) * x_s
     y_rl = torch.where(mask[:, 0].bool(), y_t, y_s)
     return x_rl, y_rl
-
-
-def up(logits, size):
-    """Bilinear upsampling with align_corners=True, as AdvEnt/BDL (A8)."""
-    return common.upsample(logits, size, align_corners=True)
-
-
-def seg_loss(model, x, y, aux_weight):
-    """CE of the main head + aux_weight x CE of the aux head, both at label size (AdvEnt; A1)."""
-    aux, main = model(x)
-    loss = common.ce_loss(up(main, y.shape[1:]), y)
-    return loss + aux_weight * common.ce_loss(up(aux, y.shape[1:]), y) if aux_weight else loss
 
 
 def ensemble_probs(logits, temperature=1.0, mode="probs"):
@@ -505,6 +502,9 @@ class Run:
                                                   args.split_file)
         if not self.labeled:
             raise common.DataError(f"--n-labeled {args.n_labeled}: DLDM needs labeled target images")
+        if args.exclude_labeled_from_u and not rest:
+            raise common.DataError(f"--exclude-labeled-from-u with --n-labeled {len(self.labeled)}: every train "
+                                   f"image is labeled, so D_U would be empty (drop the flag)")
         self.unlabeled = rest if args.exclude_labeled_from_u else list(self.train_stems)      # D_U (A16)
         if args.rounds is None:
             args.rounds = {"gta5": 4, "synthia": 3, "demo": 2}[args.source] if rest else 1
@@ -534,22 +534,32 @@ class Run:
             self.init_path, self.init_digest = str(path), digest
         return self.init_path
 
+    def network(self):
+        """AdvEnt's multi-level DeepLabv2 (four ASPP branches summed), BN affine frozen unless --bn-affine train."""
+        return common.DeepLabV2(self.num_classes, multi_level=True, aspp_full=True, style=self.style,
+                                layers=self.args.layers, width=self.args.width,
+                                freeze_bn_affine=self.args.bn_affine == "frozen")
+
     def new_model(self, seed, warm_from=None):
-        """AdvEnt's multi-level DeepLabv2 (four ASPP branches summed), ImageNet init or a warm start."""
+        """A fresh network from the ImageNet init, or a warm start from a checkpoint."""
         common.seed_everything(seed)
-        model = common.DeepLabV2(self.num_classes, multi_level=True, aspp_full=True, style=self.style,
-                                 layers=self.args.layers, width=self.args.width)
+        model = self.network()
         if warm_from is not None:
             model.load_state_dict(training.load_checkpoint(warm_from, self.num_classes)["model"])
         else:
             training.initialise(model, self.resolve_init(), self.norm, self.args.data_root)
         return training.prepare_model(model, self.device, self.amp)
 
-    def load_model(self, path):
-        """A frozen eval-mode model from a checkpoint (class count checked, weights_only)."""
+    def checkpoint(self, path):
+        """A checkpoint of this run's network: class count, size and input convention checked (weights_only)."""
         ckpt = training.load_checkpoint(path, self.num_classes)
-        model = common.DeepLabV2(self.num_classes, multi_level=True, aspp_full=True, style=self.style,
-                                 layers=self.args.layers, width=self.args.width)
+        training.check_same_network(ckpt.get("args", {}), self.args, path, ("caffe", "imagenet_bgr"))
+        return ckpt
+
+    def load_model(self, path):
+        """A frozen eval-mode model from a checkpoint (see `checkpoint`)."""
+        ckpt = self.checkpoint(path)
+        model = self.network()
         try:
             model.load_state_dict(ckpt.get("model", ckpt))
         except RuntimeError as exc:
@@ -610,15 +620,6 @@ class Run:
                             stems=self.unlabeled, resize=tuple(self.args.target_size))
 
 
-def make_optimizer(model, args):
-    """SGD over AdvEnt's 1x/10x groups (DLDM §4.2), or Adam with one learning rate for the demo."""
-    if args.optimizer == "adam":
-        return torch.optim.Adam(common.param_groups(model, args.lr, 1.0, official_duplicates=False), lr=args.lr)
-    groups = common.param_groups(model, args.lr, 10.0, official_duplicates=not args.clean_param_groups)
-    return common.LegacySGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                            rule=args.sgd_rule)
-
-
 def stage_finished(stage_dir, iters):
     """A trained stage is done when its final evaluation (metrics.json at --iters) and checkpoint exist."""
     path = stage_dir / "metrics.json"
@@ -640,7 +641,7 @@ def target_loader(run, r, seed, stream, start, gt_only=False):
     a = run.args
     sampler = None
     if a.merge_sampling == "balanced" and n_pseudo:
-        sampler = BalancedSampler(n_gt, n_pseudo, a.batch_size, seed, stream, start, a.iters, run.dist.rank,
+        sampler = common.BalancedSampler(n_gt, n_pseudo, a.batch_size, seed, stream, start, a.iters, run.dist.rank,
                                   run.dist.world)
     return loader(run, data, seed, stream, start, sampler)
 
@@ -661,12 +662,13 @@ def train_model(run, r, stage, teachers=None):
     seed = run.seed(r, stage)
     warm = run.stage_dir(r - 1, stage) / "checkpoint.pth" if a.warm_start and r > 1 else None
     model = run.new_model(seed, warm)
-    optimizer = make_optimizer(model, a)
+    optimizer = common.deeplab_optimizer(model, a.lr, a.optimizer, not a.clean_param_groups, a.sgd_rule,
+                                         a.momentum, a.weight_decay)              # DLDM §4.2 (A2)
     scheduler = common.lr_scheduler(optimizer, lambda i: common.poly_factor(i, a.poly_iters))
-    start = 0
+    start, best = 0, {}
     if a.resume and (stage_dir / "checkpoint.pth").is_file():
-        start = training.restore_training(training.load_checkpoint(stage_dir / "checkpoint.pth", run.num_classes),
-                                        model, optimizer, scheduler, dist=dist)
+        ckpt = training.load_checkpoint(stage_dir / "checkpoint.pth", run.num_classes)
+        start, best = training.restore_training(ckpt, model, optimizer, scheduler, dist=dist), ckpt.get("best", {})
     stage_dir.mkdir(parents=True, exist_ok=True)
     if start == 0 and dist.main:  # a fresh stage: no log or best snapshot of an earlier attempt
         for stale in ("log.jsonl", "best_snapshot.json"):
@@ -698,27 +700,23 @@ def train_model(run, r, stage, teachers=None):
         scheduler.step()
         log.log(i, losses, lr)
         if training.is_due(i, a.save_every, a.iters) or stop.requested:
-            training.write_checkpoints(stage_dir, training.training_state(i + 1, model, optimizer, scheduler, a),
-                                     a.keep_checkpoints, dist)
+            state = {**training.training_state(i + 1, model, optimizer, scheduler, a), "best": dict(best)}
+            training.write_checkpoints(stage_dir, state, a.keep_checkpoints, dist)
             stop.exit_if_requested(i + 1, stage_dir)
         if training.is_due(i, a.eval_every, a.iters) and i + 1 < a.iters:
-            metrics = evaluate(run, model, stage_dir, i + 1, stage)
+            metrics = evaluate(run, model, stage_dir, i + 1, stage, best)
     stop.restore()
     if metrics is None or metrics["iteration"] != a.iters:
-        metrics = evaluate(run, model, stage_dir, a.iters, stage)
+        metrics = evaluate(run, model, stage_dir, a.iters, stage, best)
     return metrics
 
 
-def evaluate(run, model, stage_dir, iteration, name):
-    """Main head at full resolution on val (DDM eval.py); metrics.json, and best_snapshot.json (A15)."""
+def evaluate(run, model, stage_dir, iteration, name, best):
+    """Main head at full resolution on val (DDM eval.py): metrics.json; best_snapshot.json by the reported
+    mIoU (mIoU13 for SYNTHIA, A15)."""
     metrics = training.evaluate_and_write(model, run.val, run.device, stage_dir, iteration, run.synthia, run.amp,
                                         align_corners=True, model_name=name, dist=run.dist)
-    if not run.dist.main:
-        return metrics
-    best_path = stage_dir / "best_snapshot.json"
-    best = json.loads(best_path.read_text()) if best_path.is_file() else None
-    if best is None or metrics["mIoU"] > best["mIoU"]:
-        common.atomic_write_text(best_path, json.dumps({**metrics, "selection": "best snapshot on val"}, indent=1))
+    training.update_best(best, metrics, stage_dir, run.synthia, run.dist.main)
     return metrics
 
 
@@ -728,7 +726,7 @@ def rl_step(model, b, g, run, _):
     mask = box_mask(x_t.shape[0], *x_t.shape[2:], g, run.args.box, x_t.device)
     x_rl, y_rl = region_mix(mask, x_s, y_s, x_t, y_t)
     with run.amp.autocast():
-        loss_rl = seg_loss(model, x_rl, y_rl, run.args.aux_weight)                        # Eq. 2
+        loss_rl = common.seg_loss(*model(x_rl), y_rl, run.args.aux_weight)                # Eq. 2 (A1, A8)
     run.amp.backward(loss_rl)
     return {"loss_rl": loss_rl, "source_share": 1 - mask.mean()}
 
@@ -737,10 +735,10 @@ def sl_step(model, b, g, run, _):
     """Eq. 3: a source and a target image in the same iteration; CE summed (two backward passes, one step)."""
     (x_s, y_s), (x_t, y_t) = b["s"], b["t"]
     with run.amp.autocast():
-        loss_sl_s = seg_loss(model, x_s, y_s, run.args.aux_weight)
+        loss_sl_s = common.seg_loss(*model(x_s), y_s, run.args.aux_weight)
     run.amp.backward(loss_sl_s)
     with run.amp.autocast():
-        loss_sl_t = seg_loss(model, x_t, y_t, run.args.aux_weight)
+        loss_sl_t = common.seg_loss(*model(x_t), y_t, run.args.aux_weight)
     run.amp.backward(loss_sl_t)
     return {"loss_sl_s": loss_sl_s, "loss_sl_t": loss_sl_t}
 
@@ -751,13 +749,13 @@ def student_step(model, b, g, run, teachers):
     x_u, (x_t, y_t) = b["u"][0], b["t"]
     size = x_u.shape[2:]
     with torch.no_grad(), run.amp.autocast():
-        z_teachers = [up(t(x_u)[1].float(), size) for t in teachers]                  # z_RL, z_SL (A8)
+        z_teachers = [common.upsample(t(x_u)[1].float(), size) for t in teachers]     # z_RL, z_SL (A8)
     p_e = ensemble_probs(z_teachers, a.kd_temp, a.ens)                                 # E(M_RL, M_SL) (A10)
     with run.amp.autocast():
-        loss_kl = kd_loss(up(model(x_u)[1], size), p_e, a.kd_temp, a.kd_t2)          # L_kl (A9)
+        loss_kl = kd_loss(common.upsample(model(x_u)[1], size), p_e, a.kd_temp, a.kd_t2)   # L_kl (A9)
     run.amp.backward(a.lambda_kl * loss_kl)
     with run.amp.autocast():
-        loss_ce = seg_loss(model, x_t, y_t, a.aux_weight)                             # L_ce
+        loss_ce = common.seg_loss(*model(x_t), y_t, a.aux_weight)                     # L_ce
     run.amp.backward(a.lambda_ce * loss_ce)
     return {"loss_kl": loss_kl, "loss_ce": loss_ce}
 
@@ -766,7 +764,7 @@ def supervised_step(model, b, g, run, _):
     """The 'Supervised DeeplabV2' row: CE on the labeled target images only."""
     x_t, y_t = b["t"]
     with run.amp.autocast():
-        loss_ce = seg_loss(model, x_t, y_t, run.args.aux_weight)
+        loss_ce = common.seg_loss(*model(x_t), y_t, run.args.aux_weight)
     run.amp.backward(loss_ce)
     return {"loss_ce": loss_ce}
 
@@ -807,7 +805,7 @@ def pseudo_stage(run, r):
     def probabilities(x):
         with run.amp.autocast():
             z = student(x.to(run.device, non_blocking=True))[1]
-        return up(F.softmax(z.float(), 1), (h, w))                                  # BDL: softmax, then upsample
+        return common.upsample(F.softmax(z.float(), 1), (h, w))                     # BDL: softmax, then upsample
 
     folder.mkdir(parents=True, exist_ok=True)
     if a.resume and th_path.is_file():
@@ -884,9 +882,11 @@ def round_summary(run):
         last = run.stage_dir(run.args.rounds, "student") / "metrics.json"
         if last.is_file():
             summary = {**json.loads(last.read_text()), **summary, "final (M_S^R)": json.loads(last.read_text())}
-        best = max(students, key=lambda e: e["M_S"]["mIoU"])
+        key = training.reported_key(run.synthia)                    # Table 2 reports mIoU13
+        best = max(students, key=lambda e: e["M_S"][key])
         summary["best over rounds"] = {"round": best["round"], **best["M_S"],
-                                       "selection": "best student over rounds, on val (as Table 1 reads)"}
+                                       "selection": f"best student over rounds by {key}, on val (as Tables 1-2 "
+                                                    f"read)"}
     common.atomic_write_text(run.out / "metrics.json", json.dumps(summary, indent=1))
     return summary
 
@@ -907,7 +907,8 @@ def check_inputs(run):
     """Validate the inputs a single stage needs before anything is written (exit 2 on bad input)."""
     a, r = run.args, run.args.round
     if a.stage == "student":
-        teacher_paths(run, r)
+        for path in teacher_paths(run, r):
+            run.checkpoint(path)
     if a.stage in ("rl", "sl", "student") and r > 1 and not (a.stage == "student" and a.student_ce == "gt"):
         run.check_pseudo(r)
     if a.stage == "pseudo" and not (run.stage_dir(r, "student") / "checkpoint.pth").is_file():

@@ -525,6 +525,14 @@ def check_args(args):
         raise DataError(f"--resume {args.resume}: file not found")
 
 
+def check_optimizer_flags(args):
+    """--clean-param-groups changes the duplicated 1x group of the authors' SGD; Adam has one group of each
+    tensor at one rate (common.deeplab_optimizer), so the flag would do nothing there: DataError."""
+    if args.clean_param_groups and args.optimizer != "sgd":
+        raise DataError(f"--clean-param-groups with --optimizer {args.optimizer}: Adam lists every tensor once at "
+                        f"one learning rate already (the flag changes the SGD groups only)")
+
+
 def dataset_root(args, kind):
     """The root of one dataset: --<kind>-root or <data-root>/<kind>."""
     return Path(getattr(args, f"{kind}_root") or Path(args.data_root) / kind)
@@ -652,6 +660,28 @@ def write_metrics(out_dir, metrics, name="metrics.json"):
     extra = f" mIoU13 {metrics['mIoU13']:.2f}" if "mIoU13" in metrics else ""
     print(f"eval it {metrics['iteration']} {metrics['model']}: mIoU {metrics['mIoU']:.2f}{extra} "
           f"({metrics['num_classes']} classes)", flush=True)
+
+
+def reported_key(synthia):
+    """The mIoU the papers report: over 13 classes for SYNTHIA (`mIoU13`), else over all classes (`mIoU`)."""
+    return "mIoU13" if synthia else "mIoU"
+
+
+def update_best(best, metrics, out_dir, synthia, main=True):
+    """Best-of-snapshots on val by the reported mIoU (`best` is updated in place and belongs in the checkpoint):
+    model selection on the evaluation set, never the primary number (rank 0 writes best_snapshot.json and
+    says it)."""
+    key = reported_key(synthia)
+    if not best or metrics[key] > best[key]:
+        best.clear()
+        best.update({"iteration": metrics["iteration"], key: metrics[key]})
+        record = {**best, "selection": "best of the evaluated snapshots on Cityscapes val (selected on the "
+                                       "evaluation set; metrics.json holds the final snapshot, the primary number)"}
+        if main:
+            common.atomic_write_text(Path(out_dir) / "best_snapshot.json", json.dumps(record, indent=1))
+    if main:
+        print(f"best of snapshots so far (selected on val): {key} {best[key]:.2f} at iteration {best['iteration']}",
+              flush=True)
 
 
 def eval_only(args, model, val, device, out_dir, synthia=False, align_corners=True, dist=common.Dist(),

@@ -423,7 +423,7 @@ def test_seg_loss_weights_the_aux_head_by_lambda_seg():
     y[0, :3] = 255
     up = lambda p: F.interpolate(p, size=(16, 32), mode="bilinear", align_corners=True)  # noqa: E731
     expect = F.cross_entropy(up(pred2), y, ignore_index=255) + 0.1 * F.cross_entropy(up(pred1), y, ignore_index=255)
-    assert asss.seg_loss(pred1, pred2, y, 0.1).item() == pytest.approx(expect.item(), rel=1e-6)
+    assert common.seg_loss(pred1, pred2, y, 0.1).item() == pytest.approx(expect.item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("direction", ["s2t", "t2s"])
@@ -510,3 +510,23 @@ def test_backbone_group_lists_each_tensor_as_adaptsegnet(clean):
     assert len(backbone["params"]) == (1 + 5 * 3 + 4 if clean else 1 + 5 * 3 * 3 + 4 * 4)   # 5 blocks, 4 downsamples
     assert len(head["params"]) == 16 and len({id(p) for p in head["params"]}) == 16
     assert not any(p is model.bn1.weight or p is model.layer1[0].bn1.weight for p in backbone["params"])
+
+
+def test_adam_refuses_clean_param_groups_and_its_lr_help_says_one_rate(capsys):
+    """Adam (the demo's optimiser) lists every tensor once at one rate: --clean-param-groups would do nothing
+    there and is refused; the --lr help says the heads get 10x with SGD only."""
+    with pytest.raises(common.DataError, match="--clean-param-groups with --optimizer adam"):
+        asss.parse_args(["--optimizer", "adam", "--clean-param-groups"])
+    assert asss.parse_args(["--clean-param-groups"]).clean_param_groups
+    with pytest.raises(SystemExit):
+        asss.parse_args(["--help"])
+    lr_help = " ".join(capsys.readouterr().out.split("\n  --lr LR", 1)[1].split("\n  --seed")[0].split())
+    assert "one rate for every parameter with --optimizer adam" in lr_help
+
+
+def test_presets_without_ga_record_no_ga_direction():
+    """config.json holds the resolved arguments: the oracle and source-only columns have no GA, so no direction."""
+    assert asss.parse_args(["--preset", "oracle"]).ga_direction is None
+    assert asss.parse_args(["--preset", "source-only"]).ga_direction is None
+    assert asss.parse_args(["--preset", "ga"]).ga_direction == "s2t"
+    assert asss.parse_args(["--preset", "adaptsegnet"]).ga_direction == "t2s"

@@ -156,7 +156,7 @@ def test_source_fit_lab_and_unlabeled_flags_build_the_right_data(root, tmp_path)
 def test_balanced_sampling_alternates_ground_truth_and_pseudo_labels():
     """--merge-sampling balanced (A14 alternative): even iterations a ground-truth image (indices < n_gt),
     odd ones a pseudo-labeled image; each kind runs through all of its images before repeating."""
-    s = dldm.BalancedSampler(3, 5, 1, seed=0, stream=1)
+    s = common.BalancedSampler(3, 5, 1, seed=0, stream=1)
     drawn = [s.batch(i)[0][0] for i in range(20)]
     assert all(d < 3 for d in drawn[0::2]) and all(3 <= d < 8 for d in drawn[1::2])
     assert sorted(drawn[0:6:2]) == [0, 1, 2] and sorted(drawn[1:10:2]) == [3, 4, 5, 6, 7]
@@ -387,10 +387,7 @@ def test_lab_reference_drawn_per_load_online_and_fixed_offline(root, tmp_path):
     args = dldm.parse_args([*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / "r")])
     r = dldm.Run(args)
     online = r.source_set(False)
-    refs = set()
-    for s in range(12):
-        online[(0, s, -1)]
-        refs.add(online.reference)
+    refs = {online.reference(0, s) for s in range(12)}
     assert len(refs) > 1 and len(r.train_stems) == len(online.ref_stats) == 6        # all train images (A17)
     args.lab_mode = "offline"
     offline = r.source_set(False)
@@ -621,5 +618,150 @@ def test_student_gradient_weights_kl_and_ce_by_lambda():
     p_e = dldm.ensemble_probs([rl(x_u)[1].detach(), sl(x_u)[1].detach()], 2.0)
     kl = dldm.kd_loss(student(x_u)[1], p_e, 2.0)
     assert losses["loss_kl"].item() == pytest.approx(kl.item(), rel=1e-6)
-    (2.0 * kl + 0.25 * dldm.seg_loss(student, x_t, y_t, 0.1)).backward()
+    (2.0 * kl + 0.25 * common.seg_loss(*student(x_t), y_t, 0.1)).backward()
     assert got.item() == pytest.approx(student.w.grad.item(), rel=1e-5) and abs(got.item()) > 1e-3
+
+
+# ------------------------------------------------------------------ issue 21: selection, refusals, BN affine, README
+
+def test_synthia_selection_uses_the_13_class_miou(tmp_path, monkeypatch):
+    """Table 2 reports 13 classes: best_snapshot.json and 'best over rounds' pick by mIoU13 for SYNTHIA (the
+    16-class mIoU orders these snapshots and rounds the other way), by mIoU for GTA5."""
+    scores = [(50.0, 40.0), (45.0, 48.0), (47.0, 44.0)]                  # (mIoU, mIoU13): orders differ
+    evals = iter([{"iteration": i + 1, "mIoU": a, "mIoU13": b} for i, (a, b) in enumerate(scores)])
+    monkeypatch.setattr(training, "evaluate_and_write", lambda *a, **k: next(evals))
+    run_ = types.SimpleNamespace(val=None, device=None, amp=None, synthia=True, dist=common.Dist())
+    best = {}
+    for i in range(3):
+        dldm.evaluate(run_, None, tmp_path, i + 1, "rl", best)
+    assert json.loads((tmp_path / "best_snapshot.json").read_text())["iteration"] == 2 and best["iteration"] == 2
+    out = tmp_path / "run"
+    for r, (a, b) in enumerate(scores, 1):
+        (out / f"round{r}" / "student").mkdir(parents=True)
+        (out / f"round{r}" / "student" / "metrics.json").write_text(json.dumps({"mIoU": a, "mIoU13": b}))
+    for synthia, round_ in ((True, 2), (False, 1)):
+        run_ = types.SimpleNamespace(dist=common.Dist(), args=types.SimpleNamespace(rounds=3), out=out,
+                                     synthia=synthia, stage_dir=lambda r, s: out / f"round{r}" / s)
+        best = dldm.round_summary(run_)["best over rounds"]
+        assert best["round"] == round_ and ("mIoU13" if synthia else "mIoU") in best["selection"]
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--eval-model", "teacher", "--stage", "eval", "--ensemble", "a.pth"], "DLDM has no EMA teacher"),
+    (["--round", "2", "--rounds", "2"], "--round 2 with --stage all"),
+    (["--pseudo-dir", "p"], "--pseudo-dir with --stage all"),
+    (["--teachers", "a", "b"], "--teachers with --stage all"),
+    (["--stage", "rl", "--teachers", "a", "b"], "--teachers: read by --stage student only"),
+    (["--stage", "rl", "--pseudo-dir", "p"], "--pseudo-dir: read by --stage rl|sl|student of --round 2"),
+    (["--stage", "pseudo", "--round", "2", "--rounds", "3", "--pseudo-dir", "p"], "--pseudo-dir: read by"),
+    (["--stage", "student", "--round", "2", "--rounds", "2", "--student-ce", "gt", "--pseudo-dir", "p"],
+     "not with --student-ce gt"),
+    (["--stage", "supervised", "--round", "2"], "--stage supervised belongs to no round"),
+    (["--stage", "rl", "--ensemble", "a.pth"], "--ensemble: read by --stage eval only"),
+])
+def test_flags_a_stage_would_ignore_are_refused(root, tmp_path, flags, needle):
+    argv = [*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / "x"), *flags]
+    p = subprocess.run([sys.executable, str(ROOT / "dldm.py"), *argv], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert needle in p.stderr and not (tmp_path / "x").exists()
+
+
+def test_exclude_labeled_with_every_image_labeled_is_refused(root, tmp_path):
+    """--exclude-labeled-from-u at N = all train images leaves D_U empty: one line, exit 2, nothing written
+    (it used to crash with ZeroDivisionError in the student's sampler)."""
+    argv = [*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / "x"), "--n-labeled", "6",
+            "--exclude-labeled-from-u"]
+    with pytest.raises(common.DataError, match="--exclude-labeled-from-u with --n-labeled 6: every train image"):
+        dldm.Run(dldm.parse_args(argv))
+    p = subprocess.run([sys.executable, str(ROOT / "dldm.py"), *argv], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_checkpoints_of_another_network_convention_are_refused(root, base, tmp_path):
+    """--stage eval / --eval-only and --teachers check the checkpoint's --init convention (stride style,
+    normalisation) and size as the other scripts' --eval-only do, before anything is written."""
+    rl, sl = base / "round1" / "rl" / "checkpoint.pth", base / "round1" / "sl" / "checkpoint.pth"
+    other = tmp_path / "imagenet.pth"
+    state = ckpt(rl)
+    state["args"]["init"] = "imagenet"
+    torch.save(state, other)
+    for n, flags in enumerate((["--stage", "eval", "--ensemble", other],
+                               ["--stage", "eval", "--ensemble", rl, other],
+                               ["--eval-only", "--checkpoint", other],
+                               ["--stage", "student", "--teachers", rl, other])):
+        with pytest.raises(common.DataError, match=r"trained with --init imagenet \(this run: none"):
+            run(root, tmp_path / f"o{n}", *flags)
+        assert not (tmp_path / f"o{n}").exists()
+    with pytest.raises(common.DataError, match=r"trained with --layers \[1, 1, 1, 1\]"):
+        run(root, tmp_path / "w", "--stage", "student", "--teachers", rl, sl, "--layers", 1, 1, 2, 1)
+    assert run(root, tmp_path / "ok", "--stage", "eval", "--ensemble", rl, sl)["model"].startswith("E(")
+
+
+def test_bn_affine_frozen_by_default_and_trained_with_the_flag(root, tmp_path):
+    """A20: BN gamma/beta stay at their init (AdvEnt, DDM's net default) unless --bn-affine train (DDM config.py
+    FREEZE_BN_AFFINE = False), which puts them into the 1x group."""
+    def bn_and_groups(flags):
+        run(root, tmp_path / "_".join(flags or ["default"]), "--stage", "sl", "--lr", 0.01, *flags)
+        c = ckpt(tmp_path / "_".join(flags or ["default"]) / "round1" / "sl" / "checkpoint.pth")
+        bn = torch.cat([v for k, v in c["model"].items() if "bn" in k and k.endswith(("weight", "bias"))])
+        return bn, [len(g["params"]) for g in c["optimizer"]["param_groups"]]
+    frozen, groups_frozen = bn_and_groups([])
+    trained, groups_trained = bn_and_groups(["--bn-affine", "train"])
+    init = torch.cat([torch.ones(1), torch.zeros(1)])
+    assert set(frozen.unique().tolist()) == set(init.tolist()) and len(set(trained.tolist())) > 2
+    assert groups_trained[0] > groups_frozen[0] and groups_trained[1] == groups_frozen[1]
+
+
+def readme_commands(script):
+    """Every `python <script> ...` command of the README's method tables, shell-split."""
+    import re
+    import shlex
+    text = (ROOT / "README.md").read_text()
+    found = re.findall(rf"`(python {script} [^`]*)`", text) + re.findall(rf"^(python {script} .*)$", text, re.M)
+    return [shlex.split(c)[2:] for c in found]
+
+
+def test_every_readme_dldm_command_runs_as_written(tmp_path):
+    """Each README command parses as written: no shell braces (runs/t3_s{0,1} expands to four checkpoints),
+    no '...' placeholders, at most two --ensemble checkpoints, and every --stage eval row has its own --out-dir."""
+    commands = readme_commands("dldm.py")
+    assert len(commands) >= 10
+    eval_dirs = []
+    for argv in commands:
+        assert not any("{" in a or a in ("...", "…") for a in argv), argv
+        args = dldm.parse_args(argv)
+        if args.stage == "eval":
+            assert args.out_dir and len(args.ensemble) <= 2, argv
+            eval_dirs.append(args.out_dir)
+    assert len(eval_dirs) == len(set(eval_dirs)) == 6          # Table 3: E(RL,RL'), E(SL,SL'), four E(RL,SL)
+    folders = {}                                               # one run folder: only --stage/--round may differ
+    for argv in commands:
+        args = vars(dldm.parse_args(argv))
+        folder = args["out_dir"] or str(training.default_out_dir("dldm", args["source"], args["n_labeled"], args["seed"]))
+        settings = {k: v for k, v in args.items() if k not in ("stage", "round")}
+        assert folders.setdefault(folder, settings) == settings, (folder, argv)
+    import asss
+    for argv in readme_commands("asss.py"):
+        asss.parse_args(argv)
+
+
+def test_adam_refuses_clean_param_groups():
+    """--clean-param-groups changes the SGD groups only; with Adam (one group per tensor, one rate) it is refused."""
+    with pytest.raises(common.DataError, match="--clean-param-groups with --optimizer adam"):
+        dldm.parse_args(["--optimizer", "adam", "--clean-param-groups"])
+    with pytest.raises(common.DataError, match="--clean-param-groups with --optimizer adam"):
+        dldm.parse_args(["--demo", "--clean-param-groups"])
+
+
+def test_lab_reference_is_an_argument_of_the_load_not_a_stored_attribute(root, tmp_path):
+    """The reference of one load is computed from (index, item seed) and passed to `load`: the dataset keeps no
+    per-item state (a worker or thread reading it between __getitem__ and load would get another item's)."""
+    r = dldm.Run(dldm.parse_args([*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / "r")]))
+    online = r.source_set(False)
+    seeds = {online.reference(0, s): s for s in range(12)}
+    (ref_a, seed_a), (ref_b, _) = list(seeds.items())[:2]
+    item = online[(0, seed_a, -1)]
+    assert "reference" not in vars(online)
+    assert torch.equal(item["image"], common.normalise(online.load(0, ref_a)[0], online.norm))
+    assert not np.array_equal(online.load(0, ref_a)[0], online.load(0, ref_b)[0])

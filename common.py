@@ -174,6 +174,374 @@ class FCDiscriminator(nn.Module):
         return self.classifier(x)
 
 
+# ======================================================================================
+# Model: MiT encoder + DAFormer head (NVlabs/SegFormer mix_transformer.py, lhoyer/DAFormer daformer_head.py)
+# ======================================================================================
+
+# SegFormer's mit_b0..b5 (mix_transformer.py); every variant uses mlp_ratio 4, qkv bias, LayerNorm eps 1e-6.
+# `tiny` is this project's narrow one for tests and the demo (same names, strides and structure).
+MIT_VARIANTS = {
+    "b0": dict(embed_dims=(32, 64, 160, 256), num_heads=(1, 2, 5, 8), depths=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1)),
+    "b1": dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), depths=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1)),
+    "b2": dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), depths=(3, 4, 6, 3), sr_ratios=(8, 4, 2, 1)),
+    "b3": dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), depths=(3, 4, 18, 3), sr_ratios=(8, 4, 2, 1)),
+    "b4": dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), depths=(3, 8, 27, 3), sr_ratios=(8, 4, 2, 1)),
+    "b5": dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), depths=(3, 6, 40, 3), sr_ratios=(8, 4, 2, 1)),
+    "tiny": dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 2, 2, 1), sr_ratios=(8, 4, 2, 1)),
+}
+MIT_PATCH_EMBEDS = ((7, 4), (3, 2), (3, 2), (3, 2))  # (kernel, stride) per stage; padding kernel // 2
+
+
+def mit_init(m):
+    """SegFormer's from-scratch init: trunc-normal(.02) Linear, LayerNorm 1/0, Conv2d N(0, sqrt(2/fan_out))."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+class DropPath(nn.Module):
+    """timm's stochastic depth: zero the residual branch per sample with probability p, scale kept ones by 1/(1-p)."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = 1 - self.p
+        mask = (keep + torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)).floor_()
+        return x / keep * mask
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Conv(k, s, pad k//2) then LayerNorm (eps 1e-5) over the flattened tokens; returns (tokens, H, W)."""
+
+    def __init__(self, in_chans, dim, kernel, stride):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel, stride=stride, padding=kernel // 2)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        x = self.proj(x)
+        h, w = x.shape[2:]
+        return self.norm(x.flatten(2).transpose(1, 2)), h, w
+
+
+class EfficientSelfAttention(nn.Module):
+    """Multi-head attention whose keys/values come from a map reduced by a stride-`sr` conv + LayerNorm."""
+
+    def __init__(self, dim, num_heads, sr_ratio):
+        super().__init__()
+        self.num_heads, self.sr_ratio = num_heads, sr_ratio
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x, h, w):
+        b, n, c = x.shape
+        q = self.q(x).reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
+        if self.sr_ratio > 1:
+            x = self.norm(self.sr(x.transpose(1, 2).reshape(b, c, h, w)).flatten(2).transpose(1, 2))
+        k, v = self.kv(x).reshape(b, -1, 2, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v, as SegFormer's scale
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class TokenDWConv(nn.Module):
+    """Depth-wise 3x3 conv applied to tokens laid out as their H x W map (SegFormer's DWConv)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x, h, w):
+        b, n, c = x.shape
+        return self.dwconv(x.transpose(1, 2).reshape(b, c, h, w)).flatten(2).transpose(1, 2)
+
+
+class MixFFN(nn.Module):
+    """fc1 -> depth-wise 3x3 conv -> exact GELU -> fc2 (SegFormer's Mlp; its dropouts are 0)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = TokenDWConv(hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x, h, w):
+        return self.fc2(self.act(self.dwconv(self.fc1(x), h, w)))
+
+
+class MiTBlock(nn.Module):
+    """Pre-norm transformer block: x + DropPath(attn(LN1 x)), then x + DropPath(MixFFN(LN2 x)); LN eps 1e-6."""
+
+    def __init__(self, dim, num_heads, sr_ratio, drop_path, mlp_ratio=4):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = EfficientSelfAttention(dim, num_heads, sr_ratio)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MixFFN(dim, dim * mlp_ratio)
+
+    def forward(self, x, h, w):
+        x = x + self.drop_path(self.attn(self.norm1(x), h, w))
+        return x + self.drop_path(self.mlp(self.norm2(x), h, w))
+
+
+class MixVisionTransformer(nn.Module):
+    """SegFormer's MiT encoder; returns the 4 stage maps (B, C_i, H_i, W_i) at strides 4, 8, 16, 32.
+
+    Module names equal SegFormer's (`patch_embed1`, `block1.0.attn.q`, `norm1`, ...), so `mit_b5.pth`
+    loads by name. Stochastic depth rises linearly from 0 to `drop_path_rate` over all blocks in order.
+    """
+
+    def __init__(self, variant="b5", drop_path_rate=0.1, in_chans=3):
+        super().__init__()
+        if variant not in MIT_VARIANTS:
+            raise ValueError(f"MiT variant must be one of {sorted(MIT_VARIANTS)}, got {variant!r}")
+        cfg = MIT_VARIANTS[variant]
+        self.embed_dims = cfg["embed_dims"]
+        rates = torch.linspace(0, drop_path_rate, sum(cfg["depths"]), device="cpu").tolist()
+        chans = (in_chans,) + self.embed_dims
+        for i, (kernel, stride) in enumerate(MIT_PATCH_EMBEDS):  # registration order as SegFormer's
+            setattr(self, f"patch_embed{i + 1}", OverlapPatchEmbed(chans[i], chans[i + 1], kernel, stride))
+        for i, dim in enumerate(self.embed_dims):
+            first = sum(cfg["depths"][:i])
+            setattr(self, f"block{i + 1}", nn.ModuleList(
+                MiTBlock(dim, cfg["num_heads"][i], cfg["sr_ratios"][i], rates[first + j])
+                for j in range(cfg["depths"][i])))
+            setattr(self, f"norm{i + 1}", nn.LayerNorm(dim, eps=1e-6))
+        self.apply(mit_init)
+
+    def forward(self, x):
+        outs = []
+        for i in range(1, 5):
+            x, h, w = getattr(self, f"patch_embed{i}")(x)
+            for block in getattr(self, f"block{i}"):
+                x = block(x, h, w)
+            x = getattr(self, f"norm{i}")(x)
+            x = x.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
+            outs.append(x)
+        return outs
+
+
+class ConvBNReLU(nn.Module):
+    """mmcv ConvModule with BN and ReLU: conv without bias (`conv`), `bn`, ReLU; kaiming fan_out init, BN 1/0."""
+
+    def __init__(self, in_ch, out_ch, kernel, padding=0, dilation=1, groups=1):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel, padding=padding, dilation=dilation, groups=groups,
+                              bias=False)
+        self.bn = nn.BatchNorm2d(out_ch)
+        self.activate = nn.ReLU(inplace=True)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.ones_(self.bn.weight)
+        nn.init.zeros_(self.bn.bias)
+
+    def forward(self, x):
+        return self.activate(self.bn(self.conv(x)))
+
+
+class DepthwiseSeparableConvBNReLU(nn.Module):
+    """mmcv DepthwiseSeparableConvModule: dilated depth-wise 3x3 ConvModule, then point-wise 1x1 ConvModule."""
+
+    def __init__(self, in_ch, out_ch, dilation):
+        super().__init__()
+        self.depthwise_conv = ConvBNReLU(in_ch, in_ch, 3, padding=dilation, dilation=dilation, groups=in_ch)
+        self.pointwise_conv = ConvBNReLU(in_ch, out_ch, 1)
+
+    def forward(self, x):
+        return self.pointwise_conv(self.depthwise_conv(x))
+
+
+class SeparableASPP(nn.Module):
+    """DAFormer's ASPPWrapper (sep=True, pool=False): a 1x1 branch and depth-wise separable dilated branches,
+    concatenated, then a 3x3 bottleneck ConvModule."""
+
+    def __init__(self, in_ch, channels, dilations=(1, 6, 12, 18)):
+        super().__init__()
+        self.aspp_modules = nn.ModuleList(
+            ConvBNReLU(in_ch, channels, 1) if d == 1 else DepthwiseSeparableConvBNReLU(in_ch, channels, d)
+            for d in dilations)
+        self.bottleneck = ConvBNReLU(len(dilations) * channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.bottleneck(torch.cat([branch(x) for branch in self.aspp_modules], dim=1))
+
+
+class LinearEmbed(nn.Module):
+    """SegFormer's MLP embed: one Linear on the flattened tokens of a map, back to a (B, C, H, W) map."""
+
+    def __init__(self, in_ch, dim):
+        super().__init__()
+        self.proj = nn.Linear(in_ch, dim)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        return self.proj(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, -1, h, w)
+
+
+class DAFormerHead(nn.Module):
+    """DAFormer's decoder: per-level Linear embed, bilinear resize to level 0, concat, fuse, Dropout2d, 1x1 conv.
+
+    fusion='aspp' is DAFormer's context-aware fusion (`daformer_sepaspp`); 'conv1x1' is one 1x1 ConvModule
+    (`fuse_layer.conv`/`fuse_layer.bn`), the fusion of HRDA's scale-attention head. Logits are at level 0's
+    resolution (stride 4), not upsampled.
+    """
+
+    def __init__(self, in_channels=(64, 128, 320, 512), num_classes=19, embed_dim=256, channels=256,
+                 fusion="aspp", dropout_ratio=0.1):
+        super().__init__()
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)  # registered first, as mmseg's BaseDecodeHead
+        self.dropout = nn.Dropout2d(dropout_ratio)
+        self.embed_layers = nn.ModuleList(LinearEmbed(c, embed_dim) for c in in_channels)
+        if fusion == "aspp":
+            self.fuse_layer = SeparableASPP(len(in_channels) * embed_dim, channels)
+        elif fusion == "conv1x1":
+            self.fuse_layer = ConvBNReLU(len(in_channels) * embed_dim, channels, 1)
+        else:
+            raise ValueError(f"fusion must be 'aspp' or 'conv1x1', got {fusion!r}")
+        nn.init.normal_(self.conv_seg.weight, 0, 0.01)
+        nn.init.zeros_(self.conv_seg.bias)
+
+    def forward(self, feats):
+        size = feats[0].shape[2:]
+        maps = []
+        for x, embed in zip(feats, self.embed_layers):
+            x = embed(x)
+            if x.shape[2:] != size:
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            maps.append(x)
+        return self.conv_seg(self.dropout(self.fuse_layer(torch.cat(maps, dim=1))))
+
+
+class DAFormer(nn.Module):
+    """MiT encoder (`backbone`) + DAFormer head (`decode_head`); state_dict keys equal the authors' student.
+
+    `forward` returns stride-4 logits (not upsampled). `head_channels` (DAFormer: 256) sets the head's
+    embed and fusion width; the demo narrows it. With `stochastic=False` (a teacher copy) DropPath and
+    the head's Dropout2d stay off in train mode too, while BN keeps its train-mode batch statistics, as
+    DAFormer's teacher (`uda/dacs.py`: `m.training = False` for dropout and DropPath only).
+    """
+
+    def __init__(self, num_classes=19, variant="b5", drop_path_rate=0.1, dropout_ratio=0.1, stochastic=True,
+                 head_channels=256):
+        super().__init__()
+        self.backbone = MixVisionTransformer(variant, drop_path_rate)
+        self.decode_head = DAFormerHead(self.backbone.embed_dims, num_classes, head_channels, head_channels,
+                                        dropout_ratio=dropout_ratio)
+        self.set_stochastic(stochastic)
+
+    def set_stochastic(self, enabled):
+        """Switch DropPath and Dropout on (student) or off (teacher) for every later train()/eval(); returns self."""
+        self.stochastic = enabled
+        return self.train(self.training)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if not self.stochastic:
+            for m in self.modules():
+                if isinstance(m, (DropPath, nn.Dropout2d)):
+                    m.training = False
+        return self
+
+    def forward_features(self, x):
+        """(the 4 encoder maps, stride-4 logits) from one encoder pass (FD uses the last map)."""
+        feats = self.backbone(x)
+        return feats, self.decode_head(feats)
+
+    def forward(self, x):
+        return self.decode_head(self.backbone(x))
+
+
+def daformer_param_groups(model, lr, weight_decay=0.01, head_mult=10.0):
+    """mmcv DefaultOptimizerConstructor with DAFormer's paramwise_cfg: the first matching key, longest first, of
+    `head` (lr x head_mult) and `norm` (weight decay 0) decides; every other parameter gets lr and weight_decay."""
+    head, norm, rest = [], [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (head if "head" in name else norm if "norm" in name else rest).append(p)
+    return [{"params": head, "lr": lr * head_mult, "weight_decay": weight_decay},
+            {"params": norm, "lr": lr, "weight_decay": 0.0},
+            {"params": rest, "lr": lr, "weight_decay": weight_decay}]
+
+
+def check_state_keys(state, expected, path, what):
+    """DataError naming the first missing and unexpected keys (and a shape mismatch) against `expected`."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = [f"missing {len(missing)} (first {missing[:3]})"] if missing else []
+        parts += [f"unexpected {len(unexpected)} (first {unexpected[:3]})"] if unexpected else []
+        raise DataError(f"{path}: not {what}: {', '.join(parts)}; expected keys like {list(expected)[:2]}")
+    for k, v in expected.items():
+        if not torch.is_tensor(state[k]) or tuple(state[k].shape) != tuple(v.shape):
+            got = tuple(state[k].shape) if torch.is_tensor(state[k]) else type(state[k]).__name__
+            raise DataError(f"{path}: {k} has shape {got}, expected {tuple(v.shape)} ({what})")
+
+
+def load_mit_imagenet(encoder, path):
+    """Load SegFormer's ImageNet `mit_bX.pth` (flat, or under `state_dict`/`model`) into a MixVisionTransformer.
+
+    Every encoder tensor must be filled and only the classifier `head.*` may be left over (the authors load
+    with strict=False, which would silently keep random weights on a name mismatch).
+    """
+    state = load_state_file(path)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    check_state_keys(state, encoder.state_dict(), path, "a SegFormer ImageNet MiT file for this encoder")
+    encoder.load_state_dict(state)
+
+
+def load_authors_segmentor(path, model=None):
+    """The student state dict of an authors' DAFormer/HRDA/MIC mmcv checkpoint (`state_dict` with `model.*`,
+    `ema_model.*`, `imnet_model.*`; the student is kept, as their tools/test.py does) or of a plain student
+    state dict; loaded strictly into `model` when given.
+
+    The file is read with weights_only=True: mmcv's `meta` holds only built-in types (strings, numbers, lists),
+    which that accepts; a file with other objects is refused with a DataError naming torch's reason.
+    """
+    try:
+        obj = load_state_file(path)
+    except DataError as exc:
+        if "Weights only" not in str(exc):
+            raise
+        raise DataError(f"{exc}; expected an mmcv checkpoint whose `meta` holds only built-in types (for a "
+                        "trusted file, re-save its `state_dict` alone with torch.save)") from None
+    state = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    if any(k.startswith("model.") for k in state):
+        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    if not state or not all(k.startswith(("backbone.", "decode_head.")) for k in state):
+        first = next((k for k in state if not k.startswith(("backbone.", "decode_head."))), None)
+        raise DataError(f"{path}: not a DAFormer/HRDA checkpoint (expected an mmcv `state_dict` with `model.*` "
+                        f"keys or `backbone.*`/`decode_head.*` keys; found {first!r})")
+    if model is not None:
+        check_state_keys(state, model.state_dict(), path, "a checkpoint of this network")
+        model.load_state_dict(state)
+    return state
+
+
 def load_init(model, state):
     """Copy every tensor whose name (minus a leading `Scale.`/`module.`) and shape match; return the count.
 

@@ -1360,6 +1360,15 @@ def feature_distance(f_student, f_imnet, mask):
     return (d * mask).sum() / mask.sum().clamp(min=1)
 
 
+def thing_feature_distance(f_student, imnet_encoder, x, labels, num_classes=19, min_ratio=0.75):
+    """DAFormer's FD loss before its lambda: the frozen ImageNet encoder (eval mode) encodes the source batch x
+    without gradient; distance of the last stage's maps at the thing-class cells of the source labels."""
+    with torch.no_grad():
+        f_imnet = imnet_encoder(x)[-1]
+    mask = feature_distance_mask(labels, f_student.shape[-1], thing_classes(num_classes), min_ratio, num_classes)
+    return feature_distance(f_student, f_imnet, mask)
+
+
 def pseudo_label_crop(weight, top=15, bottom=120, reference_height=512):
     """Weight 0 on the top and bottom rows of pseudo-label weight maps (N,H,W), against rectification artefacts
     (DAFormer: 15 and 120 rows of a 512-row crop); another crop height scales the rows with it."""
@@ -1370,20 +1379,13 @@ def pseudo_label_crop(weight, top=15, bottom=120, reference_height=512):
     return weight * keep.view(-1, 1).to(weight.dtype)
 
 
-def resize_logits_to_input(model):
-    """Make `model`'s logits come at its input size, bilinear (mmseg encode_decode), as a forward hook; the
-    evaluation's resize to the label size is then the second of two, as the authors' (at the training crop
-    size the second is an exact identity). Returns the model."""
+def daformer_segmentor(num_classes=19, variant="b5", drop_path_rate=0.1, stochastic=True):
+    """DAFormer whose logits come at the input size, bilinear (mmseg encode_decode: the evaluation's resize to
+    the label size is then the second of two, as the authors'; at the training crop size the second is an exact
+    identity), with `num_classes` for the evaluation; stochastic=False for a teacher."""
+    model = DAFormer(num_classes, variant, drop_path_rate, stochastic=stochastic)
+    model.num_classes = num_classes
     model.register_forward_hook(lambda module, inputs, logits: upsample(logits, inputs[0].shape[2:], False))
-    return model
-
-
-def stochastic_depth_off(model):
-    """Dropout and DropPath modules of `model` in eval mode, the rest as it is (DAFormer's teacher: BN in
-    train mode, no stochastic layers); returns the model."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd) or type(m).__name__ == "DropPath":
-            m.training = False
     return model
 
 

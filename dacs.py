@@ -342,8 +342,8 @@ def train_daformer(args):
     # ---------------------------------------------------------------- data
     source_kind, source_root, target_root = training.data_roots(args, args.source)
     val = training.cityscapes_val(target_root, args.target_size, args.eval_res, norm, interp="cv2")
-    build = lambda: common.resize_logits_to_input(  # noqa: E731
-        common.DAFormer(19, variant=args.mit, drop_path_rate=args.drop_path_rate))
+    build = lambda stochastic=True: common.daformer_segmentor(19, args.mit, args.drop_path_rate,  # noqa: E731
+                                                              stochastic)
     student = training.prepare_model(build(), device, amp)
     synthia = args.source == "synthia"
     if args.eval_only:
@@ -360,9 +360,8 @@ def train_daformer(args):
         common.load_mit_imagenet(student.backbone, args.init)
     use_fd = args.fd_lambda > 0 and not args.source_only
     imnet = copy.deepcopy(student.backbone).eval().requires_grad_(False) if use_fd else None  # frozen, never saved
-    things = common.thing_classes(19)
-    teacher = None if args.source_only else training.prepare_model(common.stochastic_depth_off(  # DAFormer's teacher
-        common.ema_teacher(student, build, train_bn=not args.teacher_eval_bn)), device, amp)
+    teacher = None if args.source_only else training.prepare_model(common.ema_teacher(  # no DropPath/Dropout
+        student, lambda: build(stochastic=False), train_bn=not args.teacher_eval_bn), device, amp)
     optimizer = torch.optim.AdamW(common.daformer_param_groups(student, args.lr), lr=args.lr, betas=(0.9, 0.999),
                                   weight_decay=0.01)
     scheduler = common.lr_scheduler(optimizer, lambda i: common.warmup_poly_factor(i, args.iters, args.warmup_iters))
@@ -388,15 +387,13 @@ def train_daformer(args):
         optimizer.zero_grad(set_to_none=True)
         x_s, y_s = training.next_batch(loader_s, device)
         with amp.autocast():
-            features = student.backbone(x_s)
-            loss_l = common.ce_pixel_weighted(up(student.decode_head(features), y_s.shape[1:]), y_s, 1.0)
+            features, logits_s = student.forward_features(x_s)
+            loss_l = common.ce_pixel_weighted(up(logits_s, y_s.shape[1:]), y_s, 1.0)
         losses = {"loss_l": loss_l}
         amp.scaler.scale(loss_l).backward(retain_graph=use_fd)   # source CE first, its graph kept for FD
         if use_fd:                                               # ImageNet feature distance, stage 4 only
-            with torch.no_grad(), amp.autocast():
-                f_imnet = imnet(x_s)[-1]
-            mask = common.feature_distance_mask(y_s, features[-1].shape[-1], things)
-            losses["loss_fd"] = args.fd_lambda * common.feature_distance(features[-1], f_imnet, mask)
+            with amp.autocast():
+                losses["loss_fd"] = args.fd_lambda * common.thing_feature_distance(features[-1], imnet, x_s, y_s)
             amp.backward(losses["loss_fd"])                      # reaches the encoder only
         if teacher is not None:
             x_t, _ = training.next_batch(loader_t, device)       # target labels unused (but by the crop rule)

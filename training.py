@@ -730,11 +730,9 @@ def daformer_checkpoint(ckpt, path, num_classes=None):
     """A --stack daformer checkpoint as {'model', 'ema_model'?, ...}: ours as it is; the authors' mmcv
     `latest.pth` ({'meta', 'state_dict': {'model.*', 'ema_model.*', 'imnet_model.*'}, 'optimizer'}) as its
     student and teacher under the student's names (lhoyer/DAFormer tools/test.py keeps `model.*`)."""
-    if "model" not in ckpt and "state_dict" in ckpt:
-        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in ckpt["state_dict"].items()}
-        ckpt = {name: {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
-                for name in ("model", "ema_model")}
-        ckpt = {k: v for k, v in ckpt.items() if v}
+    if "model" not in ckpt and "state_dict" in ckpt:   # the authors' file: student via load_authors_segmentor
+        teacher = {k[len("ema_model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema_model.")}
+        ckpt = {"model": common.load_authors_segmentor(path), **({"ema_model": teacher} if teacher else {})}
     head = ckpt.get("model", {}).get("decode_head.conv_seg.weight")
     if head is None:
         raise DataError(f"{path}: no DAFormer classifier weights found (expected 'model' with "

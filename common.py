@@ -1382,8 +1382,10 @@ def pseudo_label_crop(weight, top=15, bottom=120, reference_height=512):
 def daformer_segmentor(num_classes=19, variant="b5", drop_path_rate=0.1, stochastic=True):
     """DAFormer whose logits come at the input size, bilinear (mmseg encode_decode: the evaluation's resize to
     the label size is then the second of two, as the authors'; at the training crop size the second is an exact
-    identity), with `num_classes` for the evaluation; stochastic=False for a teacher."""
-    model = DAFormer(num_classes, variant, drop_path_rate, stochastic=stochastic)
+    identity), with `num_classes` for the evaluation; stochastic=False for a teacher. The `tiny` encoder of the
+    tests and the demo gets a 64-channel head (DAFormer: 256)."""
+    model = DAFormer(num_classes, variant, drop_path_rate, stochastic=stochastic,
+                     head_channels=64 if variant == "tiny" else 256)
     model.num_classes = num_classes
     model.register_forward_hook(lambda module, inputs, logits: upsample(logits, inputs[0].shape[2:], False))
     return model

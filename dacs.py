@@ -179,16 +179,16 @@ def check_daformer_args(args):
                                "--rcs-min-pixels >= 0 and --target-cat-max-ratio in (0,1] expected")
 
 
-def cross_domain_mix(x_s, y_s, x_t, teacher_logits, g, args):
+def cross_domain_mix(x_s, y_s, x_t, teacher_logits, g, args, pl_crop=None, batch_union=False):
     """InterMix (§3.2): classes of source GT k pasted onto target image k; weight 1 on pasted pixels, q elsewhere
-    (--stack daformer: q is 0 on the pseudo-label crop's rows, and the classes come from the batch's union)."""
+    (--stack daformer: q is 0 on the rows of --pl-crop v1, and the classes may come from the batch's union)."""
     mode = {"threshold_uniform": "uniform", "threshold": "pixel", "none": "none"}[args.pixel_weight]
     y_t, q, _ = common.pseudo_label(teacher_logits, args.tau, mode)  # uniform: q over both target images (D2)
     share = q.mean()
-    if args.pl_crop == "v1":                          # DAFormer dacs.py: after q, before the mix
+    if pl_crop == "v1":                               # DAFormer dacs.py: after q, before the mix
         q = common.pseudo_label_crop(q)
     M = common.class_mix_mask(y_s, g, rule=args.mask_rounding, drop_ignore=args.mask_exclude_ignore,
-                              batch_union=args.classmix_select == "batch")
+                              batch_union=batch_union)
     x_m = common.one_mix(M, x_s, x_t)
     y_m = common.one_mix(M, y_s, y_t)                 # pasted ignore pixels keep 255 (ignored)
     w = common.one_mix(M, torch.ones_like(q), q)
@@ -365,15 +365,15 @@ def train_daformer(args):
     optimizer = torch.optim.AdamW(common.daformer_param_groups(student, args.lr), lr=args.lr, betas=(0.9, 0.999),
                                   weight_decay=0.01)
     scheduler = common.lr_scheduler(optimizer, lambda i: common.warmup_poly_factor(i, args.iters, args.warmup_iters))
-    start = 0
     ckpt = training.resume_state(args, out_dir, 19)
-    if ckpt is not None:
-        start = training.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
-    if args.rcs == "source":
+    start = 0 if ckpt is None else ckpt["iteration"]
+    if args.rcs == "source":   # the loaders draw from torch's RNG when they start: before the RNG is restored
         loader_s = training.rare_class_loader(source, args, 0, start, 19, out_dir / "rcs_counts_0.json", dist)
     else:
         loader_s = training.shuffled_loader(source, args, 0, start, dist=dist)
     loader_t = None if args.source_only else training.shuffled_loader(target, args, 1, start, dist=dist)
+    if ckpt is not None:       # DropPath draws from torch's RNG: it continues exactly
+        start = training.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
     training.write_run_files(out_dir, args, dist=dist)
     log = training.Logger(out_dir, args.log_every, args.iters, start, dist.main)
     metrics = None  # the last evaluation
@@ -399,7 +399,8 @@ def train_daformer(args):
             x_t, _ = training.next_batch(loader_t, device)       # target labels unused (but by the crop rule)
             with torch.no_grad(), amp.autocast():
                 logits_t = up(teacher(x_t).float(), x_t.shape[2:])
-            x_m, y_m, w, q = cross_domain_mix(x_s, y_s, x_t, logits_t, g, args)
+            x_m, y_m, w, q = cross_domain_mix(x_s, y_s, x_t, logits_t, g, args, args.pl_crop,
+                                              args.classmix_select == "batch")
             if not args.no_jitter:  # DAFormer: s 0.2, p 0.2; one switch per iteration, factors and order per image
                 x_m = common.color_jitter(x_m, norm, g, strength=0.2, gate=args.jitter_gate, per_image_order=True)
             if not args.no_blur:
@@ -434,7 +435,8 @@ def main(argv=None):
         baseline.source_only, baseline.out_dir = True, None if args.out_dir is None else args.out_dir + "_source_only"
         base = train(baseline)
         out_dir = args.out_dir or training.default_out_dir("dacs", args.source, None, args.seed)
-        training.write_demo_summary(out_dir, "dacs.py", ("DACS", metrics), [("source-only", base)], args.iters,
+        name = "DAFormer" if args.stack == "daformer" else "DACS"
+        training.write_demo_summary(out_dir, "dacs.py", (name, metrics), [("source-only", base)], args.iters,
                                   time.time() - t0)
     return metrics
 

@@ -257,11 +257,8 @@ def train(args):
                                    device, amp) if use_teacher else None
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)   # A10
     scheduler = common.lr_scheduler(optimizer, lambda i: common.warmup_poly_factor(i, args.iters, args.warmup_iters))
-    start = 0
     ckpt = training.resume_state(args, out_dir, num_classes)
-    if ckpt is not None:
-        start = training.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
-    model = training.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
+    start = 0 if ckpt is None else ckpt["iteration"]
 
     def loader(dataset, stream, rcs):
         """Training loader: rare-class sampling (DAFormer) or uniform. The source's class counts are cached in
@@ -285,6 +282,9 @@ def train(args):
     loader_t = None if args.no_tgt_sup and args.no_intra else loader(data_t, 1, args.rcs == "both")
     n_u = 2 * B if args.mix_strategy == "two-two" else B                      # A17: 4 unlabeled crops
     loader_u = None if teacher is None else training.shuffled_loader(data_u, args, 2, start, n_u, dist)
+    if ckpt is not None:   # after the loaders, which draw from torch's RNG when they start (MiT's DropPath uses it)
+        start = training.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
+    model = training.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
     training.write_run_files(out_dir, args, labeled, dist)   # after every refusal: a bad run writes nothing
     log = training.Logger(out_dir, args.log_every, args.iters, start, dist.main)
     metrics = None  # the last evaluation

@@ -508,7 +508,7 @@ def load_mit_imagenet(encoder, path):
         if isinstance(state.get(wrapper), dict):
             state = state[wrapper]
             break
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    state = {k: v for k, v in state.items() if not str(k).startswith("head.")}
     check_state_keys(state, encoder.state_dict(), path, "a SegFormer ImageNet MiT file for this encoder")
     encoder.load_state_dict(state)
 
@@ -519,7 +519,7 @@ def load_authors_segmentor(path, model=None):
     state dict; loaded strictly into `model` when given.
 
     The file is read with weights_only=True: mmcv's `meta` holds only built-in types (strings, numbers, lists),
-    which that accepts; a file with other objects is refused with a DataError naming torch's reason.
+    which that accepts; a file with other objects is refused with a DataError.
     """
     try:
         obj = load_state_file(path)
@@ -529,9 +529,9 @@ def load_authors_segmentor(path, model=None):
         raise DataError(f"{exc}; expected an mmcv checkpoint whose `meta` holds only built-in types (for a "
                         "trusted file, re-save its `state_dict` alone with torch.save)") from None
     state = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {str(k).removeprefix("module."): v for k, v in state.items()}
     if any(k.startswith("model.") for k in state):
-        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     if not state or not all(k.startswith(("backbone.", "decode_head.")) for k in state):
         first = next((k for k in state if not k.startswith(("backbone.", "decode_head."))), None)
         raise DataError(f"{path}: not a DAFormer/HRDA checkpoint (expected an mmcv `state_dict` with `model.*` "

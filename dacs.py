@@ -44,6 +44,42 @@ Deviations and assumptions:
   uniform) and the target train-label pixel frequencies as p(y) — the thesis leaves both details open.
 - --demo trains a light network (--layers 1 1 1 1 --width 32) from the demo init with Adam (the paper's
   SGD 2.5e-4 needs the COCO init); it is a demonstration of the loop, not of the paper's numbers.
+
+--stack daformer: DAFormer (Hoyer, Dai, Van Gool, CVPR 2022; lhoyer/DAFormer, final config
+configs/daformer/gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5_s0.py, README: GTA5 68.3, SYNTHIA 60.9
+16-class; released checkpoint 68.85), i.e. DACS on a new network with DAFormer's training, in the order of its
+mmseg/models/uda/dacs.py (`train_daformer`):
+    python dacs.py --source gta5 --stack daformer --init pretrained/mit_b5.pth
+    network  MiT-B5 encoder + DAFormer head (separable ASPP fusion), --mit; stochastic depth 0.1 (--drop-path-rate)
+    init     SegFormer's ImageNet-1k mit_b5.pth (--init PATH; default pretrained/mit_b5.pth as DAFormer; never
+             downloaded), RGB mean/std normalisation
+    optim    AdamW 6e-5, betas (0.9, 0.999), wd 0.01; head (`decode_head.*`) lr x10, LayerNorms wd 0 (mmcv
+             paramwise_cfg); linear warm-up 1500 iterations then poly 1 (--warmup-iters); 40k iterations; fp32
+    data     GTA5 fit into 1280x720 (-> 1280x704), SYNTHIA 1280x760, Cityscapes 1024x512, OpenCV-style resizes,
+             512x512 crops with mmseg's cat_max_ratio 0.75 on both domains (the target's reads target labels:
+             --target-cat-max-ratio 1 is the clean variant), flip 0.5; rare-class sampling of the source
+             (T 0.01, 3000 px, min crop ratio 0.5: --rcs, --rcs-temp, --rcs-min-pixels)
+    step     EMA update first (alpha 0.999 with the ramp min(1 - 1/(i+1), alpha), --ema-alpha; copy at i = 0);
+             source CE (averaged over all pixels, mmseg) backward keeping its graph; ImageNet feature distance
+             (--fd-lambda 0.005) backward; teacher pseudo-labels (train-mode BN, DropPath/Dropout off, logits
+             resized to the crop); q over the target batch; weight 0 on the top 15 / bottom 120 rows of the
+             512-row crop (--pl-crop v1; other crop heights scale the rows); ClassMix of ceil(n/2) classes drawn
+             from the batch's union of source labels, ignore included (get_class_masks; --classmix-select image);
+             jitter s 0.2 when U > 0.2, blur when U > 0.5; mixed CE backward; one AdamW step
+    FD       a frozen copy of the initial encoder, in eval mode under no_grad, encodes the source batch; the
+             stage-4 maps are compared (L2 over channels) at the cells whose source label, pooled over the
+             32x32 cell, is one thing class (traffic light/sign, person ... bicycle) with a share >= 0.75;
+             mean over those cells x 0.005. Assumption: no such cell gives 0 (the authors' mean of an empty
+             tensor is NaN). Its gradient reaches the encoder only. The copy is rebuilt from --init, not saved.
+    eval     the student, whole 1024x512 image (OpenCV-style resize), logits resized to the input and then to
+             the 2048x1024 labels (two bilinear resizes, as mmseg)
+Checkpoints hold `model`/`ema_model` under the authors' student names (backbone.*, decode_head.*); --eval-only
+--checkpoint also reads the authors' released latest.pth (mmcv `state_dict` with model.*/ema_model.*). A
+checkpoint of the other --stack is refused. DeepLabv2-only flags (--layers, --width, --aspp-full, --optimizer,
+--clean-param-groups) are refused with --stack daformer; --mix intra* too (DAFormer mixes across domains only).
+One process only (the source and FD backward passes share one forward; DAFormer trains on one GPU).
+--demo --stack daformer trains the `tiny` MiT (64-channel head) from a random init (--init none), AdamW 6e-4,
+warm-up 20, EMA 0.99.
 """
 import copy
 import time
@@ -90,7 +126,8 @@ def parse_args(argv=None):
                               formatter_class=training.HelpFormatter)
     p.add_argument("--source", choices=["gta5", "synthia", "demo"], default="gta5", help="source domain")
     p.add_argument("--source-only", action="store_true",
-                   help="baseline: supervised source loss only, no teacher (thesis 'Source' rows)")
+                   help="baseline: supervised source loss only, no teacher (thesis 'Source' rows; --stack daformer: no "
+                        "feature distance either)")
     p.add_argument("--mix", choices=["inter", "intra", "intra-aligned"], default="inter",
                    help="Table 5.2: InterMix = DACS (default), IntraMix = ClassMix within the target, "
                         "intra-aligned = IntraMix + distribution alignment to the target label frequencies")

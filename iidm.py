@@ -40,7 +40,7 @@ Assumptions (the paper is silent), each with a flag where an alternative exists:
     A11 classes chosen per image, ignore excluded (--classmix-select batch: DAFormer's batch union incl. 255).
     A12 q per unlabeled batch (--q-per-image: the paper's per-image q_i).
     A13 weight 1 on pasted ground-truth pixels, q elsewhere (--q-everywhere: eq. 7-8 literally).
-    A14 no ImageNet feature distance, no pseudo-weight top/bottom crop.
+    A14 no ImageNet feature distance, no pseudo-weight top/bottom crop (--stack daformer: both on, as DAFormer).
     A15 jitter (s 0.2, 80 %) and blur (50 %) switches drawn once per iteration and shared by both streams.
     A16 losses averaged over all pixels including ignored ones (mmseg).
     A17 two-two draws 4 unlabeled crops and computes q per stream.
@@ -52,6 +52,23 @@ DAFormer, but with the classic 7x7 stem, ceil-mode max-pool and dilation in ever
 ResNet-V1c deep stem and contract_dilation are not reproduced (its mmcv weights do not fit this layout).
 Logits are upsampled with align_corners=False as in mmseg. --demo trains a light network
 (--layers 1 1 1 1 --width 32) from the demo init with a short warm-up and a higher learning rate, 5 labeled.
+
+--stack daformer: IIDM on DAFormer's network and training additions (Hoyer et al., CVPR 2022; lhoyer/DAFormer
+final config gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5_s0.py). IIDM reports no such run (its
+Table 3 uses HRDA): this is a setting of this project, not a paper row.
+    python iidm.py --source gta5 --n-labeled 100 --stack daformer --init pretrained/mit_b5.pth
+What changes: the network is MiT-B5 + DAFormer head (--mit, --drop-path-rate 0.1) from SegFormer's ImageNet-1k
+mit_b5.pth (--init PATH, never downloaded), RGB mean/std; AdamW's groups follow DAFormer's paramwise_cfg
+(`decode_head.*` lr x --head-lr-mult, LayerNorms weight decay 0, the rest --weight-decay); the teacher runs
+without DropPath/Dropout (BN in train mode, A8); EMA alpha 0.999 (--ema-alpha); the ImageNet feature distance
+(--fd-lambda 0.005: a frozen copy of the initial encoder in eval mode, stage-4 maps, cells of one thing class
+with share >= 0.75; 0 when there is none, an assumption where the authors get NaN) is added to L_s, its
+backward after L_s's on the same forward, reaching the encoder only; the pseudo-label weight is 0 on the top
+15 / bottom 120 rows of a 512-row crop (--pl-crop v1, on both streams' pseudo-labelled pixels; pasted ground
+truth keeps weight 1); the student is evaluated on the whole image, logits resized to the input and then to
+the labels. Everything else (data, RCS, warm-up, losses, A1-A18 otherwise) is IIDM's set-up above.
+DeepLabv2-only flags (--layers, --width, --frozen-bn) are refused; one process only. --demo --stack daformer
+trains the `tiny` MiT (64-channel head) from a random init (--init none), AdamW 6e-4, EMA 0.99.
 """
 import copy
 import time

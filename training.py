@@ -665,8 +665,8 @@ def add_stack_args(parser):
     """--stack and the flags of DAFormer's network and training additions (defaults follow --stack)."""
     parser.add_argument("--stack", choices=STACKS, default="deeplabv2",
                         help="network and training set-up: the method paper's DeepLabv2-ResNet-101, or DAFormer's "
-                             "MiT-B5 + DAFormer head with DAFormer's training (Hoyer et al., CVPR 2022; its "
-                             "defaults are listed at the end of --help)")
+                             "MiT-B5 + DAFormer head with DAFormer's training (Hoyer et al., CVPR 2022; what it "
+                             "sets: the script's docstring above)")
     parser.add_argument("--mit", choices=["b0", "b1", "b2", "b3", "b4", "b5", "tiny"], default=None,
                         help="--stack daformer: MiT encoder size (default b5, DAFormer; tiny = the tests' and the "
                              "demo's)")

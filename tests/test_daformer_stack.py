@@ -75,6 +75,38 @@ def test_two_iterations_and_exact_resume(root, tmp_path, script):
     assert same(full["optimizer"]["state"][0], resumed["optimizer"]["state"][0])
 
 
+def test_teacher_starts_as_a_copy_without_stochastic_layers(root, tmp_path, monkeypatch):
+    """DAFormer: the teacher copies the student at i = 0 and is first updated at the start of i = 1; it predicts
+    with BN in train mode and DropPath/Dropout off."""
+    teachers = []
+    ema_teacher = common.ema_teacher
+    monkeypatch.setattr(common, "ema_teacher", lambda *a, **kw: teachers.append(ema_teacher(*a, **kw)) or teachers[-1])
+    ckpt = run_dacs(root, tmp_path / "run", "--iters", "1")[1]
+    common.seed_everything(0)
+    initial = dict(common.daformer_segmentor(19, "tiny").named_parameters())
+    assert all(torch.equal(ckpt["ema_model"][k], p) for k, p in initial.items())
+    assert not all(torch.equal(ckpt["model"][k], p) for k, p in initial.items())
+    modes = {type(m).__name__: m.training for m in teachers[0].modules()}
+    assert modes["BatchNorm2d"] and not modes["DropPath"] and not modes["Dropout2d"]
+
+
+def test_a_run_made_before_the_stack_flags_resumes(root, tmp_path):
+    plain = ["--iters", "2", "--layers", "1", "1", "1", "1", "--init", "none", "--workers", "0", "--device", "cpu",
+             "--source-size", "64", "32", "--target-size", "64", "32", "--crop-size", "32", "32"]
+    dacs.main([*plain, "--data-root", str(root), "--out-dir", str(tmp_path / "a"), "--save-every", "1"])
+    ckpt = torch.load(tmp_path / "a" / "checkpoint.pth", weights_only=True)
+    for k in ("stack", "mit", "drop_path_rate", "fd_lambda", "pl_crop") + dacs.DAFORMER_FLAGS:
+        del ckpt["args"][k]
+    ckpt["iteration"] = 1
+    torch.save(ckpt, tmp_path / "old.pth")
+    dacs.main([*plain, "--data-root", str(root), "--out-dir", str(tmp_path / "b"), "--resume", str(tmp_path / "old.pth")])
+    ckpt["args"]["aspp_full"] = True
+    torch.save(ckpt, tmp_path / "other.pth")
+    with pytest.raises(common.DataError, match="made with other settings: --aspp-full True"):
+        dacs.main([*plain, "--data-root", str(root), "--out-dir", str(tmp_path / "c"), "--resume",
+                   str(tmp_path / "other.pth")])
+
+
 def test_daformer_defaults_follow_the_stack():
     dacs_args = dacs.parse_args(["--stack", "daformer", "--init", "none"])
     assert (dacs_args.iters, dacs_args.lr, dacs_args.mit, dacs_args.ema_alpha, dacs_args.fd_lambda) == (
@@ -198,6 +230,10 @@ def test_eval_only_reads_ours_and_the_authors_latest_pth(root, tmp_path):
     authors = dacs.main([*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / "eva"), "--eval-only",
                          "--checkpoint", str(tmp_path / "latest.pth")])
     assert authors["mIoU"] == pytest.approx(metrics["mIoU"])
+    teacher = [dacs.main([*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / f"evt{k}"), "--eval-only",
+                          "--checkpoint", str(path), "--eval-model", "teacher"])["mIoU"]
+               for k, path in enumerate((tmp_path / "run" / "checkpoint.pth", tmp_path / "latest.pth"))]
+    assert teacher[0] == pytest.approx(teacher[1])
 
 
 def test_a_checkpoint_of_the_other_stack_is_refused(root, tmp_path):

@@ -420,7 +420,7 @@ def train_daformer(args):
         student.train()
         g = common.step_generator(args.seed, i, dist.rank)
         if teacher is not None and i > 0:                      # EMA first; at i = 0 the teacher is a copy
-            common.ema_update(teacher, student, i, args.ema_alpha, buffers=args.teacher_eval_bn)
+            common.ema_update(teacher, student, i, args.ema_alpha, args.teacher_eval_bn)
         optimizer.zero_grad(set_to_none=True)
         x_s, y_s = training.next_batch(loader_s, device)
         with amp.autocast():

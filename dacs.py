@@ -106,8 +106,9 @@ DEMO = {"source": "demo", "iters": 400, "lr": 1e-3, "optimizer": "adam", "layers
         "width": 32, "init": "demo", "source_size": [128, 64], "target_size": [128, 64], "crop_size": [64, 64],
         "eval_every": 0, "save_every": 100, "log_every": 25, "workers": 0}
 SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
-DAFORMER = {  # --stack daformer: lhoyer/DAFormer configs/daformer/gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5_s0.py
-    "iters": 40000, "batch_size": 2, "lr": 6e-5,          # runner max_iters; samples_per_gpu; AdamW (schedules/adamw.py)
+DAFORMER = {  # --stack daformer: lhoyer/DAFormer configs/daformer/
+    # gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5_s0.py and the _base_ configs it names
+    "iters": 40000, "batch_size": 2, "lr": 6e-5,          # runner max_iters; samples_per_gpu; schedules/adamw.py
     "target_size": (1024, 512), "crop_size": (512, 512),  # uda_gta_to_cityscapes_512x512.py (GTA5 fits 1280x720)
     "eval_res": "full", "eval_every": 4000, "save_every": 4000, "init": "pretrained/mit_b5.pth",
     "mit": "b5", "drop_path_rate": 0.1,                   # models/daformer_sepaspp_mitb5.py, mit_b5
@@ -162,20 +163,20 @@ def parse_args(argv=None):
                         "rate for all parameters, no x10 head, each tensor once)")
     training.add_stack_args(p)
     p.add_argument("--warmup-iters", type=int, default=None,
-                   help="--stack daformer: linear warm-up length before the poly decay (default 1500, DAFormer "
+                   help="--stack daformer: linear warm-up length before the poly decay (default: 1500, DAFormer "
                         "poly10warm)")
     p.add_argument("--rcs", choices=["source", "none"], default=None,
-                   help="--stack daformer: rare-class sampling of the source images (default source, DAFormer) or off")
-    p.add_argument("--rcs-temp", type=float, default=None, help="--stack daformer: RCS temperature T (default 0.01)")
+                   help="--stack daformer: rare-class sampling of the source images (default: source, DAFormer) or off")
+    p.add_argument("--rcs-temp", type=float, default=None, help="--stack daformer: RCS temperature T (default: 0.01)")
     p.add_argument("--rcs-min-pixels", type=int, default=None,
                    help="--stack daformer: RCS min_pixels at original resolution; a crop must hold half as many "
-                        "(default 3000, min_crop_ratio 0.5)")
+                        "(default: 3000, min_crop_ratio 0.5)")
     p.add_argument("--classmix-select", choices=["image", "batch"], default=None,
                    help="--stack daformer: ClassMix classes of each source label drawn from the batch's union, "
-                        "ignore included (default batch, DAFormer get_class_masks) or from the image itself")
+                        "ignore included (default: batch, DAFormer get_class_masks) or from the image itself")
     p.add_argument("--target-cat-max-ratio", type=float, default=None,
                    help="--stack daformer: mmseg's crop retry rule on the target crops, which reads the target "
-                        "labels (default 0.75, DAFormer's Cityscapes pipeline); 1 = a plain random crop (clean "
+                        "labels (default: 0.75, DAFormer's Cityscapes pipeline); 1 = a plain random crop (clean "
                         "variant: no target label is read)")
     args = training.parse_with_stack(p, {"daformer": DAFORMER}, {"deeplabv2": DEMO, "daformer": DEMO_DAFORMER}, argv,
                                      DAFORMER_FLAGS)

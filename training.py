@@ -668,16 +668,16 @@ def add_stack_args(parser):
                              "MiT-B5 + DAFormer head with DAFormer's training (Hoyer et al., CVPR 2022; what it "
                              "sets: the script's docstring above)")
     parser.add_argument("--mit", choices=["b0", "b1", "b2", "b3", "b4", "b5", "tiny"], default=None,
-                        help="--stack daformer: MiT encoder size (default b5, DAFormer; tiny = the tests' and the "
+                        help="--stack daformer: MiT encoder size (default: b5, DAFormer; tiny = the tests' and the "
                              "demo's)")
     parser.add_argument("--drop-path-rate", type=float, default=None,
-                        help="--stack daformer: MiT stochastic depth (default 0.1, DAFormer mit_b5 config)")
+                        help="--stack daformer: MiT stochastic depth (default: 0.1, DAFormer mit_b5 config)")
     parser.add_argument("--fd-lambda", type=float, default=None,
-                        help="--stack daformer: weight of the ImageNet feature distance on thing classes (default "
+                        help="--stack daformer: weight of the ImageNet feature distance on thing classes (default: "
                              "0.005, DAFormer; 0 = off)")
     parser.add_argument("--pl-crop", choices=["none", "v1"], default=None,
                         help="--stack daformer: pseudo-label weight 0 on the top 15 / bottom 120 rows of a 512-row "
-                             "crop (v1, DAFormer; default) or none")
+                             "crop (v1; other crop heights scale the rows) or none (default: v1, DAFormer)")
 
 
 def parse_with_stack(parser, stacks, demo, argv=None, daformer_only=()):

@@ -99,7 +99,8 @@ def test_a_run_made_before_the_stack_flags_resumes(root, tmp_path):
         del ckpt["args"][k]
     ckpt["iteration"] = 1
     torch.save(ckpt, tmp_path / "old.pth")
-    dacs.main([*plain, "--data-root", str(root), "--out-dir", str(tmp_path / "b"), "--resume", str(tmp_path / "old.pth")])
+    dacs.main([*plain, "--data-root", str(root), "--out-dir", str(tmp_path / "b"), "--resume",
+               str(tmp_path / "old.pth")])                        # accepted: the new arguments take their defaults
     ckpt["args"]["aspp_full"] = True
     torch.save(ckpt, tmp_path / "other.pth")
     with pytest.raises(common.DataError, match="made with other settings: --aspp-full True"):

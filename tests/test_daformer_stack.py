@@ -114,8 +114,9 @@ def test_daformer_defaults_follow_the_stack():
         40000, 6e-5, "b5", 0.999, 0.005)
     assert (dacs_args.warmup_iters, dacs_args.rcs, dacs_args.rcs_temp, dacs_args.rcs_min_pixels) == (
         1500, "source", 0.01, 3000)
-    assert (dacs_args.eval_res, dacs_args.crop_size, dacs_args.classmix_select, dacs_args.pl_crop) == (
-        "full", [512, 512] if isinstance(dacs_args.crop_size, list) else (512, 512), "batch", "v1")
+    assert (dacs_args.eval_res, tuple(dacs_args.crop_size), dacs_args.classmix_select, dacs_args.pl_crop) == (
+        "full", (512, 512), "batch", "v1")
+    assert (dacs_args.target_cat_max_ratio, dacs_args.drop_path_rate) == (0.75, 0.1)
     assert dacs.parse_args([]).ema_alpha == 0.99 and dacs.parse_args([]).fd_lambda is None
     iidm_args = iidm.parse_args(["--stack", "daformer", "--init", "none"])
     assert (iidm_args.ema_alpha, iidm_args.fd_lambda, iidm_args.pl_crop, iidm_args.mit) == (0.999, 0.005, "v1", "b5")

@@ -236,6 +236,9 @@ def test_eval_only_reads_ours_and_the_authors_latest_pth(root, tmp_path):
                           "--checkpoint", str(path), "--eval-model", "teacher"])["mIoU"]
                for k, path in enumerate((tmp_path / "run" / "checkpoint.pth", tmp_path / "latest.pth"))]
     assert teacher[0] == pytest.approx(teacher[1])
+    with pytest.raises(common.DataError, match="trained with --mit tiny \\(this run: b0\\)"):   # --mit: another network
+        dacs.main([*TINY, "--mit", "b0", "--data-root", str(root), "--out-dir", str(tmp_path / "evb"), "--eval-only",
+                   "--checkpoint", str(tmp_path / "run" / "checkpoint.pth")])
 
 
 def test_a_checkpoint_of_the_other_stack_is_refused(root, tmp_path):

@@ -1622,6 +1622,72 @@ def pseudo_label(teacher_logits, tau=0.968, mode="uniform", per_image=False):
 
 
 # ======================================================================================
+# DAFormer training (Hoyer et al., CVPR 2022; lhoyer/DAFormer mmseg/models/uda/dacs.py):
+# ImageNet feature distance on thing classes, pseudo-label crop, a teacher without stochastic depth
+# ======================================================================================
+
+FD_THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)  # traffic light/sign, person ... bicycle (DAFormer cfg)
+
+
+def thing_classes(num_classes=19):
+    """The FD thing classes as output indices of a 19-way head, or of a 16-way (SYNTHIA) head."""
+    return FD_THING_CLASSES if num_classes == 19 else tuple(TRAIN_IDS_16.index(c) for c in FD_THING_CLASSES
+                                                            if c in TRAIN_IDS_16)
+
+
+def downscale_label_ratio(labels, factor, min_ratio=0.75, num_classes=19):
+    """(N,H,W) labels -> (N,H//f,W//f): each f x f cell's most frequent class (ignore counted as a class),
+    ignore where that is ignore or its share is below min_ratio (DAFormer mmseg/utils/utils.py)."""
+    x = labels.long().masked_fill(labels == IGNORE, num_classes)
+    share, cell = F.avg_pool2d(F.one_hot(x, num_classes + 1).permute(0, 3, 1, 2).float(), factor).max(1)
+    return cell.masked_fill((cell == num_classes) | (share < min_ratio), IGNORE)
+
+
+def feature_distance_mask(labels, feature_width, classes, min_ratio=0.75, num_classes=19):
+    """(N,h,w) bool: the feature cells whose downscaled source label is one of `classes` (DAFormer FD)."""
+    cells = downscale_label_ratio(labels, labels.shape[-1] // feature_width, min_ratio, num_classes)
+    return torch.isin(cells, torch.tensor(classes, device=labels.device))
+
+
+def feature_distance(f_student, f_imnet, mask):
+    """Mean over the masked cells of the L2 distance over channels between two feature maps; 0 (with a zero
+    gradient) when no cell is masked, where the authors' torch.mean of an empty tensor gives NaN."""
+    d = torch.linalg.vector_norm(f_student.float() - f_imnet.float(), dim=1)
+    return (d * mask).sum() / mask.sum().clamp(min=1)
+
+
+def thing_feature_distance(f_student, imnet_encoder, x, labels, num_classes=19, min_ratio=0.75):
+    """DAFormer's FD loss before its lambda: the frozen ImageNet encoder (eval mode) encodes the source batch x
+    without gradient; distance of the last stage's maps at the thing-class cells of the source labels."""
+    with torch.no_grad():
+        f_imnet = imnet_encoder(x)[-1]
+    mask = feature_distance_mask(labels, f_student.shape[-1], thing_classes(num_classes), min_ratio, num_classes)
+    return feature_distance(f_student, f_imnet, mask)
+
+
+def pseudo_label_crop(weight, top=15, bottom=120, reference_height=512):
+    """Weight 0 on the top and bottom rows of pseudo-label weight maps (N,H,W), against rectification artefacts
+    (DAFormer: 15 and 120 rows of a 512-row crop); another crop height scales the rows with it."""
+    h = weight.shape[-2]
+    top, bottom = round(top * h / reference_height), round(bottom * h / reference_height)
+    rows = torch.arange(h, device=weight.device)
+    keep = (rows >= top) & (rows < h - bottom)
+    return weight * keep.view(-1, 1).to(weight.dtype)
+
+
+def daformer_segmentor(num_classes=19, variant="b5", drop_path_rate=0.1, stochastic=True):
+    """DAFormer whose logits come at the input size, bilinear (mmseg encode_decode: the evaluation's resize to
+    the label size is then the second of two, as the authors'; at the training crop size the second is an exact
+    identity), with `num_classes` for the evaluation; stochastic=False for a teacher. The `tiny` encoder of the
+    tests and the demo gets a 64-channel head (DAFormer: 256)."""
+    model = DAFormer(num_classes, variant, drop_path_rate, stochastic=stochastic,
+                     head_channels=64 if variant == "tiny" else 256)
+    model.num_classes = num_classes
+    model.register_forward_hook(lambda module, inputs, logits: upsample(logits, inputs[0].shape[2:], False))
+    return model
+
+
+# ======================================================================================
 # Training utilities: schedules, EMA, seeding, per-iteration generators
 # ======================================================================================
 

@@ -45,6 +45,42 @@ Deviations and assumptions:
   uniform) and the target train-label pixel frequencies as p(y) — the thesis leaves both details open.
 - --demo trains a light network (--layers 1 1 1 1 --width 32) from the demo init with Adam (the paper's
   SGD 2.5e-4 needs the COCO init); it is a demonstration of the loop, not of the paper's numbers.
+
+--stack daformer: DAFormer (Hoyer, Dai, Van Gool, CVPR 2022; lhoyer/DAFormer, final config
+configs/daformer/gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5_s0.py, README: GTA5 68.3, SYNTHIA 60.9
+16-class; released checkpoint 68.85), i.e. DACS on a new network with DAFormer's training, in the order of its
+mmseg/models/uda/dacs.py (`train_daformer`):
+    python dacs.py --source gta5 --stack daformer --init pretrained/mit_b5.pth
+    network  MiT-B5 encoder + DAFormer head (separable ASPP fusion), --mit; stochastic depth 0.1 (--drop-path-rate)
+    init     SegFormer's ImageNet-1k mit_b5.pth (--init PATH; default pretrained/mit_b5.pth as DAFormer; never
+             downloaded), RGB mean/std normalisation
+    optim    AdamW 6e-5, betas (0.9, 0.999), wd 0.01; head (`decode_head.*`) lr x10, LayerNorms wd 0 (mmcv
+             paramwise_cfg); linear warm-up 1500 iterations then poly 1 (--warmup-iters); 40k iterations; fp32
+    data     GTA5 fit into 1280x720 (-> 1280x704), SYNTHIA 1280x760, Cityscapes 1024x512, OpenCV-style resizes,
+             512x512 crops with mmseg's cat_max_ratio 0.75 on both domains (the target's reads target labels:
+             --target-cat-max-ratio 1 is the clean variant), flip 0.5; rare-class sampling of the source
+             (T 0.01, 3000 px, min crop ratio 0.5: --rcs, --rcs-temp, --rcs-min-pixels)
+    step     EMA update first (alpha 0.999 with the ramp min(1 - 1/(i+1), alpha), --ema-alpha; copy at i = 0);
+             source CE (averaged over all pixels, mmseg) backward keeping its graph; ImageNet feature distance
+             (--fd-lambda 0.005) backward; teacher pseudo-labels (train-mode BN, DropPath/Dropout off, logits
+             resized to the crop); q over the target batch; weight 0 on the top 15 / bottom 120 rows of the
+             512-row crop (--pl-crop v1; other crop heights scale the rows); ClassMix of ceil(n/2) classes drawn
+             from the batch's union of source labels, ignore included (get_class_masks; --classmix-select image);
+             jitter s 0.2 when U > 0.2, blur when U > 0.5; mixed CE backward; one AdamW step
+    FD       a frozen copy of the initial encoder, in eval mode under no_grad, encodes the source batch; the
+             stage-4 maps are compared (L2 over channels) at the cells whose source label, pooled over the
+             32x32 cell, is one thing class (traffic light/sign, person ... bicycle) with a share >= 0.75;
+             mean over those cells x 0.005. Assumption: no such cell gives 0 (the authors' mean of an empty
+             tensor is NaN). Its gradient reaches the encoder only. The copy is rebuilt from --init, not saved.
+    eval     the student, whole 1024x512 image (OpenCV-style resize), logits resized to the input and then to
+             the 2048x1024 labels (two bilinear resizes, as mmseg)
+Checkpoints hold `model`/`ema_model` under the authors' student names (backbone.*, decode_head.*); --eval-only
+--checkpoint also reads the authors' released latest.pth (mmcv `state_dict` with model.*/ema_model.*). A
+checkpoint of the other --stack is refused. DeepLabv2-only flags (--layers, --width, --aspp-full, --optimizer,
+--clean-param-groups) are refused with --stack daformer; --mix intra* too (DAFormer mixes across domains only).
+One process only (the source and FD backward passes share one forward; DAFormer trains on one GPU).
+--demo --stack daformer trains the `tiny` MiT (64-channel head) from a random init (--init none), AdamW 6e-4,
+warm-up 20, EMA 0.99.
 """
 import copy
 import time
@@ -72,6 +108,20 @@ DEMO = {"source": "demo", "iters": 400, "lr": 1e-3, "optimizer": "adam", "layers
         "width": 32, "init": "demo", "source_size": [128, 64], "target_size": [128, 64], "crop_size": [64, 64],
         "eval_every": 0, "save_every": 100, "log_every": 25, "workers": 0}
 SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
+DAFORMER = {  # --stack daformer: lhoyer/DAFormer configs/daformer/
+    # gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5_s0.py and the _base_ configs it names
+    "iters": 40000, "batch_size": 2, "lr": 6e-5,          # runner max_iters; samples_per_gpu; schedules/adamw.py
+    "target_size": (1024, 512), "crop_size": (512, 512),  # uda_gta_to_cityscapes_512x512.py (GTA5 fits 1280x720)
+    "eval_res": "full", "eval_every": 4000, "save_every": 4000, "init": "pretrained/mit_b5.pth",
+    "mit": "b5", "drop_path_rate": 0.1,                   # models/daformer_sepaspp_mitb5.py, mit_b5
+    "fd_lambda": 0.005, "pl_crop": "v1", "ema_alpha": 0.999,
+    "warmup_iters": 1500, "rcs": "source", "rcs_temp": 0.01, "rcs_min_pixels": 3000,   # poly10warm.py; rcs cfg
+    "classmix_select": "batch", "target_cat_max_ratio": 0.75,   # dacs_transforms.get_class_masks; target pipeline
+}
+DAFORMER_FLAGS = ("warmup_iters", "rcs", "rcs_temp", "rcs_min_pixels", "classmix_select", "target_cat_max_ratio")
+DEMO_DAFORMER = {"source": "demo", "iters": 400, "lr": 6e-4, "mit": "tiny", "init": "none", "ema_alpha": 0.99,
+                 "warmup_iters": 20, "rcs_min_pixels": 12, "source_size": [128, 64], "target_size": [128, 64],
+                 "crop_size": [64, 64], "eval_every": 0, "save_every": 100, "log_every": 25, "workers": 0}
 
 
 def parse_args(argv=None):
@@ -79,7 +129,8 @@ def parse_args(argv=None):
                               formatter_class=training.HelpFormatter)
     p.add_argument("--source", choices=["gta5", "synthia", "demo"], default="gta5", help="source domain")
     p.add_argument("--source-only", action="store_true",
-                   help="baseline: supervised source loss only, no teacher (thesis 'Source' rows)")
+                   help="baseline: supervised source loss only, no teacher (thesis 'Source' rows; --stack daformer: no "
+                        "feature distance either)")
     p.add_argument("--mix", choices=["inter", "intra", "intra-aligned"], default="inter",
                    help="Table 5.2: InterMix = DACS (default), IntraMix = ClassMix within the target, "
                         "intra-aligned = IntraMix + distribution alignment to the target label frequencies")
@@ -112,8 +163,28 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
                    help="sgd = the authors' SGD 0.9 / wd 5e-4; adam is for the random-init demo (one learning "
                         "rate for all parameters, no x10 head, each tensor once)")
-    args = training.parse_with_demo(p, DEMO, argv)
+    training.add_stack_args(p)
+    p.add_argument("--warmup-iters", type=int, default=None,
+                   help="--stack daformer: linear warm-up length before the poly decay (default: 1500, DAFormer "
+                        "poly10warm)")
+    p.add_argument("--rcs", choices=["source", "none"], default=None,
+                   help="--stack daformer: rare-class sampling of the source images (default: source, DAFormer) or off")
+    p.add_argument("--rcs-temp", type=float, default=None, help="--stack daformer: RCS temperature T (default: 0.01)")
+    p.add_argument("--rcs-min-pixels", type=int, default=None,
+                   help="--stack daformer: RCS min_pixels at original resolution; a crop must hold half as many "
+                        "(default: 3000, min_crop_ratio 0.5)")
+    p.add_argument("--classmix-select", choices=["image", "batch"], default=None,
+                   help="--stack daformer: ClassMix classes of each source label drawn from the batch's union, "
+                        "ignore included (default: batch, DAFormer get_class_masks) or from the image itself")
+    p.add_argument("--target-cat-max-ratio", type=float, default=None,
+                   help="--stack daformer: mmseg's crop retry rule on the target crops, which reads the target "
+                        "labels (default: 0.75, DAFormer's Cityscapes pipeline); 1 = a plain random crop (clean "
+                        "variant: no target label is read)")
+    args = training.parse_with_stack(p, {"daformer": DAFORMER}, {"deeplabv2": DEMO, "daformer": DEMO_DAFORMER}, argv,
+                                     DAFORMER_FLAGS)
     training.check_args(args)
+    if args.stack == "daformer":
+        check_daformer_args(args)
     if not 0 < args.ema_alpha < 1 or not 0 <= args.jitter_gate <= 1 or not 0 < args.tau <= 1:
         raise common.DataError("--ema-alpha in (0,1), --jitter-gate in [0,1] and --tau in (0,1] expected")
     if args.consistency_weight < 0:
@@ -136,15 +207,32 @@ def parse_args(argv=None):
     return args
 
 
-def cross_domain_mix(x_s, y_s, x_t, teacher_logits, g, args):
-    """InterMix (§3.2): classes of source GT k pasted onto target image k; weight 1 on pasted pixels, q elsewhere."""
+def check_daformer_args(args):
+    """--stack daformer: the mit init file and the ranges of its flags (DataError)."""
+    if not args.eval_only:
+        training.check_mit_init(args)
+    if args.mix != "inter":
+        raise common.DataError(f"--mix {args.mix}: --stack daformer trains DAFormer's cross-domain ClassMix only")
+    if not (args.fd_lambda >= 0 and 0 <= args.drop_path_rate < 1 and args.warmup_iters >= 0 and args.rcs_temp > 0
+            and args.rcs_min_pixels >= 0 and 0 < args.target_cat_max_ratio <= 1):
+        raise common.DataError("--fd-lambda >= 0, --drop-path-rate in [0,1), --warmup-iters >= 0, --rcs-temp > 0, "
+                               "--rcs-min-pixels >= 0 and --target-cat-max-ratio in (0,1] expected")
+
+
+def cross_domain_mix(x_s, y_s, x_t, teacher_logits, g, args, pl_crop=None, batch_union=False):
+    """InterMix (§3.2): classes of source GT k pasted onto target image k; weight 1 on pasted pixels, q elsewhere
+    (--stack daformer: q is 0 on the rows of --pl-crop v1, and the classes may come from the batch's union)."""
     mode = {"threshold_uniform": "uniform", "threshold": "pixel", "none": "none"}[args.pixel_weight]
     y_t, q, _ = common.pseudo_label(teacher_logits, args.tau, mode)  # uniform: q over both target images (D2)
-    M = common.class_mix_mask(y_s, g, rule=args.mask_rounding, drop_ignore=args.mask_exclude_ignore)
+    share = q.mean()
+    if pl_crop == "v1":                               # DAFormer dacs.py: after q, before the mix
+        q = common.pseudo_label_crop(q)
+    M = common.class_mix_mask(y_s, g, rule=args.mask_rounding, drop_ignore=args.mask_exclude_ignore,
+                              batch_union=batch_union)
     x_m = common.one_mix(M, x_s, x_t)
     y_m = common.one_mix(M, y_s, y_t)                 # pasted ignore pixels keep 255 (ignored)
     w = common.one_mix(M, torch.ones_like(q), q)
-    return x_m, y_m, w, q.mean()
+    return x_m, y_m, w, share
 
 
 def intra_domain_mix(x_t, teacher_prob, g, args):
@@ -167,6 +255,8 @@ def align_distribution(prob, p_target, p_model):
 
 
 def train(args):
+    if args.stack == "daformer":
+        return train_daformer(args)
     # ---------------------------------------------------------------- setup
     dist, device = training.distributed(args.device)
     training.apply_world(args, dist, device, pairs_within_batch=args.mix != "inter" and not args.source_only)
@@ -276,6 +366,106 @@ def train(args):
                                                 dist=dist)  # a finished run
 
 
+def train_daformer(args):
+    """DAFormer (Hoyer et al., CVPR 2022): DACS on MiT + DAFormer head, in lhoyer/DAFormer's dacs.py order."""
+    # ---------------------------------------------------------------- setup
+    dist, device = training.distributed(args.device)
+    if dist.world > 1:
+        raise common.DataError("--stack daformer runs in one process (DAFormer trains on one GPU; its source "
+                               "and feature-distance backward passes share one forward): launch it without torchrun")
+    amp = training.Amp(device, args.amp, args.amp_dtype)
+    norm = "imagenet_rgb"                                # DAFormer img_norm_cfg: RGB mean/std
+    common.seed_everything(args.seed)
+    out_dir = Path(args.out_dir or training.default_out_dir("dacs", args.source + "_source_only" * args.source_only,
+                                                          None, args.seed))
+    up = lambda logits, size: common.upsample(logits, size, align_corners=False)  # noqa: E731 (mmseg resize)
+    # ---------------------------------------------------------------- data
+    source_kind, source_root, target_root = training.data_roots(args, args.source)
+    val = training.cityscapes_val(target_root, args.target_size, args.eval_res, norm, interp="cv2")
+    build = lambda stochastic=True: common.daformer_segmentor(19, args.mit, args.drop_path_rate,  # noqa: E731
+                                                              stochastic)
+    student = training.prepare_model(build(), device, amp)
+    synthia = args.source == "synthia"
+    if args.eval_only:
+        return training.eval_only(args, student, val, device, out_dir, synthia, align_corners=False, dist=dist)
+    crop = args.crop_size if min(args.crop_size) > 0 else None
+    source = common.SegmentationDataset(source_kind, source_root, resize=args.source_size, keep_ratio=True,
+                                        interp="cv2", crop=crop, cat_max_ratio=0.75, flip=True, norm=norm,
+                                        rcs_min_crop_pixels=args.rcs_min_pixels // 2)
+    target = common.SegmentationDataset("cityscapes", target_root, resize=args.target_size, interp="cv2", crop=crop,
+                                        cat_max_ratio=args.target_cat_max_ratio if args.target_cat_max_ratio < 1
+                                        else None, flip=True, norm=norm)
+    # ---------------------------------------------------------------- models, optimiser
+    if args.init != "none":
+        common.load_mit_imagenet(student.backbone, args.init)
+    use_fd = args.fd_lambda > 0 and not args.source_only
+    imnet = copy.deepcopy(student.backbone).eval().requires_grad_(False) if use_fd else None  # frozen, never saved
+    teacher = None if args.source_only else training.prepare_model(common.ema_teacher(  # no DropPath/Dropout
+        student, lambda: build(stochastic=False), train_bn=not args.teacher_eval_bn), device, amp)
+    optimizer = torch.optim.AdamW(common.daformer_param_groups(student, args.lr), lr=args.lr, betas=(0.9, 0.999),
+                                  weight_decay=0.01)
+    scheduler = common.lr_scheduler(optimizer, lambda i: common.warmup_poly_factor(i, args.iters, args.warmup_iters))
+    ckpt = training.resume_state(args, out_dir, 19)
+    start = 0 if ckpt is None else ckpt["iteration"]
+    if args.rcs == "source":   # the loaders draw from torch's RNG when they start: before the RNG is restored
+        loader_s = training.rare_class_loader(source, args, 0, start, 19, out_dir / "rcs_counts_0.json", dist)
+    else:
+        loader_s = training.shuffled_loader(source, args, 0, start, dist=dist)
+    loader_t = None if args.source_only else training.shuffled_loader(target, args, 1, start, dist=dist)
+    if ckpt is not None:       # DropPath draws from torch's RNG: it continues exactly
+        start = training.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
+    training.write_run_files(out_dir, args, dist=dist)
+    log = training.Logger(out_dir, args.log_every, args.iters, start, dist)
+    metrics = None  # the last evaluation
+    # ---------------------------------------------------------------- training loop (DAFormer dacs.py order)
+    stop = training.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
+    for i in range(start, args.iters):
+        student.train()
+        g = common.step_generator(args.seed, i, dist.rank)
+        if teacher is not None and i > 0:                      # EMA first; at i = 0 the teacher is a copy
+            common.ema_update(teacher, student, i, args.ema_alpha, args.teacher_eval_bn)
+        optimizer.zero_grad(set_to_none=True)
+        x_s, y_s = training.next_batch(loader_s, device)
+        with amp.autocast():
+            features, logits_s = student.forward_features(x_s)
+            loss_l = common.ce_pixel_weighted(up(logits_s, y_s.shape[1:]), y_s, 1.0)
+        losses = {"loss_l": loss_l}
+        amp.backward(loss_l, retain_graph=use_fd)                # source CE first, its graph kept for FD
+        if use_fd:                                               # ImageNet feature distance, stage 4 only
+            with amp.autocast():
+                losses["loss_fd"] = args.fd_lambda * common.thing_feature_distance(features[-1], imnet, x_s, y_s)
+            amp.backward(losses["loss_fd"])                      # reaches the encoder only
+        if teacher is not None:
+            x_t, _ = training.next_batch(loader_t, device)       # target labels unused (but by the crop rule)
+            with torch.no_grad(), amp.autocast():
+                logits_t = up(teacher(x_t).float(), x_t.shape[2:])
+            x_m, y_m, w, q = cross_domain_mix(x_s, y_s, x_t, logits_t, g, args, args.pl_crop,
+                                              args.classmix_select == "batch")
+            if not args.no_jitter:  # DAFormer: s 0.2, p 0.2; one switch per iteration, factors and order per image
+                x_m = common.color_jitter(x_m, norm, g, strength=0.2, gate=args.jitter_gate, per_image_order=True)
+            if not args.no_blur:
+                x_m = common.gaussian_blur(x_m, g, per_image=True)
+            with amp.autocast():
+                loss_u = args.consistency_weight * common.ce_pixel_weighted(up(student(x_m), y_m.shape[1:]), y_m, w)
+            amp.backward(loss_u)
+            losses.update(loss_u=loss_u, q=q)
+        amp.step(optimizer)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        log.log(i, losses, lr)
+        # ------------------------------------------------------------ checkpoints, evaluation
+        if training.is_due(i, args.save_every, args.iters) or stop.requested:
+            training.write_checkpoints(out_dir, training.training_state(i + 1, student, optimizer, scheduler, args,
+                                                                    teacher), args.keep_checkpoints, dist)
+            stop.exit_if_requested(i + 1, out_dir)
+        if training.is_due(i, args.eval_every, args.iters):
+            metrics = training.evaluate_and_write(student, val, device, out_dir, i + 1, synthia, amp,
+                                                align_corners=False, dist=dist)
+    stop.restore()
+    return metrics or training.evaluate_and_write(student, val, device, out_dir, start, synthia, amp,
+                                                align_corners=False, dist=dist)  # a finished run
+
+
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
@@ -285,7 +475,8 @@ def main(argv=None):
         baseline.source_only, baseline.out_dir = True, None if args.out_dir is None else args.out_dir + "_source_only"
         base = train(baseline)
         out_dir = args.out_dir or training.default_out_dir("dacs", args.source, None, args.seed)
-        training.write_demo_summary(out_dir, "dacs.py", ("DACS", metrics), [("source-only", base)], args.iters,
+        name = "DAFormer" if args.stack == "daformer" else "DACS"
+        training.write_demo_summary(out_dir, "dacs.py", (name, metrics), [("source-only", base)], args.iters,
                                   time.time() - t0)
     return metrics
 

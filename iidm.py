@@ -40,7 +40,7 @@ Assumptions (the paper is silent), each with a flag where an alternative exists:
     A11 classes chosen per image, ignore excluded (--classmix-select batch: DAFormer's batch union incl. 255).
     A12 q per unlabeled batch (--q-per-image: the paper's per-image q_i).
     A13 weight 1 on pasted ground-truth pixels, q elsewhere (--q-everywhere: eq. 7-8 literally).
-    A14 no ImageNet feature distance, no pseudo-weight top/bottom crop.
+    A14 no ImageNet feature distance, no pseudo-weight top/bottom crop (--stack daformer: both on, as DAFormer).
     A15 jitter (s 0.2, 80 %) and blur (50 %) switches drawn once per iteration and shared by both streams.
     A16 losses averaged over all pixels including ignored ones (mmseg).
     A17 two-two draws 4 unlabeled crops and computes q per stream.
@@ -52,6 +52,23 @@ DAFormer, but with the classic 7x7 stem, ceil-mode max-pool and dilation in ever
 ResNet-V1c deep stem and contract_dilation are not reproduced (its mmcv weights do not fit this layout).
 Logits are upsampled with align_corners=False as in mmseg. --demo trains a light network
 (--layers 1 1 1 1 --width 32) from the demo init with a short warm-up and a higher learning rate, 5 labeled.
+
+--stack daformer: IIDM on DAFormer's network and training additions (Hoyer et al., CVPR 2022; lhoyer/DAFormer
+final config gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5_s0.py). IIDM reports no such run (its
+Table 3 uses HRDA): this is a setting of this project, not a paper row.
+    python iidm.py --source gta5 --n-labeled 100 --stack daformer --init pretrained/mit_b5.pth
+What changes: the network is MiT-B5 + DAFormer head (--mit, --drop-path-rate 0.1) from SegFormer's ImageNet-1k
+mit_b5.pth (--init PATH, never downloaded), RGB mean/std; AdamW's groups follow DAFormer's paramwise_cfg
+(`decode_head.*` lr x --head-lr-mult, LayerNorms weight decay 0, the rest --weight-decay); the teacher runs
+without DropPath/Dropout (BN in train mode, A8); EMA alpha 0.999 (--ema-alpha); the ImageNet feature distance
+(--fd-lambda 0.005: a frozen copy of the initial encoder in eval mode, stage-4 maps, cells of one thing class
+with share >= 0.75; 0 when there is none, an assumption where the authors get NaN) is added to L_s, its
+backward after L_s's on the same forward, reaching the encoder only; the pseudo-label weight is 0 on the top
+15 / bottom 120 rows of a 512-row crop (--pl-crop v1, on both streams' pseudo-labelled pixels; pasted ground
+truth keeps weight 1); the student is evaluated on the whole image, logits resized to the input and then to
+the labels. Everything else (data, RCS, warm-up, losses, A1-A18 otherwise) is IIDM's set-up above.
+DeepLabv2-only flags (--layers, --width, --frozen-bn) are refused; one process only. --demo --stack daformer
+trains the `tiny` MiT (64-channel head) from a random init (--init none), AdamW 6e-4, EMA 0.99.
 """
 import copy
 import time
@@ -80,6 +97,15 @@ DEMO = {"source": "demo", "n_labeled": 5, "iters": 400, "lr": 1e-3, "head_lr_mul
         "crop_size": [64, 64], "eval_res": "full", "eval_every": 0, "save_every": 100, "log_every": 25,
         "workers": 0}
 SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
+DAFORMER = {  # --stack daformer: DAFormer's network and its training additions (lhoyer/DAFormer final config
+    # gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5_s0.py); IIDM's own settings above stay
+    "init": "pretrained/mit_b5.pth", "mit": "b5", "drop_path_rate": 0.1, "fd_lambda": 0.005, "pl_crop": "v1",
+    "ema_alpha": 0.999,
+}
+DEMO_DAFORMER = {"source": "demo", "n_labeled": 5, "iters": 400, "lr": 6e-4, "warmup_iters": 20,
+                 "rcs_min_pixels": 12, "mit": "tiny", "init": "none", "ema_alpha": 0.99, "source_size": [128, 64],
+                 "target_size": [128, 64], "crop_size": [64, 64], "eval_res": "full", "eval_every": 0,
+                 "save_every": 100, "log_every": 25, "workers": 0}
 
 
 def parse_args(argv=None):
@@ -127,8 +153,14 @@ def parse_args(argv=None):
                    help="teacher with eval-mode BN and EMA-averaged running stats (DAFormer: train mode; A8)")
     p.add_argument("--frozen-bn", action="store_true",
                    help="freeze BN affine parameters as the classic DeepLabv2 (DAFormer trains them)")
-    args = training.parse_with_demo(p, DEMO, argv)
+    training.add_stack_args(p)
+    args = training.parse_with_stack(p, {"daformer": DAFORMER}, {"deeplabv2": DEMO, "daformer": DEMO_DAFORMER}, argv)
     training.check_args(args)
+    if args.stack == "daformer":
+        if not args.eval_only:
+            training.check_mit_init(args)
+        if not (args.fd_lambda >= 0 and 0 <= args.drop_path_rate < 1):
+            raise common.DataError("--fd-lambda >= 0 and --drop-path-rate in [0,1) expected")
     if not 0 < args.ema_alpha < 1 or not 0 < args.tau <= 1 or args.warmup_iters < 0 or args.head_lr_mult <= 0:
         raise common.DataError("--ema-alpha in (0,1), --tau in (0,1], --warmup-iters >= 0, --head-lr-mult > 0 "
                                "expected")
@@ -187,9 +219,12 @@ def mixed_streams(x_s, y_s, x_t, y_t, u_inter, u_intra, g, args):
 def train(args):
     # ---------------------------------------------------------------- setup
     dist, device = training.distributed(args.device)
+    if args.stack == "daformer" and dist.world > 1:
+        raise common.DataError("--stack daformer runs in one process (DAFormer trains on one GPU; its source and "
+                               "feature-distance backward passes share one forward): launch it without torchrun")
     training.apply_world(args, dist, device)
     amp = training.Amp(device, args.amp, args.amp_dtype)
-    style, norm = common.init_convention(args.init, default=("pytorch", "imagenet_rgb"))
+    style, norm = common.init_convention(args.init, default=("pytorch", "imagenet_rgb"))   # daformer: RGB too
     common.seed_everything(args.seed)
     num_classes = 16 if args.source == "synthia" else 19                       # A1
     synthia = num_classes == 16
@@ -198,8 +233,12 @@ def train(args):
     # ---------------------------------------------------------------- data
     source_kind, source_root, target_root = training.data_roots(args, args.source)
     val = training.cityscapes_val(target_root, args.target_size, args.eval_res, norm, num_classes, args.resize)
-    build = lambda: common.DeepLabV2(num_classes, style=style, layers=args.layers, width=args.width,  # noqa: E731
-                                     freeze_bn_affine=args.frozen_bn)
+    if args.stack == "daformer":   # MiT + DAFormer head; a teacher without DropPath/Dropout (DAFormer)
+        build = lambda stochastic=True: common.daformer_segmentor(num_classes, args.mit,  # noqa: E731
+                                                                  args.drop_path_rate, stochastic)
+    else:
+        build = lambda stochastic=True: common.DeepLabV2(num_classes, style=style, layers=args.layers,  # noqa: E731
+                                                         width=args.width, freeze_bn_affine=args.frozen_bn)
     student = training.prepare_model(build(), device, amp)
     if args.eval_only:
         return training.eval_only(args, student, val, device, out_dir, synthia, align_corners=False, dist=dist,
@@ -220,17 +259,23 @@ def train(args):
         "cityscapes", target_root, resize=args.target_size, interp=args.resize, crop=crop, flip=True, norm=norm,
         num_classes=num_classes, stems=unlabeled)
     # ---------------------------------------------------------------- models, optimiser
-    training.initialise(student, args.init, norm, args.data_root)
-    teacher = training.prepare_model(common.ema_teacher(student, build, train_bn=not args.teacher_eval_bn),  # A8
+    imnet = None
+    if args.stack == "daformer":
+        if args.init != "none":
+            common.load_mit_imagenet(student.backbone, args.init)
+        if args.fd_lambda > 0 and not args.no_src_sup:   # DAFormer's frozen ImageNet encoder, never saved
+            imnet = copy.deepcopy(student.backbone).eval().requires_grad_(False)
+        groups = common.daformer_param_groups(student, args.lr, args.weight_decay, args.head_lr_mult)
+    else:
+        training.initialise(student, args.init, norm, args.data_root)
+        groups = common.param_groups(student, args.lr, args.head_lr_mult, official_duplicates=False)
+    teacher = training.prepare_model(common.ema_teacher(student, lambda: build(stochastic=False),  # A8
+                                                        train_bn=not args.teacher_eval_bn),
                                    device, amp) if use_teacher else None
-    optimizer = torch.optim.AdamW(common.param_groups(student, args.lr, args.head_lr_mult, official_duplicates=False),
-                                  lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)   # A10
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)   # A10
     scheduler = common.lr_scheduler(optimizer, lambda i: common.warmup_poly_factor(i, args.iters, args.warmup_iters))
-    start = 0
     ckpt = training.resume_state(args, out_dir, num_classes)
-    if ckpt is not None:
-        start = training.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
-    model = training.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
+    start = 0 if ckpt is None else ckpt["iteration"]
 
     def loader(dataset, stream, rcs):
         """Training loader: rare-class sampling (DAFormer) or uniform. The source's class counts are cached in
@@ -254,6 +299,9 @@ def train(args):
     loader_t = None if args.no_tgt_sup and args.no_intra else loader(data_t, 1, args.rcs == "both")
     n_u = 2 * B if args.mix_strategy == "two-two" else B                      # A17: 4 unlabeled crops
     loader_u = None if teacher is None else training.shuffled_loader(data_u, args, 2, start, n_u, dist)
+    if ckpt is not None:   # after the loaders, which draw from torch's RNG when they start (MiT's DropPath uses it)
+        start = training.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
+    model = training.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
     training.write_run_files(out_dir, args, labeled, dist)   # after every refusal: a bad run writes nothing
     log = training.Logger(out_dir, args.log_every, args.iters, start, dist)
     metrics = None  # the last evaluation
@@ -264,6 +312,10 @@ def train(args):
             logits = up(teacher(x_u).float(), x_u.shape[2:])
         y_u, q_map, _ = common.pseudo_label(logits, args.tau, "uniform", per_image=args.q_per_image)
         return y_u, q_map[:, :1, :1] if args.q_per_image else q_map[0, 0, 0]
+
+    def crop_weight(q, y_u):
+        """--pl-crop v1 (DAFormer): the pseudo-label weight map with 0 on the top/bottom rows, else q itself."""
+        return common.pseudo_label_crop(q * torch.ones_like(y_u, dtype=torch.float)) if args.pl_crop == "v1" else q
 
     def supervised(x, y):
         """eq. 9/10: CE averaged over all pixels, ignored ones included (mmseg; A16)."""
@@ -286,8 +338,18 @@ def train(args):
         x_s = y_s = x_t = y_t = None
         if loader_s is not None:
             x_s, y_s = training.next_batch(loader_s, device)
-            losses["loss_s"] = supervised(x_s, y_s)                           # L_s, eq. 9
-            amp.backward(losses["loss_s"])
+            if imnet is None:
+                losses["loss_s"] = supervised(x_s, y_s)                       # L_s, eq. 9
+                amp.backward(losses["loss_s"])
+            else:                    # DAFormer: L_s backward keeping its graph, then the feature distance's
+                with amp.autocast():
+                    features, logits_s = student.forward_features(x_s)
+                    losses["loss_s"] = common.ce_pixel_weighted(up(logits_s, y_s.shape[1:]), y_s, 1.0)
+                amp.backward(losses["loss_s"], retain_graph=True)
+                with amp.autocast():
+                    losses["loss_fd"] = args.fd_lambda * common.thing_feature_distance(
+                        features[-1], imnet, x_s, y_s, num_classes)
+                amp.backward(losses["loss_fd"])                               # reaches the encoder only
         if loader_t is not None:
             x_t, y_t = training.next_batch(loader_t, device)
             if not args.no_tgt_sup:
@@ -298,7 +360,8 @@ def train(args):
             x_u_inter, x_u_intra = (x_u[:B], x_u[B:]) if args.mix_strategy == "two-two" else (x_u, x_u)
             y_u, q = pseudo_label(x_u_inter)                                  # one y_u and q for both streams
             y_u2, q2 = pseudo_label(x_u_intra) if args.mix_strategy == "two-two" else (y_u, q)
-            streams = mixed_streams(x_s, y_s, x_t, y_t, (x_u_inter, y_u, q), (x_u_intra, y_u2, q2), g, args)
+            streams = mixed_streams(x_s, y_s, x_t, y_t, (x_u_inter, y_u, crop_weight(q, y_u)),
+                                    (x_u_intra, y_u2, crop_weight(q2, y_u2)), g, args)
             # A15: one jitter and one blur switch for all streams; factors, op order and sigma per image
             x_all = torch.cat([s[2] for s in streams])
             if not args.no_jitter:

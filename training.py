@@ -159,8 +159,8 @@ class Amp:
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
 
-    def backward(self, loss):
-        self.scaler.scale(loss).backward()
+    def backward(self, loss, retain_graph=False):
+        self.scaler.scale(loss).backward(retain_graph=retain_graph)
 
     def step(self, *optimizers):
         """Step each optimiser (under fp16: unscaled, skipped on inf/NaN gradients), then update the scale once."""
@@ -349,9 +349,13 @@ def save_checkpoint(path, state):
         os.fsync(f.fileno())
 
 
-def load_checkpoint(path, num_classes=None):
-    """A checkpoint dict loaded with weights_only=True; DataError if missing, unsafe or for other classes."""
+def load_checkpoint(path, num_classes=None, stack="deeplabv2"):
+    """A checkpoint dict loaded with weights_only=True; DataError if missing, unsafe, of another --stack or
+    for other classes. --stack daformer also reads the authors' mmcv `latest.pth` (daformer_checkpoint)."""
     ckpt = common.load_state_file(path)
+    check_same_stack(ckpt, stack, path)
+    if stack == "daformer":
+        return daformer_checkpoint(ckpt, path, num_classes)
     state = ckpt.get("model", ckpt)
     heads = [k for k in ("layer6.conv2d_list.0.weight", "layer5.conv2d_list.0.weight") if k in state]
     if not heads:
@@ -602,7 +606,7 @@ def resume_state(args, out_dir, num_classes):
     path = Path(out_dir) / "checkpoint.pth" if args.resume == "auto" else Path(args.resume)
     if args.resume == "auto" and not path.is_file():
         return None
-    ckpt = load_checkpoint(path, num_classes)
+    ckpt = load_checkpoint(path, num_classes, getattr(args, "stack", "deeplabv2"))
     if "args" in ckpt:  # the authors' checkpoints hold no arguments
         check_same_run(ckpt["args"], vars(args), path)
     return ckpt
@@ -611,6 +615,11 @@ def resume_state(args, out_dir, num_classes):
 RUN_ONLY_ARGS = {"data_root", "gta5_root", "synthia_root", "cityscapes_root", "out_dir", "resume", "eval_only",
                  "checkpoint", "eval_model", "save_predictions", "eval_every", "save_every", "keep_checkpoints",
                  "log_every", "device", "amp", "amp_dtype", "workers", "demo"}
+
+
+ADDED_ARGS = {"sgd_rule": "torch1.5", "stack": "deeplabv2", "mit": None, "drop_path_rate": None, "fd_lambda": None,
+              "pl_crop": None, "warmup_iters": None, "rcs": None, "rcs_temp": None, "rcs_min_pixels": None,
+              "classmix_select": None, "target_cat_max_ratio": None}  # flags added later: what older runs ran
 
 
 def check_same_run(saved, current, path):
@@ -622,6 +631,7 @@ def check_same_run(saved, current, path):
         return {k: json.loads(json.dumps(v, default=str).replace(out, "<out-dir>")) for k, v in d.items()
                 if k not in RUN_ONLY_ARGS}
     saved, current = norm(saved), norm(current)
+    saved = {**{k: v for k, v in ADDED_ARGS.items() if k in current}, **saved}  # a run made before a flag existed
     if saved.keys() != current.keys():
         only = sorted(saved.keys() - current.keys())[:5]
         raise DataError(f"--resume {path}: made by another script (its arguments {only} do not exist here)")
@@ -689,7 +699,7 @@ def eval_only(args, model, val, device, out_dir, synthia=False, align_corners=Tr
     """--eval-only: load --checkpoint's `model` or `ema_model` (--eval-model; class count checked,
     weights_only; network settings checked against the checkpoint's own) and evaluate it, with --amp
     as during training. `init_default`: the script's convention for an --init other than imagenet/coco."""
-    ckpt = load_checkpoint(args.checkpoint, model.num_classes)
+    ckpt = load_checkpoint(args.checkpoint, model.num_classes, getattr(args, "stack", "deeplabv2"))
     check_same_network(ckpt.get("args", {}), args, args.checkpoint, init_default)
     if args.eval_model == "teacher" and "ema_model" not in ckpt:
         raise DataError(f"{args.checkpoint}: no 'ema_model' (teacher) in this checkpoint; use --eval-model student")
@@ -707,7 +717,7 @@ def eval_only(args, model, val, device, out_dir, synthia=False, align_corners=Tr
                               save_predictions=args.save_predictions, dist=dist)
 
 
-NETWORK_ARGS = ("layers", "width", "aspp_full")  # the arguments that change the network a checkpoint needs
+NETWORK_ARGS = ("layers", "width", "aspp_full", "mit")  # the arguments that change the network a checkpoint needs
 
 
 def check_same_network(saved, args, path, init_default):
@@ -722,6 +732,98 @@ def check_same_network(saved, args, path, init_default):
                      f"follow it)")
     if diffs:
         raise DataError(f"{path}: trained with {'; '.join(diffs)}: evaluate with the training run's settings")
+
+
+# ======================================================================================
+# The network stack (--stack): DeepLabv2-ResNet-101 or DAFormer's MiT + DAFormer head
+# ======================================================================================
+
+STACKS = ("deeplabv2", "daformer")
+DEEPLAB_ONLY = ("layers", "width", "aspp_full", "optimizer", "clean_param_groups", "frozen_bn")
+DAFORMER_ONLY = ("mit", "drop_path_rate", "fd_lambda", "pl_crop")
+MIT_B5_SOURCE = ("SegFormer's ImageNet-1k encoder weights mit_b5.pth (NVlabs/SegFormer README, 'ImageNet-1K "
+                 "pretrained weights'; lhoyer/DAFormer puts it at pretrained/mit_b5.pth)")
+
+
+def add_stack_args(parser):
+    """--stack and the flags of DAFormer's network and training additions (defaults follow --stack)."""
+    parser.add_argument("--stack", choices=STACKS, default="deeplabv2",
+                        help="network and training set-up: the method paper's DeepLabv2-ResNet-101, or DAFormer's "
+                             "MiT-B5 + DAFormer head with DAFormer's training (Hoyer et al., CVPR 2022; what it "
+                             "sets: the script's docstring above)")
+    parser.add_argument("--mit", choices=["b0", "b1", "b2", "b3", "b4", "b5", "tiny"], default=None,
+                        help="--stack daformer: MiT encoder size (default: b5, DAFormer; tiny = the tests' and the "
+                             "demo's)")
+    parser.add_argument("--drop-path-rate", type=float, default=None,
+                        help="--stack daformer: MiT stochastic depth (default: 0.1, DAFormer mit_b5 config)")
+    parser.add_argument("--fd-lambda", type=float, default=None,
+                        help="--stack daformer: weight of the ImageNet feature distance on thing classes (default: "
+                             "0.005, DAFormer; 0 = off)")
+    parser.add_argument("--pl-crop", choices=["none", "v1"], default=None,
+                        help="--stack daformer: pseudo-label weight 0 on the top 15 / bottom 120 rows of a 512-row "
+                             "crop (v1; other crop heights scale the rows) or none (default: v1, DAFormer)")
+
+
+def parse_with_stack(parser, stacks, demo, argv=None, daformer_only=()):
+    """parse_with_demo with --stack's defaults: `stacks` maps a stack other than deeplabv2 to its {dest: value}
+    defaults, `demo` maps each stack to its demo values; explicit flags win. A DeepLabv2-only flag changed
+    under another stack, or a stack flag (DAFORMER_ONLY and the script's `daformer_only`, None by default)
+    given under deeplabv2, is a DataError."""
+    stack = parser.parse_known_args(argv)[0].stack
+    if stack != "deeplabv2":
+        parser.set_defaults(**stacks[stack])
+    args = parse_with_demo(parser, demo[stack], argv)
+    if stack != "deeplabv2":
+        changed = [k for k in DEEPLAB_ONLY if hasattr(args, k) and getattr(args, k) != parser.get_default(k)]
+        if changed:
+            raise DataError(f"--{changed[0].replace('_', '-')} is a --stack deeplabv2 flag (this run: --stack "
+                            f"{stack}); drop it")
+        return args
+    given = [k for k in DAFORMER_ONLY + tuple(daformer_only) if getattr(args, k) is not None]
+    if given:
+        raise DataError(f"--{given[0].replace('_', '-')} is a --stack daformer flag (this run: --stack deeplabv2)")
+    return args
+
+
+def check_mit_init(args):
+    """--stack daformer: --init is a readable mit_*.pth (or none = random init); DataError saying where to get it."""
+    if args.init == "none" or Path(args.init).is_file():
+        return
+    if args.init in ("coco", "imagenet", "demo"):
+        problem = f"--init {args.init} is a DeepLabv2 initialisation"
+    else:
+        problem = f"--init {args.init}: file not found"
+    raise DataError(f"{problem}; --stack daformer starts from {MIT_B5_SOURCE}: download it, put it at a path and "
+                    f"pass --init PATH (or --init none for a random init)")
+
+
+def check_same_stack(ckpt, stack, path):
+    """DataError naming both stacks when a checkpoint holds another network than this run builds (from its
+    arguments, or for the authors' files from its tensor names: DAFormer's have `decode_head.*`)."""
+    if isinstance(ckpt.get("args"), dict):
+        found = ckpt["args"].get("stack", "deeplabv2")
+    else:
+        state = ckpt.get("model", ckpt.get("state_dict", ckpt))
+        found = "daformer" if any("decode_head." in k for k in state) else "deeplabv2"
+    if found != stack:
+        raise DataError(f"{path}: a --stack {found} checkpoint (this run: --stack {stack}); evaluate or resume it "
+                        f"with --stack {found}")
+
+
+def daformer_checkpoint(ckpt, path, num_classes=None):
+    """A --stack daformer checkpoint as {'model', 'ema_model'?, ...}: ours as it is; the authors' mmcv
+    `latest.pth` ({'meta', 'state_dict': {'model.*', 'ema_model.*', 'imnet_model.*'}, 'optimizer'}) as its
+    student and teacher under the student's names (lhoyer/DAFormer tools/test.py keeps `model.*`)."""
+    if "model" not in ckpt and "state_dict" in ckpt:   # the authors' file: student via load_authors_segmentor
+        teacher = {k[len("ema_model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema_model.")}
+        ckpt = {"model": common.load_authors_segmentor(path), **({"ema_model": teacher} if teacher else {})}
+    head = ckpt.get("model", {}).get("decode_head.conv_seg.weight")
+    if head is None:
+        raise DataError(f"{path}: no DAFormer classifier weights found (expected 'model' with "
+                        f"'decode_head.conv_seg.weight', or the authors' 'state_dict' with 'model.decode_head.*')")
+    if num_classes is not None and head.shape[0] != num_classes:
+        raise DataError(f"{path}: checkpoint has {head.shape[0]} classes, expected {num_classes}")
+    return ckpt
 
 
 def write_demo_summary(out_dir, script, method, baselines, iterations, seconds):
@@ -823,6 +925,20 @@ def shuffled_loader(dataset, args, stream, start, batch_size=None, dist=common.D
     sampler = common.IterationSampler(len(dataset), batch_size or args.batch_size, args.seed, stream, start, args.iters,
                                dist.rank, dist.world)
     return infinite_loader(dataset, sampler, args.workers)
+
+
+def rare_class_loader(dataset, args, stream, start, num_classes, cache, dist=common.Dist()):
+    """Training loader with DAFormer's rare-class sampling (--rcs-temp, --rcs-min-pixels); the class counts
+    of `dataset` are cached in `cache` (rank 0 writes it; a cache of another length is refused)."""
+    with main_first(dist):
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        counts = common.rcs_statistics(dataset, cache=cache, workers=args.workers)
+    if len(counts) != len(dataset):
+        raise DataError(f"{cache}: class counts of {len(counts)} images, the source has {len(dataset)} "
+                        f"(a cache of another dataset: delete it)")
+    return infinite_loader(dataset, common.RareClassSampler(
+        counts, num_classes, args.batch_size, args.seed, stream, start, args.iters, temperature=args.rcs_temp,
+        min_pixels=args.rcs_min_pixels, rank=dist.rank, world=dist.world), args.workers)
 
 
 def next_batch(loader, device):

@@ -796,9 +796,13 @@ def shuffled_loader(dataset, args, stream, start, batch_size=None, dist=common.D
 
 
 def next_batch(loader, device):
-    """The next (images, labels) of a training loader on `device` (pinned memory, non-blocking copies)."""
+    """The next (images, labels) of a training loader on `device` (pinned memory, non-blocking copies); uint8
+    images and labels (infinite_loader's) are normalised and widened there, bit-identically to the workers."""
     batch = next(loader)
-    return batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+    x, y = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+    if x.dtype == torch.uint8:
+        x = common.normalise_batch(x, batch["norm"][0])
+    return x, y.long()
 
 
 def infinite_loader(dataset, sampler, workers):
@@ -807,7 +811,10 @@ def infinite_loader(dataset, sampler, workers):
     One iterator serves the whole run (the sampler spans every iteration), so persistent workers would
     change nothing; pinned memory on CUDA keeps next_batch's copies asynchronous; 2 batches in flight per
     worker absorb the per-batch spread of load times (benchmarks/RESULTS.md, 'Data-loading defaults').
+    A SegmentationDataset delivers uint8 images and labels, which next_batch normalises on the device.
     """
+    if isinstance(dataset, common.SegmentationDataset):
+        dataset = dataset.uint8_items()
     return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                             pin_memory=torch.cuda.is_available(),
                                             prefetch_factor=2 if workers > 0 else None,

@@ -482,7 +482,11 @@ def _is_paired_label(path):
 
 
 def dataset_files(kind, root, split="train", strict=True):
-    """(pairs, orphans) for a dataset in its official layout (README 'Datasets')."""
+    """(pairs, orphans) for a dataset in its official layout (README 'Datasets'); a dataset folder of a
+    prepared root lists the original it was made from."""
+    manifest = read_prepared_manifest(Path(root).parent)
+    if manifest is not None:
+        root = Path(manifest["data_root"]) / kind
     root = _require_dir(root, f"the {kind} dataset root")
     if kind == "gta5":
         img_dir, lab_dir = _require_dir(root / "images", "GTA5 images/*.png"), _require_dir(

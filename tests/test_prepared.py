@@ -196,3 +196,18 @@ def test_pipeline_presets_serve_each_scripts_defaults(script, flags, source, tmp
     with mock.patch.object(training, "infinite_loader", first_loader), pytest.raises(Built):
         script.main(argv + source_flag)
     assert built and all(d.frames is not None for d in built if d.resize is not None)
+
+
+def test_loader_benchmark_reads_each_pipeline_from_a_prepared_root(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import loader
+    (tmp_path / "RESULTS.md").write_text("# Measured results\n")
+    result = loader.main(["--small", "--data-root", str(tmp_path / "data"), "--workers", "0", "--seconds", "0.2",
+                          "--prepared", "--scripts", "iidm.py", "--json", str(tmp_path / "l.json"),
+                          "--results", str(tmp_path / "RESULTS.md")])
+    manifest = json.loads((tmp_path / "data" / "bench_small_prepared" / "prepared.json").read_text())
+    assert sorted(manifest["frames"]) == ["cityscapes:128x64:cv2", "gta5:160x90:cv2:keep", "synthia:160x90:cv2:keep"]
+    for p in result["pipelines"]:
+        assert p["prepared_images_per_s"]["0"] > 0 and p["prepared_images_per_cpu_s"] > 0 and p["images_per_cpu_s"] > 0
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| prepared, 0 workers img/s | prepared, img per CPU-s | speed-up per core |" in text

@@ -16,6 +16,7 @@ import camix
 import classmix_ssl
 import common
 import dacs
+import dldm
 import iidm
 import asss
 import training
@@ -196,6 +197,29 @@ def test_pipeline_presets_serve_each_scripts_defaults(script, flags, source, tmp
     with mock.patch.object(training, "infinite_loader", first_loader), pytest.raises(Built):
         script.main(argv + source_flag)
     assert built and all(d.frames is not None for d in built if d.resize is not None)
+
+
+@pytest.mark.parametrize("stage", ["rl", "sl", "student"])
+def test_dldm_reads_prepared_cityscapes_beside_the_original_source(stage, tmp_path):
+    """dldm.py's LAB-translated source stays on the original; its Cityscapes frame sets are the README's."""
+    make_gta5(tmp_path, n=2)
+    make_cityscapes(tmp_path, n_train=3, n_val=1)
+    prep = tmp_path / "prepared"
+    common.prepare_data(tmp_path, prep, ["cityscapes:1024x512:bicubic", "cityscapes:1024x512:bilinear"])
+    teacher = tmp_path / "teacher.pth"
+    torch.save({"model": common.DeepLabV2(19, multi_level=True, aspp_full=True, layers=(1, 1, 1, 1)).state_dict()},
+               teacher)
+    built = []
+
+    def first_loader(dataset, sampler, workers):
+        built.append(dataset)
+        return FirstBatch()
+    argv = [*NET, "--n-labeled", "2", "--stage", stage, "--data-root", str(tmp_path), "--cityscapes-root",
+            str(prep / "cityscapes"), "--out-dir", str(tmp_path / "run"), "--workers", "0"]
+    argv += ["--teachers", str(teacher), str(teacher)] if stage == "student" else []
+    with mock.patch.object(training, "infinite_loader", first_loader), pytest.raises(Built):
+        dldm.main(argv)
+    assert {d.kind for d in built if d.frames is not None} == {"cityscapes"}
 
 
 def test_loader_benchmark_reads_each_pipeline_from_a_prepared_root(tmp_path):

@@ -795,14 +795,18 @@ def shuffled_loader(dataset, args, stream, start, batch_size=None, dist=common.D
     return infinite_loader(dataset, sampler, args.workers)
 
 
+def batch_images(batch, device):
+    """A loader batch's images on `device` (non-blocking copy); uint8 ones (infinite_loader's) are normalised
+    there, bit-identically to the normalisation the workers did before (common.normalise_batch)."""
+    x = batch["image"].to(device, non_blocking=True)
+    return common.normalise_batch(x, batch["norm"][0]) if x.dtype == torch.uint8 else x
+
+
 def next_batch(loader, device):
-    """The next (images, labels) of a training loader on `device` (pinned memory, non-blocking copies); uint8
-    images and labels (infinite_loader's) are normalised and widened there, bit-identically to the workers."""
+    """The next (images, labels) of a training loader on `device` (pinned memory, non-blocking copies; uint8
+    labels widened there)."""
     batch = next(loader)
-    x, y = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
-    if x.dtype == torch.uint8:
-        x = common.normalise_batch(x, batch["norm"][0])
-    return x, y.long()
+    return batch_images(batch, device), batch["label"].to(device, non_blocking=True).long()
 
 
 def infinite_loader(dataset, sampler, workers):

@@ -50,6 +50,9 @@ PIPELINES = {  # script, flags: a few iterations of each pipeline kind
     "iidm SYNTHIA (16-class labels)": (iidm, [
         "--iters", "2", "--source", "synthia", "--source-size", "64", "32", "--target-size", "64", "32",
         "--crop-size", "16", "16", "--n-labeled", "2", "--rcs-min-pixels", "40"]),
+    "camix (target crops with their prior window, then the plain DACS target)": (camix, [
+        "--iters", "3", "--warmup-iters", "1", "--build-prior", "--source-size", "64", "32", "--target-size", "64",
+        "32", "--val-size", "64", "32", "--crop-size", "16", "16", "--eval-every", "0"]),
     "classmix_ssl (whole frames, no crop)": (classmix_ssl, [
         "--iters", "3", "--target-size", "64", "32", "--n-labeled", "2"]),
 }

@@ -553,6 +553,7 @@ def main(argv=None):
             for amp in {"both": (False, True), "off": (False,), "on": (True,)}[args.amp]:
                 rec = measure(row, args, device, bench, amp, compile, flops, meta)
                 records.append(rec)
+                save(args, records)
                 name = f"{row_name(row[0], row[1])}{' --compile' * compile}"
                 if "skipped" in rec:
                     print(f"{name:42s} {'amp ' if amp else 'fp32'} skipped: {rec['skipped']}", flush=True)
@@ -562,6 +563,12 @@ def main(argv=None):
                       f"{rec['host_ms_per_iter']:.1f} ms  {rec['tflops_step']:.2f} TFLOP/s  peak {rec['peak_mem_gb']}"
                       f" / reserved {rec['peak_reserved_gb']} GiB  syncs/step {rec['host_syncs_per_step']} "
                       f"{' '.join(rec['sync_sites'])}", flush=True)
+    return save(args, records)
+
+
+def save(args, records):
+    """Merge the records into --json and regenerate the table of --results; done after every record, so a
+    run cut short (gpu_check.sh's time limit) keeps what it measured."""
     records = merge_records(args.json, records)
     common.atomic_write_text(args.json, json.dumps(records, indent=1) + "\n")
     results = Path(args.results)

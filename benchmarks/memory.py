@@ -1,43 +1,47 @@
-"""Per training step, on the CPU: the aten ops a method's step issues, and its peak live CUDA memory at paper settings.
+"""Per training step, on the CPU: the aten ops each method's step issues and its peak live device memory at
+paper settings (DeepLabv2-ResNet-101), fp32 and --amp.
 
 Both run a script's own `main(argv)` in this process (its real loop: data, mixing, augmentation, teacher,
-EMA, optimiser) through speed.py's rows, arguments and benchmark data, and cut it into steps at the
-`training.Logger.log` call every loop makes once per iteration (stopped after step --steps; no checkpoint,
-no evaluation).
+EMA, optimiser) with speed.py's rows, arguments and benchmark data, cut into steps at the
+`training.Logger.log` call every loop makes once per iteration; the run stops after step 2 (no
+checkpoint, no evaluation). Step 2 is the one measured: step 1 creates the optimiser's momentum.
 
-OP COUNT. A TorchDispatchMode counts every aten op that reaches the dispatcher between two Logger.log calls
-(forward, autograd's backward ops, optimiser, EMA, mixing; the data-loading workers' ops are not the step's
-and are left out). This is the number of operator calls the host issues per step, the quantity that
-bounds a launch-bound step (each is one or more kernel launches on CUDA). It is counted twice: on a real
-CPU run (DeepLabv2-ResNet-101 layers at speed.py's --small sizes) and inside the memory estimate below
-(fake CUDA tensors, paper sizes and --small sizes): equal counts at the two sizes back the claim that the
-count does not depend on the input size.
+OP COUNT. A TorchDispatchMode counts every aten op that reaches the dispatcher during the step (forward,
+autograd's backward, optimiser, EMA, mixing, augmentation; the data loaders' own ops are not the step's
+and are left out): the operator calls the host issues per step, which bound a launch-bound step (each is
+one or more kernel launches on a GPU). It is counted three times: in the estimate below at paper sizes
+and at speed.py's --small sizes (equal counts: the count does not depend on the input size), split into
+device ops (on the step's device tensors) and host ops (CPU-side draws and index arithmetic), and on a
+real CPU step at --small sizes (its total must equal device + host).
 
-PEAK MEMORY. The step runs at paper sizes on fake CUDA tensors (torch._subclasses.FakeTensorMode: shapes,
-strides, dtypes and the CUDA autocast policy of --amp, no data and no GPU). Host-side work stays real: the
-models are built and initialised on the CPU, the data loaders run outside the fake mode, and every op
-without a fake input runs for real (the CPU random draws of the mixing and augmentation). A
-TorchDispatchMode above the fake mode records each CUDA tensor storage an op creates, with its byte size,
-and drops it when the storage dies (torch.multiprocessing.reductions.StorageWeakRef): the sum of the live
-storages is what the program holds on the device at that moment — parameters, gradients, the optimiser's
-momentum, the EMA teacher, the autocast cache of the low-precision weights, the graphs autograd keeps alive
-(both of DACS's/ClassMix's/CAMix's forwards until their one backward), the no-grad teacher pass while it
-runs. Views and in-place results share their storage and are counted once, so the duplicated 1x parameter
-group of the authors' optimisers costs nothing twice. "peak" is the maximum over the step after --warmup
-steps (step 1 creates the momentum buffers); "at start" what stays alive between steps.
+PEAK MEMORY. The step runs at paper sizes on fake tensors (torch._subclasses.FakeTensorMode: shapes,
+strides and dtypes, no data, no compute) of the CPU device. The scripts' device tensors become fake where
+they enter: the models returned by training.prepare_model and the batches of training.next_batch.
+Host-side work stays real: the models are built on the CPU, the data loaders run outside the fake mode,
+and every op without a fake input runs for real (the CPU random draws of the mixing and augmentation). A
+TorchDispatchMode above the fake mode records each storage that an op on fake tensors creates or reads (a
+real non-scalar input is a tensor the step made on the host and moved with .to(device), a no-op on the
+CPU, a device tensor on a GPU) with its byte size, and drops it when the storage dies
+(torch.multiprocessing.reductions.StorageWeakRef). The sum of the live storages is what the program holds
+on the device at that moment: weights, gradients, the optimiser's momentum, the EMA teacher, the graphs
+autograd keeps alive (both forwards of DACS, ClassMix and CAMix until their one backward; saved tensors
+freed node by node during the backward, as the engine does), the no-grad teacher pass while it runs.
+Views and in-place results share their storage and are counted once, so the authors' duplicated 1x
+parameter group costs nothing twice. "peak": the largest sum during step 2; "at start": what is alive
+when it begins.
 
 Values the step reads back on the host (`.item()`, a Python `if` on a tensor) have no data on fake
-tensors: the mode answers 1 / True for them and lists where they were asked (`assumed` in the JSON).
+tensors: the mode answers 1 / True and lists where they were asked (`assumed` in the JSON, the table).
 
-How this differs from torch.cuda.max_memory_allocated/max_memory_reserved on a real GPU: the estimate is
-the exact sum of tensor storage bytes; the caching allocator rounds each block up (to 512 B, large ones to
-2 MiB segments) and cannot always reuse freed blocks (fragmentation), so max_memory_reserved is larger,
-typically by 5-20 %; nvidia-smi also shows the CUDA context (0.3-0.6 GiB), cuBLAS workspaces and cuDNN's
-per-convolution workspaces (cudnn.benchmark may pick algorithms needing hundreds of MiB, allocated
-through the caching allocator and so also part of max_memory_allocated), none of which a fake tensor has.
-The bar of <= 11 GB is for the estimate; gpu_check.sh measures the real figures.
+What the estimate is not. --amp runs CPU autocast (bf16), whose op lists agree with CUDA's on what holds
+the memory (convolutions and matmuls in bf16, batch norm in its input's dtype, losses in fp32) but not op
+for op. On a GPU, torch.cuda.max_memory_allocated also counts the caching allocator's rounding of each
+block (512 B; larger blocks from 2 MiB / 20 MiB segments) and the cuDNN and cuBLAS workspaces
+(cudnn.benchmark picks algorithms by speed, some with large workspaces); max_memory_reserved adds the
+cached blocks it could not reuse (fragmentation); nvidia-smi adds the CUDA context. None of these has a
+fake tensor, so the GPU figures are higher by an amount only gpu_check.sh can measure.
 
-    python benchmarks/memory.py            # every row, fp32 and --amp: table in RESULTS.md, memory.json
+    python benchmarks/memory.py --data-root DIR     # every row, fp32 and --amp: memory.json, RESULTS.md
 """
 import collections
 import contextlib
@@ -115,15 +119,17 @@ class LiveFakeBytes(TorchDispatchMode):
                          if Path(f.filename).parent == ROOT), "?")
             self.assumed[site] += 1
             return True if args[0].dtype == torch.bool else 1
+        self.register((args, kwargs))   # real inputs: made on the host and moved with a (no-op) .to(device)
         out = func(*args, **kwargs)
         self.register(out)
         return out
 
     def register(self, tensors):
-        """Count the storages of the fake tensors in `tensors` not yet seen; update the live sum and peak."""
+        """Count the storages not yet seen of the fake tensors and the real non-scalar tensors in `tensors`
+        (on a GPU only a 0-dim CPU tensor can meet a CUDA tensor); update the live sum and peak."""
         new = False
         for t in torch.utils._pytree.tree_leaves(tensors):
-            if isinstance(t, FakeTensor):
+            if isinstance(t, FakeTensor) or isinstance(t, torch.Tensor) and t.dim() > 0:
                 ref = StorageWeakRef(t.untyped_storage())
                 if ref.cdata not in self.live:
                     self.live[ref.cdata] = (ref, t.untyped_storage().nbytes())

@@ -85,8 +85,12 @@ with torch.device("meta"), FlopCounterMode(display=False) as fc:               #
     build()(torch.randn(1, 3, size, size)).float().mean().backward()
 flop = fc.get_total_flops()
 m = training.prepare_model(build(), dev, amp).train()
-lines = [f"IIDM student, bf16 autocast + channels_last, {size}x{size}, {flop / 1e9:.1f} GFLOP fwd+bwd per image"]
-print(lines[-1], flush=True)
+out = open(sys.argv[3], "w")
+def report(line):
+    print(line, flush=True)
+    out.write(line + "\n")
+    out.flush()
+report(f"IIDM student, bf16 autocast + channels_last, {size}x{size}, {flop / 1e9:.1f} GFLOP fwd+bwd per image")
 for b in (1, 2, 4):
     x, ts = torch.randn(b, 3, size, size, device=dev), []
     if cuda:
@@ -105,10 +109,8 @@ for b in (1, 2, 4):
     t, h = sorted(ts[3:])[5]
     mem = (f"{torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB allocated, "
            f"{torch.cuda.max_memory_reserved() / 2 ** 30:.2f} GiB reserved") if cuda else "no CUDA memory"
-    lines.append(f"fwd+bwd batch {b}: {1e3 * t:.1f} ms, host issue {1e3 * h:.1f} ms, "
-                 f"{flop * b / t / 1e12:.2f} TFLOP/s, {mem}")
-    print(lines[-1], flush=True)
-open(sys.argv[3], "w").write("\n".join(lines) + "\n")
+    report(f"fwd+bwd batch {b}: {1e3 * t:.1f} ms, host issue {1e3 * h:.1f} ms, "
+           f"{flop * b / t / 1e12:.2f} TFLOP/s, {mem}")
 EOF
 part "launch-bound probe" 30 60 "$P" "$OUT/probe.py" "$DEV" "$PROBE_SIZE" "$OUT/probe.txt"
 

@@ -114,7 +114,8 @@ for b in (1, 2, 4):
 EOF
 part "launch-bound probe" 30 60 "$P" "$OUT/probe.py" "$DEV" "$PROBE_SIZE" "$OUT/probe.txt"
 
-W=$("$P" -c "import sys; sys.path.insert(0, '.'); import training; print(training.shared_parser({}).get_default('workers'))")
+W=$("$P" -c "import sys; sys.path.insert(0, '.'); import training
+print(training.shared_parser({}).get_default('workers'))")
 "$P" -c 'import torchvision' 2>/dev/null && LS=(dacs.py iidm.py) || LS=(classmix_ssl.py)   # SYNTHIA labels need it
 part "loader.py, 0 and $W (default) workers" 60 100 "$P" benchmarks/loader.py "${L[@]}" --data-root "$DATA" \
     --workers 0 "$W" --scripts "${LS[@]}" --speed-json "$OUT/speed.json" --json "$OUT/loader.json" \

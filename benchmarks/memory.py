@@ -82,7 +82,7 @@ class Steps:
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts the aten ops of each step (overload names) while `active`."""
+    """Counts the aten ops of each step, by op name; `close_step` ends a step."""
 
     def __init__(self):
         super().__init__()
@@ -102,9 +102,9 @@ class LiveFakeBytes(TorchDispatchMode):
     """Above a FakeTensorMode: runs each op fake when it touches a fake tensor and for real otherwise, tracks
     the bytes of the live fake storages and their peak, counts the aten ops, answers host reads."""
 
-    def __init__(self, fake_mode):
+    def __init__(self):
         super().__init__()
-        self.fake_mode, self.live, self.bytes, self.peak = fake_mode, {}, 0, 0
+        self.live, self.bytes, self.peak = {}, 0, 0
         self.ops, self.host_ops, self.assumed = 0, 0, collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -165,7 +165,7 @@ def fake_device():
     """The scripts' device tensors (models from training.prepare_model, batches from training.next_batch)
     become fake; everything else stays real."""
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    tracker = LiveFakeBytes(fake_mode)
+    tracker = LiveFakeBytes()
     prepare, next_batch = training.prepare_model, training.next_batch
 
     def to_fake(t):
@@ -190,8 +190,11 @@ def fake_device():
             return torch_load(*args, **kwargs)
 
     torch_load = torch.load
+    def fake_batch(loader, device):
+        return tuple(map(to_fake, next_batch(loader, device)))
+
     with mock.patch.object(training, "prepare_model", fake_model), mock.patch("torch.load", host_load), \
-            mock.patch.object(training, "next_batch", lambda loader, device: tuple(map(to_fake, next_batch(loader, device)))), \
+            mock.patch.object(training, "next_batch", fake_batch), \
             mock.patch.object(training, "infinite_loader", host_loader(training.infinite_loader)), \
             fake_mode, tracker:
         yield tracker
@@ -200,7 +203,8 @@ def fake_device():
 def run_row(module, argv, steps, on_step):
     """module.main(argv) for `steps` logged iterations (Logger.log replaced)."""
     stepper = Steps(steps, on_step)
-    with speed.restored_signal_handlers(), mock.patch.object(training.Logger, "log", lambda logger, *a: stepper.log(*a)):
+    with speed.restored_signal_handlers(), \
+            mock.patch.object(training.Logger, "log", lambda logger, *a: stepper.log(*a)):
         try:
             module.main(argv)
         except speed.StopRun:
@@ -210,7 +214,8 @@ def run_row(module, argv, steps, on_step):
 
 
 def estimate(row, preset, bench, amp, warmup, layers):
-    """Peak and at-start live CUDA bytes of step warmup+1, its op count, and the assumed host reads."""
+    """Peak and at-start live device bytes of step warmup+1 on fake tensors, its device and host op counts,
+    and the host reads answered without data."""
     script = row[0]
     module = importlib.import_module(script[:-3])
     iters = warmup + 1
@@ -336,7 +341,8 @@ def main(argv=None):
             records.append({"script": row[0], "stage": row[1], "amp": amp, "sizes": args.sizes,
                             "layers": list(args.layers), **rec, **meta})
             print(f"{row_name(row[0], row[1]):32s} {'amp ' if amp else 'fp32'} peak {rec['peak_bytes'] / GB:6.2f} GB "
-                  f"start {rec['start_bytes'] / GB:5.2f} GB  ops {rec['device_ops_per_step']}+{rec['host_ops_per_step']}"
+                  f"start {rec['start_bytes'] / GB:5.2f} GB  "
+                  f"ops {rec['device_ops_per_step']}+{rec['host_ops_per_step']}"
                   f" (small {check['device_ops_per_step']}+{check['host_ops_per_step']}, real CPU {real})", flush=True)
     key = lambda r: (r["script"], r["stage"], r["amp"], r["sizes"], tuple(r["layers"]))  # noqa: E731
     old = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else []

@@ -381,7 +381,8 @@ def measure(row, args, device, bench, amp, compile, flops, meta):
     rounded = lambda v: None if v is None else round(v, 3)  # noqa: E731
     return {"script": script, "stage": stage, "preset": args.preset, "device": meta["device"], "amp": amp,
             "compile": compile, "ms_per_iter": round(ms, 2), "floor_ms_per_iter": round(floor_ms, 2),
-            "step_over_floor": round(ms / floor_ms, 3), "host_ms_per_iter": round(statistics.median(step["host_ms"]), 2),
+            "step_over_floor": round(ms / floor_ms, 3),
+            "host_ms_per_iter": round(statistics.median(step["host_ms"]), 2),
             "floor_gflop": round(flops / 1e9, 1), "tflops_step": round(flops / ms / 1e9, 3),
             "tflops_floor": round(flops / floor_ms / 1e9, 3),
             "peak_mem_gb": rounded(step["peak_mem_gb"]), "peak_reserved_gb": rounded(step["peak_reserved_gb"]),
@@ -448,7 +449,7 @@ def results_section(records):
             lines += ["",
                       "| script | fp32 ms/iter | fp32 floor | step/floor | amp ms/iter | amp floor | step/floor "
                       "| host issue ms fp32 / amp | TFLOP/s fp32 / amp (floor GFLOP) | peak GiB fp32 / amp "
-                      "| reserved GiB fp32 / amp | host syncs/step |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                      "| reserved GiB fp32 / amp | host syncs/step |", "|---" * 12 + "|"]
             timed = [r for r in sel if "skipped" not in r]
             for script, stage, _, _ in ROWS:
                 for compile in (False, True):

@@ -191,7 +191,7 @@ def test_live_bytes_follow_storages_views_graphs_and_frees():
     autograd saves stay counted until the backward, freed storages leave the sum; host reads answered."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    tracker = memory.LiveFakeBytes(fake_mode)
+    tracker = memory.LiveFakeBytes()
     x = fake_mode.from_tensor(torch.zeros(1000))
     w = torch.nn.Parameter(fake_mode.from_tensor(torch.zeros(1000)))
     with fake_mode, tracker:

@@ -335,7 +335,7 @@ def main(argv=None):
         real = None if args.no_real_count else count_ops_cpu(row, small, 1, args.layers)
         for amp in {"both": (False, True), "off": (False,), "on": (True,)}[args.amp]:
             rec = estimate(row, args.sizes, bench, amp, 1, args.layers)
-            check = estimate(row, "small", small, amp, 1, args.layers)
+            check = rec if args.sizes == "small" else estimate(row, "small", small, amp, 1, args.layers)
             rec.update(small_device_ops_per_step=check["device_ops_per_step"],
                        small_host_ops_per_step=check["host_ops_per_step"], real_cpu_ops_per_step=None if amp else real)
             records.append({"script": row[0], "stage": row[1], "amp": amp, "sizes": args.sizes,

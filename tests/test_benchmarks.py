@@ -232,6 +232,25 @@ def test_memory_table_flags_the_11_gb_bar():
            "10 + 2 |" in text and "dacs.py:1" in text
 
 
+def test_memory_main_writes_records_and_its_section(bench, tmp_path):
+    data, _, _ = bench
+    (tmp_path / "RESULTS.md").write_text(OLD_RESULTS)
+    argv = ["--data-root", str(data), "--sizes", "small", "--layers", "1", "1", "1", "1", "--amp", "off",
+            "--no-real-count", "--scripts", "dldm.py M_RL", "--json", str(tmp_path / "m.json"),
+            "--results", str(tmp_path / "RESULTS.md")]
+    records = memory.main(argv)
+    assert json.loads((tmp_path / "m.json").read_text()) == records
+    (r,) = records
+    assert (r["script"], r["stage"], r["amp"], r["layers"]) == ("dldm.py", "M_RL", False, [1, 1, 1, 1])
+    assert r["peak_bytes"] > r["start_bytes"] > 0 and r["command"].startswith("python benchmarks/memory.py")
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## Demo dataset domain gap\n\nkept as it is\n" in text and "| dldm.py M_RL | " in text
+    assert memory.main(argv)[0]["date"] and len(json.loads((tmp_path / "m.json").read_text())) == 1   # merged
+    for bad, what in ((["--scripts", "nope.py"], "--scripts nope.py"), (["--layers", "0", "1", "1", "1"], "--layers")):
+        with pytest.raises(common.DataError, match=what):
+            memory.parse_args(bad)
+
+
 def test_gpu_check_script_parses():
     result = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

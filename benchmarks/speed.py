@@ -397,7 +397,7 @@ def measure(row, args, device, bench, amp, compile, flops, meta):
 def git_commit():
     """Short hash of HEAD, with '-dirty' when tracked files other than the benchmark outputs differ from it."""
     run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    outputs = [f":!benchmarks/{name}" for name in ("RESULTS.md", "speed.json", "loader.json")]
+    outputs = [f":!benchmarks/{name}" for name in ("RESULTS.md", "speed.json", "loader.json", "memory.json")]
     return run("rev-parse", "--short", "HEAD") + ("-dirty" if run("status", "--porcelain", "-uno", "--", ".", *outputs)
                                                   else "")
 

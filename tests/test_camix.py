@@ -82,9 +82,12 @@ def test_demo_writes_the_comparison(tmp_path, capsys):
     camix.main(["--demo", "--iters", "2", "--val-size", "32", "16", "--data-root", str(tmp_path / "data"),
                 "--out-dir", str(out)])
     summary = json.loads((out / "demo.json").read_text())
-    assert summary["method"]["name"] == "CAMix" and [b["name"] for b in summary["baselines"]] == ["DACS", "source-only"]
+    assert summary["method"]["name"] == "CAMix" and [b["name"] for b in summary["baselines"]] == [
+        "DACS", "iDACS", "source-only"]
     assert json.loads((out / "config.json").read_text())["warmup_iters"] == 1      # 0.44 x 2 iterations
-    assert (tmp_path / "run_dacs" / "metrics.json").is_file() and "CAMix" in capsys.readouterr().out
+    idacs = json.loads((tmp_path / "run_idacs" / "config.json").read_text())   # the Table 4 baseline: CAMix's
+    assert (idacs["mix"], idacs["warmup_iters"], idacs["source_only"]) == ("idacs", 1, False)   # warm-up, then iDACS
+    assert (tmp_path / "run_dacs" / "metrics.json").is_file() and "iDACS" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------ the released code's values

@@ -4,11 +4,13 @@ Ma; IEEE TCSVT 2022) — GTA5/SYNTHIA -> Cityscapes, as the authors' code qianyu
     python camix.py --source gta5 --build-prior      # Table 1: 55.2 mIoU (19 classes); Q built once, then reused
     python camix.py --source gta5 --prior PRIOR.npy   # the same with a saved (or the authors') spatial prior
     python camix.py --source synthia --prior P.npy    # Table 3: 59.7 mIoU-13
-    python camix.py --demo                            # CAMix, DACS and source-only on the demo data, CPU
+    python camix.py --demo                            # CAMix, DACS, iDACS and source-only on the demo data, CPU
 
 What is implemented (defaults = qianyuzqy/CAMix train_ucspa_gtav.py / train_ucspa_syn.py with
-configs/configUDA_ucspa_{gtav,syn}.json). The released code is a fork of DACS (vikolss/DACS) and trains
-in two phases:
+configs/configUDA_ucspa_{gtav,syn}.json). train_ucspa_gtav.py does not parse as released (line 633 ends in
+a stray " v", a SyntaxError); that line is read without it, as train_ucspa_syn.py line 636 has it (phase A's
+mix of image 0 under MixMask0, the twin of line 635). The released code is a fork of DACS (vikolss/DACS) and
+trains in two phases:
   phase A, iterations i < W (--warmup-iters: 110k GTA5, 40k SYNTHIA; the paper never mentions it): plain
     DACS — ceil(n/2) classes of the source ground truth (ignore value included) pasted onto the target;
   phase B, i >= W: CAMix — the teacher's target softmax P is modulated by the spatial prior Q cropped with
@@ -62,7 +64,8 @@ Paper vs code (the default follows the code; the flag gives the other):
    K_sup on the second term only; the code multiplies the bracket.
  8 SRC: the code multiplies the already averaged weighted CE (a scalar) by U_M and divides by sum U_M, so
    U_M cancels and L_con is DACS's loss (--src-impl code, default; the significance pass is then skipped
-   unless --log-sigmask). --src-impl paper computes Eq. 9 per pixel (with the DACS weight inside).
+   unless --log-sigmask). --src-impl paper computes Eq. 9 per pixel (with the DACS weight inside). A
+   --sigmask-* value, --log-sigmask or --src-impl paper that would change nothing is refused.
  9 lambda_con: 1 x DACS's confidence ratio w_t (share of target pixels with teacher max-prob >= 0.968) on
    pasted target pixels, 1 on source pixels; no ramp.
 10 evaluation: the code evaluates the STUDENT every 2000 iterations and keeps the best (SYNTHIA by mIoU-16);
@@ -77,7 +80,9 @@ mask generators (classmix_ssl.py), source pasted onto target. A10 the warm-up is
 target->source mixes (camix, idacs) only. Seeding: python/numpy/torch and every draw follow from --seed
 and the iteration (exact resume); the authors seed numpy only (GTA5) or numpy and torch (SYNTHIA).
 --demo trains a light network (--layers 1 1 1 1 --width 32) from the demo init with Adam, the warm-up
-and t_max scaled to its length; it demonstrates the loop, not the paper's numbers.
+and t_max scaled to its length; it demonstrates the loop, not the paper's numbers. Beside DACS and
+source-only it trains iDACS (Table 4's baseline: the same warm-up, then half of the raw teacher argmax's
+classes pasted target onto source), the row CAMix's own components (spatial prior, meta-classes) add to.
 """
 import copy
 import json
@@ -145,11 +150,14 @@ def parse_args(argv=None):
                         "(Table 5; code consistency_loss CE/MSE)")
     p.add_argument("--src-impl", choices=["code", "paper"], default="code",
                    help="SRC as the code computes it (U_M cancels: = the ce row; noise the constant -0.2) or per "
-                        "pixel as Eq. 9 defines it (Gaussian noise, --sigmask-noise-std)")
+                        "pixel as Eq. 9 defines it (Gaussian noise, --sigmask-noise-std); --consistency src only")
     p.add_argument("--log-sigmask", action="store_true",
-                   help="with --src-impl code: run the significance pass anyway (the code's exact arithmetic) "
-                        "and log the share of kept pixels")
-    p.add_argument("--sigmask-passes", type=int, default=8, help="N teacher passes of Eq. 5 (paper §4.2; code T=8)")
+                   help="with --consistency src --src-impl code only (refused otherwise): run the significance pass "
+                        "anyway (the code's exact arithmetic) and log the share of kept pixels")
+    p.add_argument("--sigmask-passes", type=int, default=8,
+                   help="N teacher passes of Eq. 5 (paper §4.2; code T=8). This and the other --sigmask-* flags act "
+                        "only where the pass runs, --consistency src with --src-impl paper or --log-sigmask; "
+                        "another value is refused elsewhere")
     p.add_argument("--sigmask-tmax", type=int, default=None,
                    help="t_max of Eq. 7 (default: 130000 GTA5, 10000 SYNTHIA; hard-coded in train_ucspa_*.py)")
     p.add_argument("--sigmask-beta", type=float, default=0.75,
@@ -157,8 +165,8 @@ def parse_args(argv=None):
     p.add_argument("--sigmask-gamma", type=float, default=-5.0,
                    help="gamma of Eq. 7 (train_ucspa_*.py sigmoid_ramp_up)")
     p.add_argument("--sigmask-noise-std", type=float, default=0.1,
-                   help="--src-impl paper: std of the Gaussian input noise, clipped to +-2 std (code noise_scale 0.1, "
-                        "bounds +-0.2)")
+                   help="--src-impl paper only (refused otherwise): std of the Gaussian input noise, clipped to +-2 std "
+                        "(code noise_scale 0.1, bounds +-0.2)")
     p.add_argument("--prior", default=None,
                    help="spatial prior: .npy of shape (19,H,W) or (H,W,19) on the full-resolution Cityscapes "
                         "frame, or a folder of probarray_cls{0..18}.npy (the authors' SYNTHIA .mat maps, converted); "
@@ -188,6 +196,7 @@ def parse_args(argv=None):
                         "adam = the random-init demo's Adam")
     args = training.parse_with_demo(p, DEMO, argv)
     training.check_args(args)
+    refuse_idle_sigmask_flags(args, p)
     preset = dict(PRESETS[args.source])
     if args.source == "demo":   # the GTA5 schedule scaled to the demo's length
         preset.update(warmup_iters=round(preset["warmup_iters"] * args.iters),
@@ -218,6 +227,29 @@ def parse_args(argv=None):
         raise common.DataError(f"--prior {args.prior}: file not found (expected a .npy of shape (19,H,W) or a "
                                f"folder of probarray_cls{{0..18}}.npy; --build-prior writes one)")
     return args
+
+
+def refuse_idle_sigmask_flags(args, parser):
+    """DataError for a significance-mask flag that would change nothing: the pass runs only with a teacher and
+    --consistency src, and then only for --src-impl paper or --log-sigmask; only --src-impl paper draws noise."""
+    no_src = ("--source-only trains no teacher" if args.source_only else
+              f"--consistency {args.consistency} has no significance mask" if args.consistency != "src" else None)
+    if args.src_impl != parser.get_default("src_impl") and no_src:
+        raise common.DataError(f"--src-impl {args.src_impl}: no effect, {no_src}")
+    if args.log_sigmask and (no_src or args.src_impl == "paper"):
+        raise common.DataError(f"--log-sigmask: no effect, {no_src or '--src-impl paper runs the pass anyway'} "
+                               f"(it adds the pass to --consistency src --src-impl code)")
+    given = [name for name in ("passes", "tmax", "beta", "gamma", "noise_std")
+             if getattr(args, "sigmask_" + name) != parser.get_default("sigmask_" + name)]
+    skipped = no_src or (None if args.src_impl == "paper" or args.log_sigmask else
+                         "--src-impl code skips the significance pass (U_M cancels) unless --log-sigmask")
+    if given and skipped:
+        flag = given[0]
+        raise common.DataError(f"--sigmask-{flag.replace('_', '-')} {getattr(args, 'sigmask_' + flag)}: no effect, "
+                               f"{skipped}")
+    if "noise_std" in given and args.src_impl == "code":   # the code's swapped clamp bounds
+        raise common.DataError(f"--sigmask-noise-std {args.sigmask_noise_std}: no effect, --src-impl code adds the "
+                               f"constant -0.2 to every copy (Gaussian noise: --src-impl paper)")
 
 
 def needs_prior(args):
@@ -593,6 +625,7 @@ def main(argv=None):
         base_dir = args.out_dir or str(training.default_out_dir("camix", args.source, None, args.seed))
         baselines = []
         for name, changes in (("DACS", {"mix": "dacs", "warmup_iters": 0, "build_prior": False}),
+                              ("iDACS", {"mix": "idacs", "build_prior": False}),   # Table 4 baseline, same warm-up
                               ("source-only", {"source_only": True, "warmup_iters": 0, "build_prior": False})):
             baseline = copy.copy(args)
             vars(baseline).update(changes, out_dir=base_dir + "_" + name.lower().replace("-", "_"))

@@ -2,6 +2,7 @@
 against hand computations, the released code's constants, and one test per ablation flag."""
 import json
 import math
+import re
 import types
 
 import numpy as np
@@ -81,9 +82,12 @@ def test_demo_writes_the_comparison(tmp_path, capsys):
     camix.main(["--demo", "--iters", "2", "--val-size", "32", "16", "--data-root", str(tmp_path / "data"),
                 "--out-dir", str(out)])
     summary = json.loads((out / "demo.json").read_text())
-    assert summary["method"]["name"] == "CAMix" and [b["name"] for b in summary["baselines"]] == ["DACS", "source-only"]
+    assert summary["method"]["name"] == "CAMix" and [b["name"] for b in summary["baselines"]] == [
+        "DACS", "iDACS", "source-only"]
     assert json.loads((out / "config.json").read_text())["warmup_iters"] == 1      # 0.44 x 2 iterations
-    assert (tmp_path / "run_dacs" / "metrics.json").is_file() and "CAMix" in capsys.readouterr().out
+    idacs = json.loads((tmp_path / "run_idacs" / "config.json").read_text())   # the Table 4 baseline: CAMix's
+    assert (idacs["mix"], idacs["warmup_iters"], idacs["source_only"]) == ("idacs", 1, False)   # warm-up, then iDACS
+    assert (tmp_path / "run_dacs" / "metrics.json").is_file() and "iDACS" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------ the released code's values
@@ -404,6 +408,39 @@ def test_bad_input_is_one_line_and_writes_nothing(root, tmp_path, capsys, make, 
     with pytest.raises((SystemExit, common.DataError)) as exc:
         camix.main([*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / "x"), *map(str, make(tmp_path))])
     assert needle in str(exc.value) + capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--sigmask-passes", "4"], "--sigmask-passes 4: no effect, --src-impl code skips"),
+    (["--sigmask-tmax", "5"], "--sigmask-tmax 5: no effect, --src-impl code skips"),
+    (["--sigmask-beta", "0.5"], "--sigmask-beta 0.5: no effect"),
+    (["--sigmask-gamma", "-1"], "--sigmask-gamma -1.0: no effect"),
+    (["--sigmask-noise-std", "0.3"], "--sigmask-noise-std 0.3: no effect"),
+    (["--sigmask-noise-std", "0.3", "--log-sigmask"], "adds the constant -0.2"),
+    (["--sigmask-passes", "4", "--src-impl", "paper", "--consistency", "ce"], "--src-impl paper: no effect"),
+    (["--sigmask-tmax", "5", "--consistency", "mse"], "--consistency mse has no significance mask"),
+    (["--sigmask-beta", "0.5", "--source-only"], "--source-only trains no teacher"),
+    (["--log-sigmask", "--consistency", "ce"], "--log-sigmask: no effect, --consistency ce"),
+    (["--log-sigmask", "--src-impl", "paper"], "--log-sigmask: no effect, --src-impl paper runs the pass"),
+    (["--log-sigmask", "--source-only"], "--log-sigmask: no effect, --source-only"),
+    (["--src-impl", "paper", "--consistency", "mse"], "--src-impl paper: no effect"),
+])
+def test_significance_flags_without_effect_are_refused(flags, needle):
+    """The pass runs only for a teacher's --consistency src with --src-impl paper or --log-sigmask, and only
+    --src-impl paper draws noise: any other use of these flags would be silently ignored."""
+    with pytest.raises(common.DataError, match=re.escape(needle)):
+        camix.parse_args([*TINY, "--build-prior", *flags])
+
+
+@pytest.mark.parametrize("flags", [
+    ["--log-sigmask", "--sigmask-passes", "4", "--sigmask-tmax", "5", "--sigmask-beta", "0.5", "--sigmask-gamma", "-1"],
+    ["--src-impl", "paper", "--sigmask-passes", "4", "--sigmask-noise-std", "0.3"],
+    ["--mix", "none", "--src-impl", "paper", "--sigmask-tmax", "5"],
+    ["--sigmask-passes", "8", "--consistency", "ce"],          # the default value changes nothing either way
+])
+def test_significance_flags_with_effect_are_accepted(flags):
+    args = camix.parse_args([*TINY, "--build-prior", *flags])
+    assert args.consistency in ("src", "ce")
 
 
 def test_camix_without_a_prior_is_refused(root, tmp_path):

@@ -196,6 +196,7 @@ def parse_args(argv=None):
                         "adam = the random-init demo's Adam")
     args = training.parse_with_demo(p, DEMO, argv)
     training.check_args(args)
+    training.check_optimizer_flags(args)
     refuse_idle_sigmask_flags(args, p)
     preset = dict(PRESETS[args.source])
     if args.source == "demo":   # the GTA5 schedule scaled to the demo's length

@@ -392,6 +392,7 @@ FLAG_CASES = [  # (flags, baseline flags): the flag must change the trained weig
     (["--poly-iters", "4"], []),
     (["--nesterov"], []),
     (["--clean-param-groups"], []),
+    (["--sgd-rule", "torch1.5"], []),                  # out-of-place decay instead of AdaptSegNet's in-place
     (["--aspp-full"], []),
     (["--unlabeled", "complement"], []),
     (["--n-labeled", "3"], []),

@@ -333,6 +333,7 @@ FLAG_CASES = [  # (flags, baseline flags): the flag must change the trained weig
     (["--no-blur"], []),
     (["--aspp-full"], []),
     (["--clean-param-groups"], []),
+    (["--sgd-rule", "torch0.4"], []),                  # PyTorch <= 1.4: decay into p.grad, compounding
     (["--optimizer", "adam-paper"], []),
     (["--target-scale", "0.5", "--crop-size", "16", "16"], ["--crop-size", "16", "16"]),
     (["--amp"], []),

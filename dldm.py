@@ -323,11 +323,11 @@ def pixel_moments(lab, rows):
     `mean(0)`/`std(0)` of the whole (pixels x 3) LAB image: those add pixel by pixel in image order, and so
     does `np.add.accumulate` here (pinned by tests/test_dldm.py against the per-pixel transfer)."""
     mean, std = np.empty(3), np.empty(3)
-    for c in range(3):
-        x = lab[:, c].take(rows)
-        mean[c] = np.add.accumulate(x)[-1] / len(rows)
+    x, running = np.empty(len(rows)), np.empty(len(rows))
+    for c, channel in enumerate(np.ascontiguousarray(lab.T)):
+        mean[c] = np.add.accumulate(channel.take(rows, out=x), out=running)[-1] / len(rows)
         x -= mean[c]
-        std[c] = np.sqrt(np.add.accumulate(np.multiply(x, x, out=x), out=x)[-1] / len(rows))
+        std[c] = np.sqrt(np.add.accumulate(np.multiply(x, x, out=x), out=running)[-1] / len(rows))
     return mean, std
 
 
@@ -339,7 +339,8 @@ def lab_transfer(rgb, stats):
     colours, rows = distinct_colours(rgb[..., :3])
     lab = rgb_to_lab(colours)
     out = lab_to_rgb(lab_match(lab, np.asarray(stats, dtype=np.float64), moments=pixel_moments(lab, rows)))
-    return np.clip(out * 255.0, 0, 255).astype(np.uint8)[rows].reshape(*rgb.shape[:2], 3)
+    out = np.clip(out * 255.0, 0, 255).astype(np.uint8)
+    return np.stack([channel.take(rows) for channel in out.T], -1).reshape(*rgb.shape[:2], 3)
 
 
 def reference_stats(target_root, cache, workers=0):

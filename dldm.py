@@ -293,8 +293,8 @@ def lab_to_rgb(lab):
 
 def lab_stats(rgb):
     """Whole-image mean and population std of L, a, b: the 6 numbers a reference contributes."""
-    lab = rgb_to_lab(rgb[..., :3]).reshape(-1, 3)
-    return np.concatenate([lab.mean(0), lab.std(0)])
+    colours, rows = distinct_colours(rgb[..., :3])
+    return np.concatenate(pixel_moments(rgb_to_lab(colours), rows))
 
 
 def lab_match(lab, stats, eps=1e-8, moments=None):

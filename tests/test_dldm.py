@@ -469,6 +469,7 @@ def test_distinct_colours_and_pixel_moments_rebuild_the_whole_image_exactly():
         assert np.array_equal(lab[rows], flat)                       # the per-colour map is shape-independent
         mean, std = dldm.pixel_moments(lab, rows)
         assert np.array_equal(mean, flat.mean(0)) and np.array_equal(std, flat.std(0))   # bit-equal
+        assert np.array_equal(dldm.lab_stats(img), np.concatenate([flat.mean(0), flat.std(0)]))
 
 
 def test_online_lab_run_is_bit_identical_to_the_per_pixel_transfer(root, tmp_path, monkeypatch):

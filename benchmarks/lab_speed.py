@@ -25,15 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import demo  # noqa: E402
 import dldm  # noqa: E402
 
-SIZE = (1914, 1052)
 
 
-def frames(sigmas, seed=0):
-    """(name, uint8 image, label ids) of each benchmark frame."""
+def frames(sigmas, size, seed=0):
+    """(name, uint8 image, label ids) of each benchmark frame, `size` = (W, H)."""
     rng = np.random.default_rng(seed)
     ids, rgb = demo.draw_scene(rng, "source")
-    base = np.asarray(Image.fromarray(rgb).resize(SIZE, Image.BICUBIC), np.float64)
-    ids = np.asarray(Image.fromarray(ids).resize(SIZE, Image.NEAREST))
+    base = np.asarray(Image.fromarray(rgb).resize(size, Image.BICUBIC), np.float64)
+    ids = np.asarray(Image.fromarray(ids).resize(size, Image.NEAREST))
     out = [(f"demo scene + noise sigma {s:g}",
             np.clip(base + rng.normal(0, s, base.shape), 0, 255).astype(np.uint8) if s else base.astype(np.uint8),
             ids) for s in sigmas]
@@ -55,6 +54,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--sigmas", type=float, nargs="+", default=[0, 3, 10])
+    p.add_argument("--size", type=int, nargs=2, default=[1914, 1052], metavar=("W", "H"), help="GTA5's frame size")
+    p.add_argument("--resize", type=int, nargs=2, default=[1280, 720], metavar=("W", "H"), help="DLDM's GTA5 resize")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     ref_ids, ref_rgb = demo.draw_scene(np.random.default_rng(1), "target")
@@ -62,14 +63,14 @@ def main(argv=None):
     print("| frame | distinct colours / pixels | transfer CPU ms | transfer img/s/core | item CPU ms | item img/s/core |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, rgb, ids in frames(args.sigmas):
+        for name, rgb, ids in frames(args.sigmas, tuple(args.size)):
             root = Path(tmp) / name.replace(" ", "_")
             (root / "gta5" / "images").mkdir(parents=True)
             (root / "gta5" / "labels").mkdir(parents=True)
             Image.fromarray(rgb).save(root / "gta5" / "images" / "00001.png")
             demo.write_palette_png(root / "gta5" / "labels" / "00001.png", ids)
-            data = dldm.LabSourceDataset("gta5", root / "gta5", resize=(1280, 720), interp="bicubic", norm="imagenet_bgr",
-                                         ref_stats=stats, mode="online")
+            data = dldm.LabSourceDataset("gta5", root / "gta5", resize=tuple(args.resize), interp="bicubic",
+                                         norm="imagenet_bgr", ref_stats=stats, mode="online")
             transfer = cpu_seconds(lambda: dldm.lab_transfer(rgb, stats[0]), args.reps)
             item = cpu_seconds(lambda: data[(0, 0, -1)], args.reps)
             distinct = len(np.unique(rgb.reshape(-1, 3), axis=0))

@@ -483,6 +483,15 @@ def test_online_lab_run_is_bit_identical_to_the_per_pixel_transfer(root, tmp_pat
     assert stage_digest(root, tmp_path / "other", ["--stage", "rl"], "round1/rl/checkpoint.pth") != fast
 
 
+def test_lab_speed_benchmark_runs_and_prints_a_row_per_frame(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import lab_speed
+    lab_speed.main(["--reps", "1", "--sigmas", "0", "5", "--size", "48", "30", "--resize", "32", "20"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["| demo scene + noise sigma 0", "| demo scene + noise sigma 5", "| uniform noise"]
+    assert all(0 < float(r[1]) <= 1 and float(r[3]) > 0 and float(r[5].rstrip(" |")) > 0 for r in rows)
+
+
 # ------------------------------------------------------------------ each flag changes training
 
 def stage_digest(root, out, flags, path):

@@ -309,13 +309,16 @@ def lab_match(lab, stats, eps=1e-8, moments=None):
 def distinct_colours(rgb):
     """The distinct colours of a uint8 HxWx3 image (U x 3, ascending) and each pixel's row among them (flat)."""
     code = ((rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]).ravel()
-    seen = np.zeros(1 << 24, bool)
-    seen[code] = True
-    codes = np.flatnonzero(seen).astype(np.int32)
-    row_of_code = np.empty(1 << 24, np.int32)
-    row_of_code[codes] = np.arange(len(codes), dtype=np.int32)
-    colours = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], -1).astype(np.uint8)
-    return colours, row_of_code.take(code)
+    if code.size < 1 << 16:   # small image: sorting beats zeroing the two 2^24-entry tables below
+        codes, rows = np.unique(code, return_inverse=True)
+    else:
+        seen = np.zeros(1 << 24, bool)
+        seen[code] = True
+        codes = np.flatnonzero(seen).astype(np.int32)
+        row_of_code = np.empty(1 << 24, np.int32)
+        row_of_code[codes] = np.arange(len(codes), dtype=np.int32)
+        rows = row_of_code.take(code)
+    return np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], -1).astype(np.uint8), rows.ravel()
 
 
 def pixel_moments(lab, rows):

@@ -429,9 +429,10 @@ def lab_test_images(rng):
     out = [np.zeros((1, 1, 3), np.uint8), np.full((3, 5, 3), 255, np.uint8), edge.reshape(8, 8, 3),
            np.dstack([rng.integers(0, 256, (9, 7, 2)), np.full((9, 7), 40)]).astype(np.uint8),   # b flat
            rng.integers(0, 14, (16, 20, 3)).astype(np.uint8),                                     # all dark
-           rng.integers(0, 256, (21, 33, 4)).astype(np.uint8)]                                     # RGBA
+           rng.integers(0, 256, (21, 33, 4)).astype(np.uint8),                                     # RGBA
+           np.repeat(rng.integers(0, 256, (200, 110, 3)), 3, axis=1).astype(np.uint8)]   # >= 2^16 pixels
     for _ in range(24):
-        h, w = rng.integers(1, 90, 2)
+        h, w = rng.integers(1, 90), rng.integers(2, 90)      # width 1: see the test below
         palette = rng.integers(0, 256, (int(rng.integers(1, 300)), 3))
         img = palette[rng.integers(0, len(palette), (h, w))]                        # repeated colours
         img[rng.random((h, w)) < 0.3] = rng.integers(0, 256, 3)
@@ -454,12 +455,32 @@ def test_lab_transfer_per_distinct_colour_is_uint8_equal_to_the_per_pixel_transf
             assert out.shape == img.shape[:2] + (3,) and out.dtype == np.uint8
             assert np.array_equal(out, per_pixel_lab_transfer(img, stats)), (img.shape, stats)
             checked += 1
-    assert checked == 5 * len(images)
+    assert checked == 5 * len(images) and max(img[..., 0].size for img in images) >= 1 << 16
+
+
+def test_lab_transfer_of_a_one_pixel_wide_image_is_within_one_level_of_the_per_pixel_transfer():
+    """The documented bound: on an H x 1 image the per-pixel code's matmul of (1, 3) rows by 3x3 takes NumPy's
+    vector path, whose sums round differently in the last ulp from the matrix path of wider images (so that
+    transfer depended on the image's shape); the per-colour transfer gives a colour the same values anywhere."""
+    rng = np.random.default_rng(13)
+    differs = 0
+    for _ in range(40):
+        img = rng.integers(0, 256, (int(rng.integers(2, 60)), 1, 3)).astype(np.uint8)
+        stats = dldm.lab_stats(img)                        # identity statistics: the most sensitive case
+        fast, slow = dldm.lab_transfer(img, stats).astype(int), per_pixel_lab_transfer(img, stats).astype(int)
+        assert np.abs(fast - slow).max() <= 1
+        row = img.reshape(1, -1, 3)                        # the same pixels in the same order, one row
+        assert np.array_equal(fast, per_pixel_lab_transfer(row, stats).reshape(img.shape))
+        differs += not np.array_equal(fast, slow)
+    assert differs > 0
 
 
 def test_distinct_colours_and_pixel_moments_rebuild_the_whole_image_exactly():
     rng = np.random.default_rng(12)
-    for img in lab_test_images(rng)[:12]:
+    images = lab_test_images(rng)
+    large = [img for img in images if img[..., 0].size >= 1 << 16]     # the table path of distinct_colours
+    assert len(large) == 1
+    for img in images[:12] + large:
         img = img[..., :3]
         colours, rows = dldm.distinct_colours(img)
         codes = colours.astype(np.int64) @ [65536, 256, 1]

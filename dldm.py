@@ -338,7 +338,8 @@ def lab_transfer(rgb, stats):
     """Source uint8 RGB -> uint8 RGB with the reference's LAB statistics (truncated, as the authors' cast).
 
     Each step but the source's whole-image mean/std maps one colour to one colour, so it runs once per
-    distinct colour and the result is gathered back to the pixels; uint8-equal to the per-pixel transfer."""
+    distinct colour and the result is gathered back to the pixels; uint8-equal to the per-pixel transfer
+    for images 2+ pixels wide (on a 1-pixel-wide one NumPy's per-pixel matmul rounded differently: <= 1 level)."""
     colours, rows = distinct_colours(rgb[..., :3])
     lab = rgb_to_lab(colours)
     out = lab_to_rgb(lab_match(lab, np.asarray(stats, dtype=np.float64), moments=pixel_moments(lab, rows)))

@@ -293,22 +293,58 @@ def lab_to_rgb(lab):
 
 def lab_stats(rgb):
     """Whole-image mean and population std of L, a, b: the 6 numbers a reference contributes."""
-    lab = rgb_to_lab(rgb[..., :3]).reshape(-1, 3)
-    return np.concatenate([lab.mean(0), lab.std(0)])
+    colours, rows = distinct_colours(rgb[..., :3])
+    return np.concatenate(pixel_moments(rgb_to_lab(colours), rows))
 
 
-def lab_match(lab, stats, eps=1e-8):
+def lab_match(lab, stats, eps=1e-8, moments=None):
     """Per-channel affine map of a LAB image onto a reference's mean/std (step 4 of the transfer); `eps`
-    only replaces a zero std (a flat channel), so any other image gets DDM base_dataset.py's exact values."""
+    only replaces a zero std (a flat channel), so any other image gets DDM base_dataset.py's exact values.
+    `moments`: the source's (mean, std) when `lab` is not the whole image (default: those of `lab`)."""
     flat = lab.reshape(-1, 3)
-    mean, std = flat.mean(0), flat.std(0)
+    mean, std = moments if moments is not None else (flat.mean(0), flat.std(0))
     return (lab - mean) / np.maximum(std, eps) * stats[3:] + stats[:3]
 
 
+def distinct_colours(rgb):
+    """The distinct colours of a uint8 HxWx3 image (U x 3, ascending) and each pixel's row among them (flat)."""
+    code = ((rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]).ravel()
+    if code.size < 1 << 16:   # small image: sorting beats zeroing the two 2^24-entry tables below
+        codes, rows = np.unique(code, return_inverse=True)
+    else:
+        seen = np.zeros(1 << 24, bool)
+        seen[code] = True
+        codes = np.flatnonzero(seen).astype(np.int32)
+        row_of_code = np.empty(1 << 24, np.int32)
+        row_of_code[codes] = np.arange(len(codes), dtype=np.int32)
+        rows = row_of_code.take(code)
+    return np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], -1).astype(np.uint8), rows.ravel()
+
+
+def pixel_moments(lab, rows):
+    """Mean and population std of L, a, b over the pixels `lab[rows]`, as the same float64s as NumPy's
+    `mean(0)`/`std(0)` of the whole (pixels x 3) LAB image: those add pixel by pixel in image order, and so
+    does `np.add.accumulate` here (pinned by tests/test_dldm.py against the per-pixel transfer)."""
+    mean, std = np.empty(3), np.empty(3)
+    x, running = np.empty(len(rows)), np.empty(len(rows))
+    for c, channel in enumerate(np.ascontiguousarray(lab.T)):
+        mean[c] = np.add.accumulate(channel.take(rows, out=x), out=running)[-1] / len(rows)
+        x -= mean[c]
+        std[c] = np.sqrt(np.add.accumulate(np.multiply(x, x, out=x), out=running)[-1] / len(rows))
+    return mean, std
+
+
 def lab_transfer(rgb, stats):
-    """Source uint8 RGB -> uint8 RGB with the reference's LAB statistics (truncated, as the authors' cast)."""
-    out = lab_to_rgb(lab_match(rgb_to_lab(rgb[..., :3]), np.asarray(stats, dtype=np.float64)))
-    return np.clip(out * 255.0, 0, 255).astype(np.uint8)
+    """Source uint8 RGB -> uint8 RGB with the reference's LAB statistics (truncated, as the authors' cast).
+
+    Each step but the source's whole-image mean/std maps one colour to one colour, so it runs once per
+    distinct colour and the result is gathered back to the pixels; uint8-equal to the per-pixel transfer
+    for images 2+ pixels wide (on a 1-pixel-wide one NumPy's per-pixel matmul rounded differently: <= 1 level)."""
+    colours, rows = distinct_colours(rgb[..., :3])
+    lab = rgb_to_lab(colours)
+    out = lab_to_rgb(lab_match(lab, np.asarray(stats, dtype=np.float64), moments=pixel_moments(lab, rows)))
+    out = np.clip(out * 255.0, 0, 255).astype(np.uint8)
+    return np.stack([channel.take(rows) for channel in out.T], -1).reshape(*rgb.shape[:2], 3)
 
 
 def reference_stats(target_root, cache, workers=0):

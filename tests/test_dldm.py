@@ -395,6 +395,124 @@ def test_lab_reference_drawn_per_load_online_and_fixed_offline(root, tmp_path):
     assert torch.equal(a["image"], b["image"]) and (tmp_path / "r" / "lab_offline" / "00001.png").is_file()
 
 
+def per_pixel_lab_transfer(rgb, stats):
+    """The LAB transfer as dldm.py computed it before it worked per distinct colour (kept here as the reference):
+    skimage's rgb2lab/lab2rgb maps on every pixel, NumPy's (pixels x 3) mean(0)/std(0), DDM's affine step."""
+    xyz_from_rgb = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
+                             [0.019334, 0.119193, 0.950227]])
+    white = np.array([0.95047, 1.0, 1.08883])
+    v = np.arange(256) / 255.0
+    xyz = (np.where(v > 0.04045, ((v + 0.055) / 1.055) ** 2.4, v / 12.92)[rgb[..., :3]] @ xyz_from_rgb.T) / white
+    f = np.cbrt(xyz)
+    low = xyz <= 0.008856
+    f[low] = 7.787 * xyz[low] + 16.0 / 116.0
+    lab = np.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])], -1)
+    flat = lab.reshape(-1, 3)
+    stats = np.asarray(stats, dtype=np.float64)
+    lab = (lab - flat.mean(0)) / np.maximum(flat.std(0), 1e-8) * stats[3:] + stats[:3]
+    fy = (lab[..., 0] + 16.0) / 116.0
+    f = np.stack([lab[..., 1] / 500.0 + fy, fy, np.maximum(fy - lab[..., 2] / 200.0, 0)], -1)
+    xyz = f ** 3
+    low = f <= 0.2068966
+    xyz[low] = (f[low] - 16.0 / 116.0) / 7.787
+    x = (xyz * white) @ np.linalg.inv(xyz_from_rgb).T
+    out = 1.055 * np.power(np.maximum(x, 1e-12), 1 / 2.4) - 0.055
+    low = x <= 0.0031308
+    out[low] = 12.92 * x[low]
+    return np.clip(np.clip(out, 0, 1) * 255.0, 0, 255).astype(np.uint8)
+
+
+def lab_test_images(rng):
+    """Random images of many sizes and colour counts, with black, white, primaries, greys, dark pixels (the
+    linear branches), a flat channel, a single colour and an alpha channel."""
+    edge = np.array(np.meshgrid(*[[0, 1, 254, 255]] * 3)).reshape(3, -1).T.astype(np.uint8)   # 64 corner colours
+    out = [np.zeros((1, 1, 3), np.uint8), np.full((3, 5, 3), 255, np.uint8), edge.reshape(8, 8, 3),
+           np.dstack([rng.integers(0, 256, (9, 7, 2)), np.full((9, 7), 40)]).astype(np.uint8),   # b flat
+           rng.integers(0, 14, (16, 20, 3)).astype(np.uint8),                                     # all dark
+           rng.integers(0, 256, (21, 33, 4)).astype(np.uint8),                                     # RGBA
+           np.repeat(rng.integers(0, 256, (200, 110, 3)), 3, axis=1).astype(np.uint8)]   # >= 2^16 pixels
+    for _ in range(24):
+        h, w = rng.integers(1, 90), rng.integers(2, 90)      # width 1: see the test below
+        palette = rng.integers(0, 256, (int(rng.integers(1, 300)), 3))
+        img = palette[rng.integers(0, len(palette), (h, w))]                        # repeated colours
+        img[rng.random((h, w)) < 0.3] = rng.integers(0, 256, 3)
+        img[rng.random((h, w)) < 0.1] = edge[rng.integers(0, 64)]
+        out.append(img.astype(np.uint8))
+    return out
+
+
+def test_lab_transfer_per_distinct_colour_is_uint8_equal_to_the_per_pixel_transfer():
+    """The fast transfer against the per-pixel one: random, extreme (gamut-clipping) and identity statistics,
+    whose round trip lands within a few ulps of the input's integers, so any float difference would show."""
+    rng = np.random.default_rng(11)
+    images = lab_test_images(rng)
+    checked = 0
+    for img in images:
+        ref = images[rng.integers(len(images))]
+        for stats in (dldm.lab_stats(ref), dldm.lab_stats(img), np.array([50.0, 0, 0, 40.0, 90.0, 90.0]),
+                      np.array([8.0, -30.0, 40.0, 3.0, 2.0, 1e-3]), np.array([97.0, 5.0, -5.0, 1.0, 1.0, 1.0])):
+            out = dldm.lab_transfer(img, stats)
+            assert out.shape == img.shape[:2] + (3,) and out.dtype == np.uint8
+            assert np.array_equal(out, per_pixel_lab_transfer(img, stats)), (img.shape, stats)
+            checked += 1
+    assert checked == 5 * len(images) and max(img[..., 0].size for img in images) >= 1 << 16
+
+
+def test_lab_transfer_of_a_one_pixel_wide_image_is_within_one_level_of_the_per_pixel_transfer():
+    """The documented bound: on an H x 1 image the per-pixel code's matmul of (1, 3) rows by 3x3 takes NumPy's
+    vector path, whose sums round differently in the last ulp from the matrix path of wider images (so that
+    transfer depended on the image's shape); the per-colour transfer gives a colour the same values anywhere."""
+    rng = np.random.default_rng(13)
+    differs = 0
+    for _ in range(40):
+        img = rng.integers(0, 256, (int(rng.integers(2, 60)), 1, 3)).astype(np.uint8)
+        stats = dldm.lab_stats(img)                        # identity statistics: the most sensitive case
+        fast, slow = dldm.lab_transfer(img, stats).astype(int), per_pixel_lab_transfer(img, stats).astype(int)
+        assert np.abs(fast - slow).max() <= 1
+        row = img.reshape(1, -1, 3)                        # the same pixels in the same order, one row
+        assert np.array_equal(fast, per_pixel_lab_transfer(row, stats).reshape(img.shape))
+        differs += not np.array_equal(fast, slow)
+    assert differs > 0
+
+
+def test_distinct_colours_and_pixel_moments_rebuild_the_whole_image_exactly():
+    rng = np.random.default_rng(12)
+    images = lab_test_images(rng)
+    large = [img for img in images if img[..., 0].size >= 1 << 16]     # the table path of distinct_colours
+    assert len(large) == 1
+    for img in images[:12] + large:
+        img = img[..., :3]
+        colours, rows = dldm.distinct_colours(img)
+        codes = colours.astype(np.int64) @ [65536, 256, 1]
+        assert (np.diff(codes) > 0).all() and np.array_equal(colours[rows].reshape(img.shape), img)
+        flat = dldm.rgb_to_lab(img).reshape(-1, 3)
+        lab = dldm.rgb_to_lab(colours)
+        assert np.array_equal(lab[rows], flat)                       # the per-colour map is shape-independent
+        mean, std = dldm.pixel_moments(lab, rows)
+        assert np.array_equal(mean, flat.mean(0)) and np.array_equal(std, flat.std(0))   # bit-equal
+        assert np.array_equal(dldm.lab_stats(img), np.concatenate([flat.mean(0), flat.std(0)]))
+
+
+def test_online_lab_run_is_bit_identical_to_the_per_pixel_transfer(root, tmp_path, monkeypatch):
+    """A 2-iteration M_RL run with --lab-mode online: the same weights with the per-pixel transfer."""
+    args = dldm.parse_args(TINY)
+    assert (args.lab, args.lab_mode) == ("on", "online")
+    fast = stage_digest(root, tmp_path / "fast", ["--stage", "rl"], "round1/rl/checkpoint.pth")
+    monkeypatch.setattr(dldm, "lab_transfer", per_pixel_lab_transfer)
+    assert stage_digest(root, tmp_path / "slow", ["--stage", "rl"], "round1/rl/checkpoint.pth") == fast
+    monkeypatch.setattr(dldm, "lab_transfer", lambda rgb, stats: per_pixel_lab_transfer(rgb, np.asarray(stats) + 1e-3))
+    assert stage_digest(root, tmp_path / "other", ["--stage", "rl"], "round1/rl/checkpoint.pth") != fast
+
+
+def test_lab_speed_benchmark_runs_and_prints_a_row_per_frame(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import lab_speed
+    lab_speed.main(["--reps", "1", "--sigmas", "0", "5", "--size", "48", "30", "--resize", "32", "20"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["| demo scene + noise sigma 0", "| demo scene + noise sigma 5", "| uniform noise"]
+    assert all(0 < float(r[1]) <= 1 and float(r[3]) > 0 and float(r[5].rstrip(" |")) > 0 for r in rows)
+
+
 # ------------------------------------------------------------------ each flag changes training
 
 def stage_digest(root, out, flags, path):

@@ -263,15 +263,17 @@ def target_pseudo_label(teacher_logits, args, pl_crop=None, valid=None):
     return y_t, q, share
 
 
-def cross_domain_mix(x_s, y_s, x_t, y_t, q, g, args, batch_union=False):
-    """InterMix (§3.2): classes of source GT k pasted onto target image k; weight 1 on pasted pixels, the target
-    weight map q (target_pseudo_label) elsewhere; the classes may come from the batch's union (DAFormer)."""
+def cross_domain_mix(x_s, y_s, x_t, teacher_logits, g, args, pl_crop=None, batch_union=False, valid=None):
+    """InterMix (§3.2): classes of source GT k pasted onto target image k; weight 1 on pasted pixels, q elsewhere
+    (--stack daformer/hrda: q is 0 on the rows of --pl-crop v1 or outside the v2 margins `valid`, and the
+    classes may come from the batch's union)."""
+    y_t, q, share = target_pseudo_label(teacher_logits, args, pl_crop, valid)
     M = common.class_mix_mask(y_s, g, rule=args.mask_rounding, drop_ignore=args.mask_exclude_ignore,
                               batch_union=batch_union)
     x_m = common.one_mix(M, x_s, x_t)
     y_m = common.one_mix(M, y_s, y_t)                 # pasted ignore pixels keep 255 (ignored)
     w = common.one_mix(M, torch.ones_like(q), q)
-    return x_m, y_m, w
+    return x_m, y_m, w, share
 
 
 def intra_domain_mix(x_t, teacher_prob, g, args):
@@ -363,8 +365,7 @@ def train(args):
             with torch.no_grad(), amp.autocast():
                 logits_t = common.upsample(teacher(x_t).float(), x_t.shape[2:])
             if args.mix == "inter":
-                y_t, w_t, q = target_pseudo_label(logits_t, args)
-                x_m, y_m, w = cross_domain_mix(x_s, y_s, x_t, y_t, w_t, g, args)
+                x_m, y_m, w, q = cross_domain_mix(x_s, y_s, x_t, logits_t, g, args)
             else:
                 prob_t = logits_t.softmax(1)
                 if p_model is not None:  # §2.5.6: running mean of the predictions, then alignment
@@ -384,7 +385,8 @@ def train(args):
                 loss_u = args.consistency_weight * common.ce_pixel_weighted(logits_m, y_m, w)   # lambda * L_u
             losses.update(loss_u=loss_u, q=q)
             loss = loss_l + loss_u
-            if args.mic:   # MIC: the masked target image against the unmixed pseudo-label, in the same sum
+            if args.mic:   # MIC: the masked target image against the same (unmixed) pseudo-label, in the same sum
+                y_t, w_t, _ = target_pseudo_label(logits_t, args)
                 x_k = common.mic_masked_input(x_t, norm, g, args.mask_block, args.mask_ratio)
                 with amp.autocast():
                     losses["loss_mic"] = args.mask_lambda * common.ce_pixel_weighted(
@@ -507,8 +509,8 @@ def train_daformer(args):
             x_t, valid = training.next_target_batch(loader_t, device)   # target labels unused (but by the crop rule)
             with torch.no_grad(), amp.autocast():                # HRDA: overlapping detail windows
                 logits_t = up(teacher(x_t).float(), x_t.shape[2:])
-            y_t, w_t, q = target_pseudo_label(logits_t, args, args.pl_crop, valid)
-            x_m, y_m, w = cross_domain_mix(x_s, y_s, x_t, y_t, w_t, g, args, args.classmix_select == "batch")
+            x_m, y_m, w, q = cross_domain_mix(x_s, y_s, x_t, logits_t, g, args, args.pl_crop,
+                                              args.classmix_select == "batch", valid)
             if not args.no_jitter:  # DAFormer: s 0.2, p 0.2; one switch per iteration, factors and order per image
                 x_m = common.color_jitter(x_m, norm, g, strength=0.2, gate=args.jitter_gate, per_image_order=True)
             if not args.no_blur:
@@ -517,7 +519,8 @@ def train_daformer(args):
                 loss_u = args.consistency_weight * stream_loss(x_m, y_m, w, g)[0]
             amp.backward(loss_u)
             losses.update(loss_u=loss_u, q=q)
-            if args.mic:   # MIC: masked colour-augmented target against the unmixed pseudo-label, own backward
+            if args.mic:   # MIC: masked colour-augmented target against the same (unmixed) pseudo-label and weights
+                y_t, w_t, _ = target_pseudo_label(logits_t, args, args.pl_crop, valid)
                 x_k = common.mic_masked_input(x_t, norm, g, args.mask_block, args.mask_ratio)
                 fused_only = hrda and not args.mask_lambda_all   # MIC scales HRDA's fused term only
                 with amp.autocast():

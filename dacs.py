@@ -206,7 +206,7 @@ def parse_args(argv=None):
     if args.source_size is None:
         args.source_size = SOURCE_SIZE[args.source]
     if args.stack == "hrda" and not args.eval_only:
-        check_hrda_args(args)
+        training.check_hrda_args(args)
     mixing = not args.source_only and not args.eval_only
     if mixing and args.mix != "inter" and args.batch_size < 2:
         raise common.DataError(f"--mix {args.mix} pairs target image k with k+1: --batch-size {args.batch_size}, "
@@ -233,21 +233,6 @@ def check_daformer_args(args):
             and args.rcs_min_pixels >= 0 and 0 < args.target_cat_max_ratio <= 1):
         raise common.DataError("--fd-lambda >= 0, --drop-path-rate in [0,1), --warmup-iters >= 0, --rcs-temp > 0, "
                                "--rcs-min-pixels >= 0 and --target-cat-max-ratio in (0,1] expected")
-
-
-def check_hrda_args(args):
-    """--stack hrda: crop sides HRDA can split (detail crop = half the crop, divisible by 8), images at least as
-    large as the crop, --hr-loss-weight in [0,1] (DataError)."""
-    crop = tuple(args.crop_size)
-    if min(crop) <= 0 or any(c % 16 for c in crop):
-        raise common.DataError(f"--crop-size {crop[0]} {crop[1]}: --stack hrda needs sides divisible by 16 (the "
-                               "detail crop is half the crop, on a grid of 8; HRDA: 1024 1024)")
-    for flag, size in (("--target-size", args.target_size), ("--source-size", args.source_size)):
-        if size is not None and (size[0] < crop[1] or size[1] < crop[0]):
-            raise common.DataError(f"{flag} {size[0]} {size[1]}: smaller than the HRDA crop --crop-size {crop[0]} "
-                                   f"{crop[1]}; expected images at least as large as the crop")
-    if not 0 <= args.hr_loss_weight <= 1:
-        raise common.DataError(f"--hr-loss-weight {args.hr_loss_weight}: expected a value in [0,1]")
 
 
 def target_pseudo_label(teacher_logits, args, pl_crop=None, valid=None):

@@ -621,7 +621,7 @@ ADDED_ARGS = {"sgd_rule": "torch1.5", "stack": "deeplabv2", "mit": None, "drop_p
               "pl_crop": None, "warmup_iters": None, "rcs": None, "rcs_temp": None, "rcs_min_pixels": None,
               "classmix_select": None, "target_cat_max_ratio": None, "hr_loss_weight": None, "eval_mode": None,
               "mic": False, "mask_ratio": None, "mask_block": None, "mask_lambda": None,
-              "mask_lambda_all": False}  # flags added later: what older runs ran
+              "mask_lambda_all": False, "labeled_loss": None, "mic_on": None}  # flags added later: what older runs ran
 
 
 def check_same_run(saved, current, path):
@@ -831,6 +831,21 @@ def parse_with_stack(parser, stacks, demo, argv=None, daformer_only=()):
     if given:
         raise DataError(f"--{given[0].replace('_', '-')} is a --stack daformer flag (this run: --stack deeplabv2)")
     return args
+
+
+def check_hrda_args(args):
+    """--stack hrda: crop sides HRDA can split (detail crop = half the crop, divisible by 8), images at least as
+    large as the crop, --hr-loss-weight in [0,1] (DataError)."""
+    crop = tuple(args.crop_size)
+    if min(crop) <= 0 or any(c % 16 for c in crop):
+        raise DataError(f"--crop-size {crop[0]} {crop[1]}: --stack hrda needs sides divisible by 16 (the "
+                               "detail crop is half the crop, on a grid of 8; HRDA: 1024 1024)")
+    for flag, size in (("--target-size", args.target_size), ("--source-size", args.source_size)):
+        if size is not None and (size[0] < crop[1] or size[1] < crop[0]):
+            raise DataError(f"{flag} {size[0]} {size[1]}: smaller than the HRDA crop --crop-size {crop[0]} "
+                                   f"{crop[1]}; expected images at least as large as the crop")
+    if not 0 <= args.hr_loss_weight <= 1:
+        raise DataError(f"--hr-loss-weight {args.hr_loss_weight}: expected a value in [0,1]")
 
 
 def check_mit_init(args):

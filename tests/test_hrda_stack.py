@@ -11,6 +11,8 @@ from PIL import Image
 
 import common
 import dacs
+import iidm
+import training
 from conftest import ROOT, script_runner, weights_digest, write_palette, write_rgb
 
 H, W = 64, 128   # every generated image; 64x64 crops, 32x32 detail windows, 32x32 context views
@@ -135,10 +137,12 @@ def test_slide_evaluation_runs_windows_of_the_crop(root, tmp_path, monkeypatch):
     assert seen == [] and whole["model"] == "student"
 
 
-MIC = ["--mic", "--pl-crop", "none", "--mask-block", "16"]   # the v2 margins would zero every 64-row weight
+# v2 margins would zero every weight of a 64-row image; 8-pixel blocks never mask a whole crop (a random-init MiT
+# gets NaN gradients from an all-zero image)
+MIC = ["--mic", "--pl-crop", "none", "--mask-block", "8"]
 FLAGS = [([], ["--hr-loss-weight", "0.5"]), ([], ["--pl-crop", "none"]), ([], ["--pl-crop", "v1"]),
-         (["--pl-crop", "none"], ["--mic", "--mask-block", "16"]), (MIC, ["--mask-ratio", "0.3"]),
-         (MIC, ["--mask-block", "8"]), (MIC, ["--mask-lambda", "0.5"]),
+         (["--pl-crop", "none"], ["--mic", "--mask-block", "8"]), (MIC, ["--mask-ratio", "0.3"]),
+         (MIC, ["--mask-block", "16"]), (MIC, ["--mask-lambda", "0.5"]),
          (MIC + ["--mask-lambda", "0.5"], ["--mask-lambda-all"])]
 
 
@@ -218,3 +222,69 @@ def test_bad_input_is_refused_in_one_line_and_writes_nothing(root, tmp_path, fla
 def test_flag_refusals(argv, message):
     with pytest.raises(common.DataError, match=message):
         dacs.parse_args([*argv, "--init", "none"] if "--stack" in argv else argv)
+
+
+# ------------------------------------------------------------------ iidm.py: IIDM Table 3
+
+run_iidm = script_runner(iidm, TINY + ["--n-labeled", "2"])
+
+
+@pytest.mark.parametrize("mic", [[], MIC], ids=["hrda", "mic"])
+def test_iidm_two_iterations_and_exact_resume(root, tmp_path, mic):
+    _, full = run_iidm(root, tmp_path / "a", "--save-every", "1", "--keep-checkpoints", *mic)
+    assert list(full["model"]) == list(common.hrda_segmentor(19, "tiny").state_dict())
+    log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert all({"loss_s", "loss_t", "loss_inter", "loss_intra"} <= set(r) for r in log)
+    assert all((r.get("loss_mic", 0) > 0) == bool(mic) for r in log)
+    _, resumed = run_iidm(root, tmp_path / "c", "--resume", tmp_path / "a" / "checkpoint_1.pth", *mic)
+    assert same(full["model"], resumed["model"]) and same(full["ema_model"], resumed["ema_model"])
+
+
+def test_iidm_one_pseudo_label_and_one_backward_per_stream(root, tmp_path, monkeypatch):
+    """Spec steps 1-8: one teacher pass for the inter, intra and MIC streams; a student pass and a backward per
+    stream (source, labeled target, inter, intra, masked), each with its own detail box."""
+    calls, backwards = [], []
+    head_forward, backward = common.HRDAHead.forward, training.Amp.backward
+
+    def record_head(self, context, detail, box=None, windows=None):
+        calls.append(box is not None)
+        return head_forward(self, context, detail, box, windows)
+
+    monkeypatch.setattr(common.HRDAHead, "forward", record_head)
+    monkeypatch.setattr(training.Amp, "backward", lambda self, loss, **kw: backwards.append(1) or backward(
+        self, loss, **kw))
+    run_iidm(root, tmp_path / "a", "--iters", "1", "--eval-every", "0", *MIC)
+    assert calls[:6] == [True, True, False, True, True, True]   # L_s, L_t, teacher, inter, intra, MIC
+    assert len(backwards) == 6                                   # FD has its own backward after L_s
+
+
+IIDM_FLAGS = [(MIC, ["--mic-on", "labeled"]), (MIC, ["--mic-on", "mixed"]), ([], ["--labeled-loss", "fused"]),
+              ([], ["--pl-crop", "none"]), (["--pl-crop", "none"], MIC[:1] + MIC[3:])]
+
+
+@pytest.mark.parametrize("base, flags", IIDM_FLAGS, ids=lambda f: "_".join(f))
+def test_iidm_hrda_flag_changes_training(root, tmp_path, base, flags):
+    digest = [weights_digest(run_iidm(root, tmp_path / str(k), "--iters", "1", "--eval-every", "0", *f)[1]["model"])
+              for k, f in enumerate((base, base + flags))]
+    assert digest[0] != digest[1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stack", "daformer", "--labeled-loss", "fused"], "--labeled-loss is a --stack hrda flag"),
+    (["--stack", "hrda", "--mic-on", "mixed"], "--mic-on is a --mic flag"),
+    (["--stack", "hrda", "--mic", "--no-inter", "--no-intra"], "--mic needs the teacher's pseudo-label"),
+    (["--stack", "hrda", "--target-size", "512", "256"], "--target-size 512 256: smaller than the HRDA crop")])
+def test_iidm_refusals(argv, message):
+    with pytest.raises(common.DataError, match=message):
+        iidm.parse_args([*argv, "--init", "none"])
+
+
+def test_iidm_hrda_defaults_and_eval_only_of_an_authors_checkpoint(root, tmp_path):
+    args = iidm.parse_args(["--stack", "hrda", "--init", "none"])
+    assert (tuple(args.crop_size), args.pl_crop, args.labeled_loss, args.ema_alpha, args.fd_lambda) == (
+        (1024, 1024), "v2", "hrda", 0.999, 0.005)
+    metrics, ckpt = run_iidm(root, tmp_path / "run", "--iters", "1")
+    torch.save({"meta": {}, "state_dict": {f"model.{k}": v for k, v in ckpt["model"].items()}}, tmp_path / "l.pth")
+    authors = iidm.main([*TINY, "--n-labeled", "2", "--data-root", str(root), "--out-dir", str(tmp_path / "ev"),
+                         "--eval-only", "--checkpoint", str(tmp_path / "l.pth")])
+    assert authors["mIoU"] == pytest.approx(metrics["mIoU"])

@@ -81,6 +81,38 @@ checkpoint of the other --stack is refused. DeepLabv2-only flags (--layers, --wi
 One process only (the source and FD backward passes share one forward; DAFormer trains on one GPU).
 --demo --stack daformer trains the `tiny` MiT (64-channel head) from a random init (--init none), AdamW 6e-4,
 warm-up 20, EMA 0.99.
+
+--stack hrda: HRDA (Hoyer, Dai, Van Gool, ECCV 2022; lhoyer/HRDA configs/hrda/gta2csHR_hrda.py, README: GTA5 73.8,
+released checkpoint 73.79), DAFormer's training with multi-resolution self-training, in the order of HRDA's dacs.py:
+    python dacs.py --source gta5 --stack hrda --init pretrained/mit_b5.pth
+    data     GTA5 fit into 2560x1440, Cityscapes 2048x1024, 1024x1024 crops (--crop-size), RCS min crop ratio 2.0
+             (a crop must hold 2 x --rcs-min-pixels of the sampled class)
+    network  common.HRDA: MiT + DAFormer head for context and detail, scale-attention head; the authors' names
+    forward  each student pass (source, mix, masked) draws its own detail box: half the crop (512x512), offsets
+             on a grid of 8; context = the crop at half resolution
+    loss     (1 - w) CE(fused) + w CE(detail, labels in the box), w = --hr-loss-weight 0.1
+    teacher  pseudo-labels from the context view and overlapping detail windows (half a detail crop apart),
+             fused logits resized to the crop; q over the batch, then the pseudo-label crop v2 (--pl-crop v2:
+             weight 0 in the margins top 30 / bottom 240 / left 30 / right 30 of the 2048x1024 image, transformed
+             with the crop and flip; q is taken before it)
+    FD       on the context features; the ImageNet encoder encodes the half-resolution view
+    eval     --eval-mode slide (default): windows of the crop every half crop over the full 2048x1024 image, each a
+             full HRDA inference, averaged (HRDA test_cfg); whole: one inference of the whole image
+The detail crop, the teacher's windows and the evaluation windows follow --crop-size (half of it, and the crop
+itself), so small crops work in the tests; crop sides must be multiples of 16, and images at least as large as
+the crop. Checkpoints use the authors' HRDA student names (backbone.*, decode_head.head.*,
+decode_head.scale_attention.*); --eval-only --checkpoint reads the latest.pth of the authors' released archive.
+Assumption: SYNTHIA is resized to 2560x1520 (HRDA's SYNTHIA config was not read here).
+
+--mic: MIC (Hoyer et al., CVPR 2023; lhoyer/MIC, GTA5 + HRDA: 75.9), with every --stack:
+    python dacs.py --source gta5 --stack hrda --mic --init pretrained/mit_b5.pth
+After the mix backward, the target crop, colour-augmented with fresh draws (jitter s 0.2 when U > 0.2, blur
+when U > 0.5, one op order and one sigma per batch) and multiplied by a block mask (--mask-block 64 pixel blocks,
+each dropped with probability --mask-ratio 0.7), is trained against the teacher's un-mixed pseudo-label with the
+same q and crop weights, x --mask-lambda 1, with its own backward before the step. With --stack hrda the authors
+scale only the fused term (--mask-lambda-all: the whole loss, the clean variant). With --stack deeplabv2 the
+masked loss is added to DACS's one summed loss (an assumption: MIC's DeepLabv2 runs use its DAFormer-based code).
+--mic is refused with --source-only and with --mix intra*.
 """
 import copy
 import time

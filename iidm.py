@@ -69,6 +69,30 @@ truth keeps weight 1); the student is evaluated on the whole image, logits resiz
 the labels. Everything else (data, RCS, warm-up, losses, A1-A18 otherwise) is IIDM's set-up above.
 DeepLabv2-only flags (--layers, --width, --frozen-bn) are refused; one process only. --demo --stack daformer
 trains the `tiny` MiT (64-channel head) from a random init (--init none), AdamW 6e-4, EMA 0.99.
+
+--stack hrda [--mic]: IIDM Table 3 (IIDM+HRDA 77.8 / 78.9 / 79.6 / 81.1 and IIDM+MIC+HRDA 78.6 / 79.5 / 80.2 / 81.2
+with 100 / 200 / 500 / 1000 labels). The paper says only that it adopts HRDA's multi-resolution training,
+training resolution and backbone; everything below is this project's reading (assumptions A19-A24):
+    python iidm.py --source gta5 --n-labeled 100 --stack hrda --init pretrained/mit_b5.pth [--mic]
+Each iteration: EMA update; L_s = HRDA loss on the source (+ FD on the context features), backward; L_t = HRDA
+loss on the labeled target, backward; one teacher pseudo-label y_u of x_u (context + overlapping detail
+windows) with q over the batch, then the v2 margins; inter stream (classes of y_s onto x_u), backward; intra
+stream (classes of y_t onto the same x_u and y_u) x mu, backward; with --mic the masked colour-augmented x_u
+against y_u and the same weights, backward; one AdamW step. Every HRDA loss is 0.9 fused + 0.1 detail with its
+own detail box. Data, network, FD, evaluation and the checkpoint names are dacs.py --stack hrda's.
+    A19 HRDA's configuration as a whole: EMA 0.999, FD 0.005, pseudo-label crop v2, RCS min crop ratio 2.0,
+        GTA5 2560x1440, Cityscapes 2048x1024, 1024x1024 crops (IIDM's own: --ema-alpha 0.99 --fd-lambda 0
+        --pl-crop none).
+    A20 the labeled target follows the unlabeled target's pipeline and gets the full HRDA loss
+        (--labeled-loss fused: the fused term only).
+    A21 one pseudo-label and one q serve the inter, intra and MIC streams (q before the margins); --mic needs
+        the one-two streams.
+    A22 ClassMix on the whole crops, before the context/detail split; jitter/blur draws shared by the two mixed
+        streams, MIC draws its own; a forward and backward per stream (BN statistics per stream).
+    A23 MIC masks x_u only (--mic-on labeled: also x_t against its ground truth; --mic-on mixed: the mixed
+        images instead of a stream of their own).
+    A24 the final student is reported, evaluated with HRDA's slide inference at 2048x1024 (--eval-mode).
+--mic also works with --stack deeplabv2/daformer (the same masked stream on their networks; not a paper row).
 """
 import copy
 import time

@@ -85,8 +85,9 @@ warm-up 20, EMA 0.99.
 --stack hrda: HRDA (Hoyer, Dai, Van Gool, ECCV 2022; lhoyer/HRDA configs/hrda/gta2csHR_hrda.py, README: GTA5 73.8,
 released checkpoint 73.79), DAFormer's training with multi-resolution self-training, in the order of HRDA's dacs.py:
     python dacs.py --source gta5 --stack hrda --init pretrained/mit_b5.pth
-    data     GTA5 fit into 2560x1440, Cityscapes 2048x1024, 1024x1024 crops (--crop-size), RCS min crop ratio 2.0
-             (a crop must hold 2 x --rcs-min-pixels of the sampled class)
+    data     GTA5 fit into 2560x1440, Cityscapes 2048x1024, 1024x1024 crops (--crop-size), cat_max_ratio 0.75 on
+             the source crops only (--target-cat-max-ratio 1), RCS min crop ratio 2.0 (a crop must hold 2 x
+             --rcs-min-pixels of the sampled class)
     network  common.HRDA: MiT + DAFormer head for context and detail, scale-attention head; the authors' names
     forward  each student pass (source, mix, masked) draws its own detail box: half the crop (512x512), offsets
              on a grid of 8; context = the crop at half resolution
@@ -152,7 +153,8 @@ DAFORMER = {  # --stack daformer: lhoyer/DAFormer configs/daformer/
 }
 HRDA = {**DAFORMER,  # --stack hrda: lhoyer/HRDA configs/hrda/gta2csHR_hrda.py and uda_gtaHR_to_cityscapesHR_1024x1024.py
     "target_size": (2048, 1024), "crop_size": (1024, 1024),  # Cityscapes at full size, 1024x1024 crops
-    "pl_crop": "v2", "hr_loss_weight": 0.1, "eval_mode": "slide"}   # crop_pseudo_margins; hr_loss_weight; test_cfg
+    "pl_crop": "v2", "hr_loss_weight": 0.1, "eval_mode": "slide",  # crop_pseudo_margins; hr_loss_weight; test_cfg
+    "target_cat_max_ratio": 1.0}                             # cat_max_ratio 0.75 on the source crops only
 HRDA_SOURCE_SIZE = {"gta5": (2560, 1440), "synthia": (2560, 1520), "demo": None}   # GTA5: HRDA; SYNTHIA: assumed
 RCS_MIN_CROP_RATIO = {"daformer": 0.5, "hrda": 2.0}   # DAFormer / HRDA rare_class_sampling min_crop_ratio
 DAFORMER_FLAGS = ("warmup_iters", "rcs", "rcs_temp", "rcs_min_pixels", "classmix_select", "target_cat_max_ratio")

@@ -94,7 +94,7 @@ def test_hrda_defaults_follow_the_stack():
                                                                 "source", False, None)
     mic = dacs.parse_args(["--stack", "hrda", "--init", "none", "--mic"])
     assert (mic.mask_ratio, mic.mask_block, mic.mask_lambda, mic.mask_lambda_all) == (0.7, 64, 1.0, False)
-    assert dacs.RCS_MIN_CROP_RATIO["hrda"] == 2.0
+    assert dacs.RCS_MIN_CROP_RATIO["hrda"] == 2.0 and args.target_cat_max_ratio == 1.0   # 0.75 on the source only
 
 
 # ------------------------------------------------------------------ what the loop does
@@ -288,3 +288,12 @@ def test_iidm_hrda_defaults_and_eval_only_of_an_authors_checkpoint(root, tmp_pat
     authors = iidm.main([*TINY, "--n-labeled", "2", "--data-root", str(root), "--out-dir", str(tmp_path / "ev"),
                          "--eval-only", "--checkpoint", str(tmp_path / "l.pth")])
     assert authors["mIoU"] == pytest.approx(metrics["mIoU"])
+
+
+def test_demo_runs_hrda_and_mic(tmp_path):
+    out = tmp_path / "run"
+    dacs.main(["--demo", "--stack", "hrda", "--mic", "--mask-block", "8", "--iters", "2", "--data-root",
+               str(tmp_path / "data"), "--out-dir", str(out)])
+    config = json.loads((out / "config.json").read_text())
+    assert (config["stack"], config["mit"], config["pl_crop"], config["mic"]) == ("hrda", "tiny", "v1", True)
+    assert json.loads((out / "demo.json").read_text())["method"]["name"] == "MIC(HRDA)"

@@ -103,7 +103,7 @@ The detail crop, the teacher's windows and the evaluation windows follow --crop-
 itself), so small crops work in the tests; crop sides must be multiples of 16, and images at least as large as
 the crop. Checkpoints use the authors' HRDA student names (backbone.*, decode_head.head.*,
 decode_head.scale_attention.*); --eval-only --checkpoint reads the latest.pth of the authors' released archive.
-Assumption: SYNTHIA is resized to 2560x1520 (HRDA's SYNTHIA config was not read here).
+SYNTHIA is fit into 2560x1520 (lhoyer/HRDA configs/_base_/datasets/uda_synthiaHR_to_cityscapesHR_1024x1024.py).
 
 --mic: MIC (Hoyer et al., CVPR 2023; lhoyer/MIC, GTA5 + HRDA: 75.9), with every --stack:
     python dacs.py --source gta5 --stack hrda --mic --init pretrained/mit_b5.pth
@@ -155,7 +155,7 @@ HRDA = {**DAFORMER,  # --stack hrda: lhoyer/HRDA configs/hrda/gta2csHR_hrda.py a
     "target_size": (2048, 1024), "crop_size": (1024, 1024),  # Cityscapes at full size, 1024x1024 crops
     "pl_crop": "v2", "hr_loss_weight": 0.1, "eval_mode": "slide",  # crop_pseudo_margins; hr_loss_weight; test_cfg
     "target_cat_max_ratio": 1.0}                             # cat_max_ratio 0.75 on the source crops only
-HRDA_SOURCE_SIZE = {"gta5": (2560, 1440), "synthia": (2560, 1520), "demo": None}   # GTA5: HRDA; SYNTHIA: assumed
+HRDA_SOURCE_SIZE = {"gta5": (2560, 1440), "synthia": (2560, 1520), "demo": None}   # HRDA uda_{gta,synthia}HR_*.py
 RCS_MIN_CROP_RATIO = {"daformer": 0.5, "hrda": 2.0}   # DAFormer / HRDA rare_class_sampling min_crop_ratio
 DAFORMER_FLAGS = ("warmup_iters", "rcs", "rcs_temp", "rcs_min_pixels", "classmix_select", "target_cat_max_ratio")
 DEMO_DAFORMER = {"source": "demo", "iters": 400, "lr": 6e-4, "mit": "tiny", "init": "none", "ema_alpha": 0.99,

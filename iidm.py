@@ -129,7 +129,7 @@ DAFORMER = {  # --stack daformer: DAFormer's network and its training additions 
 HRDA = {**DAFORMER,  # --stack hrda (IIDM Table 3): HRDA's configuration as a whole (A19), lhoyer/HRDA gta2csHR_hrda.py
     "target_size": (2048, 1024), "crop_size": (1024, 1024), "pl_crop": "v2", "hr_loss_weight": 0.1,
     "eval_mode": "slide"}
-HRDA_SOURCE_SIZE = {"gta5": (2560, 1440), "synthia": (2560, 1520), "demo": None}   # GTA5: HRDA; SYNTHIA: assumed
+HRDA_SOURCE_SIZE = {"gta5": (2560, 1440), "synthia": (2560, 1520), "demo": None}   # HRDA uda_{gta,synthia}HR_*.py
 RCS_MIN_CROP_RATIO = {"deeplabv2": 0.5, "daformer": 0.5, "hrda": 2.0}   # DAFormer / HRDA min_crop_ratio
 DEMO_DAFORMER = {"source": "demo", "n_labeled": 5, "iters": 400, "lr": 6e-4, "warmup_iters": 20,
                  "rcs_min_pixels": 12, "mit": "tiny", "init": "none", "ema_alpha": 0.99, "source_size": [128, 64],

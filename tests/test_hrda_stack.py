@@ -297,3 +297,11 @@ def test_demo_runs_hrda_and_mic(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert (config["stack"], config["mit"], config["pl_crop"], config["mic"]) == ("hrda", "tiny", "v1", True)
     assert json.loads((out / "demo.json").read_text())["method"]["name"] == "MIC(HRDA)"
+
+
+def test_iidm_mic_on_the_daformer_stack(root, tmp_path):
+    run = script_runner(iidm, DAFORMER + ["--n-labeled", "2"])
+    _, with_mic = run(root, tmp_path / "a", "--iters", "1", "--eval-every", "0", *MIC)
+    _, without = run(root, tmp_path / "b", "--iters", "1", "--eval-every", "0", *MIC[1:3])
+    assert weights_digest(with_mic["model"]) != weights_digest(without["model"])
+    assert json.loads((tmp_path / "a" / "log.jsonl").read_text().splitlines()[0])["loss_mic"] > 0

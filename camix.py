@@ -530,7 +530,7 @@ def train(args):
         loss = loss_seg
         if teacher is not None:
             batch = next(loader_t)
-            x_t = batch["image"].to(device, non_blocking=True)
+            x_t = training.batch_images(batch, device)
             prior = None if Q is None else prior_crops(Q, batch["window"], x_t.shape[2:])   # Q cut like X_T
             with torch.no_grad(), amp.autocast():
                 logits_t = common.upsample(teacher(x_t).float(), x_t.shape[2:])

@@ -121,6 +121,7 @@ def parse_args(argv=None):
                    help="sgd = the authors' SGD 0.9 / wd 5e-4; adam is for the random-init demo")
     args = training.parse_with_demo(p, DEMO, argv)
     training.check_args(args)
+    training.check_optimizer_flags(args)
     if not 0 < args.ema_alpha < 1 or not 0 <= args.jitter_gate <= 1 or not 0 < args.tau <= 1:
         raise common.DataError("--ema-alpha in (0,1), --jitter-gate in [0,1] and --tau in (0,1] expected")
     if args.consistency_weight < 0 or args.rampup_iters < 1:

@@ -8,6 +8,7 @@ shared command line and run folder) is in training.py.
 """
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -974,6 +975,16 @@ def normalise(rgb, norm):
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
+def normalise_batch(x, norm):
+    """uint8 (N,3,H,W) RGB batch on any device -> float32 as `normalise` gives it: the same float32
+    subtraction and division, which IEEE arithmetic rounds alike on every device (bit-identical)."""
+    order, mean, std = NORMALISATIONS[norm]
+    x = x.float()
+    if order == "bgr":
+        x = x.flip(1)
+    return ((x - x.new_tensor(mean).view(1, 3, 1, 1)) / x.new_tensor(std).view(1, 3, 1, 1)).contiguous()
+
+
 def denormalise(x, norm):
     """Inverse of `normalise` on a batch (N,3,H,W) -> RGB in [0, 1]."""
     order, mean, std = NORMALISATIONS[norm]
@@ -1072,7 +1083,11 @@ def _is_paired_label(path):
 
 
 def dataset_files(kind, root, split="train", strict=True):
-    """(pairs, orphans) for a dataset in its official layout (README 'Datasets')."""
+    """(pairs, orphans) for a dataset in its official layout (README 'Datasets'); a dataset folder of a
+    prepared root lists the original it was made from."""
+    manifest = read_prepared_manifest(Path(root).parent)
+    if manifest is not None:
+        root = Path(manifest["data_root"]) / kind
     root = _require_dir(root, f"the {kind} dataset root")
     if kind == "gta5":
         img_dir, lab_dir = _require_dir(root / "images", "GTA5 images/*.png"), _require_dir(
@@ -1282,6 +1297,90 @@ def resize_label(label, size, interp):
     return F.interpolate(y, size=(size[1], size[0]), mode="nearest")[0, 0].to(torch.uint8).numpy()
 
 
+# Prepared roots (`python common.py prepare-data`, README 'Prepared data'): the deterministic part of a
+# pipeline (decode, label mapping, the full-frame resize) written once as raw uint8 .npy files, which the
+# loader memory-maps and crops. Layout: <out>/prepared.json (the manifest), and per frame set
+# <out>/<kind>/<W>x<H>_<interp>[_keep]/{index.json, <image path relative to the dataset root>.{rgb,label}.npy}.
+# The original data root stays the source of the file lists and of full-resolution labels.
+PREPARED_MANIFEST = "prepared.json"
+INTERPOLATIONS = {"bilinear": "PIL bilinear (antialiased), PIL nearest labels",
+                  "bicubic": "PIL bicubic (antialiased), PIL nearest labels",
+                  "cv2": "OpenCV-style bilinear (mmcv), OpenCV nearest labels"}
+# prepare-data --pipeline: the resize steps of each script's default run; {source} = SOURCE_FRAMES[--source].
+SOURCE_FRAMES = {"gta5": "gta5:1280x720", "synthia": "synthia:1280x760"}
+PIPELINE_FRAMES = {
+    "dacs": ("{source}:bicubic", "cityscapes:1024x512:bilinear"),
+    "camix": ("{source}:bicubic", "cityscapes:2048x1024:bilinear", "cityscapes:1024x512:bilinear"),
+    "classmix_ssl": ("cityscapes:1024x512:bilinear",),
+    "iidm": ("{source}:cv2:keep", "cityscapes:1024x512:cv2"),
+    "asss": ("{source}:bicubic", "cityscapes:1024x512:bicubic", "cityscapes:1024x512:bilinear"),
+}
+
+
+def frames_spec(kind, resize, keep_ratio, interp):
+    """The key of a frame set: the settings that fix the resized frames, e.g. 'gta5:1280x720:bicubic'."""
+    return f"{kind}:{resize[0]}x{resize[1]}:{interp}" + ":keep" * bool(keep_ratio)
+
+
+def parse_frames_spec(text):
+    """(kind, (W, H), keep_ratio, interp) of a frame-set key; DataError naming it if malformed."""
+    parts = text.split(":")
+    try:
+        w, h = (int(v) for v in parts[1].split("x"))
+        ok = (parts[0] in ("gta5", "synthia", "cityscapes") and parts[2] in INTERPOLATIONS and w > 0 and h > 0
+              and parts[3:] in ([], ["keep"]))
+    except (IndexError, ValueError):
+        ok = False
+    if not ok:
+        raise DataError(f"--frames {text}: expected KIND:WxH:INTERP[:keep] (KIND gta5|synthia|cityscapes, "
+                        f"INTERP {'|'.join(INTERPOLATIONS)}; e.g. gta5:1280x720:bicubic)")
+    return parts[0], (w, h), parts[3:] == ["keep"], parts[2]
+
+
+def frames_dir(prepared_root, spec):
+    """The folder of one frame set inside a prepared root."""
+    kind, (w, h), keep_ratio, interp = parse_frames_spec(spec)
+    return Path(prepared_root) / kind / f"{w}x{h}_{interp}{'_keep' * keep_ratio}"
+
+
+def read_prepared_manifest(folder):
+    """The manifest of a prepared root, or None if `folder` is not one."""
+    path = Path(folder) / PREPARED_MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError:
+        manifest = None
+    if not isinstance(manifest, dict) or not {"data_root", "frames"} <= manifest.keys():
+        raise DataError(f"{path}: not a prepare-data manifest (prepare the root again)")
+    return manifest
+
+
+def prepared_frames(prepared_root, manifest, kind, resize, keep_ratio, interp):
+    """(original dataset root, frame-set folder or None) for a dataset read from a prepared root: None when
+    the pipeline has no resize step; DataError naming the mismatch when no frame set fits its settings."""
+    original = Path(manifest["data_root"]) / kind
+    if resize is None:
+        return original, None
+    spec = frames_spec(kind, resize, keep_ratio, interp)
+    if spec not in manifest["frames"]:
+        made = ", ".join(s for s in manifest["frames"] if s.startswith(kind + ":")) or f"no {kind} frames"
+        raise DataError(f"{Path(prepared_root) / PREPARED_MANIFEST}: prepared for {made}; this run needs {spec} "
+                        f"(add it: python common.py prepare-data --data-root {manifest['data_root']} "
+                        f"--out {prepared_root} --frames {spec})")
+    return original, frames_dir(prepared_root, spec)
+
+
+def load_frame(path):
+    """A prepared uint8 frame, memory-mapped (a crop reads only its rows); DataError if unreadable."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable prepared frame ({exc.__class__.__name__}; prepare the root "
+                        f"again)") from None
+
+
 class SegmentationDataset(torch.utils.data.Dataset):
     """Image/label pairs of one dataset with one pipeline (README 'Pipelines').
 
@@ -1290,23 +1389,42 @@ class SegmentationDataset(torch.utils.data.Dataset):
     resize (padded with ignore if larger); cat_max_ratio: mmseg's retry rule; flip: h-flip p=0.5.
     label_res: 'input' (label resized with the image) or 'full' (label at its own resolution, eval only).
     num_classes 16 maps train ids to the 16-class space. Items are (index, item_seed, rcs_class) tuples
-    from a sampler, or plain indices (evaluation: no randomness).
+    from a sampler, or plain indices (evaluation: no randomness). A root inside a prepared root (its parent
+    holds prepared.json) reads the frame set of exactly these resize settings, bit-identical to resizing
+    the original; a prepared root without it is refused.
     """
 
     def __init__(self, kind, root, split="train", resize=None, keep_ratio=False, interp="bilinear",
                  crop=None, cat_max_ratio=None, flip=False, norm="imagenet_bgr", num_classes=19,
                  label_res="input", stems=None, rcs_min_crop_pixels=1500):
         self.kind, self.split, self.norm, self.num_classes = kind, split, norm, num_classes
+        if interp not in INTERPOLATIONS:
+            raise ValueError(f"interp {interp!r}")
+        self.frames = None  # the prepared frame set read instead of decoding and resizing, if any
+        manifest = read_prepared_manifest(Path(root).parent)
+        if manifest is not None:
+            root, self.frames = prepared_frames(Path(root).parent, manifest, kind, resize, keep_ratio, interp)
+        self.root = Path(root)
         self.pairs = dataset_files(kind, root, split)[0]
+        if self.frames is not None:
+            index = json.loads((self.frames / "index.json").read_text()).get(split)
+            if index != [str(img.relative_to(self.root)) for img, _ in self.pairs]:
+                raise DataError(f"{self.frames}: prepared from {len(index or [])} {split} images, but {self.root} "
+                                f"now holds {len(self.pairs)} or other ones (prepare the root again)")
         if stems is not None:
             by_stem = {stem_of(img): (img, lab) for img, lab in self.pairs}
             self.pairs = [by_stem[s] for s in stems]
-        self.resize, self.keep_ratio, self.crop = resize, keep_ratio, crop
-        if interp not in ("bilinear", "bicubic", "cv2"):
-            raise ValueError(f"interp {interp!r}")
-        self.interp = interp
+        self.resize, self.keep_ratio, self.crop, self.interp = resize, keep_ratio, crop, interp
         self.cat_max_ratio, self.flip, self.label_res = cat_max_ratio, flip, label_res
         self.rcs_min_crop_pixels = rcs_min_crop_pixels
+        self.normalise_on_device = False
+
+    def uint8_items(self):
+        """A copy whose items hold the uint8 image (3,H,W) and label and the name of the normalisation, which
+        training.next_batch applies on the device: a quarter of the bytes to copy, no float work in workers."""
+        out = copy.copy(self)
+        out.normalise_on_device = True
+        return out
 
     def __len__(self):
         return len(self.pairs)
@@ -1339,8 +1457,13 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return rgb, label
 
     def load(self, index):
-        """Resized RGB image, label (dataset label space) and the label at its original size."""
+        """Resized RGB image, label (dataset label space) and the label at its original size (from a
+        prepared root read only when label_res is 'full', else None)."""
         img_path, lab_path = self.pairs[index]
+        if self.frames is not None:
+            base = self.frames / img_path.relative_to(self.root).with_suffix("")
+            full = self.map_label(read_label(lab_path, self.kind)) if self.label_res == "full" else None
+            return load_frame(f"{base}.rgb.npy"), self.map_label(load_frame(f"{base}.label.npy")), full
         rgb, label = read_rgb(img_path), self.map_label(read_label(lab_path, self.kind))
         return (*self.resized(rgb, label), label)
 
@@ -1381,6 +1504,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 break
         if self.label_res == "full":
             y = full
+        if self.normalise_on_device:
+            return {"image": torch.from_numpy(np.array(np.transpose(x, (2, 0, 1)), order="C")),
+                    "label": torch.from_numpy(np.array(y, order="C")), "index": index, "norm": self.norm}
         return {"image": normalise(x, self.norm), "label": torch.from_numpy(np.array(y)).long(),
                 "index": index}
 
@@ -1897,7 +2023,8 @@ def save_png(path, array):
 
 
 # ======================================================================================
-# Data checking: python common.py check-data --data-root DIR [--json PATH]
+# Data checking and preparing: python common.py check-data --data-root DIR [--json PATH];
+# python common.py prepare-data --data-root DIR --out OUT (--pipeline SCRIPT [--source S] | --frames SPEC...)
 # ======================================================================================
 
 DATASET_FOLDERS = {"gta5": "gta5", "synthia": "synthia", "cityscapes": "cityscapes"}
@@ -1947,8 +2074,37 @@ def check_data(data_root):
     return out
 
 
+def check_prepared(prepared_root, manifest):
+    """{'data_root', 'pipelines', 'frames': {spec: {split: {'frames', 'missing'}}}} of a prepared root."""
+    frames = {}
+    for spec in manifest["frames"]:
+        folder = frames_dir(prepared_root, spec)
+        index = json.loads((folder / "index.json").read_text()) if (folder / "index.json").is_file() else {}
+        frames[spec] = {}
+        for split, images in index.items():
+            missing = [str(folder / Path(rel).with_suffix(f".{part}.npy")) for rel in images for part in ("rgb", "label")
+                       if not (folder / Path(rel).with_suffix(f".{part}.npy")).is_file()]
+            frames[spec][split] = {"frames": len(images), "missing": missing}
+        if not index:
+            frames[spec]["all"] = {"frames": 0, "missing": [str(folder / "index.json")]}
+    return {"data_root": manifest["data_root"], "pipelines": manifest.get("pipelines", []), "frames": frames}
+
+
 def print_check_report(report):
     """Human-readable summary of a check_data report."""
+    if "prepared" in report:
+        p = report["prepared"]
+        made = "; ".join(p["pipelines"]) or "the frame sets below (--frames)"
+        print(f"prepared root (prepare-data) for {made}, from {p['data_root']}:")
+        for spec, splits in p["frames"].items():
+            interp = INTERPOLATIONS[parse_frames_spec(spec)[3]]
+            counts = ", ".join(f"{split} {r['frames']} frames, {len(r['missing'])} files missing"
+                               for split, r in splits.items())
+            print(f"  {spec} ({interp}{', aspect ratio kept' * spec.endswith(':keep')}): {counts}")
+            for r in splits.values():
+                for entry in r["missing"][:20]:
+                    print(f"    missing: {entry}")
+        return
     for kind, splits in report.items():
         for split, r in splits.items():
             if "error" in r:
@@ -1963,23 +2119,122 @@ def print_check_report(report):
             print("  " + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in r["histogram"].items()))
 
 
+def write_frame(dataset, out, index):
+    """Write image `index` of `dataset` as its pipeline resizes it (uint8 .rgb.npy / .label.npy) under `out`."""
+    rgb, label, _ = dataset.load(index)
+    base = out / dataset.pairs[index][0].relative_to(dataset.root).with_suffix("")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    np.save(f"{base}.rgb.npy", np.ascontiguousarray(rgb))
+    np.save(f"{base}.label.npy", np.ascontiguousarray(label))
+
+
+def prepare_data(data_root, out, specs, pipeline=None, workers=0):
+    """Write the frame sets `specs` of the datasets under data_root into the prepared root `out` (created,
+    or extended by frame sets it lacks); each set is written to a temporary folder and renamed, and the
+    manifest is rewritten after each, so an interrupted run leaves nothing half-written."""
+    import functools
+    import multiprocessing
+    import shutil
+    data_root, out = Path(data_root).resolve(), Path(out).resolve()
+    if read_prepared_manifest(data_root) is not None:
+        raise DataError(f"--data-root {data_root}: is a prepared root (expected the original gta5/, synthia/, "
+                        f"cityscapes/ folders)")
+    if out == data_root:
+        raise DataError(f"--out {out}: is the data root (expected a folder of its own)")
+    manifest = read_prepared_manifest(out) or {"data_root": str(data_root), "pipelines": [], "frames": {}}
+    if Path(manifest["data_root"]) != data_root:
+        raise DataError(f"--out {out}: prepared from {manifest['data_root']}, not {data_root} (use another --out)")
+    for spec in specs:
+        kind, size, keep_ratio, interp = parse_frames_spec(spec)
+        if spec in manifest["frames"]:
+            print(f"{spec}: already prepared", flush=True)
+            continue
+        folder = frames_dir(out, spec)
+        tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            index = {}
+            for split in ("train", "val") if kind == "cityscapes" else ("train",):
+                data = SegmentationDataset(kind, data_root / kind, split, resize=size, keep_ratio=keep_ratio,
+                                           interp=interp)
+                print(f"{spec} {split}: {len(data)} images -> {folder}", flush=True)
+                write = functools.partial(write_frame, data, tmp)
+                if workers > 0:
+                    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                        pool.map(write, range(len(data)), chunksize=16)
+                else:
+                    for i in range(len(data)):
+                        write(i)
+                index[split] = [str(img.relative_to(data.root)) for img, _ in data.pairs]
+            (tmp / "index.json").write_text(json.dumps(index))
+            shutil.rmtree(folder, ignore_errors=True)  # a set left by an interrupted run, not in the manifest
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        manifest["frames"][spec] = {split: len(images) for split, images in index.items()}
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / PREPARED_MANIFEST, json.dumps(manifest, indent=1))
+    if pipeline and pipeline not in manifest["pipelines"]:
+        manifest["pipelines"].append(pipeline)
+        atomic_write_text(out / PREPARED_MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def pipeline_specs(script, source):
+    """The frame sets of one script's default pipeline with `source` (PIPELINE_FRAMES)."""
+    return [spec.format(source=SOURCE_FRAMES[source]) for spec in PIPELINE_FRAMES[script]]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="common.py", description="Dataset tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check-data", help="report pairs, orphans, size mismatches, unreadable files "
-                                              "and class histograms of the datasets under --data-root")
-    check.add_argument("--data-root", default="./data", help="folder holding gta5/, synthia/, cityscapes/")
+                                              "and class histograms of the datasets under --data-root, or "
+                                              "what a prepared root holds")
+    check.add_argument("--data-root", default="./data", help="folder holding gta5/, synthia/, cityscapes/, "
+                                                              "or a prepared root")
     check.add_argument("--json", default=None, help="also write the report as JSON to this path")
+    prep = sub.add_parser("prepare-data", help="write the resized frames of a pipeline once, as uint8 .npy "
+                                               "files the loader memory-maps (README 'Prepared data')")
+    prep.add_argument("--data-root", default="./data", help="folder holding gta5/, synthia/, cityscapes/")
+    prep.add_argument("--out", required=True, help="the prepared root (created, or extended); give it to a "
+                                                   "script as --data-root")
+    what = prep.add_mutually_exclusive_group(required=True)
+    what.add_argument("--pipeline", choices=sorted(PIPELINE_FRAMES),
+                      help="the frame sets of this script's default sizes and resize")
+    what.add_argument("--frames", nargs="+", metavar="SPEC", help="frame sets KIND:WxH:INTERP[:keep], e.g. "
+                      "gta5:1280x720:bicubic (INTERP bilinear|bicubic|cv2; keep = keep_ratio, as iidm.py's source)")
+    prep.add_argument("--source", choices=sorted(SOURCE_FRAMES), default="gta5", help="the source of --pipeline")
+    prep.add_argument("--workers", type=int, default=os.cpu_count(), help="processes writing frames")
     args = parser.parse_args(argv)
+    if args.command == "prepare-data":
+        specs = args.frames or pipeline_specs(args.pipeline, args.source)
+        for spec in specs:
+            parse_frames_spec(spec)
+        if not Path(args.data_root).is_dir():
+            raise DataError(f"--data-root {args.data_root}: folder not found (expected gta5/, synthia/ or "
+                            f"cityscapes/ inside)")
+        name = None
+        if args.pipeline:
+            uses_source = any("{source}" in spec for spec in PIPELINE_FRAMES[args.pipeline])
+            name = f"{args.pipeline}.py" + f" --source {args.source}" * uses_source
+        manifest = prepare_data(args.data_root, args.out, specs, name, max(args.workers, 0))
+        print(f"{args.out}: prepared {', '.join(manifest['frames'])}; run a script with --data-root {args.out}")
+        return 0
     if not Path(args.data_root).is_dir():
         raise DataError(f"{args.data_root}: folder not found (expected gta5/, synthia/ or cityscapes/ inside)")
-    report = check_data(args.data_root)
-    if not report:
-        raise DataError(f"{args.data_root}: none of gta5/, synthia/, cityscapes/ found")
+    manifest = read_prepared_manifest(args.data_root)
+    if manifest is not None:
+        report = {"prepared": check_prepared(args.data_root, manifest)}
+        bad = any(r["missing"] for splits in report["prepared"]["frames"].values() for r in splits.values())
+    else:
+        report = check_data(args.data_root)
+        if not report:
+            raise DataError(f"{args.data_root}: none of gta5/, synthia/, cityscapes/ found")
+        bad = any("error" in r or r["orphans"] or r["unreadable"] for s in report.values() for r in s.values())
     print_check_report(report)
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=1))
-    bad = any("error" in r or r["orphans"] or r["unreadable"] for s in report.values() for r in s.values())
     return 2 if bad else 0
 
 

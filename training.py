@@ -1033,10 +1033,18 @@ def rare_class_loader(dataset, args, stream, start, num_classes, cache, dist=com
         min_pixels=args.rcs_min_pixels, rank=dist.rank, world=dist.world), args.workers)
 
 
+def batch_images(batch, device):
+    """A loader batch's images on `device` (non-blocking copy); uint8 ones (infinite_loader's) are normalised
+    there, bit-identically to the normalisation the workers did before (common.normalise_batch)."""
+    x = batch["image"].to(device, non_blocking=True)
+    return common.normalise_batch(x, batch["norm"][0]) if x.dtype == torch.uint8 else x
+
+
 def next_batch(loader, device):
-    """The next (images, labels) of a training loader on `device` (pinned memory, non-blocking copies)."""
+    """The next (images, labels) of a training loader on `device` (pinned memory, non-blocking copies; uint8
+    labels widened there)."""
     batch = next(loader)
-    return batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+    return batch_images(batch, device), batch["label"].to(device, non_blocking=True).long()
 
 
 def infinite_loader(dataset, sampler, workers):
@@ -1045,7 +1053,10 @@ def infinite_loader(dataset, sampler, workers):
     One iterator serves the whole run (the sampler spans every iteration), so persistent workers would
     change nothing; pinned memory on CUDA keeps next_batch's copies asynchronous; 2 batches in flight per
     worker absorb the per-batch spread of load times (benchmarks/RESULTS.md, 'Data-loading defaults').
+    A SegmentationDataset delivers uint8 images and labels, which next_batch normalises on the device.
     """
+    if isinstance(dataset, common.SegmentationDataset):
+        dataset = dataset.uint8_items()
     return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                             pin_memory=torch.cuda.is_available(),
                                             prefetch_factor=2 if workers > 0 else None,

@@ -8,7 +8,11 @@ CUDA) and to stop the run after the last timed step. ms/iter is the median over 
 batch and sizes (each student forward + backward, each teacher or no-grad forward, each discriminator
 pass), built from common.py's model classes on random inputs, timed the same way. On CUDA the timed steps
 run under torch.cuda.set_sync_debug_mode(--sync-debug): every host sync the step makes is counted and
-located (file:line).
+located (file:line). Beside ms/iter: the host's time to issue a step (taken before the clock's
+synchronisation: far below ms/iter when the GPU is the bottleneck, close to it when the step is
+launch-bound), the achieved TFLOP/s of the floor's network passes (FLOP counted by torch's
+FlopCounterMode on fake tensors), and max_memory_reserved beside max_memory_allocated. --compile runs
+each script with its --compile flag; a script without one yet is skipped with a note in the table.
 
 Paper preset: full DeepLabv2-ResNet-101, each script's PAPER sizes and batch composition, on demo scenes
 upscaled to the real resolutions (GTA5 1914x1052, SYNTHIA 1280x760, Cityscapes 2048x1024, written once
@@ -188,16 +192,19 @@ def restored_signal_handlers():
 
 
 def time_script(module, argv, device, warmup, steps, sync_debug):
-    """Run module.main(argv) with training.Logger.log wrapped: per-step ms (median source), peak GiB, syncs.
+    """Run module.main(argv) with training.Logger.log wrapped: per-step ms (median source), the host's time to
+    issue each step, peak allocated and reserved GiB, syncs.
 
-    The wrapper takes the time at each call (one per iteration, after synchronising on CUDA), turns the
+    The wrapper takes the time at each call (one per iteration, after synchronising on CUDA; the time before
+    that synchronisation is when the host had issued the whole step), turns the
     sync debug mode on for the timed steps and raises StopRun at the call that closes the last one, before
     the logger's own log-step work (its one host sync) and before any checkpoint or evaluation.
     """
     cuda = device.type == "cuda"
-    stamps, original = [], training.Logger.log
+    stamps, issued, original = [], [], training.Logger.log
 
     def timed_log(logger, i, losses, lr):
+        issued.append(time.perf_counter())         # the host has issued the whole step
         if cuda:
             torch.cuda.set_sync_debug_mode(0)      # the clock's own synchronisation is not the step's
             torch.cuda.synchronize()
@@ -224,7 +231,9 @@ def time_script(module, argv, device, warmup, steps, sync_debug):
         raise RuntimeError(f"{module.__name__}: the loop ended after {len(stamps)} iterations")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     return {"times_ms": [1000 * (b - a) for a, b in zip(stamps[warmup:], stamps[warmup + 1:])],
+            "host_ms": [1000 * (b - a) for a, b in zip(stamps[warmup:], issued[warmup + 1:])],
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
+            "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else None,
             "host_syncs_per_step": len(syncs) / steps if cuda else None,
             "sync_sites": sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})}
 
@@ -316,6 +325,32 @@ def time_floor(row, sizes, batch, layers, device, amp, warmup, steps):
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
 
 
+def floor_flops(row, sizes, batch, layers):
+    """FLOP of one floor step (every network pass; a backward counted as torch's FlopCounterMode does, about
+    twice its forward): counted on fake tensors, no compute (a 512x512 DeepLabv2 forward is 370.6 GFLOP)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+    cpu = torch.device("cpu")   # nn.Module.to cannot convert fake parameters: prepare_model (a no-op here) skipped
+    with FakeTensorMode(), mock.patch.object(training, "prepare_model", lambda model, device, amp: model):
+        step = asss_floor(sizes, batch, layers, cpu, training.Amp(cpu, False)) if row[3] == "asss" else \
+            mean_teacher_floor(row[3], sizes, batch, layers, cpu, training.Amp(cpu, False))
+        with FlopCounterMode(display=False) as counter:
+            step()
+    return counter.get_total_flops()
+
+
+def accepts_compile(module, argv):
+    """Whether the script's parser knows --compile (the row is skipped with a note otherwise)."""
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            module.parse_args([*argv, "--compile"])
+        except (SystemExit, common.DataError):
+            pass
+    return "unrecognized arguments: --compile" not in err.getvalue()
+
+
 def release_memory(device):
     """Free the previous run's models and loaders (and the CUDA cache) before the next measurement."""
     gc.collect()
@@ -323,8 +358,9 @@ def release_memory(device):
         torch.cuda.empty_cache()
 
 
-def measure(row, args, device, bench, amp, meta):
-    """One record: the script's step and the floor for one row and precision."""
+def measure(row, args, device, bench, amp, compile, flops, meta):
+    """One record: the script's step and the floor for one row, precision and --compile (a 'skipped' record
+    when the script has no --compile)."""
     script, stage, _, _ = row
     module = importlib.import_module(script[:-3])
     iters = args.warmup + args.steps + 1
@@ -332,17 +368,24 @@ def measure(row, args, device, bench, amp, meta):
         teacher = write_teacher(Path(tmp) / "teacher.pth", args.layers) if script == "dldm.py" else ""
         argv = script_argv(row, args.preset, bench, Path(tmp) / "run", iters, device.type, amp, args.workers,
                            args.layers, teacher)
-        step = time_script(module, argv, device, args.warmup, args.steps, args.sync_debug)
+        if compile and not accepts_compile(module, argv):
+            return {"script": script, "stage": stage, "preset": args.preset, "device": meta["device"], "amp": amp,
+                    "compile": True, "skipped": f"{script} has no --compile flag yet", **meta}
+        step = time_script(module, argv + ["--compile"] * compile, device, args.warmup, args.steps, args.sync_debug)
     release_memory(device)
     batch = module.PAPER["batch_size"][0]
     floor_ms, floor_mem = time_floor(row, SIZES[args.preset], batch, args.layers, device, training.Amp(device, amp),
                                      args.warmup, args.steps)
     release_memory(device)
     ms = statistics.median(step["times_ms"])
+    rounded = lambda v: None if v is None else round(v, 3)  # noqa: E731
     return {"script": script, "stage": stage, "preset": args.preset, "device": meta["device"], "amp": amp,
-            "ms_per_iter": round(ms, 2), "floor_ms_per_iter": round(floor_ms, 2),
+            "compile": compile, "ms_per_iter": round(ms, 2), "floor_ms_per_iter": round(floor_ms, 2),
             "step_over_floor": round(ms / floor_ms, 3),
-            "peak_mem_gb": None if step["peak_mem_gb"] is None else round(step["peak_mem_gb"], 3),
+            "host_ms_per_iter": round(statistics.median(step["host_ms"]), 2),
+            "floor_gflop": round(flops / 1e9, 1), "tflops_step": round(flops / ms / 1e9, 4),
+            "tflops_floor": round(flops / floor_ms / 1e9, 4),
+            "peak_mem_gb": rounded(step["peak_mem_gb"]), "peak_reserved_gb": rounded(step["peak_reserved_gb"]),
             "floor_peak_mem_gb": None if floor_mem is None else round(floor_mem, 3),
             "host_syncs_per_step": step["host_syncs_per_step"], "sync_sites": step["sync_sites"],
             "batch_per_stream": batch, "steps": args.steps, "warmup": args.warmup, "threads": torch.get_num_threads(),
@@ -354,7 +397,7 @@ def measure(row, args, device, bench, amp, meta):
 def git_commit():
     """Short hash of HEAD, with '-dirty' when tracked files other than the benchmark outputs differ from it."""
     run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    outputs = [f":!benchmarks/{name}" for name in ("RESULTS.md", "speed.json", "loader.json")]
+    outputs = [f":!benchmarks/{name}" for name in ("RESULTS.md", "speed.json", "loader.json", "memory.json")]
     return run("rev-parse", "--short", "HEAD") + ("-dirty" if run("status", "--porcelain", "-uno", "--", ".", *outputs)
                                                   else "")
 
@@ -368,7 +411,8 @@ def device_name(device):
 
 def merge_records(path, new):
     """Records of --json with those of this run replacing the ones for the same row, preset, device, amp."""
-    key = lambda r: (r["script"], r["stage"], r["preset"], r["device"].split(" ")[0], r["amp"])  # noqa: E731
+    key = lambda r: (r["script"], r["stage"], r["preset"], r["device"].split(" ")[0], r["amp"],  # noqa: E731
+                     r.get("compile", False))
     old = json.loads(Path(path).read_text()) if Path(path).is_file() else []
     fresh = {key(r) for r in new}
     return [r for r in old if key(r) not in fresh] + new
@@ -386,8 +430,11 @@ def results_section(records):
              "the script's own loop (its `main` run in-process, timed at each `Logger.log` call); floor: the same "
              "statistic for only the network passes the step inherently needs (student forward + backward, teacher "
              "or no-grad forwards, discriminator passes) at the same batch and sizes; step/floor: their ratio. "
-             "amp = `--amp` (bf16 autocast + channels_last). Host syncs: per timed step under "
-             "`torch.cuda.set_sync_debug_mode` (CUDA only).", ""]
+             "amp = `--amp` (bf16 autocast + channels_last). Host issue: median time until the host has issued the "
+             "step (before the clock's synchronisation; equals ms/iter on the CPU). TFLOP/s: FLOP of the floor's "
+             "network passes (torch FlopCounterMode; a 512x512 DeepLabv2 forward is 370.6 GFLOP) per step time. "
+             "Peak / reserved: torch.cuda.max_memory_allocated / max_memory_reserved over the timed steps. "
+             "Host syncs: per timed step under `torch.cuda.set_sync_debug_mode` (CUDA only).", ""]
     for preset, title in (("paper", "Paper settings (DeepLabv2-ResNet-101, the scripts' PAPER sizes and batches)"),
                           ("small", "--small (layers 1 1 1 1, 1/8-scale data and sizes): host-side overhead")):
         rows = [r for r in records if r["preset"] == preset]
@@ -395,28 +442,37 @@ def results_section(records):
         for dev in sorted({r["device"] for r in rows}) or []:
             sel = [r for r in rows if r["device"] == dev]
             runs = sorted({(r["command"], r["date"], r["commit"], r["machine"], r["threads"], r["workers"],
-                            r["steps"], r["warmup"]) for r in sel}, key=lambda run: run[1])
+                            r["steps"], r["warmup"]) for r in sel if "skipped" not in r}, key=lambda run: run[1])
             lines += [f"Device {dev}, torch {sel[0]['torch']}. Runs:", ""]
             lines += [f"- `{c}` ({date}, commit {commit}; {machine}; {threads} thread(s), --workers {w}; median of {n} "
                       f"steps after {wu})" for c, date, commit, machine, threads, w, n, wu in runs]
             lines += ["",
                       "| script | fp32 ms/iter | fp32 floor | step/floor | amp ms/iter | amp floor | step/floor "
-                      "| peak GiB fp32 / amp | host syncs/step |", "|---|---|---|---|---|---|---|---|---|"]
+                      "| host issue ms fp32 / amp | TFLOP/s fp32 / amp (floor GFLOP) | peak GiB fp32 / amp "
+                      "| reserved GiB fp32 / amp | host syncs/step |", "|---" * 12 + "|"]
+            timed = [r for r in sel if "skipped" not in r]
             for script, stage, _, _ in ROWS:
-                pair = {r["amp"]: r for r in sel if r["script"] == script and r["stage"] == stage}
-                if not pair:
-                    continue
-                cells = []
-                for amp in (False, True):
-                    r = pair.get(amp)
-                    cells += [fmt(r and r["ms_per_iter"]), fmt(r and r["floor_ms_per_iter"]),
-                              fmt(r and r["step_over_floor"], 2)]
-                mem = " / ".join(fmt(pair[a]["peak_mem_gb"], 2) if a in pair else "–" for a in (False, True))
-                syncs = " / ".join(fmt(pair[a]["host_syncs_per_step"], 2) if a in pair else "–" for a in (False, True))
-                lines.append(f"| {row_name(script, stage)} | " + " | ".join(cells) + f" | {mem} | {syncs} |")
+                for compile in (False, True):
+                    pair = {r["amp"]: r for r in timed if (r["script"], r["stage"], r.get("compile", False))
+                            == (script, stage, compile)}
+                    if not pair:
+                        continue
+                    cells = []
+                    for amp in (False, True):
+                        r = pair.get(amp)
+                        cells += [fmt(r and r["ms_per_iter"]), fmt(r and r["floor_ms_per_iter"]),
+                                  fmt(r and r["step_over_floor"], 2)]
+                    both = lambda key, digits=2: " / ".join(  # noqa: E731
+                        fmt(pair[a].get(key), digits) if a in pair else "–" for a in (False, True))
+                    gflop = next(iter(pair.values())).get("floor_gflop")
+                    cells += [both("host_ms_per_iter", 1), both("tflops_step") + f" ({fmt(gflop)})",
+                              both("peak_mem_gb"), both("peak_reserved_gb"), both("host_syncs_per_step")]
+                    lines.append(f"| {row_name(script, stage)}{' --compile' * compile} | " + " | ".join(cells) + " |")
             lines.append("")
             lines += [f"- host syncs of {row_name(r['script'], r['stage'])} ({'amp' if r['amp'] else 'fp32'}): "
-                      + ", ".join(r["sync_sites"]) for r in sel if r["sync_sites"]]
+                      + ", ".join(r["sync_sites"]) for r in timed if r["sync_sites"]]
+            lines += [f"- --compile, {row_name(r['script'], r['stage'])} ({'amp' if r['amp'] else 'fp32'}): not run, "
+                      f"{r['skipped']} (`{r['command']}`, {r['date']})" for r in sel if "skipped" in r]
         if preset == "paper" and not any(r["device"].startswith("cuda") for r in rows):
             lines += ["CUDA, paper settings: not measured — no GPU in this session (`python benchmarks/speed.py "
                       "--device cuda` fills these rows):", "", "| script | fp32 ms/iter | floor | amp ms/iter | floor "
@@ -451,6 +507,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=50, help="timed steps per row (>= 50 on CUDA)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (cudnn autotuning, allocator)")
     p.add_argument("--amp", choices=["both", "off", "on"], default="both", help="fp32 and --amp rows, or one")
+    p.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                   help="also (or only) run the scripts with --compile; a script without the flag is skipped "
+                   "with a note")
     p.add_argument("--scripts", nargs="+", default=None, metavar="ROW",
                    help="rows to run (default all): " + ", ".join(row_name(s, st) for s, st, _, _ in ROWS)
                    + "; a script name selects all its rows")
@@ -489,12 +548,28 @@ def main(argv=None):
             "command": "python benchmarks/speed.py " + shlex.join(sys.argv[1:] if argv is None else argv)}
     records = []
     for row in rows:
-        for amp in {"both": (False, True), "off": (False,), "on": (True,)}[args.amp]:
-            rec = measure(row, args, device, bench, amp, meta)
-            records.append(rec)
-            print(f"{row_name(row[0], row[1]):32s} {'amp ' if amp else 'fp32'} {rec['ms_per_iter']:9.1f} ms/iter  "
-                  f"floor {rec['floor_ms_per_iter']:9.1f}  x{rec['step_over_floor']:.2f}  peak {rec['peak_mem_gb']} GiB"
-                  f"  syncs/step {rec['host_syncs_per_step']} {' '.join(rec['sync_sites'])}", flush=True)
+        module = importlib.import_module(row[0][:-3])
+        flops = floor_flops(row, SIZES[args.preset], module.PAPER["batch_size"][0], args.layers)
+        for compile in {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]:
+            for amp in {"both": (False, True), "off": (False,), "on": (True,)}[args.amp]:
+                rec = measure(row, args, device, bench, amp, compile, flops, meta)
+                records.append(rec)
+                save(args, records)
+                name = f"{row_name(row[0], row[1])}{' --compile' * compile}"
+                if "skipped" in rec:
+                    print(f"{name:42s} {'amp ' if amp else 'fp32'} skipped: {rec['skipped']}", flush=True)
+                    continue
+                print(f"{name:42s} {'amp ' if amp else 'fp32'} {rec['ms_per_iter']:9.1f} ms/iter  "
+                      f"floor {rec['floor_ms_per_iter']:9.1f}  x{rec['step_over_floor']:.2f}  host issue "
+                      f"{rec['host_ms_per_iter']:.1f} ms  {rec['tflops_step']:.2f} TFLOP/s  peak {rec['peak_mem_gb']}"
+                      f" / reserved {rec['peak_reserved_gb']} GiB  syncs/step {rec['host_syncs_per_step']} "
+                      f"{' '.join(rec['sync_sites'])}", flush=True)
+    return save(args, records)
+
+
+def save(args, records):
+    """Merge the records into --json and regenerate the table of --results; done after every record, so a
+    run cut short (gpu_check.sh's time limit) keeps what it measured."""
     records = merge_records(args.json, records)
     common.atomic_write_text(args.json, json.dumps(records, indent=1) + "\n")
     results = Path(args.results)

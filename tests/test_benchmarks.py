@@ -1,6 +1,7 @@
 """benchmarks/speed.py and benchmarks/loader.py end to end on the CPU at tiny sizes (no timing asserted)."""
 import json
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
@@ -11,6 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import loader  # noqa: E402
+import memory  # noqa: E402
 import speed  # noqa: E402
 from speed import common, training  # noqa: E402
 
@@ -46,6 +48,9 @@ def test_speed_records_every_script_and_dldm_stage(bench):
         assert r["ms_per_iter"] > 0 and r["floor_ms_per_iter"] > 0
         assert r["step_over_floor"] == pytest.approx(r["ms_per_iter"] / r["floor_ms_per_iter"], rel=0.01)
         assert r["peak_mem_gb"] is None and r["host_syncs_per_step"] is None   # CUDA-only measurements
+        assert r["peak_reserved_gb"] is None and r["compile"] is False
+        assert 0 < r["host_ms_per_iter"] and r["floor_gflop"] > 0                # the host's issue time, FLOP
+        assert r["tflops_step"] == pytest.approx(r["floor_gflop"] / r["ms_per_iter"], rel=0.02, abs=1e-4)
         assert r["command"].startswith("python benchmarks/speed.py --device cpu --small")
         assert r["torch"] == torch.__version__ and r["commit"] and r["date"].startswith("20")
 
@@ -152,3 +157,100 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
         training.run_script(lambda: loader.main(["--scripts", "nope.py", "--json", str(tmp_path / "x.json")]))
     assert exc.value.code == 2 and "error: --scripts nope.py" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_floor_flops_count_every_pass_at_the_batch():
+    """FLOP of the floor from fake tensors: the mean-teacher row's two student passes (fwd + bwd) and one
+    teacher forward, proportional to the batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+    row, sizes = speed.ROWS[0], {"crop": (32, 32)}
+    one, two = (speed.floor_flops(row, sizes, b, [1, 1, 1, 1]) for b in (1, 2))
+    model = common.DeepLabV2(19, layers=[1, 1, 1, 1])
+    with FlopCounterMode(display=False) as fwd:
+        out = model(torch.randn(1, 3, 32, 32))
+    with FlopCounterMode(display=False) as bwd:
+        out.float().mean().backward()
+    assert one == 3 * fwd.get_total_flops() + 2 * bwd.get_total_flops() and two == 2 * one
+
+
+def test_compile_rows_are_skipped_with_a_note_where_the_script_has_no_flag(tmp_path):
+    import dacs
+    assert not speed.accepts_compile(dacs, ["--source", "gta5"])
+    knows = mock.Mock(parse_args=lambda argv: None)                              # a parser that takes it
+    assert speed.accepts_compile(knows, ["--source", "gta5"])
+    args = speed.parse_args(["--device", "cpu", "--small", "--steps", "1", "--compile", "on", "--workers", "0"])
+    rec = speed.measure(speed.ROWS[0], args, torch.device("cpu"), tmp_path, False, True, 1.0,
+                        {"device": "cpu", "command": "c", "date": "d", "torch": "t"})
+    assert rec["skipped"] == "dacs.py has no --compile flag yet" and "ms_per_iter" not in rec
+    section = speed.results_section([rec])
+    assert "--compile, dacs.py (fp32): not run, dacs.py has no --compile flag yet" in section
+
+
+def test_live_bytes_follow_storages_views_graphs_and_frees():
+    """The estimate's tracker: one count per storage (views and in-place results share it), the tensors
+    autograd saves stay counted until the backward, freed storages leave the sum; host reads answered."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    tracker = memory.LiveFakeBytes()
+    x = fake_mode.from_tensor(torch.zeros(1000))
+    w = torch.nn.Parameter(fake_mode.from_tensor(torch.zeros(1000)))
+    with fake_mode, tracker:
+        tracker.register([x, w])
+        assert tracker.bytes == 8000
+        y = x * 2
+        y.view(10, 100).add_(1)                                              # a view, in place: no new bytes
+        assert tracker.bytes == 12000
+        del y
+        loss = (x * w).exp().sum()                                           # mul's output freed, exp's saved
+        tracker.sweep()
+        assert tracker.bytes == 8000 + 4000 + 4                              # x, w; exp's output; the loss
+        loss.backward()
+        del loss
+        tracker.sweep()
+        assert tracker.bytes == 12000                                        # w.grad kept; the graph gone
+        assert 16000 < tracker.peak < 20000   # x, w, one of exp's output / its grad / w.grad: freed as it goes
+        assert bool((w.grad > 0).all()) is True and sum(tracker.assumed.values()) == 1
+
+
+def test_op_count_of_the_fake_step_equals_the_real_step(bench):
+    """memory.py runs the script's own step: its device + host ops are those of a real CPU step."""
+    data, _, _ = bench
+    layers, small = [1, 1, 1, 1], data / "bench_small"
+    fake = memory.estimate(speed.ROWS[0], "small", small, False, 1, layers)
+    assert fake["device_ops_per_step"] + fake["host_ops_per_step"] == memory.count_ops_cpu(
+        speed.ROWS[0], small, 1, layers)
+    assert fake["peak_bytes"] > fake["start_bytes"] > 0 and fake["assumed"] == {}
+
+
+def test_memory_table_flags_the_11_gb_bar():
+    rec = {"script": "dacs.py", "stage": None, "command": "c", "date": "d", "commit": "x", "machine": "m",
+           "torch": "t", "peak_bytes": 12e9, "start_bytes": 1e9, "device_ops_per_step": 10, "host_ops_per_step": 2,
+           "small_device_ops_per_step": 10, "small_host_ops_per_step": 2, "real_cpu_ops_per_step": None,
+           "assumed": {"dacs.py:1": 1}}
+    text = memory.results_section([{**rec, "amp": False, "real_cpu_ops_per_step": 12}, {**rec, "amp": True}])
+    assert "| dacs.py | 12.00 (11.18) | 1.00 | 12.00 (11.18) | 1.00 | **no** | 10 + 2 / 10 + 2 / 12 | 10 + 2 / " \
+           "10 + 2 |" in text and "dacs.py:1" in text
+
+
+def test_memory_main_writes_records_and_its_section(bench, tmp_path):
+    data, _, _ = bench
+    (tmp_path / "RESULTS.md").write_text(OLD_RESULTS)
+    argv = ["--data-root", str(data), "--sizes", "small", "--layers", "1", "1", "1", "1", "--amp", "off",
+            "--no-real-count", "--scripts", "dldm.py M_RL", "--json", str(tmp_path / "m.json"),
+            "--results", str(tmp_path / "RESULTS.md")]
+    records = memory.main(argv)
+    assert json.loads((tmp_path / "m.json").read_text()) == records
+    (r,) = records
+    assert (r["script"], r["stage"], r["amp"], r["layers"]) == ("dldm.py", "M_RL", False, [1, 1, 1, 1])
+    assert r["peak_bytes"] > r["start_bytes"] > 0 and r["command"].startswith("python benchmarks/memory.py")
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## Demo dataset domain gap\n\nkept as it is\n" in text and "| dldm.py M_RL | " in text
+    assert memory.main(argv)[0]["date"] and len(json.loads((tmp_path / "m.json").read_text())) == 1   # merged
+    for bad, what in ((["--scripts", "nope.py"], "--scripts nope.py"), (["--layers", "0", "1", "1", "1"], "--layers")):
+        with pytest.raises(common.DataError, match=what):
+            memory.parse_args(bad)
+
+
+def test_gpu_check_script_parses():
+    result = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

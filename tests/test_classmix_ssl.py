@@ -326,6 +326,7 @@ REFUSED = [  # (flags, words of the one-line error): each was accepted and then 
     (["--official-split", "1", "--split-seed", "5"], "--official-split 1 is --split-seed 10 \\(here --split-seed 5\\)"),
     (["--consistency-weight", "-1"], "--consistency-weight >= 0"),
     (["--pixel-weight", "sigmoid", "--rampup-iters", "0"], "--rampup-iters >= 1"),
+    (["--optimizer", "adam", "--clean-param-groups"], "--clean-param-groups with --optimizer adam"),
 ]
 
 

@@ -422,8 +422,7 @@ def test_each_flag_changes_training(root, base, tmp_path):
                     [["--lambda-kl", 2], ["--lambda-ce", 0.1], ["--kd-temp", 2], ["--no-kd-t2"], ["--ens", "logits"],
                      ["--exclude-labeled-from-u"]]),
         "rl2": ("round2/rl/checkpoint.pth", ["--stage", "rl", *pseudo], [["--merge-sampling", "balanced"]]),
-        "student2": ("round2/student/checkpoint.pth", ["--stage", "student", *pseudo, *teachers(base, 2)],
-                     [["--student-ce", "gt"]]),
+        "student2": ("round2/student/checkpoint.pth", ["--stage", "student", *pseudo, *teachers(base, 2)], []),
     }
     for name, (path, flags, variants) in cases.items():
         ref = stage_digest(root, tmp_path / name, flags, path)
@@ -431,6 +430,8 @@ def test_each_flag_changes_training(root, base, tmp_path):
             assert stage_digest(root, tmp_path / f"{name}_again", flags, path) == ref     # deterministic
         for extra in variants:
             assert stage_digest(root, tmp_path / f"{name}_{extra[0]}", [*flags, *extra], path) != ref, extra
+    gt_only = ["--stage", "student", *pseudo[:4], *teachers(base, 2), "--student-ce", "gt"]   # reads no pseudo-dir
+    assert stage_digest(root, tmp_path / "student2_gt", gt_only, "round2/student/checkpoint.pth") != ref
 
 
 def test_warm_start_and_pseudo_label_flags(root, base, tmp_path):

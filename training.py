@@ -897,7 +897,7 @@ def next_target_batch(loader, device):
     HRDA's --pl-crop v2; None when the dataset has none)."""
     batch = next(loader)
     valid = batch["valid"].to(device, non_blocking=True) if "valid" in batch else None
-    return batch["image"].to(device, non_blocking=True), valid
+    return batch_images(batch, device), valid
 
 
 class WeightsOf(nn.Module):

@@ -1813,6 +1813,13 @@ def daformer_segmentor(num_classes=19, variant="b5", drop_path_rate=0.1, stochas
     return model
 
 
+
+def hrda_segmentor(num_classes=19, variant="b5", drop_path_rate=0.1, stochastic=True, detail_crop=(512, 512)):
+    """HRDA on MiT (lhoyer/HRDA gta2cs config): `model(x)` fused logits at stride 4 (the teacher's and the
+    evaluation's path), `model(x, box)` the training output; the `tiny` encoder gets a 64-channel head."""
+    return HRDA(num_classes, variant, drop_path_rate, stochastic=stochastic,
+                head_channels=64 if variant == "tiny" else 256, detail_crop=detail_crop)
+
 # ======================================================================================
 # Training utilities: schedules, EMA, seeding, per-iteration generators
 # ======================================================================================

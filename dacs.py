@@ -81,6 +81,39 @@ checkpoint of the other --stack is refused. DeepLabv2-only flags (--layers, --wi
 One process only (the source and FD backward passes share one forward; DAFormer trains on one GPU).
 --demo --stack daformer trains the `tiny` MiT (64-channel head) from a random init (--init none), AdamW 6e-4,
 warm-up 20, EMA 0.99.
+
+--stack hrda: HRDA (Hoyer, Dai, Van Gool, ECCV 2022; lhoyer/HRDA configs/hrda/gta2csHR_hrda.py, README: GTA5 73.8,
+released checkpoint 73.79), DAFormer's training with multi-resolution self-training, in the order of HRDA's dacs.py:
+    python dacs.py --source gta5 --stack hrda --init pretrained/mit_b5.pth
+    data     GTA5 fit into 2560x1440, Cityscapes 2048x1024, 1024x1024 crops (--crop-size), cat_max_ratio 0.75 on
+             the source crops only (--target-cat-max-ratio 1), RCS min crop ratio 2.0 (a crop must hold 2 x
+             --rcs-min-pixels of the sampled class)
+    network  common.HRDA: MiT + DAFormer head for context and detail, scale-attention head; the authors' names
+    forward  each student pass (source, mix, masked) draws its own detail box: half the crop (512x512), offsets
+             on a grid of 8; context = the crop at half resolution
+    loss     (1 - w) CE(fused) + w CE(detail, labels in the box), w = --hr-loss-weight 0.1
+    teacher  pseudo-labels from the context view and overlapping detail windows (half a detail crop apart),
+             fused logits resized to the crop; q over the batch, then the pseudo-label crop v2 (--pl-crop v2:
+             weight 0 in the margins top 30 / bottom 240 / left 30 / right 30 of the 2048x1024 image, transformed
+             with the crop and flip; q is taken before it)
+    FD       on the context features; the ImageNet encoder encodes the half-resolution view
+    eval     --eval-mode slide (default): windows of the crop every half crop over the full 2048x1024 image, each a
+             full HRDA inference, averaged (HRDA test_cfg); whole: one inference of the whole image
+The detail crop, the teacher's windows and the evaluation windows follow --crop-size (half of it, and the crop
+itself), so small crops work in the tests; crop sides must be multiples of 16, and images at least as large as
+the crop. Checkpoints use the authors' HRDA student names (backbone.*, decode_head.head.*,
+decode_head.scale_attention.*); --eval-only --checkpoint reads the latest.pth of the authors' released archive.
+SYNTHIA is fit into 2560x1520 (lhoyer/HRDA configs/_base_/datasets/uda_synthiaHR_to_cityscapesHR_1024x1024.py).
+
+--mic: MIC (Hoyer et al., CVPR 2023; lhoyer/MIC, GTA5 + HRDA: 75.9), with every --stack:
+    python dacs.py --source gta5 --stack hrda --mic --init pretrained/mit_b5.pth
+After the mix backward, the target crop, colour-augmented with fresh draws (jitter s 0.2 when U > 0.2, blur
+when U > 0.5, one op order and one sigma per batch) and multiplied by a block mask (--mask-block 64 pixel blocks,
+each dropped with probability --mask-ratio 0.7), is trained against the teacher's un-mixed pseudo-label with the
+same q and crop weights, x --mask-lambda 1, with its own backward before the step. With --stack hrda the authors
+scale only the fused term (--mask-lambda-all: the whole loss, the clean variant). With --stack deeplabv2 the
+masked loss is added to DACS's one summed loss (an assumption: MIC's DeepLabv2 runs use its DAFormer-based code).
+--mic is refused with --source-only and with --mix intra*.
 """
 import copy
 import time
@@ -118,10 +151,17 @@ DAFORMER = {  # --stack daformer: lhoyer/DAFormer configs/daformer/
     "warmup_iters": 1500, "rcs": "source", "rcs_temp": 0.01, "rcs_min_pixels": 3000,   # poly10warm.py; rcs cfg
     "classmix_select": "batch", "target_cat_max_ratio": 0.75,   # dacs_transforms.get_class_masks; target pipeline
 }
+HRDA = {**DAFORMER,  # --stack hrda: lhoyer/HRDA configs/hrda/gta2csHR_hrda.py and uda_gtaHR_to_cityscapesHR_1024x1024.py
+    "target_size": (2048, 1024), "crop_size": (1024, 1024),  # Cityscapes at full size, 1024x1024 crops
+    "pl_crop": "v2", "hr_loss_weight": 0.1, "eval_mode": "slide",  # crop_pseudo_margins; hr_loss_weight; test_cfg
+    "target_cat_max_ratio": 1.0}                             # cat_max_ratio 0.75 on the source crops only
+HRDA_SOURCE_SIZE = {"gta5": (2560, 1440), "synthia": (2560, 1520), "demo": None}   # HRDA uda_{gta,synthia}HR_*.py
+RCS_MIN_CROP_RATIO = {"daformer": 0.5, "hrda": 2.0}   # DAFormer / HRDA rare_class_sampling min_crop_ratio
 DAFORMER_FLAGS = ("warmup_iters", "rcs", "rcs_temp", "rcs_min_pixels", "classmix_select", "target_cat_max_ratio")
 DEMO_DAFORMER = {"source": "demo", "iters": 400, "lr": 6e-4, "mit": "tiny", "init": "none", "ema_alpha": 0.99,
                  "warmup_iters": 20, "rcs_min_pixels": 12, "source_size": [128, 64], "target_size": [128, 64],
                  "crop_size": [64, 64], "eval_every": 0, "save_every": 100, "log_every": 25, "workers": 0}
+DEMO_HRDA = {**DEMO_DAFORMER, "pl_crop": "v1"}   # the demo images are far smaller than v2's 2048x1024 margins
 
 
 def parse_args(argv=None):
@@ -129,8 +169,8 @@ def parse_args(argv=None):
                               formatter_class=training.HelpFormatter)
     p.add_argument("--source", choices=["gta5", "synthia", "demo"], default="gta5", help="source domain")
     p.add_argument("--source-only", action="store_true",
-                   help="baseline: supervised source loss only, no teacher (thesis 'Source' rows; --stack daformer: no "
-                        "feature distance either)")
+                   help="baseline: supervised source loss only, no teacher (thesis 'Source' rows; --stack daformer/"
+                        "hrda: no feature distance either)")
     p.add_argument("--mix", choices=["inter", "intra", "intra-aligned"], default="inter",
                    help="Table 5.2: InterMix = DACS (default), IntraMix = ClassMix within the target, "
                         "intra-aligned = IntraMix + distribution alignment to the target label frequencies")
@@ -180,17 +220,27 @@ def parse_args(argv=None):
                    help="--stack daformer: mmseg's crop retry rule on the target crops, which reads the target "
                         "labels (default: 0.75, DAFormer's Cityscapes pipeline); 1 = a plain random crop (clean "
                         "variant: no target label is read)")
-    args = training.parse_with_stack(p, {"daformer": DAFORMER}, {"deeplabv2": DEMO, "daformer": DEMO_DAFORMER}, argv,
+    args = training.parse_with_stack(p, {"daformer": DAFORMER, "hrda": HRDA},
+                                     {"deeplabv2": DEMO, "daformer": DEMO_DAFORMER, "hrda": DEMO_HRDA}, argv,
                                      DAFORMER_FLAGS)
     training.check_args(args)
-    if args.stack == "daformer":
+    if args.stack != "deeplabv2":
         check_daformer_args(args)
+    if args.mic and args.source_only:
+        raise common.DataError("--mic with --source-only: MIC trains on the teacher's target pseudo-labels; drop one")
+    if args.mic and args.mix != "inter":
+        raise common.DataError(f"--mic with --mix {args.mix}: MIC is implemented on top of the cross-domain mix "
+                               "(--mix inter) only")
+    if args.stack == "hrda" and args.source_size is None:
+        args.source_size = HRDA_SOURCE_SIZE[args.source]
     if not 0 < args.ema_alpha < 1 or not 0 <= args.jitter_gate <= 1 or not 0 < args.tau <= 1:
         raise common.DataError("--ema-alpha in (0,1), --jitter-gate in [0,1] and --tau in (0,1] expected")
     if args.consistency_weight < 0:
         raise common.DataError(f"--consistency-weight {args.consistency_weight}: expected >= 0")
     if args.source_size is None:
         args.source_size = SOURCE_SIZE[args.source]
+    if args.stack == "hrda" and not args.eval_only:
+        training.check_hrda_args(args)
     mixing = not args.source_only and not args.eval_only
     if mixing and args.mix != "inter" and args.batch_size < 2:
         raise common.DataError(f"--mix {args.mix} pairs target image k with k+1: --batch-size {args.batch_size}, "
@@ -219,14 +269,24 @@ def check_daformer_args(args):
                                "--rcs-min-pixels >= 0 and --target-cat-max-ratio in (0,1] expected")
 
 
-def cross_domain_mix(x_s, y_s, x_t, teacher_logits, g, args, pl_crop=None, batch_union=False):
-    """InterMix (§3.2): classes of source GT k pasted onto target image k; weight 1 on pasted pixels, q elsewhere
-    (--stack daformer: q is 0 on the rows of --pl-crop v1, and the classes may come from the batch's union)."""
+def target_pseudo_label(teacher_logits, args, pl_crop=None, valid=None):
+    """(pseudo-label, weight map, q): weight q (--pixel-weight) over the target batch, then 0 on the rows of
+    --pl-crop v1 or outside the v2 margins `valid` (q is taken before the crop, as DAFormer and HRDA)."""
     mode = {"threshold_uniform": "uniform", "threshold": "pixel", "none": "none"}[args.pixel_weight]
     y_t, q, _ = common.pseudo_label(teacher_logits, args.tau, mode)  # uniform: q over both target images (D2)
     share = q.mean()
     if pl_crop == "v1":                               # DAFormer dacs.py: after q, before the mix
         q = common.pseudo_label_crop(q)
+    elif pl_crop == "v2":                             # HRDA dacs.py: the transformed margin mask
+        q = q * valid
+    return y_t, q, share
+
+
+def cross_domain_mix(x_s, y_s, x_t, teacher_logits, g, args, pl_crop=None, batch_union=False, valid=None):
+    """InterMix (§3.2): classes of source GT k pasted onto target image k; weight 1 on pasted pixels, q elsewhere
+    (--stack daformer/hrda: q is 0 on the rows of --pl-crop v1 or outside the v2 margins `valid`, and the
+    classes may come from the batch's union)."""
+    y_t, q, share = target_pseudo_label(teacher_logits, args, pl_crop, valid)
     M = common.class_mix_mask(y_s, g, rule=args.mask_rounding, drop_ignore=args.mask_exclude_ignore,
                               batch_union=batch_union)
     x_m = common.one_mix(M, x_s, x_t)
@@ -255,7 +315,7 @@ def align_distribution(prob, p_target, p_model):
 
 
 def train(args):
-    if args.stack == "daformer":
+    if args.stack != "deeplabv2":
         return train_daformer(args)
     # ---------------------------------------------------------------- setup
     dist, device = training.distributed(args.device)
@@ -344,6 +404,13 @@ def train(args):
                 loss_u = args.consistency_weight * common.ce_pixel_weighted(logits_m, y_m, w)   # lambda * L_u
             losses.update(loss_u=loss_u, q=q)
             loss = loss_l + loss_u
+            if args.mic:   # MIC: the masked target image against the same (unmixed) pseudo-label, in the same sum
+                y_t, w_t, _ = target_pseudo_label(logits_t, args)
+                x_k = common.mic_masked_input(x_t, norm, g, args.mask_block, args.mask_ratio)
+                with amp.autocast():
+                    losses["loss_mic"] = args.mask_lambda * common.ce_pixel_weighted(
+                        common.upsample(model(x_k), y_t.shape[1:]), y_t, w_t)
+                loss = loss + losses["loss_mic"]
         optimizer.zero_grad(set_to_none=True)
         amp.backward(loss)
         amp.step(optimizer)
@@ -367,12 +434,15 @@ def train(args):
 
 
 def train_daformer(args):
-    """DAFormer (Hoyer et al., CVPR 2022): DACS on MiT + DAFormer head, in lhoyer/DAFormer's dacs.py order."""
+    """DAFormer (Hoyer et al., CVPR 2022) or HRDA (ECCV 2022), + MIC (CVPR 2023) with --mic: DACS on MiT + DAFormer
+    head, in the order of lhoyer/DAFormer's (lhoyer/HRDA's, lhoyer/MIC's) mmseg/models/uda/dacs.py."""
+    hrda = args.stack == "hrda"
     # ---------------------------------------------------------------- setup
     dist, device = training.distributed(args.device)
     if dist.world > 1:
-        raise common.DataError("--stack daformer runs in one process (DAFormer trains on one GPU; its source "
-                               "and feature-distance backward passes share one forward): launch it without torchrun")
+        raise common.DataError(f"--stack {args.stack} runs in one process (DAFormer/HRDA train on one GPU; the "
+                               "source and feature-distance backward passes share one forward): launch it without "
+                               "torchrun")
     amp = training.Amp(device, args.amp, args.amp_dtype)
     norm = "imagenet_rgb"                                # DAFormer img_norm_cfg: RGB mean/std
     common.seed_everything(args.seed)
@@ -382,19 +452,29 @@ def train_daformer(args):
     # ---------------------------------------------------------------- data
     source_kind, source_root, target_root = training.data_roots(args, args.source)
     val = training.cityscapes_val(target_root, args.target_size, args.eval_res, norm, interp="cv2")
-    build = lambda stochastic=True: common.daformer_segmentor(19, args.mit, args.drop_path_rate,  # noqa: E731
-                                                              stochastic)
+    detail = tuple(c // 2 for c in args.crop_size)       # HRDA: 512x512 detail crops of the 1024x1024 crop
+    if hrda:
+        build = lambda stochastic=True: common.hrda_segmentor(19, args.mit, args.drop_path_rate,  # noqa: E731
+                                                              stochastic, detail)
+    else:
+        build = lambda stochastic=True: common.daformer_segmentor(19, args.mit, args.drop_path_rate,  # noqa: E731
+                                                                  stochastic)
     student = training.prepare_model(build(), device, amp)
+    evaluated = student                                  # HRDA test_cfg: windows of the crop every half crop
+    if hrda and args.eval_mode == "slide":
+        evaluated = training.WeightsOf(common.SlideInference(student, args.crop_size, detail))
     synthia = args.source == "synthia"
     if args.eval_only:
-        return training.eval_only(args, student, val, device, out_dir, synthia, align_corners=False, dist=dist)
+        return training.eval_only(args, evaluated, val, device, out_dir, synthia, align_corners=False, dist=dist)
     crop = args.crop_size if min(args.crop_size) > 0 else None
     source = common.SegmentationDataset(source_kind, source_root, resize=args.source_size, keep_ratio=True,
                                         interp="cv2", crop=crop, cat_max_ratio=0.75, flip=True, norm=norm,
-                                        rcs_min_crop_pixels=args.rcs_min_pixels // 2)
+                                        rcs_min_crop_pixels=int(args.rcs_min_pixels * RCS_MIN_CROP_RATIO[args.stack]))
     target = common.SegmentationDataset("cityscapes", target_root, resize=args.target_size, interp="cv2", crop=crop,
                                         cat_max_ratio=args.target_cat_max_ratio if args.target_cat_max_ratio < 1
                                         else None, flip=True, norm=norm)
+    if args.pl_crop == "v2":                             # HRDA: the margin mask travels with the target crop
+        target = common.PseudoMarginDataset(target)
     # ---------------------------------------------------------------- models, optimiser
     if args.init != "none":
         common.load_mit_imagenet(student.backbone, args.init)
@@ -417,7 +497,16 @@ def train_daformer(args):
     training.write_run_files(out_dir, args, dist=dist)
     log = training.Logger(out_dir, args.log_every, args.iters, start, dist)
     metrics = None  # the last evaluation
-    # ---------------------------------------------------------------- training loop (DAFormer dacs.py order)
+
+    def stream_loss(x, y, w, g, fused_scale=1.0):
+        """(loss, encoder features) of one student pass: DAFormer's CE, or HRDA's 0.9 fused + 0.1 detail with a
+        fresh detail box (fused_scale: MIC's lambda on the fused term) and the context features."""
+        if hrda:
+            out = student(x, common.hr_crop_box(x.shape[2:], detail, g))
+            return common.hrda_loss(out, y, w, args.hr_loss_weight, fused_scale), out.features
+        features, logits = student.forward_features(x)
+        return fused_scale * common.ce_pixel_weighted(up(logits, y.shape[1:]), y, w), features
+    # ---------------------------------------------------------------- training loop (DAFormer/HRDA/MIC dacs.py order)
     stop = training.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, args.iters):
         student.train()
@@ -427,28 +516,36 @@ def train_daformer(args):
         optimizer.zero_grad(set_to_none=True)
         x_s, y_s = training.next_batch(loader_s, device)
         with amp.autocast():
-            features, logits_s = student.forward_features(x_s)
-            loss_l = common.ce_pixel_weighted(up(logits_s, y_s.shape[1:]), y_s, 1.0)
+            loss_l, features = stream_loss(x_s, y_s, 1.0, g)
         losses = {"loss_l": loss_l}
         amp.backward(loss_l, retain_graph=use_fd)                # source CE first, its graph kept for FD
-        if use_fd:                                               # ImageNet feature distance, stage 4 only
+        if use_fd:          # ImageNet feature distance, stage 4 only (HRDA: of the context view)
             with amp.autocast():
-                losses["loss_fd"] = args.fd_lambda * common.thing_feature_distance(features[-1], imnet, x_s, y_s)
+                losses["loss_fd"] = args.fd_lambda * common.thing_feature_distance(
+                    features[-1], imnet, common.context_view(x_s) if hrda else x_s, y_s)
             amp.backward(losses["loss_fd"])                      # reaches the encoder only
         if teacher is not None:
-            x_t, _ = training.next_batch(loader_t, device)       # target labels unused (but by the crop rule)
-            with torch.no_grad(), amp.autocast():
+            x_t, valid = training.next_target_batch(loader_t, device)   # target labels unused (but by the crop rule)
+            with torch.no_grad(), amp.autocast():                # HRDA: overlapping detail windows
                 logits_t = up(teacher(x_t).float(), x_t.shape[2:])
             x_m, y_m, w, q = cross_domain_mix(x_s, y_s, x_t, logits_t, g, args, args.pl_crop,
-                                              args.classmix_select == "batch")
+                                              args.classmix_select == "batch", valid)
             if not args.no_jitter:  # DAFormer: s 0.2, p 0.2; one switch per iteration, factors and order per image
                 x_m = common.color_jitter(x_m, norm, g, strength=0.2, gate=args.jitter_gate, per_image_order=True)
             if not args.no_blur:
                 x_m = common.gaussian_blur(x_m, g, per_image=True)
             with amp.autocast():
-                loss_u = args.consistency_weight * common.ce_pixel_weighted(up(student(x_m), y_m.shape[1:]), y_m, w)
+                loss_u = args.consistency_weight * stream_loss(x_m, y_m, w, g)[0]
             amp.backward(loss_u)
             losses.update(loss_u=loss_u, q=q)
+            if args.mic:   # MIC: masked colour-augmented target against the same (unmixed) pseudo-label and weights
+                y_t, w_t, _ = target_pseudo_label(logits_t, args, args.pl_crop, valid)
+                x_k = common.mic_masked_input(x_t, norm, g, args.mask_block, args.mask_ratio)
+                fused_only = hrda and not args.mask_lambda_all   # MIC scales HRDA's fused term only
+                with amp.autocast():
+                    loss_mic = stream_loss(x_k, y_t, w_t, g, args.mask_lambda if fused_only else 1.0)[0]
+                    losses["loss_mic"] = loss_mic if fused_only else args.mask_lambda * loss_mic
+                amp.backward(losses["loss_mic"])
         amp.step(optimizer)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
@@ -459,10 +556,10 @@ def train_daformer(args):
                                                                     teacher), args.keep_checkpoints, dist)
             stop.exit_if_requested(i + 1, out_dir)
         if training.is_due(i, args.eval_every, args.iters):
-            metrics = training.evaluate_and_write(student, val, device, out_dir, i + 1, synthia, amp,
+            metrics = training.evaluate_and_write(evaluated, val, device, out_dir, i + 1, synthia, amp,
                                                 align_corners=False, dist=dist)
     stop.restore()
-    return metrics or training.evaluate_and_write(student, val, device, out_dir, start, synthia, amp,
+    return metrics or training.evaluate_and_write(evaluated, val, device, out_dir, start, synthia, amp,
                                                 align_corners=False, dist=dist)  # a finished run
 
 
@@ -475,7 +572,8 @@ def main(argv=None):
         baseline.source_only, baseline.out_dir = True, None if args.out_dir is None else args.out_dir + "_source_only"
         base = train(baseline)
         out_dir = args.out_dir or training.default_out_dir("dacs", args.source, None, args.seed)
-        name = "DAFormer" if args.stack == "daformer" else "DACS"
+        name = {"deeplabv2": "DACS", "daformer": "DAFormer", "hrda": "HRDA"}[args.stack]
+        name = f"MIC({name})" if args.mic else name
         training.write_demo_summary(out_dir, "dacs.py", (name, metrics), [("source-only", base)], args.iters,
                                   time.time() - t0)
     return metrics

@@ -69,6 +69,30 @@ truth keeps weight 1); the student is evaluated on the whole image, logits resiz
 the labels. Everything else (data, RCS, warm-up, losses, A1-A18 otherwise) is IIDM's set-up above.
 DeepLabv2-only flags (--layers, --width, --frozen-bn) are refused; one process only. --demo --stack daformer
 trains the `tiny` MiT (64-channel head) from a random init (--init none), AdamW 6e-4, EMA 0.99.
+
+--stack hrda [--mic]: IIDM Table 3 (IIDM+HRDA 77.8 / 78.9 / 79.6 / 81.1 and IIDM+MIC+HRDA 78.6 / 79.5 / 80.2 / 81.2
+with 100 / 200 / 500 / 1000 labels). The paper says only that it adopts HRDA's multi-resolution training,
+training resolution and backbone; everything below is this project's reading (assumptions A19-A24):
+    python iidm.py --source gta5 --n-labeled 100 --stack hrda --init pretrained/mit_b5.pth [--mic]
+Each iteration: EMA update; L_s = HRDA loss on the source (+ FD on the context features), backward; L_t = HRDA
+loss on the labeled target, backward; one teacher pseudo-label y_u of x_u (context + overlapping detail
+windows) with q over the batch, then the v2 margins; inter stream (classes of y_s onto x_u), backward; intra
+stream (classes of y_t onto the same x_u and y_u) x mu, backward; with --mic the masked colour-augmented x_u
+against y_u and the same weights, backward; one AdamW step. Every HRDA loss is 0.9 fused + 0.1 detail with its
+own detail box. Data, network, FD, evaluation and the checkpoint names are dacs.py --stack hrda's.
+    A19 HRDA's configuration as a whole: EMA 0.999, FD 0.005, pseudo-label crop v2, RCS min crop ratio 2.0,
+        GTA5 2560x1440, Cityscapes 2048x1024, 1024x1024 crops (IIDM's own: --ema-alpha 0.99 --fd-lambda 0
+        --pl-crop none).
+    A20 the labeled target follows the unlabeled target's pipeline and gets the full HRDA loss
+        (--labeled-loss fused: the fused term only).
+    A21 one pseudo-label and one q serve the inter, intra and MIC streams (q before the margins); --mic needs
+        the one-two streams.
+    A22 ClassMix on the whole crops, before the context/detail split; jitter/blur draws shared by the two mixed
+        streams, MIC draws its own; a forward and backward per stream (BN statistics per stream).
+    A23 MIC masks x_u only (--mic-on labeled: also x_t against its ground truth; --mic-on mixed: the mixed
+        images instead of a stream of their own).
+    A24 the final student is reported, evaluated with HRDA's slide inference at 2048x1024 (--eval-mode).
+--mic also works with --stack deeplabv2/daformer (the same masked stream on their networks; not a paper row).
 """
 import copy
 import time
@@ -102,10 +126,16 @@ DAFORMER = {  # --stack daformer: DAFormer's network and its training additions 
     "init": "pretrained/mit_b5.pth", "mit": "b5", "drop_path_rate": 0.1, "fd_lambda": 0.005, "pl_crop": "v1",
     "ema_alpha": 0.999,
 }
+HRDA = {**DAFORMER,  # --stack hrda (IIDM Table 3): HRDA's configuration as a whole (A19), lhoyer/HRDA gta2csHR_hrda.py
+    "target_size": (2048, 1024), "crop_size": (1024, 1024), "pl_crop": "v2", "hr_loss_weight": 0.1,
+    "eval_mode": "slide"}
+HRDA_SOURCE_SIZE = {"gta5": (2560, 1440), "synthia": (2560, 1520), "demo": None}   # HRDA uda_{gta,synthia}HR_*.py
+RCS_MIN_CROP_RATIO = {"deeplabv2": 0.5, "daformer": 0.5, "hrda": 2.0}   # DAFormer / HRDA min_crop_ratio
 DEMO_DAFORMER = {"source": "demo", "n_labeled": 5, "iters": 400, "lr": 6e-4, "warmup_iters": 20,
                  "rcs_min_pixels": 12, "mit": "tiny", "init": "none", "ema_alpha": 0.99, "source_size": [128, 64],
                  "target_size": [128, 64], "crop_size": [64, 64], "eval_res": "full", "eval_every": 0,
                  "save_every": 100, "log_every": 25, "workers": 0}
+DEMO_HRDA = {**DEMO_DAFORMER, "pl_crop": "v1"}   # the demo images are far smaller than v2's 2048x1024 margins
 
 
 def parse_args(argv=None):
@@ -153,10 +183,29 @@ def parse_args(argv=None):
                    help="teacher with eval-mode BN and EMA-averaged running stats (DAFormer: train mode; A8)")
     p.add_argument("--frozen-bn", action="store_true",
                    help="freeze BN affine parameters as the classic DeepLabv2 (DAFormer trains them)")
+    p.add_argument("--labeled-loss", choices=["hrda", "fused"], default=None,
+                   help="--stack hrda: L_t as the full HRDA loss (0.9 fused + 0.1 detail; A20) or the fused term "
+                        "only (default: hrda)")
+    p.add_argument("--mic-on", choices=["unlabeled", "labeled", "mixed"], default=None,
+                   help="--mic: mask the unlabeled crop x_u against its pseudo-label (MIC's target-only masking; "
+                        "A23), also the labeled crop x_t against its ground truth, or the mixed images instead of "
+                        "a stream of their own (default: unlabeled)")
     training.add_stack_args(p)
-    args = training.parse_with_stack(p, {"daformer": DAFORMER}, {"deeplabv2": DEMO, "daformer": DEMO_DAFORMER}, argv)
+    args = training.parse_with_stack(p, {"daformer": DAFORMER, "hrda": HRDA},
+                                     {"deeplabv2": DEMO, "daformer": DEMO_DAFORMER, "hrda": DEMO_HRDA}, argv)
     training.check_args(args)
-    if args.stack == "daformer":
+    if args.labeled_loss is not None and args.stack != "hrda":
+        raise common.DataError(f"--labeled-loss is a --stack hrda flag (this run: --stack {args.stack})")
+    if args.mic_on is not None and not args.mic:
+        raise common.DataError("--mic-on is a --mic flag; add --mic or drop it")
+    args.labeled_loss = args.labeled_loss or ("hrda" if args.stack == "hrda" else None)
+    args.mic_on = args.mic_on or ("unlabeled" if args.mic else None)
+    if args.mic and (args.no_inter and args.no_intra or args.mix_strategy != "one-two"):
+        raise common.DataError("--mic needs the teacher's pseudo-label of IIDM's one-two streams (A21): drop "
+                               "--no-inter/--no-intra or --mix-strategy")
+    if args.stack == "hrda" and args.source_size is None:
+        args.source_size = HRDA_SOURCE_SIZE[args.source]
+    if args.stack != "deeplabv2":
         if not args.eval_only:
             training.check_mit_init(args)
         if not (args.fd_lambda >= 0 and 0 <= args.drop_path_rate < 1):
@@ -180,6 +229,8 @@ def parse_args(argv=None):
                                "of another size; give a crop size or add --no-inter")
     if args.source_size is None:
         args.source_size = SOURCE_SIZE[args.source]
+    if args.stack == "hrda" and not args.eval_only:
+        training.check_hrda_args(args)
     return args
 
 
@@ -219,9 +270,11 @@ def mixed_streams(x_s, y_s, x_t, y_t, u_inter, u_intra, g, args):
 def train(args):
     # ---------------------------------------------------------------- setup
     dist, device = training.distributed(args.device)
-    if args.stack == "daformer" and dist.world > 1:
-        raise common.DataError("--stack daformer runs in one process (DAFormer trains on one GPU; its source and "
-                               "feature-distance backward passes share one forward): launch it without torchrun")
+    hrda = args.stack == "hrda"
+    if args.stack != "deeplabv2" and dist.world > 1:
+        raise common.DataError(f"--stack {args.stack} runs in one process (DAFormer/HRDA train on one GPU; the "
+                               "source and feature-distance backward passes share one forward): launch it without "
+                               "torchrun")
     training.apply_world(args, dist, device)
     amp = training.Amp(device, args.amp, args.amp_dtype)
     style, norm = common.init_convention(args.init, default=("pytorch", "imagenet_rgb"))   # daformer: RGB too
@@ -233,15 +286,22 @@ def train(args):
     # ---------------------------------------------------------------- data
     source_kind, source_root, target_root = training.data_roots(args, args.source)
     val = training.cityscapes_val(target_root, args.target_size, args.eval_res, norm, num_classes, args.resize)
-    if args.stack == "daformer":   # MiT + DAFormer head; a teacher without DropPath/Dropout (DAFormer)
+    detail = tuple(c // 2 for c in args.crop_size)       # HRDA: 512x512 detail crops of the 1024x1024 crop
+    if hrda:                       # HRDA on MiT + DAFormer head; a teacher without DropPath/Dropout
+        build = lambda stochastic=True: common.hrda_segmentor(num_classes, args.mit, args.drop_path_rate,  # noqa: E731
+                                                              stochastic, detail)
+    elif args.stack == "daformer":   # MiT + DAFormer head; a teacher without DropPath/Dropout (DAFormer)
         build = lambda stochastic=True: common.daformer_segmentor(num_classes, args.mit,  # noqa: E731
                                                                   args.drop_path_rate, stochastic)
     else:
         build = lambda stochastic=True: common.DeepLabV2(num_classes, style=style, layers=args.layers,  # noqa: E731
                                                          width=args.width, freeze_bn_affine=args.frozen_bn)
     student = training.prepare_model(build(), device, amp)
+    evaluated = student                                  # HRDA test_cfg: windows of the crop every half crop
+    if hrda and args.eval_mode == "slide":
+        evaluated = training.WeightsOf(common.SlideInference(student, args.crop_size, detail))
     if args.eval_only:
-        return training.eval_only(args, student, val, device, out_dir, synthia, align_corners=False, dist=dist,
+        return training.eval_only(args, evaluated, val, device, out_dir, synthia, align_corners=False, dist=dist,
                                   init_default=("pytorch", "imagenet_rgb"))
     stems = common.SegmentationDataset("cityscapes", target_root).stems()
     labeled, unlabeled = common.labeled_split(stems, args.n_labeled, args.split_seed, args.split_file)
@@ -251,16 +311,19 @@ def train(args):
     crop = args.crop_size if min(args.crop_size) > 0 else None
     source = None if args.no_src_sup else common.SegmentationDataset(
         source_kind, source_root, resize=args.source_size, keep_ratio=True, interp=args.resize, crop=crop,
-        cat_max_ratio=0.75, flip=True, norm=norm, num_classes=num_classes, rcs_min_crop_pixels=args.rcs_min_pixels // 2)
+        cat_max_ratio=0.75, flip=True, norm=norm, num_classes=num_classes, rcs_min_crop_pixels=int(args.rcs_min_pixels * RCS_MIN_CROP_RATIO[args.stack]))
     data_t = None if not labeled else common.SegmentationDataset(
         "cityscapes", target_root, resize=args.target_size, interp=args.resize, crop=crop, flip=True, norm=norm,
-        num_classes=num_classes, stems=labeled, rcs_min_crop_pixels=args.rcs_min_pixels // 2)
+        num_classes=num_classes, stems=labeled,
+        rcs_min_crop_pixels=int(args.rcs_min_pixels * RCS_MIN_CROP_RATIO[args.stack]))
     data_u = None if not use_teacher else common.SegmentationDataset(
         "cityscapes", target_root, resize=args.target_size, interp=args.resize, crop=crop, flip=True, norm=norm,
         num_classes=num_classes, stems=unlabeled)
+    if data_u is not None and args.pl_crop == "v2":      # HRDA: the margin mask travels with the crop
+        data_u = common.PseudoMarginDataset(data_u)
     # ---------------------------------------------------------------- models, optimiser
     imnet = None
-    if args.stack == "daformer":
+    if args.stack != "deeplabv2":
         if args.init != "none":
             common.load_mit_imagenet(student.backbone, args.init)
         if args.fd_lambda > 0 and not args.no_src_sup:   # DAFormer's frozen ImageNet encoder, never saved
@@ -313,19 +376,30 @@ def train(args):
         y_u, q_map, _ = common.pseudo_label(logits, args.tau, "uniform", per_image=args.q_per_image)
         return y_u, q_map[:, :1, :1] if args.q_per_image else q_map[0, 0, 0]
 
-    def crop_weight(q, y_u):
-        """--pl-crop v1 (DAFormer): the pseudo-label weight map with 0 on the top/bottom rows, else q itself."""
+    def crop_weight(q, y_u, valid=None):
+        """--pl-crop v1 (DAFormer): the pseudo-label weight map with 0 on the top/bottom rows; v2 (HRDA): 0 outside
+        the margins `valid`; else q itself (q is taken before either)."""
+        if args.pl_crop == "v2":
+            return q * valid
         return common.pseudo_label_crop(q * torch.ones_like(y_u, dtype=torch.float)) if args.pl_crop == "v1" else q
 
-    def supervised(x, y):
-        """eq. 9/10: CE averaged over all pixels, ignored ones included (mmseg; A16)."""
+    def seg_loss(x, y, w, hr_weight=None, fused_scale=1.0):
+        """eq. 7-10: (q-weighted) CE averaged over all pixels, ignored ones included (mmseg; A16); --stack hrda:
+        (1 - hr_weight) fused + hr_weight detail with a fresh detail box (fused_scale: MIC's lambda, fused term)."""
         with amp.autocast():
-            return common.ce_pixel_weighted(up(model(x), y.shape[1:]), y, 1.0)
+            if hrda:
+                out = model(x, common.hr_crop_box(x.shape[2:], detail, g))
+                return common.hrda_loss(out, y, w, args.hr_loss_weight if hr_weight is None else hr_weight,
+                                        fused_scale)
+            return fused_scale * common.ce_pixel_weighted(up(model(x), y.shape[1:]), y, w)
 
-    def mixed(x, y, w):
-        """eq. 7/8: q-weighted CE of the student on a mixed batch."""
-        with amp.autocast():
-            return common.ce_pixel_weighted(up(model(x), y.shape[1:]), y, w)
+    def mic_loss(x, y, w):
+        """MIC: the masked colour-augmented crop (own draws) against its targets, --mask-lambda (HRDA: on the fused
+        term only, the authors' code; --mask-lambda-all: on both)."""
+        x_k = common.mic_masked_input(x, norm, g, args.mask_block, args.mask_ratio)
+        if hrda and not args.mask_lambda_all:
+            return seg_loss(x_k, y, w, fused_scale=args.mask_lambda)
+        return args.mask_lambda * seg_loss(x_k, y, w)
     # ---------------------------------------------------------------- training loop (DAFormer dacs.py order)
     stop = training.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, args.iters):
@@ -339,38 +413,55 @@ def train(args):
         if loader_s is not None:
             x_s, y_s = training.next_batch(loader_s, device)
             if imnet is None:
-                losses["loss_s"] = supervised(x_s, y_s)                       # L_s, eq. 9
+                losses["loss_s"] = seg_loss(x_s, y_s, 1.0)                    # L_s, eq. 9
                 amp.backward(losses["loss_s"])
             else:                    # DAFormer: L_s backward keeping its graph, then the feature distance's
                 with amp.autocast():
-                    features, logits_s = student.forward_features(x_s)
-                    losses["loss_s"] = common.ce_pixel_weighted(up(logits_s, y_s.shape[1:]), y_s, 1.0)
+                    if hrda:         # HRDA: FD on the context view's features
+                        out = student(x_s, common.hr_crop_box(x_s.shape[2:], detail, g))
+                        features = out.features
+                        losses["loss_s"] = common.hrda_loss(out, y_s, 1.0, args.hr_loss_weight)
+                    else:
+                        features, logits_s = student.forward_features(x_s)
+                        losses["loss_s"] = common.ce_pixel_weighted(up(logits_s, y_s.shape[1:]), y_s, 1.0)
                 amp.backward(losses["loss_s"], retain_graph=True)
                 with amp.autocast():
                     losses["loss_fd"] = args.fd_lambda * common.thing_feature_distance(
-                        features[-1], imnet, x_s, y_s, num_classes)
+                        features[-1], imnet, common.context_view(x_s) if hrda else x_s, y_s, num_classes)
                 amp.backward(losses["loss_fd"])                               # reaches the encoder only
         if loader_t is not None:
             x_t, y_t = training.next_batch(loader_t, device)
             if not args.no_tgt_sup:
-                losses["loss_t"] = supervised(x_t, y_t)                       # L_t, eq. 10
+                losses["loss_t"] = seg_loss(x_t, y_t, 1.0, 0.0 if args.labeled_loss == "fused" else None)  # eq. 10
                 amp.backward(losses["loss_t"])
         if teacher is not None:
-            x_u, _ = training.next_batch(loader_u, device)                 # labels unused
+            x_u, valid = training.next_target_batch(loader_u, device)      # labels unused; v2 margins
             x_u_inter, x_u_intra = (x_u[:B], x_u[B:]) if args.mix_strategy == "two-two" else (x_u, x_u)
+            v_inter, v_intra = (valid[:B], valid[B:]) if valid is not None and args.mix_strategy == "two-two" else (
+                valid, valid)
             y_u, q = pseudo_label(x_u_inter)                                  # one y_u and q for both streams
             y_u2, q2 = pseudo_label(x_u_intra) if args.mix_strategy == "two-two" else (y_u, q)
-            streams = mixed_streams(x_s, y_s, x_t, y_t, (x_u_inter, y_u, crop_weight(q, y_u)),
-                                    (x_u_intra, y_u2, crop_weight(q2, y_u2)), g, args)
+            w_u = crop_weight(q, y_u, v_inter)                                # also MIC's (A21)
+            streams = mixed_streams(x_s, y_s, x_t, y_t, (x_u_inter, y_u, w_u),
+                                    (x_u_intra, y_u2, crop_weight(q2, y_u2, v_intra)), g, args)
             # A15: one jitter and one blur switch for all streams; factors, op order and sigma per image
             x_all = torch.cat([s[2] for s in streams])
             if not args.no_jitter:
                 x_all = common.color_jitter(x_all, norm, g, strength=0.2, gate=0.2, per_image_order=True)
             if not args.no_blur:
                 x_all = common.gaussian_blur(x_all, g, per_image=True)
+            if args.mic_on == "mixed":                                        # A23 alternative: no own stream
+                x_all = x_all * common.mic_block_mask(x_all.shape[0], x_all.shape[2], x_all.shape[3], g,
+                                                      args.mask_block, args.mask_ratio, x_all.device)
             for k, (name, weight, _, y, w) in enumerate(streams):            # L_inter eq. 7, L_intra eq. 8
-                losses[name] = mixed(x_all[k * B:(k + 1) * B], y, w)
+                losses[name] = seg_loss(x_all[k * B:(k + 1) * B], y, w)
                 amp.backward(weight * losses[name])
+            if args.mic_on in ("unlabeled", "labeled"):                       # MIC on x_u, same y_u and weights
+                losses["loss_mic"] = mic_loss(x_u_inter, y_u, w_u)
+                amp.backward(losses["loss_mic"])
+            if args.mic_on == "labeled" and x_t is not None:                  # A23 alternative: x_t with its GT
+                losses["loss_mic_t"] = mic_loss(x_t, y_t, 1.0)
+                amp.backward(losses["loss_mic_t"])
             losses["q"] = q.mean()
             if args.mix_strategy == "two-two":                                # A17: the second stream's own q
                 losses["q_intra"] = q2.mean()
@@ -384,10 +475,10 @@ def train(args):
                                                                     teacher), args.keep_checkpoints, dist)
             stop.exit_if_requested(i + 1, out_dir)
         if training.is_due(i, args.eval_every, args.iters):
-            metrics = training.evaluate_and_write(student, val, device, out_dir, i + 1, synthia, amp,
+            metrics = training.evaluate_and_write(evaluated, val, device, out_dir, i + 1, synthia, amp,
                                                 align_corners=False, dist=dist)
     stop.restore()
-    return metrics or training.evaluate_and_write(student, val, device, out_dir, start, synthia, amp,
+    return metrics or training.evaluate_and_write(evaluated, val, device, out_dir, start, synthia, amp,
                                                 align_corners=False, dist=dist)  # resumed a finished run
 
 

@@ -354,8 +354,8 @@ def load_checkpoint(path, num_classes=None, stack="deeplabv2"):
     for other classes. --stack daformer also reads the authors' mmcv `latest.pth` (daformer_checkpoint)."""
     ckpt = common.load_state_file(path)
     check_same_stack(ckpt, stack, path)
-    if stack == "daformer":
-        return daformer_checkpoint(ckpt, path, num_classes)
+    if stack != "deeplabv2":
+        return daformer_checkpoint(ckpt, path, num_classes, stack)
     state = ckpt.get("model", ckpt)
     heads = [k for k in ("layer6.conv2d_list.0.weight", "layer5.conv2d_list.0.weight") if k in state]
     if not heads:
@@ -619,7 +619,9 @@ RUN_ONLY_ARGS = {"data_root", "gta5_root", "synthia_root", "cityscapes_root", "o
 
 ADDED_ARGS = {"sgd_rule": "torch1.5", "stack": "deeplabv2", "mit": None, "drop_path_rate": None, "fd_lambda": None,
               "pl_crop": None, "warmup_iters": None, "rcs": None, "rcs_temp": None, "rcs_min_pixels": None,
-              "classmix_select": None, "target_cat_max_ratio": None}  # flags added later: what older runs ran
+              "classmix_select": None, "target_cat_max_ratio": None, "hr_loss_weight": None, "eval_mode": None,
+              "mic": False, "mask_ratio": None, "mask_block": None, "mask_lambda": None,
+              "mask_lambda_all": False, "labeled_loss": None, "mic_on": None}  # flags added later: what older runs ran
 
 
 def check_same_run(saved, current, path):
@@ -738,51 +740,112 @@ def check_same_network(saved, args, path, init_default):
 # The network stack (--stack): DeepLabv2-ResNet-101 or DAFormer's MiT + DAFormer head
 # ======================================================================================
 
-STACKS = ("deeplabv2", "daformer")
+STACKS = ("deeplabv2", "daformer", "hrda")
 DEEPLAB_ONLY = ("layers", "width", "aspp_full", "optimizer", "clean_param_groups", "frozen_bn")
 DAFORMER_ONLY = ("mit", "drop_path_rate", "fd_lambda", "pl_crop")
+HRDA_ONLY = ("hr_loss_weight", "eval_mode")
+MIC_ONLY = ("mask_ratio", "mask_block", "mask_lambda")
 MIT_B5_SOURCE = ("SegFormer's ImageNet-1k encoder weights mit_b5.pth (NVlabs/SegFormer README, 'ImageNet-1K "
                  "pretrained weights'; lhoyer/DAFormer puts it at pretrained/mit_b5.pth)")
+HEAD_KEY = {"daformer": "decode_head.conv_seg.weight", "hrda": "decode_head.head.conv_seg.weight"}
+MIC = {"mask_ratio": 0.7, "mask_block": 64, "mask_lambda": 1.0}   # lhoyer/MIC gta2cs HRDA config
 
 
 def add_stack_args(parser):
-    """--stack and the flags of DAFormer's network and training additions (defaults follow --stack)."""
+    """--stack, the flags of DAFormer's and HRDA's network and training additions (defaults follow --stack) and
+    MIC's masked image consistency (--mic, any stack)."""
     parser.add_argument("--stack", choices=STACKS, default="deeplabv2",
-                        help="network and training set-up: the method paper's DeepLabv2-ResNet-101, or DAFormer's "
-                             "MiT-B5 + DAFormer head with DAFormer's training (Hoyer et al., CVPR 2022; what it "
-                             "sets: the script's docstring above)")
+                        help="network and training set-up: the method paper's DeepLabv2-ResNet-101, DAFormer's "
+                             "MiT-B5 + DAFormer head with DAFormer's training (Hoyer et al., CVPR 2022), or HRDA's "
+                             "multi-resolution training on it (Hoyer et al., ECCV 2022) (what each sets: the "
+                             "script's docstring above)")
     parser.add_argument("--mit", choices=["b0", "b1", "b2", "b3", "b4", "b5", "tiny"], default=None,
-                        help="--stack daformer: MiT encoder size (default: b5, DAFormer; tiny = the tests' and the "
-                             "demo's)")
+                        help="--stack daformer/hrda: MiT encoder size (default: b5, DAFormer; tiny = the tests' and "
+                             "the demo's)")
     parser.add_argument("--drop-path-rate", type=float, default=None,
-                        help="--stack daformer: MiT stochastic depth (default: 0.1, DAFormer mit_b5 config)")
+                        help="--stack daformer/hrda: MiT stochastic depth (default: 0.1, DAFormer mit_b5 config)")
     parser.add_argument("--fd-lambda", type=float, default=None,
-                        help="--stack daformer: weight of the ImageNet feature distance on thing classes (default: "
-                             "0.005, DAFormer; 0 = off)")
-    parser.add_argument("--pl-crop", choices=["none", "v1"], default=None,
-                        help="--stack daformer: pseudo-label weight 0 on the top 15 / bottom 120 rows of a 512-row "
-                             "crop (v1; other crop heights scale the rows) or none (default: v1, DAFormer)")
+                        help="--stack daformer/hrda: weight of the ImageNet feature distance on thing classes "
+                             "(default: 0.005, DAFormer/HRDA; 0 = off; HRDA: on the context features)")
+    parser.add_argument("--pl-crop", choices=["none", "v1", "v2"], default=None,
+                        help="--stack daformer/hrda: pseudo-label weight 0 on the top 15 / bottom 120 rows of a "
+                             "512-row crop (v1; other crop heights scale the rows, DAFormer's default), on the "
+                             "margins top 30 / bottom 240 / left 30 / right 30 of the 2048x1024 target image, "
+                             "transformed with it (v2, --stack hrda only; HRDA's default), or none")
+    parser.add_argument("--hr-loss-weight", type=float, default=None,
+                        help="--stack hrda: weight of the detail-crop loss; the fused loss gets 1 minus it "
+                             "(default: 0.1, HRDA hr_loss_weight)")
+    parser.add_argument("--eval-mode", choices=["whole", "slide"], default=None,
+                        help="--stack hrda: evaluation on the whole image (one context view, detail windows) or in "
+                             "windows of --crop-size every half crop, each a whole HRDA inference (default: slide, "
+                             "HRDA test_cfg)")
+    parser.add_argument("--mic", action="store_true",
+                        help="MIC (Hoyer et al., CVPR 2023): also train on the colour-augmented, block-masked target "
+                             "image against the teacher's pseudo-label and weights (any --stack)")
+    parser.add_argument("--mask-ratio", type=float, default=None,
+                        help="--mic: share of masked blocks (default: 0.7, MIC)")
+    parser.add_argument("--mask-block", type=int, default=None, help="--mic: mask block side in pixels (default: 64, "
+                                                                     "MIC)")
+    parser.add_argument("--mask-lambda", type=float, default=None,
+                        help="--mic: weight of the masked loss (default: 1, MIC); with --stack hrda MIC scales its "
+                             "fused term only (the authors' code), --mask-lambda-all scales the detail term too")
+    parser.add_argument("--mask-lambda-all", action="store_true",
+                        help="--mic --stack hrda, clean variant: --mask-lambda scales the whole masked HRDA loss")
 
 
 def parse_with_stack(parser, stacks, demo, argv=None, daformer_only=()):
     """parse_with_demo with --stack's defaults: `stacks` maps a stack other than deeplabv2 to its {dest: value}
     defaults, `demo` maps each stack to its demo values; explicit flags win. A DeepLabv2-only flag changed
-    under another stack, or a stack flag (DAFORMER_ONLY and the script's `daformer_only`, None by default)
-    given under deeplabv2, is a DataError."""
+    under another stack, a stack flag (DAFORMER_ONLY and the script's `daformer_only`, None by default)
+    given under deeplabv2, an HRDA flag under another stack or a MIC flag without --mic is a DataError;
+    --mic fills the MIC flags' defaults."""
     stack = parser.parse_known_args(argv)[0].stack
     if stack != "deeplabv2":
         parser.set_defaults(**stacks[stack])
     args = parse_with_demo(parser, demo[stack], argv)
+    if stack != "hrda":
+        given = [k for k in HRDA_ONLY if getattr(args, k, None) is not None]
+        if given or getattr(args, "mask_lambda_all", False):
+            name = given[0] if given else "mask_lambda_all"
+            raise DataError(f"--{name.replace('_', '-')} is a --stack hrda flag (this run: --stack {stack})")
+    if hasattr(args, "mic"):
+        given = [k for k in MIC_ONLY if getattr(args, k) is not None]
+        if given and not args.mic:
+            raise DataError(f"--{given[0].replace('_', '-')} is a --mic flag; add --mic or drop it")
+        if args.mic:
+            for k, v in MIC.items():
+                setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+            if not (0 <= args.mask_ratio < 1 and args.mask_block > 0 and args.mask_lambda >= 0):
+                raise DataError(f"--mask-ratio {args.mask_ratio} in [0,1), --mask-block {args.mask_block} > 0 and "
+                                f"--mask-lambda {args.mask_lambda} >= 0 expected")
     if stack != "deeplabv2":
         changed = [k for k in DEEPLAB_ONLY if hasattr(args, k) and getattr(args, k) != parser.get_default(k)]
         if changed:
             raise DataError(f"--{changed[0].replace('_', '-')} is a --stack deeplabv2 flag (this run: --stack "
                             f"{stack}); drop it")
+        if stack == "daformer" and args.pl_crop == "v2":
+            raise DataError("--pl-crop v2 is HRDA's pseudo-label crop (this run: --stack daformer); use --stack hrda "
+                            "or --pl-crop v1/none")
         return args
     given = [k for k in DAFORMER_ONLY + tuple(daformer_only) if getattr(args, k) is not None]
     if given:
         raise DataError(f"--{given[0].replace('_', '-')} is a --stack daformer flag (this run: --stack deeplabv2)")
     return args
+
+
+def check_hrda_args(args):
+    """--stack hrda: crop sides HRDA can split (detail crop = half the crop, divisible by 8), images at least as
+    large as the crop, --hr-loss-weight in [0,1] (DataError)."""
+    crop = tuple(args.crop_size)
+    if min(crop) <= 0 or any(c % 16 for c in crop):
+        raise DataError(f"--crop-size {crop[0]} {crop[1]}: --stack hrda needs sides divisible by 16 (the "
+                               "detail crop is half the crop, on a grid of 8; HRDA: 1024 1024)")
+    for flag, size in (("--target-size", args.target_size), ("--source-size", args.source_size)):
+        if size is not None and (size[0] < crop[1] or size[1] < crop[0]):
+            raise DataError(f"{flag} {size[0]} {size[1]}: smaller than the HRDA crop --crop-size {crop[0]} "
+                                   f"{crop[1]}; expected images at least as large as the crop")
+    if not 0 <= args.hr_loss_weight <= 1:
+        raise DataError(f"--hr-loss-weight {args.hr_loss_weight}: expected a value in [0,1]")
 
 
 def check_mit_init(args):
@@ -799,31 +862,60 @@ def check_mit_init(args):
 
 def check_same_stack(ckpt, stack, path):
     """DataError naming both stacks when a checkpoint holds another network than this run builds (from its
-    arguments, or for the authors' files from its tensor names: DAFormer's have `decode_head.*`)."""
+    arguments, or for the authors' files from its tensor names: DAFormer's have `decode_head.*`, HRDA's
+    `decode_head.scale_attention.*`)."""
     if isinstance(ckpt.get("args"), dict):
         found = ckpt["args"].get("stack", "deeplabv2")
     else:
         state = ckpt.get("model", ckpt.get("state_dict", ckpt))
-        found = "daformer" if any("decode_head." in k for k in state) else "deeplabv2"
+        found = ("hrda" if any("decode_head.scale_attention." in k for k in state) else
+                 "daformer" if any("decode_head." in k for k in state) else "deeplabv2")
     if found != stack:
         raise DataError(f"{path}: a --stack {found} checkpoint (this run: --stack {stack}); evaluate or resume it "
                         f"with --stack {found}")
 
 
-def daformer_checkpoint(ckpt, path, num_classes=None):
-    """A --stack daformer checkpoint as {'model', 'ema_model'?, ...}: ours as it is; the authors' mmcv
+def daformer_checkpoint(ckpt, path, num_classes=None, stack="daformer"):
+    """A --stack daformer/hrda checkpoint as {'model', 'ema_model'?, ...}: ours as it is; the authors' mmcv
     `latest.pth` ({'meta', 'state_dict': {'model.*', 'ema_model.*', 'imnet_model.*'}, 'optimizer'}) as its
-    student and teacher under the student's names (lhoyer/DAFormer tools/test.py keeps `model.*`)."""
+    student and teacher under the student's names (lhoyer/DAFormer and lhoyer/HRDA tools/test.py keep
+    `model.*`)."""
     if "model" not in ckpt and "state_dict" in ckpt:   # the authors' file: student via load_authors_segmentor
         teacher = {k[len("ema_model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema_model.")}
         ckpt = {"model": common.load_authors_segmentor(path), **({"ema_model": teacher} if teacher else {})}
-    head = ckpt.get("model", {}).get("decode_head.conv_seg.weight")
+    head = ckpt.get("model", {}).get(HEAD_KEY[stack])
     if head is None:
-        raise DataError(f"{path}: no DAFormer classifier weights found (expected 'model' with "
-                        f"'decode_head.conv_seg.weight', or the authors' 'state_dict' with 'model.decode_head.*')")
+        raise DataError(f"{path}: no {stack} classifier weights found (expected 'model' with '{HEAD_KEY[stack]}', "
+                        f"or the authors' 'state_dict' with 'model.{HEAD_KEY[stack]}')")
     if num_classes is not None and head.shape[0] != num_classes:
         raise DataError(f"{path}: checkpoint has {head.shape[0]} classes, expected {num_classes}")
     return ckpt
+
+
+def next_target_batch(loader, device):
+    """The next target images of a training loader on `device` and their pseudo-label margin masks (`valid`,
+    HRDA's --pl-crop v2; None when the dataset has none)."""
+    batch = next(loader)
+    valid = batch["valid"].to(device, non_blocking=True) if "valid" in batch else None
+    return batch_images(batch, device), valid
+
+
+class WeightsOf(nn.Module):
+    """An evaluation wrapper (e.g. common.SlideInference) whose state dict is its wrapped model's: --eval-only
+    loads the checkpoint into the model itself."""
+
+    def __init__(self, wrapper):
+        super().__init__()
+        self.wrapper, self.num_classes = wrapper, wrapper.num_classes
+
+    def forward(self, x):
+        return self.wrapper(x)
+
+    def state_dict(self, *args, **kwargs):
+        return self.wrapper.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state, strict=True):
+        return self.wrapper.model.load_state_dict(state, strict)
 
 
 def write_demo_summary(out_dir, script, method, baselines, iterations, seconds):

@@ -741,7 +741,7 @@ def check_same_network(saved, args, path, init_default):
 # ======================================================================================
 
 STACKS = ("deeplabv2", "daformer", "hrda")
-DEEPLAB_ONLY = ("layers", "width", "aspp_full", "optimizer", "clean_param_groups", "frozen_bn")
+DEEPLAB_ONLY = ("layers", "width", "aspp_full", "optimizer", "clean_param_groups", "sgd_rule", "frozen_bn")
 DAFORMER_ONLY = ("mit", "drop_path_rate", "fd_lambda", "pl_crop")
 HRDA_ONLY = ("hr_loss_weight", "eval_mode")
 MIC_ONLY = ("mask_ratio", "mask_block", "mask_lambda")

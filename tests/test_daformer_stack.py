@@ -272,11 +272,11 @@ def test_deeplab_only_flags_are_refused(script, flags, message):
         script.parse_args(["--stack", "daformer", "--init", "none", *flags])
 
 
-@pytest.mark.parametrize("script, flag", [(dacs, "--aspp-full"), (dacs, "--clean-param-groups"),
-                                          (iidm, "--frozen-bn")])
+@pytest.mark.parametrize("script, flag", [(dacs, ["--aspp-full"]), (dacs, ["--clean-param-groups"]),
+                                          (dacs, ["--sgd-rule", "torch0.4"]), (iidm, ["--frozen-bn"])])
 def test_more_deeplab_only_flags_are_refused(script, flag):
-    with pytest.raises(common.DataError, match=f"{flag} is a --stack deeplabv2 flag"):
-        script.parse_args(["--stack", "daformer", "--init", "none", flag])
+    with pytest.raises(common.DataError, match=f"{flag[0]} is a --stack deeplabv2 flag"):
+        script.parse_args(["--stack", "daformer", "--init", "none", *flag])
 
 
 @pytest.mark.parametrize("script", [dacs, iidm])

@@ -57,6 +57,40 @@ def write_palette(path, ids):
     im.save(path)
 
 
+THING_IDS, STUFF_IDS = (24, 26), (7, 11, 21, 23)   # Cityscapes label ids: person, car / road, building, vegetation, sky
+
+
+def blocky_labels(rng, h=64, w=128):
+    """Left half one thing class, right half two stuff classes (top, bottom): 32-pixel cells are pure (the
+    feature distance's thing-class mask is not empty) and crops mixed."""
+    ids = np.zeros((h, w), dtype=np.uint8)
+    ids[:h // 2], ids[h // 2:] = rng.choice(STUFF_IDS, 2, replace=False)
+    ids[:, :w // 2] = rng.choice(THING_IDS)
+    return ids
+
+
+def make_blocky(root, h=64, w=128):
+    """GTA5 (4 pairs) and Cityscapes (4 train, 2 val) trees of h x w images with blocky_labels."""
+    rng = np.random.default_rng(0)
+    for i in range(1, 5):
+        write_rgb(root / "gta5" / "images" / f"{i:05d}.png", rng, h, w)
+        write_palette(root / "gta5" / "labels" / f"{i:05d}.png", blocky_labels(rng, h, w))
+    for split, n in (("train", 4), ("val", 2)):
+        for i in range(n):
+            city = "aachen" if split == "train" else "frankfurt"
+            stem = f"{city}_{i:06d}_000019"
+            write_rgb(root / "cityscapes" / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", rng, h, w)
+            d = root / "cityscapes" / "gtFine" / split / city
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(blocky_labels(rng, h, w), mode="L").save(d / f"{stem}_gtFine_labelIds.png")
+    return root
+
+
+def same_state(a, b):
+    """Two state dicts with the same keys in the same order and equal tensors."""
+    return all(torch.equal(a[k], b[k]) for k in a) and list(a) == list(b)
+
+
 def make_gta5(root, n=4, h=24, w=40, mismatch=True, seed=0):
     rng = np.random.default_rng(seed)
     for i in range(1, n + 1):

@@ -4,18 +4,15 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import common
 import dacs
 import iidm
-from conftest import ROOT, script_runner, weights_digest, write_palette, write_rgb
+from conftest import ROOT, make_blocky, same_state, script_runner, weights_digest
 
 H, W = 64, 128   # every generated image; crops of 64x64 give the tiny MiT a 2x2 stage-4 map (32-pixel cells)
-THING, STUFF = (24, 26), (7, 11, 21, 23)   # Cityscapes label ids: person, car / road, building, vegetation, sky
 TINY = ["--iters", "2", "--stack", "daformer", "--mit", "tiny", "--init", "none", "--source-size", str(W), str(H),
         "--target-size", str(W), str(H), "--crop-size", "64", "64", "--rcs-min-pixels", "40", "--tau", "0.01",
         "--warmup-iters", "0", "--lr", "1e-3", "--workers", "0", "--log-every", "1", "--device", "cpu"]
@@ -23,36 +20,10 @@ run_dacs = script_runner(dacs, TINY)
 run_iidm = script_runner(iidm, TINY + ["--n-labeled", "2"])
 
 
-def blocky_labels(rng):
-    """Left half one thing class, right half two stuff classes (top, bottom): 32-pixel cells are pure and
-    crops mixed."""
-    ids = np.zeros((H, W), dtype=np.uint8)
-    ids[:H // 2], ids[H // 2:] = rng.choice(STUFF, 2, replace=False)
-    ids[:, :W // 2] = rng.choice(THING)
-    return ids
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    """GTA5 and Cityscapes trees whose labels hold pure thing-class cells (the FD mask is not empty)."""
-    r = tmp_path_factory.mktemp("blocky")
-    rng = np.random.default_rng(0)
-    for i in range(1, 5):
-        write_rgb(r / "gta5" / "images" / f"{i:05d}.png", rng, H, W)
-        write_palette(r / "gta5" / "labels" / f"{i:05d}.png", blocky_labels(rng))
-    for split, n in (("train", 4), ("val", 2)):
-        for i in range(n):
-            city = "aachen" if split == "train" else "frankfurt"
-            stem = f"{city}_{i:06d}_000019"
-            write_rgb(r / "cityscapes" / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", rng, H, W)
-            d = r / "cityscapes" / "gtFine" / split / city
-            d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(blocky_labels(rng), mode="L").save(d / f"{stem}_gtFine_labelIds.png")
-    return r
-
-
-def same(a, b):
-    return all(torch.equal(a[k], b[k]) for k in a) and list(a) == list(b)
+    """GTA5 and Cityscapes trees whose labels hold pure thing-class cells (conftest.make_blocky)."""
+    return make_blocky(tmp_path_factory.mktemp("blocky"), H, W)
 
 
 # ------------------------------------------------------------------ runs and exact resume
@@ -71,8 +42,8 @@ def test_two_iterations_and_exact_resume(root, tmp_path, script):
         "daformer", 0.999, 0.005, "v1")
     assert metrics["model"] == "student" and metrics["num_classes"] == 19
     _, resumed = run(root, tmp_path / "c", "--resume", tmp_path / "a" / "checkpoint_1.pth")
-    assert same(full["model"], resumed["model"]) and same(full["ema_model"], resumed["ema_model"])
-    assert same(full["optimizer"]["state"][0], resumed["optimizer"]["state"][0])
+    assert same_state(full["model"], resumed["model"]) and same_state(full["ema_model"], resumed["ema_model"])
+    assert same_state(full["optimizer"]["state"][0], resumed["optimizer"]["state"][0])
 
 
 def test_teacher_starts_as_a_copy_without_stochastic_layers(root, tmp_path, monkeypatch):

@@ -637,6 +637,14 @@ def test_demo_writes_the_comparison(tmp_path, capsys):
     assert "DLDM M_S^1" in capsys.readouterr().out.splitlines()[-1]
 
 
+def test_demo_samples_the_merged_set_one_to_one():
+    """--demo draws ground-truth and pseudo-labeled images 1:1 (A14's balanced stream); the paper default stays
+    uniform and an explicit flag wins over the demo value."""
+    assert dldm.parse_args(["--demo"]).merge_sampling == "balanced"
+    assert dldm.parse_args(["--demo", "--merge-sampling", "uniform"]).merge_sampling == "uniform"
+    assert dldm.parse_args([]).merge_sampling == "uniform"
+
+
 @pytest.mark.parametrize("rule", ["cutmix", "french"])
 def test_box_mask_on_device_equals_per_image_slicing(rule):
     for seed in range(8):

@@ -260,10 +260,11 @@ def results_section(records):
              "own loop (step 2, after the optimiser state exists), run at paper settings (DeepLabv2-ResNet-101; "
              "MiT-B5 + DAFormer head for `--stack daformer`; the scripts' PAPER sizes and batches) on fake "
              "tensors; at start: what stays alive between steps (weights, teacher, momentum, gradients). Not a "
-             "GPU measurement: the CUDA caching allocator's reserve, the CUDA context and cuDNN/cuBLAS workspaces come on top (docstring). aten ops: dispatcher "
-             "calls per step (device ops: on the step's device tensors; host ops: CPU-side draws and index "
-             "arithmetic), fake paper sizes / fake --small sizes / a real CPU step at --small sizes (all with "
-             "the full network: ResNet-101 layers, MiT-B5).", "", "Runs:", ""]
+             "GPU measurement: the CUDA caching allocator's reserve, the CUDA context and cuDNN/cuBLAS "
+             "workspaces come on top (docstring). aten ops: dispatcher calls per step (device ops: on the "
+             "step's device tensors; host ops: CPU-side draws and index arithmetic), fake paper sizes / fake "
+             "--small sizes / a real CPU step at --small sizes (all with the full network: ResNet-101 layers, "
+             "MiT-B5).", "", "Runs:", ""]
     lines += [f"- `{c}` ({date}, commit {commit}, torch {t}; {machine})" for c, date, commit, machine, t in runs]
     lines += ["", "| script | fp32 peak GB (GiB) | at start GB | amp peak GB (GiB) | at start GB | <= 11 GB (amp) "
               "| fp32 aten ops/step: device + host (paper / small / real CPU small) | amp device + host ops "

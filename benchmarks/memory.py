@@ -34,8 +34,9 @@ Values the step reads back on the host (`.item()`, a Python `if` on a tensor) ha
 tensors: the mode answers 1 / True and lists where they were asked (`assumed` in the JSON, the table).
 
 What the estimate is not. --amp runs CPU autocast (bf16), whose op lists agree with CUDA's on what holds
-the memory (convolutions and matmuls in bf16, batch norm in its input's dtype, losses in fp32) but not op
-for op. On a GPU, torch.cuda.max_memory_allocated also counts the caching allocator's rounding of each
+the memory (convolutions, matmuls and attention in bf16, batch norm in its input's dtype, losses in fp32) but
+not op for op; layer_norm, which CPU autocast leaves in bf16 and CUDA's runs in fp32, is run in fp32 here
+(the MiT rows' LayerNorm outputs and residual stream). On a GPU, torch.cuda.max_memory_allocated also counts the caching allocator's rounding of each
 block (512 B; larger blocks from 2 MiB / 20 MiB segments) and the cuDNN and cuBLAS workspaces
 (cudnn.benchmark picks algorithms by speed, some with large workspaces); max_memory_reserved adds the
 cached blocks it could not reuse (fragmentation); nvidia-smi adds the CUDA context. None of these has a
@@ -56,6 +57,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
@@ -160,6 +162,17 @@ def host_loader(original):
     return loader
 
 
+def cuda_autocast_layer_norm(original):
+    """F.layer_norm as CUDA's autocast runs it: in float32 (its fp32 op list), where CPU autocast keeps a bf16
+    input in bf16; on a GPU the MiT's LayerNorm outputs and the residual stream after them hold fp32 bytes."""
+    def layer_norm(input, *args, **kwargs):
+        if torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return original(input.float(), *args, **kwargs)
+        return original(input, *args, **kwargs)
+    return layer_norm
+
+
 @contextlib.contextmanager
 def fake_device():
     """The scripts' device tensors (models from training.prepare_model, batches from training.next_batch)
@@ -195,6 +208,7 @@ def fake_device():
 
     with mock.patch.object(training, "prepare_model", fake_model), mock.patch("torch.load", host_load), \
             mock.patch.object(training, "next_batch", fake_batch), \
+            mock.patch.object(torch.nn.functional, "layer_norm", cuda_autocast_layer_norm(F.layer_norm)), \
             mock.patch.object(training, "infinite_loader", host_loader(training.infinite_loader)), \
             fake_mode, tracker:
         yield tracker

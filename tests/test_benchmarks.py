@@ -270,6 +270,18 @@ def test_memory_estimate_runs_the_daformer_step_with_its_frozen_encoder(bench):
     assert est["assumed"] == {}
 
 
+def test_estimate_runs_layer_norm_in_fp32_under_amp_as_cuda_autocast():
+    """CPU autocast leaves a bf16 LayerNorm input in bf16, CUDA's runs it in fp32: the estimate follows CUDA."""
+    norm, x = torch.nn.LayerNorm(8), torch.randn(2, 8)
+    with mock.patch.object(torch.nn.functional, "layer_norm", memory.cuda_autocast_layer_norm(
+            torch.nn.functional.layer_norm)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert norm(x.bfloat16()).dtype == torch.float32
+        assert norm(x.bfloat16()).dtype == torch.bfloat16                  # outside autocast: untouched
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm(x.bfloat16()).dtype == torch.bfloat16                  # what CPU autocast does
+
+
 def test_memory_table_flags_the_11_gb_bar():
     rec = {"script": "dacs.py", "stage": None, "command": "c", "date": "d", "commit": "x", "machine": "m",
            "torch": "t", "peak_bytes": 12e9, "start_bytes": 1e9, "device_ops_per_step": 10, "host_ops_per_step": 2,

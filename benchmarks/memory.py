@@ -128,15 +128,17 @@ class LiveFakeBytes(TorchDispatchMode):
 
     def register(self, tensors):
         """Count the storages not yet seen of the fake tensors and the real non-scalar tensors in `tensors`
-        (on a GPU only a 0-dim CPU tensor can meet a CUDA tensor); update the live sum and peak."""
-        new = False
+        (on a GPU only a 0-dim CPU tensor can meet a CUDA tensor); update the live sum and peak.
+
+        Between sweeps the sum only grows (frees are not yet subtracted): an upper bound of the live bytes, so
+        the dead storages are swept only when it passes the peak, and the peak stays exact."""
         for t in torch.utils._pytree.tree_leaves(tensors):
             if isinstance(t, FakeTensor) or isinstance(t, torch.Tensor) and t.dim() > 0:
                 ref = StorageWeakRef(t.untyped_storage())
                 if ref.cdata not in self.live:
                     self.live[ref.cdata] = (ref, t.untyped_storage().nbytes())
-                    new = True
-        if new:
+                    self.bytes += self.live[ref.cdata][1]
+        if self.bytes > self.peak:
             self.sweep()
 
     def sweep(self):

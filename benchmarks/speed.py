@@ -16,8 +16,10 @@ each script with its --compile flag; a script without one yet is skipped with a 
 
 Paper preset: full DeepLabv2-ResNet-101, each script's PAPER sizes and batch composition, on demo scenes
 upscaled to the real resolutions (GTA5 1914x1052, SYNTHIA 1280x760, Cityscapes 2048x1024, written once
-under <data-root>/bench_paper). --small: --layers 1 1 1 1 and 1/8-scale data and sizes, to check the
-harness and measure host-side overhead on a CPU. DLDM's stages (M_RL, M_SL, student) and CAMix's two
+under <data-root>/bench_paper); the --stack daformer rows train MiT-B5 + DAFormer head at DAFormer's sizes
+(the scripts' --stack defaults), their floor adding the frozen ImageNet encoder's no-grad forward (feature
+distance). --small: --layers 1 1 1 1 (MiT tiny) and 1/8-scale data and sizes, to check the harness and
+measure host-side overhead on a CPU. DLDM's stages (M_RL, M_SL, student) and CAMix's two
 phases are separate rows. Results are merged into --json (one record per row, device, preset and
 precision) and the "Training-step speed" section of --results is regenerated from it.
 
@@ -58,9 +60,25 @@ N_IMAGES = 8  # per dataset (Cityscapes: 8 train + 2 val)
 # CAMix's crops from the full 2048x1024 frame) and the --small ones, passed as flags to the scripts.
 SIZES = {"paper": {"source": (720, 1280), "target": (512, 1024), "crop": (512, 512), "full": (1024, 2048)},
          "small": {"source": (90, 160), "target": (64, 128), "crop": (64, 64), "full": (128, 256)}}
-# The floor of a row: DeepLabV2 options, the student's passes (each inner list is forwarded, then one
-# backward, as the script does), and the no-grad teacher forwards (eval-mode teachers for DLDM).
+# The networks a row can train, by its floor's "network" key (default deeplabv2): the constructor (the floor's
+# "model" options, the size, stochastic=False for a teacher copy), the scripts' flags choosing the size, and the
+# size of the full network (ResNet-101 layers; MiT-B5) and of the light one (--small, the tests). A --stack hrda
+# row needs one entry here (common.HRDA, "--mit", the same sizes) and, as its student takes a detail box, a
+# "forward" beside "build"; everything else reads this table.
+NETWORKS = {
+    "deeplabv2": {"build": lambda opts, size, stochastic: common.DeepLabV2(19, layers=size, **opts),
+                  "flags": lambda size: ["--layers", *map(str, size)],
+                  "sizes": {"paper": [3, 4, 23, 3], "small": [1, 1, 1, 1]}},
+    "daformer": {"build": lambda opts, size, stochastic: common.daformer_segmentor(19, size, stochastic=stochastic,
+                                                                                  **opts),
+                 "flags": lambda size: ["--mit", size], "sizes": {"paper": "b5", "small": "tiny"}},
+}
+# The floor of a row: its network and options, the student's passes (each inner list is forwarded, then one
+# backward, as the script does), the no-grad teacher forwards (eval-mode teachers for DLDM) and the no-grad
+# forwards of a frozen copy of the encoder (DAFormer's ImageNet feature distance).
 MEAN_TEACHER = {"model": {}, "student": [["crop", "crop"]], "teachers": ["crop"], "teacher_eval": False}
+DAFORMER_FD = {"network": "daformer", "model": {}, "teachers": ["crop"], "frozen_encoder": ["crop"],
+               "teacher_eval": False}
 ROWS = [  # (script, stage, arguments besides data, sizes and run settings, floor)
     ("dacs.py", None, ["--source", "gta5"], MEAN_TEACHER),
     ("classmix_ssl.py", None, ["--dataset", "cityscapes", "--n-labeled", "4"],
@@ -81,12 +99,28 @@ ROWS = [  # (script, stage, arguments besides data, sizes and run settings, floo
                             "{teacher}"],
      {"model": {"multi_level": True, "aspp_full": True}, "student": [["target"], ["target"]],
       "teachers": ["target", "target"], "teacher_eval": True}),
+    ("dacs.py", "--stack daformer", ["--source", "gta5", "--stack", "daformer"],
+     {**DAFORMER_FD, "student": [["crop"], ["crop"]]}),                      # source (+ FD backward), mixed
+    ("iidm.py", "--stack daformer", ["--source", "gta5", "--n-labeled", "4", "--stack", "daformer"],
+     {**DAFORMER_FD, "student": [["crop"]] * 4}),                            # source, labeled target, two mixes
 ]
 
 
 def row_name(script, stage):
     """'dldm.py M_RL', 'dacs.py': how a row is named in tables and --scripts."""
     return script + (f" {stage}" if stage else "")
+
+
+def row_network(row):
+    """The network kind a row trains (a key of NETWORKS)."""
+    return row[3].get("network", "deeplabv2") if isinstance(row[3], dict) else "deeplabv2"
+
+
+def network_size(kind, layers):
+    """The size of a `kind` network at the scale that DeepLabV2 `layers` stand for: the full network for the
+    paper's ResNet-101 layers, the light one for any other (--small, the tests)."""
+    full = list(layers) == NETWORKS["deeplabv2"]["sizes"]["paper"]
+    return list(layers) if kind == "deeplabv2" else NETWORKS[kind]["sizes"]["paper" if full else "small"]
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -138,10 +172,12 @@ def write_bench_data(data_root, preset):
     return out
 
 
-def size_flags(script, preset):
+def size_flags(script, preset, stack="deeplabv2"):
     """--small: the scripts' size flags at 1/8 scale (the paper preset keeps every script's defaults)."""
     if preset == "paper":
         return []
+    if script == "dacs.py" and stack == "daformer":   # DAFormer's source RCS (3000 px at full scale)
+        return size_flags(script, preset) + ["--rcs-min-pixels", "47"]
     s = SIZES[preset]
     wh = lambda k: [str(s[k][1]), str(s[k][0])]  # noqa: E731
     hw = lambda k: [str(v) for v in s[k]]  # noqa: E731
@@ -160,11 +196,12 @@ def script_argv(row, preset, bench, out_dir, iters, device, amp, workers, layers
     """The full argument list of one row's run."""
     script, _, extra, _ = row
     extra = [a.format(iters=iters, teacher=teacher) for a in extra]
-    return [*extra, *size_flags(script, preset), "--gta5-root", str(bench / "gta5"),
+    kind = row_network(row)
+    return [*extra, *size_flags(script, preset, kind), "--gta5-root", str(bench / "gta5"),
             "--synthia-root", str(bench / "synthia"), "--cityscapes-root", str(bench / "cityscapes"),
             "--init", "none", "--iters", str(iters), "--log-every", str(iters), "--eval-every", "0",
             "--save-every", str(iters), "--device", device, "--workers", str(workers), "--out-dir", str(out_dir),
-            "--amp" if amp else "--no-amp", "--layers", *map(str, layers)]
+            "--amp" if amp else "--no-amp", *NETWORKS[kind]["flags"](network_size(kind, layers))]
 
 
 def write_teacher(path, layers, num_classes=19):
@@ -244,20 +281,25 @@ def scalar(out):
 
 
 def mean_teacher_floor(spec, sizes, batch, layers, device, amp):
-    """The passes of a mean-teacher or distillation step: student forwards + backwards, teacher forwards."""
-    def build():
-        return training.prepare_model(common.DeepLabV2(19, layers=layers, **spec["model"]), device, amp)
+    """The passes of a mean-teacher or distillation step: teacher forwards, frozen-encoder forwards (no grad),
+    then student forwards + backwards; the network of spec["network"] at the scale `layers` stand for."""
+    kind = spec.get("network", "deeplabv2")
+    size = network_size(kind, layers)
+
+    def build(stochastic=True):
+        return training.prepare_model(NETWORKS[kind]["build"](spec["model"], size, stochastic), device, amp)
     student = build().train()
-    teachers = [build().train(not spec["teacher_eval"]).requires_grad_(False) for _ in spec["teachers"]]
+    teachers = [build(False).train(not spec["teacher_eval"]).requires_grad_(False) for _ in spec["teachers"]]
+    encoders = [build(False).backbone.eval().requires_grad_(False) for _ in spec.get("frozen_encoder", [])]
     image = lambda name: torch.randn(batch, 3, *sizes[name], device=device)  # noqa: E731
     student_inputs = [[image(name) for name in group] for group in spec["student"]]
-    teacher_inputs = [image(name) for name in spec["teachers"]]
+    no_grad_inputs = [image(name) for name in spec["teachers"] + spec.get("frozen_encoder", [])]
 
     def step():
         student.zero_grad(set_to_none=True)
         with torch.no_grad(), amp.autocast():
-            for teacher, x in zip(teachers, teacher_inputs):
-                teacher(x)
+            for model, x in zip(teachers + encoders, no_grad_inputs):
+                model(x)
         for group in student_inputs:
             with amp.autocast():
                 loss = sum(scalar(student(x)) for x in group)
@@ -327,15 +369,27 @@ def time_floor(row, sizes, batch, layers, device, amp, warmup, steps):
 
 def floor_flops(row, sizes, batch, layers):
     """FLOP of one floor step (every network pass; a backward counted as torch's FlopCounterMode does, about
-    twice its forward): counted on fake tensors, no compute (a 512x512 DeepLabv2 forward is 370.6 GFLOP)."""
+    twice its forward): counted on fake tensors, no compute (a 512x512 DeepLabv2 forward is 370.6 GFLOP).
+    The networks are built for real (MiT draws its stochastic-depth rates on the host), then get fake weights."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
-    cpu = torch.device("cpu")   # nn.Module.to cannot convert fake parameters: prepare_model (a no-op here) skipped
-    with FakeTensorMode(), mock.patch.object(training, "prepare_model", lambda model, device, amp: model):
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def fake_weights(model, device, amp):   # nn.Module.to cannot convert fake parameters: prepare_model skipped
+        for module in model.modules():
+            for name, p in module._parameters.items():
+                if p is not None:
+                    module._parameters[name] = torch.nn.Parameter(fake_mode.from_tensor(p.detach()), p.requires_grad)
+            for name, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[name] = fake_mode.from_tensor(b)
+        return model
+    cpu = torch.device("cpu")
+    with mock.patch.object(training, "prepare_model", fake_weights):
         step = asss_floor(sizes, batch, layers, cpu, training.Amp(cpu, False)) if row[3] == "asss" else \
             mean_teacher_floor(row[3], sizes, batch, layers, cpu, training.Amp(cpu, False))
-        with FlopCounterMode(display=False) as counter:
-            step()
+    with fake_mode, FlopCounterMode(display=False) as counter:
+        step()
     return counter.get_total_flops()
 
 
@@ -389,7 +443,8 @@ def measure(row, args, device, bench, amp, compile, flops, meta):
             "floor_peak_mem_gb": None if floor_mem is None else round(floor_mem, 3),
             "host_syncs_per_step": step["host_syncs_per_step"], "sync_sites": step["sync_sites"],
             "batch_per_stream": batch, "steps": args.steps, "warmup": args.warmup, "threads": torch.get_num_threads(),
-            "workers": args.workers, "layers": list(args.layers), **meta}
+            "workers": args.workers, "layers": list(args.layers), "network": row_network(row),
+            "network_size": network_size(row_network(row), args.layers), **meta}
 
 
 # ------------------------------------------------------------------------------------------- output
@@ -432,11 +487,15 @@ def results_section(records):
              "or no-grad forwards, discriminator passes) at the same batch and sizes; step/floor: their ratio. "
              "amp = `--amp` (bf16 autocast + channels_last). Host issue: median time until the host has issued the "
              "step (before the clock's synchronisation; equals ms/iter on the CPU). TFLOP/s: FLOP of the floor's "
-             "network passes (torch FlopCounterMode; a 512x512 DeepLabv2 forward is 370.6 GFLOP) per step time. "
+             "network passes (torch FlopCounterMode; a 512x512 DeepLabv2 forward is 370.6 GFLOP) per step time; "
+             "for `--stack daformer` the floor's passes are the student's (fwd + bwd per stream), the EMA "
+             "teacher's and the frozen ImageNet encoder's (no-grad forwards). "
              "Peak / reserved: torch.cuda.max_memory_allocated / max_memory_reserved over the timed steps. "
              "Host syncs: per timed step under `torch.cuda.set_sync_debug_mode` (CUDA only).", ""]
-    for preset, title in (("paper", "Paper settings (DeepLabv2-ResNet-101, the scripts' PAPER sizes and batches)"),
-                          ("small", "--small (layers 1 1 1 1, 1/8-scale data and sizes): host-side overhead")):
+    for preset, title in (("paper", "Paper settings (DeepLabv2-ResNet-101, MiT-B5 for --stack daformer; the "
+                                    "scripts' PAPER sizes and batches)"),
+                          ("small", "--small (layers 1 1 1 1 / MiT tiny, 1/8-scale data and sizes): host-side "
+                                    "overhead")):
         rows = [r for r in records if r["preset"] == preset]
         lines += [f"### {title}", ""]
         for dev in sorted({r["device"] for r in rows}) or []:

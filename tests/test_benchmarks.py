@@ -94,7 +94,8 @@ def test_floor_runs_the_passes_of_the_step(row):
 
     module = __import__(row[0][:-3])
     batch, sizes = module.PAPER["batch_size"][0], {"source": (40, 72), "target": (32, 64), "crop": (32, 32)}
-    with mock.patch.object(common.DeepLabV2, "forward", spy(common.DeepLabV2.forward)), \
+    network = common.MixVisionTransformer if speed.row_network(row) == "daformer" else common.DeepLabV2
+    with mock.patch.object(network, "forward", spy(network.forward)), \
             mock.patch.object(asss, "segment", spy(asss.segment)), \
             mock.patch.object(common.FCDiscriminator, "forward", autospec=True,
                               side_effect=common.FCDiscriminator.forward) as d_g:
@@ -106,8 +107,42 @@ def test_floor_runs_the_passes_of_the_step(row):
         assert sorted(seen) == sorted([(shape("source"), True), (shape("target"), True), (shape("target"), False)])
         assert d_g.call_count == 6
         return
-    expected = [(shape(k), False) for k in row[3]["teachers"]] + [(shape(k), True) for g in row[3]["student"] for k in g]
+    no_grad = row[3]["teachers"] + row[3].get("frozen_encoder", [])     # DAFormer: EMA teacher, ImageNet encoder
+    expected = [(shape(k), False) for k in no_grad] + [(shape(k), True) for g in row[3]["student"] for k in g]
     assert seen == expected
+
+
+def test_daformer_rows_run_mit_b5_at_paper_scale_and_mit_tiny_when_small(tmp_path):
+    """The --stack daformer rows pass --mit (B5 at the paper's scale, tiny for --small), never --layers, and the
+    floor's passes are those of DAFormer's step: two student streams, the teacher and the frozen encoder."""
+    rows = [r for r in speed.ROWS if r[1] == "--stack daformer"]
+    assert [r[0] for r in rows] == ["dacs.py", "iidm.py"]
+    for row in rows:
+        assert row[3]["teachers"] == ["crop"] and row[3]["frozen_encoder"] == ["crop"]
+        for preset, layers, mit in (("paper", [3, 4, 23, 3], "b5"), ("small", [1, 1, 1, 1], "tiny")):
+            argv = speed.script_argv(row, preset, tmp_path, tmp_path / "run", 3, "cpu", False, 0, layers)
+            assert argv[argv.index("--mit") + 1] == mit and "--layers" not in argv
+            assert argv[argv.index("--stack") + 1] == "daformer"
+            args = __import__(row[0][:-3]).parse_args(argv)       # the script accepts them (no --layers refusal)
+            assert (args.stack, args.mit) == ("daformer", mit)
+    assert speed.network_size("daformer", [3, 4, 23, 3]) == "b5" and speed.network_size("deeplabv2", [1, 2, 1, 1]) \
+        == [1, 2, 1, 1]
+
+
+def test_daformer_floor_flops_count_students_teacher_and_frozen_encoder():
+    """dacs.py --stack daformer: two student passes (fwd + bwd), the teacher's and the ImageNet encoder's forwards."""
+    from torch.utils.flop_counter import FlopCounterMode
+    row = next(r for r in speed.ROWS if r[:2] == ("dacs.py", "--stack daformer"))
+    model = common.daformer_segmentor(19, "tiny")
+    x = torch.randn(1, 3, 64, 64)
+    with FlopCounterMode(display=False) as fwd:
+        out = model(x)
+    with FlopCounterMode(display=False) as bwd:
+        out.float().mean().backward()
+    with torch.no_grad(), FlopCounterMode(display=False) as enc:
+        model.backbone(x)
+    flops = speed.floor_flops(row, {"crop": (64, 64)}, 1, [1, 1, 1, 1])
+    assert flops == 3 * fwd.get_total_flops() + 2 * bwd.get_total_flops() + enc.get_total_flops()
 
 
 def test_loader_measures_the_scripts_pipelines(bench, tmp_path):
@@ -121,7 +156,8 @@ def test_loader_measures_the_scripts_pipelines(bench, tmp_path):
                           "--json", str(tmp_path / "loader.json"), "--results", str(tmp_path / "RESULTS.md")])
     assert json.loads((tmp_path / "loader.json").read_text()) == json.loads(json.dumps(result))
     used = {name for p in result["pipelines"] for name in p["used_by"]}
-    assert used == {"dacs.py (gta5)", "dacs.py (synthia)", "dldm.py M_RL (gta5)", "dldm.py M_RL (synthia)",
+    assert used == {"dacs.py (gta5)", "dacs.py (synthia)", "dacs.py --stack daformer (gta5)",
+                    "dacs.py --stack daformer (synthia)", "dldm.py M_RL (gta5)", "dldm.py M_RL (synthia)",
                     "dldm.py M_SL (gta5)", "dldm.py M_SL (synthia)", "dldm.py student (gta5)",
                     "dldm.py student (synthia)"}
     names = [p["pipeline"] for p in result["pipelines"]]
@@ -220,6 +256,30 @@ def test_op_count_of_the_fake_step_equals_the_real_step(bench):
     assert fake["device_ops_per_step"] + fake["host_ops_per_step"] == memory.count_ops_cpu(
         speed.ROWS[0], small, 1, layers)
     assert fake["peak_bytes"] > fake["start_bytes"] > 0 and fake["assumed"] == {}
+
+
+def test_memory_estimate_runs_the_daformer_step_with_its_frozen_encoder(bench):
+    """dacs.py --stack daformer on fake tensors (MiT tiny): what stays alive between steps holds the student, the
+    EMA teacher, the gradients, AdamW's two moments and the frozen ImageNet encoder copy made by deepcopy."""
+    data, _, _ = bench
+    row = next(r for r in speed.ROWS if r[:2] == ("dacs.py", "--stack daformer"))
+    est = memory.estimate(row, "small", data / "bench_small", False, 1, [1, 1, 1, 1])
+    model = common.daformer_segmentor(19, "tiny")
+    weights, encoder = (sum(p.numel() * 4 for p in m.parameters()) for m in (model, model.backbone))
+    assert est["start_bytes"] >= 5 * weights + encoder and est["peak_bytes"] > est["start_bytes"]
+    assert est["assumed"] == {}
+
+
+def test_estimate_runs_layer_norm_in_fp32_under_amp_as_cuda_autocast():
+    """CPU autocast leaves a bf16 LayerNorm input in bf16, CUDA's runs it in fp32: the estimate follows CUDA."""
+    norm, x = torch.nn.LayerNorm(8), torch.randn(2, 8)
+    with mock.patch.object(torch.nn.functional, "layer_norm", memory.cuda_autocast_layer_norm(
+            torch.nn.functional.layer_norm)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert norm(x.bfloat16()).dtype == torch.float32
+        assert norm(x.bfloat16()).dtype == torch.bfloat16                  # outside autocast: untouched
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm(x.bfloat16()).dtype == torch.bfloat16                  # what CPU autocast does
 
 
 def test_memory_table_flags_the_11_gb_bar():

@@ -524,6 +524,8 @@ def train_daformer(args):
                 losses["loss_fd"] = args.fd_lambda * common.thing_feature_distance(
                     features[-1], imnet, common.context_view(x_s) if hrda else x_s, y_s)
             amp.backward(losses["loss_fd"])                      # reaches the encoder only
+            losses["loss_l"] = loss_l.detach()                   # the source graph kept for FD is freed here,
+            del loss_l, features                                 # not after the later streams
         if teacher is not None:
             x_t, valid = training.next_target_batch(loader_t, device)   # target labels unused (but by the crop rule)
             with torch.no_grad(), amp.autocast():                # HRDA: overlapping detail windows

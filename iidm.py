@@ -419,16 +419,17 @@ def train(args):
                 with amp.autocast():
                     if hrda:         # HRDA: FD on the context view's features
                         out = student(x_s, common.hr_crop_box(x_s.shape[2:], detail, g))
-                        features = out.features
-                        losses["loss_s"] = common.hrda_loss(out, y_s, 1.0, args.hr_loss_weight)
+                        loss_s, features = common.hrda_loss(out, y_s, 1.0, args.hr_loss_weight), out.features
                     else:
-                        features, logits_s = student.forward_features(x_s)
-                        losses["loss_s"] = common.ce_pixel_weighted(up(logits_s, y_s.shape[1:]), y_s, 1.0)
-                amp.backward(losses["loss_s"], retain_graph=True)
+                        features, out = student.forward_features(x_s)
+                        loss_s = common.ce_pixel_weighted(up(out, y_s.shape[1:]), y_s, 1.0)
+                amp.backward(loss_s, retain_graph=True)
                 with amp.autocast():
                     losses["loss_fd"] = args.fd_lambda * common.thing_feature_distance(
                         features[-1], imnet, common.context_view(x_s) if hrda else x_s, y_s, num_classes)
                 amp.backward(losses["loss_fd"])                               # reaches the encoder only
+                losses["loss_s"] = loss_s.detach()   # the source graph kept for FD is freed here, not after the
+                del loss_s, features, out            # later streams
         if loader_t is not None:
             x_t, y_t = training.next_batch(loader_t, device)
             if not args.no_tgt_sup:

@@ -283,3 +283,29 @@ def test_demo_runs_tiny_mit_from_random_init(tmp_path):
     assert (config["stack"], config["mit"], config["init"]) == ("daformer", "tiny", "none")
     summary = json.loads((out / "demo.json").read_text())
     assert summary["method"]["name"] == "DAFormer" and [b["name"] for b in summary["baselines"]] == ["source-only"]
+
+
+@pytest.mark.parametrize("run", [run_dacs, run_iidm], ids=["dacs", "iidm"])
+def test_the_source_graph_kept_for_fd_is_freed_before_the_next_stream(root, tmp_path, monkeypatch, run):
+    """The source backward keeps its graph for the FD backward; after that no reference may keep the decoder's
+    saved tensors (and so the stage-4 map) alive through the teacher and the later streams."""
+    import weakref
+    import training
+    refs, alive = [], []
+    real_fd, real_next, real_target = common.thing_feature_distance, training.next_batch, training.next_target_batch
+
+    def fd(features, *a, **k):
+        refs.append(weakref.ref(features))
+        return real_fd(features, *a, **k)
+
+    def check(real):
+        def next_(*a, **k):
+            if refs:
+                alive.append(refs.pop()() is not None)
+            return real(*a, **k)
+        return next_
+    monkeypatch.setattr(common, "thing_feature_distance", fd)
+    monkeypatch.setattr(training, "next_batch", check(real_next))
+    monkeypatch.setattr(training, "next_target_batch", check(real_target))
+    run(root, tmp_path / "run", "--iters", "2")
+    assert alive and not any(alive), alive

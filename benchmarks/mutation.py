@@ -130,8 +130,8 @@ MUTATIONS = [
       "--extra-aug jitter op order per image instead of one per call",
       f"{T_CM}::test_extra_aug_jitter_is_kornia_0_3_with_one_op_order_per_call"),
     # ------------------------------------------------------------------ iidm.py
-    M("iidm_sup_ce_valid_pixels", "iidm.py", "return common.ce_pixel_weighted(up(model(x), y.shape[1:]), y, 1.0)",
-      "return common.ce_loss(up(model(x), y.shape[1:]), y)", "L_s/L_t averaged over valid instead of all pixels",
+    M("iidm_sup_ce_valid_pixels", "iidm.py", "return fused_scale * common.ce_pixel_weighted(up(model(x), y.shape[1:]), y, w)",
+      "return fused_scale * common.ce_loss(up(model(x), y.shape[1:]), y)", "L_s/L_t averaged over valid instead of all pixels",
       f"{T_IIDM}::test_supervised_losses_average_over_all_pixels"),
     M("iidm_ema_alpha_index", "iidm.py",
       "            common.ema_update(teacher, student, i, args.ema_alpha, buffers=args.teacher_eval_bn)",
@@ -153,8 +153,8 @@ MUTATIONS = [
     M("iidm_jitter_strength", "iidm.py", "strength=0.2, gate=0.2, per_image_order=True",
       "strength=0.25, gate=0.2, per_image_order=True", "DAFormer colour jitter strength 0.2 -> DACS's 0.25",
       f"{T_IIDM}::test_mixed_images_get_daformers_colour_jitter"),
-    M("iidm_stream_slice", "iidm.py", "losses[name] = mixed(x_all[k * B:(k + 1) * B], y, w)",
-      "losses[name] = mixed(x_all[:B], y, w)", "both streams' losses on the first stream's augmented images",
+    M("iidm_stream_slice", "iidm.py", "losses[name] = seg_loss(x_all[k * B:(k + 1) * B], y, w)",
+      "losses[name] = seg_loss(x_all[:B], y, w)", "both streams' losses on the first stream's augmented images",
       f"{T_IIDM}::test_each_stream_loss_sees_its_own_augmented_images"),
     # ------------------------------------------------------------------ camix.py
     M("camix_mix_direction", "camix.py", "return (common.one_mix(T, x_t, x_s), common.one_mix(T, y_raw, y_s),",

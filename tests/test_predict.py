@@ -29,7 +29,19 @@ def root(tmp_path_factory):
 def deeplab_ckpt(root, tmp_path_factory):
     out = tmp_path_factory.mktemp("deeplab")
     dacs.main([*DEEPLAB, "--data-root", str(root), "--out-dir", str(out)])
-    return out / "checkpoint.pth"
+    return varied(out / "checkpoint.pth")
+
+
+def varied(path):
+    """The checkpoint with random conv/linear weights: a 1-iteration net predicts one class nearly everywhere,
+    which would hide a wrong resize or upsampling; this one predicts many classes with boundaries everywhere."""
+    ckpt = torch.load(path, weights_only=True)
+    gen = torch.Generator().manual_seed(0)
+    for name, t in ckpt["model"].items():
+        if name.endswith("weight") and t.dim() > 1:
+            t.copy_(torch.randn(t.shape, generator=gen) * (2 / t[0].numel()) ** 0.5)
+    torch.save(ckpt, path)
+    return path
 
 
 @pytest.mark.parametrize("flags", [DEEPLAB, HRDA], ids=["deeplabv2", "hrda-slide"])
@@ -37,7 +49,7 @@ def test_label_ids_equal_eval_only_save_predictions(root, tmp_path, deeplab_ckpt
     ckpt = deeplab_ckpt
     if flags is HRDA:
         dacs.main([*flags, "--data-root", str(root), "--out-dir", str(tmp_path / "run")])
-        ckpt = tmp_path / "run" / "checkpoint.pth"
+        ckpt = varied(tmp_path / "run" / "checkpoint.pth")
     dacs.main([*flags, "--data-root", str(root), "--out-dir", str(tmp_path / "ev"), "--eval-only",
                "--checkpoint", str(ckpt), "--save-predictions"])
     val = root / "cityscapes" / "leftImg8bit" / "val"
@@ -45,6 +57,7 @@ def test_label_ids_equal_eval_only_save_predictions(root, tmp_path, deeplab_ckpt
                         str(tmp_path / "pred")]) == 0
     expected = sorted((tmp_path / "ev" / "predictions").iterdir())
     assert len(expected) == 2
+    assert all(len(np.unique(np.asarray(Image.open(p)))) > 3 for p in expected)   # boundaries to get wrong
     for path in expected:
         stem = path.name.removesuffix("_labelIds.png")
         mine = tmp_path / "pred" / "frankfurt" / f"{stem}_leftImg8bit_labelIds.png"

@@ -129,3 +129,16 @@ def test_bad_inputs_one_line_error_exit_2_nothing_written(deeplab_ckpt, tmp_path
     assert len(r.stderr.strip().splitlines()) == 1 and not list(tmp_path.rglob("z_broken_*"))
     r = run_cli("--checkpoint", tmp_path / "ok.png", "--input", tmp_path / "ok.png", "--out-dir", tmp_path / "out")
     assert r.returncode == 2 and "ok.png" in r.stderr and "weights file" in r.stderr
+
+
+def test_authors_checkpoint_needs_the_stack(deeplab_ckpt, tmp_path):
+    """An authors' mmcv file holds no `args`: predict asks for --stack rather than guess the network."""
+    state = torch.load(deeplab_ckpt, weights_only=True)["model"]
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    torch.save({"meta": {"iter": 1}, "state_dict": {f"model.{k}": v for k, v in state.items()}}, tmp_path / "a.pth")
+    with pytest.raises(common.DataError, match="no `args`.*give --stack"):
+        common.main(["predict", "--checkpoint", str(tmp_path / "a.pth"), "--input", str(tmp_path),
+                     "--out-dir", str(tmp_path / "out")])
+    with pytest.raises(common.DataError, match="not a DAFormer/HRDA checkpoint"):
+        common.main(["predict", "--checkpoint", str(tmp_path / "a.pth"), "--stack", "hrda", "--input", str(tmp_path),
+                     "--out-dir", str(tmp_path / "out")])

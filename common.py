@@ -2214,21 +2214,24 @@ AUTHORS_DEFAULTS = {   # an authors' file holds no args: lhoyer/DAFormer and lho
 
 def predict_network(args, state, path):
     """The network a checkpoint's `args` describe, with the evaluation path of the script that trained it:
-    DeepLabv2 as dacs.py/classmix_ssl.py/camix.py evaluate (PIL bilinear resize, align_corners True),
-    DAFormer/HRDA as mmseg does (OpenCV-style resize, align_corners False; HRDA slides when trained so)."""
-    stack = args.get("stack", "deeplabv2")
+    DeepLabv2 as dacs.py/classmix_ssl.py/camix.py evaluate (PIL bilinear resize, align_corners True) or as
+    iidm.py does (its --resize, align_corners False, RGB for --init none), DAFormer/HRDA as mmseg does
+    (OpenCV-style resize or iidm.py's --resize, align_corners False; HRDA slides when trained so)."""
+    stack, iidm = args.get("stack", "deeplabv2"), "resize" in args     # only iidm.py has --resize
     if stack == "deeplabv2":
-        if "layer6.conv2d_list.0.weight" in state or "resize" in args:
-            raise DataError(f"{path}: a checkpoint of asss.py, dldm.py or iidm.py (predict reads those of "
-                            f"dacs.py, classmix_ssl.py, camix.py and --stack daformer|hrda)")
+        if "layer6.conv2d_list.0.weight" in state:
+            raise DataError(f"{path}: a checkpoint of asss.py or dldm.py (predict reads those of dacs.py, "
+                            f"classmix_ssl.py, camix.py, iidm.py)")
         head = state.get("layer5.conv2d_list.0.weight")
         if head is None:
             raise DataError(f"{path}: no DeepLabv2 classifier weights (expected 'layer5.conv2d_list.0.weight')")
-        style, norm = init_convention(args.get("init", "none"))
+        style, norm = init_convention(args.get("init", "none"), ("pytorch", "imagenet_rgb") if iidm
+                                      else ("caffe", "imagenet_bgr"))
         model = DeepLabV2(head.shape[0], aspp_full=args.get("aspp_full", False), style=style,
                           layers=tuple(args.get("layers", (3, 4, 23, 3))), width=args.get("width", 64))
         size = tuple(args.get("val_size") or args["target_size"])
-        return PredictNetwork(model, norm, size, "bilinear", True, size[::-1], tuple(s // 2 for s in size[::-1]))
+        return PredictNetwork(model, norm, size, args["resize"] if iidm else "bilinear", not iidm, size[::-1],
+                              tuple(s // 2 for s in size[::-1]))
     head = state.get({"daformer": "decode_head.conv_seg.weight", "hrda": "decode_head.head.conv_seg.weight"}[stack])
     if head is None:
         raise DataError(f"{path}: no {stack} classifier weights found")
@@ -2237,7 +2240,7 @@ def predict_network(args, state, path):
         model = hrda_segmentor(head.shape[0], args["mit"], args["drop_path_rate"], False, tuple(c // 2 for c in crop))
     else:
         model = daformer_segmentor(head.shape[0], args["mit"], args["drop_path_rate"], False)
-    return PredictNetwork(model, "imagenet_rgb", tuple(args["target_size"]), "cv2", False, crop,
+    return PredictNetwork(model, "imagenet_rgb", tuple(args["target_size"]), args.get("resize", "cv2"), False, crop,
                           tuple(c // 2 for c in crop))
 
 

@@ -10,7 +10,8 @@ from PIL import Image
 
 import common
 import dacs
-from conftest import ROOT, make_blocky
+import iidm
+from conftest import ROOT, make_blocky, make_synthia
 
 H, W = 64, 128
 DEEPLAB = ["--iters", "1", "--layers", "1", "1", "1", "1", "--width", "16", "--init", "none", "--source-size",
@@ -22,7 +23,9 @@ HRDA = ["--iters", "1", "--stack", "hrda", "--mit", "tiny", "--init", "none", "-
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    return make_blocky(tmp_path_factory.mktemp("predict"), H, W)
+    root = make_blocky(tmp_path_factory.mktemp("predict"), H, W)
+    make_synthia(root)
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +47,19 @@ def varied(path):
     return path
 
 
-@pytest.mark.parametrize("flags", [DEEPLAB, HRDA], ids=["deeplabv2", "hrda-slide"])
-def test_label_ids_equal_eval_only_save_predictions(root, tmp_path, deeplab_ckpt, flags):
+IIDM = ["--iters", "1", "--layers", "1", "1", "1", "1", "--width", "16", "--init", "none", "--source", "synthia",
+        "--source-size", str(W), str(H), "--target-size", "64", "32", "--crop-size", "32", "32", "--n-labeled", "2",
+        "--rcs-min-pixels", "40", "--resize", "bilinear", "--workers", "0", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("script,flags", [(dacs, DEEPLAB), (dacs, HRDA), (iidm, IIDM)],
+                         ids=["dacs-deeplabv2", "dacs-hrda-slide", "iidm-synthia-16-classes"])
+def test_label_ids_equal_eval_only_save_predictions(root, tmp_path, deeplab_ckpt, script, flags):
     ckpt = deeplab_ckpt
-    if flags is HRDA:
-        dacs.main([*flags, "--data-root", str(root), "--out-dir", str(tmp_path / "run")])
+    if flags is not DEEPLAB:
+        script.main([*flags, "--data-root", str(root), "--out-dir", str(tmp_path / "run")])
         ckpt = varied(tmp_path / "run" / "checkpoint.pth")
-    dacs.main([*flags, "--data-root", str(root), "--out-dir", str(tmp_path / "ev"), "--eval-only",
+    script.main([*flags, "--data-root", str(root), "--out-dir", str(tmp_path / "ev"), "--eval-only",
                "--checkpoint", str(ckpt), "--save-predictions"])
     val = root / "cityscapes" / "leftImg8bit" / "val"
     assert common.main(["predict", "--checkpoint", str(ckpt), "--input", str(val), "--out-dir",

@@ -2277,7 +2277,8 @@ def load_predict_network(path, stack=None, eval_model="student"):
 
 def predict_inputs(paths):
     """(image path, output stem relative to the out dir) for files and folders (recursive, sorted); a named
-    file that is not a PNG/JPEG or a missing path is a DataError before anything runs."""
+    file that is not a PNG/JPEG, a missing path or two inputs with one output name is a DataError before
+    anything runs."""
     found = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -2289,6 +2290,11 @@ def predict_inputs(paths):
             raise DataError(f"{p}: not an image file or folder (expected a .png/.jpg/.jpeg file or a folder of them)")
     if not found:
         raise DataError(f"{' '.join(map(str, paths))}: no .png/.jpg/.jpeg images found")
+    seen = {}
+    for image, stem in found:
+        if seen.setdefault(stem, image) != image:
+            raise DataError(f"{image}: its outputs would overwrite those of {seen[stem]} (expected inputs with "
+                            f"distinct names, e.g. one folder per set)")
     return found
 
 

@@ -136,6 +136,11 @@ def test_bad_inputs_one_line_error_exit_2_nothing_written(deeplab_ckpt, tmp_path
     r = run_cli("--checkpoint", deeplab_ckpt, "--input", tmp_path / "z_broken.jpg", "--out-dir", tmp_path / "out")
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "z_broken.jpg" in r.stderr and "expected a readable" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not list(tmp_path.rglob("z_broken_*"))
+    (tmp_path / "ok.jpg").write_bytes(full.read_bytes())
+    r = run_cli("--checkpoint", deeplab_ckpt, "--input", tmp_path / "ok.png", tmp_path / "ok.jpg",
+                "--out-dir", tmp_path / "out")
+    assert r.returncode == 2 and "ok.jpg" in r.stderr and "ok.png" in r.stderr and "overwrite" in r.stderr
+    assert not (tmp_path / "out").exists()
     r = run_cli("--checkpoint", tmp_path / "ok.png", "--input", tmp_path / "ok.png", "--out-dir", tmp_path / "out")
     assert r.returncode == 2 and "ok.png" in r.stderr and "weights file" in r.stderr
 

@@ -2214,7 +2214,8 @@ AUTHORS_DEFAULTS = {   # an authors' file holds no args: lhoyer/DAFormer and lho
 
 def predict_network(args, state, path):
     """The network a checkpoint's `args` describe, with the evaluation path of the script that trained it:
-    DeepLabv2 as dacs.py/classmix_ssl.py/camix.py evaluate (PIL bilinear resize, align_corners True) or as
+    DeepLabv2 as dacs.py/classmix_ssl.py/camix.py evaluate (PIL bilinear resize, align_corners True; ClassMix's
+    Cityscapes mean) or as
     iidm.py does (its --resize, align_corners False, RGB for --init none), DAFormer/HRDA as mmseg does
     (OpenCV-style resize or iidm.py's --resize, align_corners False; HRDA slides when trained so)."""
     stack, iidm = args.get("stack", "deeplabv2"), "resize" in args     # only iidm.py has --resize
@@ -2227,6 +2228,8 @@ def predict_network(args, state, path):
             raise DataError(f"{path}: no DeepLabv2 classifier weights (expected 'layer5.conv2d_list.0.weight')")
         style, norm = init_convention(args.get("init", "none"), ("pytorch", "imagenet_rgb") if iidm
                                       else ("caffe", "imagenet_bgr"))
+        if "no_unlabeled" in args and norm == "imagenet_bgr":     # only classmix_ssl.py has --no-unlabeled
+            norm = "cityscapes_bgr"   # ClassMix subtracts the Cityscapes RGB mean from BGR images, as it trains
         model = DeepLabV2(head.shape[0], aspp_full=args.get("aspp_full", False), style=style,
                           layers=tuple(args.get("layers", (3, 4, 23, 3))), width=args.get("width", 64))
         size = tuple(args.get("val_size") or args["target_size"])

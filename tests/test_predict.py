@@ -10,6 +10,7 @@ from PIL import Image
 
 import common
 import dacs
+import classmix_ssl
 import iidm
 from conftest import ROOT, make_blocky, make_synthia
 
@@ -52,8 +53,12 @@ IIDM = ["--iters", "1", "--layers", "1", "1", "1", "1", "--width", "16", "--init
         "--rcs-min-pixels", "40", "--resize", "bilinear", "--workers", "0", "--device", "cpu"]
 
 
-@pytest.mark.parametrize("script,flags", [(dacs, DEEPLAB), (dacs, HRDA), (iidm, IIDM)],
-                         ids=["dacs-deeplabv2", "dacs-hrda-slide", "iidm-synthia-16-classes"])
+CLASSMIX = ["--iters", "1", "--layers", "1", "1", "1", "1", "--width", "16", "--init", "none", "--target-size", "64",
+            "32", "--n-labeled", "2", "--workers", "0", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("script,flags", [(dacs, DEEPLAB), (dacs, HRDA), (iidm, IIDM), (classmix_ssl, CLASSMIX)],
+                         ids=["dacs-deeplabv2", "dacs-hrda-slide", "iidm-synthia-16-classes", "classmix-norm"])
 def test_label_ids_equal_eval_only_save_predictions(root, tmp_path, deeplab_ckpt, script, flags):
     ckpt = deeplab_ckpt
     if flags is not DEEPLAB:

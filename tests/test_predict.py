@@ -10,6 +10,7 @@ from PIL import Image
 
 import common
 import dacs
+import camix
 import classmix_ssl
 import iidm
 from conftest import ROOT, make_blocky, make_synthia
@@ -56,9 +57,15 @@ IIDM = ["--iters", "1", "--layers", "1", "1", "1", "1", "--width", "16", "--init
 CLASSMIX = ["--iters", "1", "--layers", "1", "1", "1", "1", "--width", "16", "--init", "none", "--target-size", "64",
             "32", "--n-labeled", "2", "--workers", "0", "--device", "cpu"]
 
+CAMIX = ["--iters", "1", "--warmup-iters", "1", "--layers", "1", "1", "1", "1", "--width", "16", "--init", "none",
+         "--source-size", "64", "32", "--target-size", "64", "32", "--val-size", "48", "24", "--crop-size", "32", "32",
+         "--workers", "0", "--device", "cpu"]
 
-@pytest.mark.parametrize("script,flags", [(dacs, DEEPLAB), (dacs, HRDA), (iidm, IIDM), (classmix_ssl, CLASSMIX)],
-                         ids=["dacs-deeplabv2", "dacs-hrda-slide", "iidm-synthia-16-classes", "classmix-norm"])
+
+@pytest.mark.parametrize("script,flags", [(dacs, DEEPLAB), (dacs, HRDA), (iidm, IIDM), (classmix_ssl, CLASSMIX),
+                                          (camix, CAMIX)],
+                         ids=["dacs-deeplabv2", "dacs-hrda-slide", "iidm-synthia-16-classes", "classmix-norm",
+                              "camix-val-size"])
 def test_label_ids_equal_eval_only_save_predictions(root, tmp_path, deeplab_ckpt, script, flags):
     ckpt = deeplab_ckpt
     if flags is not DEEPLAB:

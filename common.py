@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -2185,6 +2186,162 @@ def pipeline_specs(script, source):
     return [spec.format(source=SOURCE_FRAMES[source]) for spec in PIPELINE_FRAMES[script]]
 
 
+# ======================================================================================
+# Predict on your own images: python common.py predict --checkpoint CK --input PATH... --out-dir OUT
+# ======================================================================================
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class PredictNetwork(NamedTuple):
+    """A checkpoint's network with the evaluation path of the script that trained it: its input normalisation,
+    resize (W, H) and interpolation, logits upsampling convention and sliding-window settings."""
+    model: nn.Module
+    norm: str
+    size: tuple
+    interp: str
+    align_corners: bool
+    crop: tuple
+    stride: tuple
+
+
+AUTHORS_DEFAULTS = {   # an authors' file holds no args: lhoyer/DAFormer and lhoyer/HRDA gta2cs test pipelines
+    "daformer": {"mit": "b5", "drop_path_rate": 0.1, "target_size": (1024, 512), "crop_size": (512, 512)},
+    "hrda": {"mit": "b5", "drop_path_rate": 0.1, "target_size": (2048, 1024), "crop_size": (1024, 1024),
+             "eval_mode": "slide"},
+}
+
+
+def predict_network(args, state, path):
+    """The network a checkpoint's `args` describe, with the evaluation path of the script that trained it:
+    DeepLabv2 as dacs.py/classmix_ssl.py/camix.py evaluate (PIL bilinear resize, align_corners True; ClassMix's
+    Cityscapes mean) or as
+    iidm.py does (its --resize, align_corners False, RGB for --init none), DAFormer/HRDA as mmseg does
+    (OpenCV-style resize or iidm.py's --resize, align_corners False; HRDA slides when trained so)."""
+    stack, iidm = args.get("stack", "deeplabv2"), "resize" in args     # only iidm.py has --resize
+    if stack == "deeplabv2":
+        if "layer6.conv2d_list.0.weight" in state:
+            raise DataError(f"{path}: a checkpoint of asss.py or dldm.py (predict reads those of dacs.py, "
+                            f"classmix_ssl.py, camix.py, iidm.py)")
+        head = state.get("layer5.conv2d_list.0.weight")
+        if head is None:
+            raise DataError(f"{path}: no DeepLabv2 classifier weights (expected 'layer5.conv2d_list.0.weight')")
+        style, norm = init_convention(args.get("init", "none"), ("pytorch", "imagenet_rgb") if iidm
+                                      else ("caffe", "imagenet_bgr"))
+        if "no_unlabeled" in args and norm == "imagenet_bgr":     # only classmix_ssl.py has --no-unlabeled
+            norm = "cityscapes_bgr"   # ClassMix subtracts the Cityscapes RGB mean from BGR images, as it trains
+        model = DeepLabV2(head.shape[0], aspp_full=args.get("aspp_full", False), style=style,
+                          layers=tuple(args.get("layers", (3, 4, 23, 3))), width=args.get("width", 64))
+        size = tuple(args.get("val_size") or args["target_size"])
+        return PredictNetwork(model, norm, size, args["resize"] if iidm else "bilinear", not iidm, size[::-1],
+                              tuple(s // 2 for s in size[::-1]))
+    head = state.get({"daformer": "decode_head.conv_seg.weight", "hrda": "decode_head.head.conv_seg.weight"}[stack])
+    if head is None:
+        raise DataError(f"{path}: no {stack} classifier weights found")
+    crop = tuple(args["crop_size"])
+    if stack == "hrda":
+        model = hrda_segmentor(head.shape[0], args["mit"], args["drop_path_rate"], False, tuple(c // 2 for c in crop))
+    else:
+        model = daformer_segmentor(head.shape[0], args["mit"], args["drop_path_rate"], False)
+    return PredictNetwork(model, "imagenet_rgb", tuple(args["target_size"]), args.get("resize", "cv2"), False, crop,
+                          tuple(c // 2 for c in crop))
+
+
+def default_mode(args):
+    """The script's own evaluation: HRDA's sliding window when it was trained with --eval-mode slide."""
+    return "slide" if args.get("stack") == "hrda" and args.get("eval_mode") == "slide" else "whole"
+
+
+def load_predict_network(path, stack=None, eval_model="student"):
+    """(PredictNetwork in eval mode, the checkpoint's args): weights loaded strictly, weights_only; an authors'
+    DAFormer/HRDA mmcv file (no `args`) needs `stack`."""
+    ckpt = load_state_file(path)
+    args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else None
+    if args is None:
+        if stack not in AUTHORS_DEFAULTS:
+            raise DataError(f"{path}: no `args` in this checkpoint (an authors' file): give --stack daformer|hrda")
+        args = {"stack": stack, **AUTHORS_DEFAULTS[stack]}
+        if "model" not in ckpt:
+            teacher = {k[len("ema_model."):]: v for k, v in ckpt.get("state_dict", {}).items()
+                       if k.startswith("ema_model.")}
+            ckpt = {"model": load_authors_segmentor(path), **({"ema_model": teacher} if teacher else {})}
+    key = "ema_model" if eval_model == "teacher" else "model"
+    if key not in ckpt:
+        raise DataError(f"{path}: no '{key}' in this checkpoint (expected --eval-model student)")
+    net = predict_network(args, ckpt[key], path)
+    try:
+        net.model.load_state_dict(ckpt[key])
+    except RuntimeError as exc:
+        raise DataError(f"{path}: not a state_dict of the network its args describe "
+                        f"({str(exc).splitlines()[0][:200]})") from None
+    net.model.eval()
+    return net, args
+
+
+def predict_inputs(paths):
+    """(image path, output stem relative to the out dir) for files and folders (recursive, sorted); a named
+    file that is not a PNG/JPEG, a missing path or two inputs with one output name is a DataError before
+    anything runs."""
+    found = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += [(f, f.relative_to(p).with_suffix("")) for f in sorted(p.rglob("*"))
+                      if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+        elif p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            found.append((p, Path(p.stem)))
+        else:
+            raise DataError(f"{p}: not an image file or folder (expected a .png/.jpg/.jpeg file or a folder of them)")
+    if not found:
+        raise DataError(f"{' '.join(map(str, paths))}: no .png/.jpg/.jpeg images found")
+    seen = {}
+    for image, stem in found:
+        if seen.setdefault(stem, image) != image:
+            raise DataError(f"{image}: its outputs would overwrite those of {seen[stem]} (expected inputs with "
+                            f"distinct names, e.g. one folder per set)")
+    return found
+
+
+@torch.no_grad()
+def predict_logits(net, rgb, mode, device):
+    """Network logits of one uint8 RGB image, resized to the network size as the script's val set does, the
+    whole image (or mmseg's sliding windows, each upsampled to its window) through the network."""
+    if tuple(net.size) != rgb.shape[1::-1]:
+        rgb = resize_image(rgb, net.size, net.interp)
+    x = normalise(rgb, net.norm)[None].to(device)
+    if mode == "slide":
+        logits = slide_inference(lambda w: upsample(net.model(w), w.shape[2:], net.align_corners), x,
+                                 net.crop, net.stride)
+    else:
+        logits = net.model(x)
+        logits = logits[1] if isinstance(logits, tuple) else logits
+    return logits.float()
+
+
+def predict_images(net, inputs, out_dir, mode, opacity=0.5, device=torch.device("cpu"), every=50):
+    """Write <stem>_color/_overlay/_labelIds/_trainIds.png per image at its own size, one image at a time."""
+    n = net.model.num_classes
+    train_ids = np.asarray(TRAIN_IDS_16 if n == 16 else tuple(range(n)), dtype=np.uint8)
+    start = time.perf_counter()
+    for i, (path, stem) in enumerate(inputs):
+        try:
+            rgb = read_rgb(path)
+        except DataError as exc:
+            raise DataError(f"{exc}; expected a readable PNG or JPEG file") from None
+        logits = predict_logits(net, rgb, mode, device)
+        pred = upsample(logits, rgb.shape[:2], net.align_corners).argmax(1)[0].cpu().numpy()
+        colour = colourise(pred, tuple(train_ids))
+        overlay = (rgb * (1 - opacity) + colour * opacity).round().clip(0, 255).astype(np.uint8)
+        outputs = {"color": colour, "overlay": overlay, "labelIds": TRAINID_TO_LABELID[train_ids[pred]],
+                   "trainIds": train_ids[pred]}
+        (Path(out_dir) / stem).parent.mkdir(parents=True, exist_ok=True)
+        for suffix, array in outputs.items():
+            save_png(Path(out_dir) / f"{stem}_{suffix}.png", array)
+        if (i + 1) % every == 0 or i + 1 == len(inputs):
+            rate = (i + 1) / max(time.perf_counter() - start, 1e-9)
+            print(f"predict: {i + 1}/{len(inputs)} images, {rate:.2f} images/s", flush=True)
+    return len(inputs)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="common.py", description="Dataset tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -2206,7 +2363,38 @@ def main(argv=None):
                       "gta5:1280x720:bicubic (INTERP bilinear|bicubic|cv2; keep = keep_ratio, as iidm.py's source)")
     prep.add_argument("--source", choices=sorted(SOURCE_FRAMES), default="gta5", help="the source of --pipeline")
     prep.add_argument("--workers", type=int, default=os.cpu_count(), help="processes writing frames")
+    pred = sub.add_parser("predict", help="segment your own PNG/JPEG images (files or folders, recursive) with a "
+                                          "checkpoint: <name>_color/_overlay/_labelIds/_trainIds.png at the input size")
+    pred.add_argument("--checkpoint", required=True, help="a checkpoint.pth of a run, or an authors' DAFormer/HRDA "
+                                                          "mmcv file with --stack")
+    pred.add_argument("--input", nargs="+", required=True, metavar="PATH", help="image files and folders")
+    pred.add_argument("--out-dir", required=True, help="output folder (input folders' subfolders are kept)")
+    pred.add_argument("--mode", choices=("whole", "slide"), default=None,
+                      help="whole image or mmseg sliding windows (default: the training script's evaluation)")
+    pred.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=None,
+                      help="--mode slide window (default: the checkpoint's --crop-size)")
+    pred.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"), default=None,
+                      help="--mode slide stride (default: half the window)")
+    pred.add_argument("--opacity", type=float, default=0.5, help="overlay = image*(1-A) + colour*A (mmseg: 0.5)")
+    pred.add_argument("--stack", choices=("daformer", "hrda"), default=None,
+                      help="the network of an authors' checkpoint, which holds no args (MiT-B5, their test sizes)")
+    pred.add_argument("--eval-model", choices=("student", "teacher"), default="student")
+    pred.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.command == "predict":
+        if not 0 <= args.opacity <= 1:
+            raise DataError(f"--opacity {args.opacity}: expected a number in [0, 1]")
+        if any(v <= 0 for v in (args.crop or []) + (args.stride or [])):
+            raise DataError(f"--crop/--stride {args.crop} {args.stride}: expected positive sizes")
+        inputs = predict_inputs(args.input)
+        net, saved = load_predict_network(args.checkpoint, args.stack, args.eval_model)
+        crop = tuple(args.crop) if args.crop else net.crop
+        net = net._replace(crop=crop, stride=tuple(args.stride) if args.stride else tuple(c // 2 for c in crop))
+        device = torch.device(args.device)
+        net.model.to(device)
+        n = predict_images(net, inputs, args.out_dir, args.mode or default_mode(saved), args.opacity, device)
+        print(f"{args.out_dir}: {n} images predicted")
+        return 0
     if args.command == "prepare-data":
         specs = args.frames or pipeline_specs(args.pipeline, args.source)
         for spec in specs:

@@ -18,7 +18,10 @@ Paper preset: full DeepLabv2-ResNet-101, each script's PAPER sizes and batch com
 upscaled to the real resolutions (GTA5 1914x1052, SYNTHIA 1280x760, Cityscapes 2048x1024, written once
 under <data-root>/bench_paper); the --stack daformer rows train MiT-B5 + DAFormer head at DAFormer's sizes
 (the scripts' --stack defaults), their floor adding the frozen ImageNet encoder's no-grad forward (feature
-distance). --small: --layers 1 1 1 1 (MiT tiny) and 1/8-scale data and sizes, to check the harness and
+distance); the --stack hrda rows train MiT-B5 + HRDA's head on 1024x1024 crops (GTA5 fit into 2560x1440,
+Cityscapes 2048x1024), their floor's student passes through model(x, box) (context view + one detail window),
+the teacher's through model(x) (context view + overlapping detail windows), the frozen encoder's on the
+context view. --small: --layers 1 1 1 1 (MiT tiny) and 1/8-scale data and sizes (HRDA: 128x128 crops), to check the harness and
 measure host-side overhead on a CPU. DLDM's stages (M_RL, M_SL, student) and CAMix's two
 phases are separate rows. Results are merged into --json (one record per row, device, preset and
 precision) and the "Training-step speed" section of --results is regenerated from it.
@@ -522,7 +525,7 @@ def results_section(records):
              "teacher's and the frozen ImageNet encoder's (no-grad forwards). "
              "Peak / reserved: torch.cuda.max_memory_allocated / max_memory_reserved over the timed steps. "
              "Host syncs: per timed step under `torch.cuda.set_sync_debug_mode` (CUDA only).", ""]
-    for preset, title in (("paper", "Paper settings (DeepLabv2-ResNet-101, MiT-B5 for --stack daformer; the "
+    for preset, title in (("paper", "Paper settings (DeepLabv2-ResNet-101, MiT-B5 for --stack daformer/hrda; the "
                                     "scripts' PAPER sizes and batches)"),
                           ("small", "--small (layers 1 1 1 1 / MiT tiny, 1/8-scale data and sizes): host-side "
                                     "overhead")):

@@ -21,8 +21,8 @@ under <data-root>/bench_paper); the --stack daformer rows train MiT-B5 + DAForme
 distance); the --stack hrda rows train MiT-B5 + HRDA's head on 1024x1024 crops (GTA5 fit into 2560x1440,
 Cityscapes 2048x1024), their floor's student passes through model(x, box) (context view + one detail window),
 the teacher's through model(x) (context view + overlapping detail windows), the frozen encoder's on the
-context view. --small: --layers 1 1 1 1 (MiT tiny) and 1/8-scale data and sizes (HRDA: 128x128 crops), to check the harness and
-measure host-side overhead on a CPU. DLDM's stages (M_RL, M_SL, student) and CAMix's two
+context view. --small: --layers 1 1 1 1 (MiT tiny) and 1/8-scale data and sizes (HRDA: 128x128 crops), to
+check the harness and measure host-side overhead on a CPU. DLDM's stages (M_RL, M_SL, student) and CAMix's two
 phases are separate rows. Results are merged into --json (one record per row, device, preset and
 precision) and the "Training-step speed" section of --results is regenerated from it.
 

@@ -314,7 +314,9 @@ def results_section(records):
             if r.get("real_cpu_ops_per_step") is not None:
                 counts.append(str(r["real_cpu_ops_per_step"]))
             ops.append(" / ".join(counts))
-        lines.append(f"| {row_name(script, stage)} | " + " | ".join(cells) + f" | {ok} | " + " | ".join(ops) + " |")
+        small = any(r["sizes"] != "paper" or r["layers"] != [3, 4, 23, 3] for r in pair.values())
+        name = row_name(script, stage) + (" (**not paper settings**: --sizes small, light network)" * small)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {ok} | " + " | ".join(ops) + " |")
     assumed = sorted({site for r in records for site in r["assumed"]})
     lines += ["", "Host reads answered without data (1 / True): " + (", ".join(assumed) if assumed else "none") + "."]
     return "\n".join(lines) + "\n"
@@ -377,7 +379,8 @@ def main(argv=None):
     fresh = {key(r) for r in records}
     records = [r for r in old if key(r) not in fresh] + records
     common.atomic_write_text(args.json, json.dumps(records, indent=1) + "\n")
-    shown = [r for r in records if r["sizes"] == "paper" and r["layers"] == [3, 4, 23, 3]] or records
+    paper = [r for r in records if r["sizes"] == "paper" and r["layers"] == [3, 4, 23, 3]]
+    shown = paper + [r for r in records if (r["script"], r["stage"]) not in {(p["script"], p["stage"]) for p in paper}]
     results = Path(args.results)
     text = results.read_text() if results.is_file() else "# Measured results\n"
     common.atomic_write_text(results, speed.replace_section(text, ("## Per-step aten ops and peak-memory",),

@@ -319,7 +319,8 @@ def test_estimate_runs_layer_norm_in_fp32_under_amp_as_cuda_autocast():
 
 
 def test_memory_table_flags_the_11_gb_bar():
-    rec = {"script": "dacs.py", "stage": None, "command": "c", "date": "d", "commit": "x", "machine": "m",
+    rec = {"script": "dacs.py", "stage": None, "sizes": "paper", "layers": [3, 4, 23, 3], "command": "c", "date": "d",
+           "commit": "x", "machine": "m",
            "torch": "t", "peak_bytes": 12e9, "start_bytes": 1e9, "device_ops_per_step": 10, "host_ops_per_step": 2,
            "small_device_ops_per_step": 10, "small_host_ops_per_step": 2, "real_cpu_ops_per_step": None,
            "assumed": {"dacs.py:1": 1}}

@@ -18,8 +18,11 @@ Paper preset: full DeepLabv2-ResNet-101, each script's PAPER sizes and batch com
 upscaled to the real resolutions (GTA5 1914x1052, SYNTHIA 1280x760, Cityscapes 2048x1024, written once
 under <data-root>/bench_paper); the --stack daformer rows train MiT-B5 + DAFormer head at DAFormer's sizes
 (the scripts' --stack defaults), their floor adding the frozen ImageNet encoder's no-grad forward (feature
-distance). --small: --layers 1 1 1 1 (MiT tiny) and 1/8-scale data and sizes, to check the harness and
-measure host-side overhead on a CPU. DLDM's stages (M_RL, M_SL, student) and CAMix's two
+distance); the --stack hrda rows train MiT-B5 + HRDA's head on 1024x1024 crops (GTA5 fit into 2560x1440,
+Cityscapes 2048x1024), their floor's student passes through model(x, box) (context view + one detail window),
+the teacher's through model(x) (context view + overlapping detail windows), the frozen encoder's on the
+context view. --small: --layers 1 1 1 1 (MiT tiny) and 1/8-scale data and sizes (HRDA: 128x128 crops), to
+check the harness and measure host-side overhead on a CPU. DLDM's stages (M_RL, M_SL, student) and CAMix's two
 phases are separate rows. Results are merged into --json (one record per row, device, preset and
 precision) and the "Training-step speed" section of --results is regenerated from it.
 
@@ -58,13 +61,16 @@ SCALE = {"paper": 1.0, "small": 1 / 8}
 N_IMAGES = 8  # per dataset (Cityscapes: 8 train + 2 val)
 # Network input sizes (H, W) per preset: the paper's (GTA5 1280x720, Cityscapes 1024x512, 512x512 crops,
 # CAMix's crops from the full 2048x1024 frame) and the --small ones, passed as flags to the scripts.
-SIZES = {"paper": {"source": (720, 1280), "target": (512, 1024), "crop": (512, 512), "full": (1024, 2048)},
-         "small": {"source": (90, 160), "target": (64, 128), "crop": (64, 64), "full": (128, 256)}}
+# HRDA (--stack hrda): 1024x1024 crops of GTA5 at 2560x1440 and Cityscapes at 2048x1024, the context view at half
+# resolution (the frozen encoder's FD input), 512x512 detail windows; --small: a 128x128 crop (sides divisible by 16).
+SIZES = {"paper": {"source": (720, 1280), "target": (512, 1024), "crop": (512, 512), "full": (1024, 2048),
+                   "hrda_source": (1440, 2560), "hrda_crop": (1024, 1024), "hrda_context": (512, 512)},
+         "small": {"source": (90, 160), "target": (64, 128), "crop": (64, 64), "full": (128, 256),
+                   "hrda_source": (180, 320), "hrda_crop": (128, 128), "hrda_context": (64, 64)}}
 # The networks a row can train, by its floor's "network" key (default deeplabv2): the constructor (the floor's
 # "model" options, the size, stochastic=False for a teacher copy), the scripts' flags choosing the size, and the
-# size of the full network (ResNet-101 layers; MiT-B5) and of the light one (--small, the tests). A --stack hrda
-# row needs one entry here (common.HRDA, "--mit", the same sizes) and, as its student takes a detail box, a
-# "forward" beside "build"; everything else reads this table.
+# size of the full network (ResNet-101 layers; MiT-B5) and of the light one (--small, the tests), and the student's
+# training forward when it is not model(x) ("forward": HRDA's takes a detail window); everything else reads this table.
 NETWORKS = {
     "deeplabv2": {"build": lambda opts, size, stochastic: common.DeepLabV2(19, layers=size, **opts),
                   "flags": lambda size: ["--layers", *map(str, size)],
@@ -72,6 +78,10 @@ NETWORKS = {
     "daformer": {"build": lambda opts, size, stochastic: common.daformer_segmentor(19, size, stochastic=stochastic,
                                                                                   **opts),
                  "flags": lambda size: ["--mit", size], "sizes": {"paper": "b5", "small": "tiny"}},
+    "hrda": {"build": lambda opts, size, stochastic: common.hrda_segmentor(
+                 19, size, stochastic=stochastic, detail_crop=hrda_detail(size), **opts),
+             "flags": lambda size: ["--mit", size], "sizes": {"paper": "b5", "small": "tiny"},
+             "forward": lambda model, x: hrda_train_forward(model, x)},
 }
 # The floor of a row: its network and options, the student's passes (each inner list is forwarded, then one
 # backward, as the script does), the no-grad teacher forwards (eval-mode teachers for DLDM) and the no-grad
@@ -79,6 +89,8 @@ NETWORKS = {
 MEAN_TEACHER = {"model": {}, "student": [["crop", "crop"]], "teachers": ["crop"], "teacher_eval": False}
 DAFORMER_FD = {"network": "daformer", "model": {}, "teachers": ["crop"], "frozen_encoder": ["crop"],
                "teacher_eval": False}
+HRDA_FD = {"network": "hrda", "model": {}, "teachers": ["hrda_crop"], "frozen_encoder": ["hrda_context"],
+           "teacher_eval": False}   # teacher: overlapping detail windows; FD on the source's context view
 ROWS = [  # (script, stage, arguments besides data, sizes and run settings, floor)
     ("dacs.py", None, ["--source", "gta5"], MEAN_TEACHER),
     ("classmix_ssl.py", None, ["--dataset", "cityscapes", "--n-labeled", "4"],
@@ -103,7 +115,24 @@ ROWS = [  # (script, stage, arguments besides data, sizes and run settings, floo
      {**DAFORMER_FD, "student": [["crop"], ["crop"]]}),                      # source (+ FD backward), mixed
     ("iidm.py", "--stack daformer", ["--source", "gta5", "--n-labeled", "4", "--stack", "daformer"],
      {**DAFORMER_FD, "student": [["crop"]] * 4}),                            # source, labeled target, two mixes
+    ("dacs.py", "--stack hrda", ["--source", "gta5", "--stack", "hrda"],
+     {**HRDA_FD, "student": [["hrda_crop"]] * 2}),                           # source (+ FD backward), mixed
+    ("iidm.py", "--stack hrda --mic", ["--source", "gta5", "--n-labeled", "4", "--stack", "hrda", "--mic"],
+     {**HRDA_FD, "student": [["hrda_crop"]] * 5}),                           # IIDM's four streams, masked x_u
 ]
+
+
+def hrda_detail(size):
+    """HRDA's detail window for a MiT size: half the crop (512x512 for B5 at paper sizes, 64x64 for --small)."""
+    crop = SIZES["paper" if size == "b5" else "small"]["hrda_crop"]
+    return tuple(c // 2 for c in crop)
+
+
+def hrda_train_forward(model, x):
+    """HRDA's student pass (model(x, box)): the fused and detail logits over a detail window of half the crop."""
+    h, w = x.shape[2:]
+    out = model(x, (h // 4, h // 4 + h // 2, w // 4, w // 4 + w // 2))
+    return out.fused, out.detail
 
 
 def row_name(script, stage):
@@ -181,6 +210,9 @@ def size_flags(script, preset, stack="deeplabv2"):
     s = SIZES[preset]
     wh = lambda k: [str(s[k][1]), str(s[k][0])]  # noqa: E731
     hw = lambda k: [str(v) for v in s[k]]  # noqa: E731
+    if stack == "hrda":   # HRDA's sizes at 1/8 scale (crop sides divisible by 16, images at least the crop)
+        return ["--source-size", *wh("hrda_source"), "--target-size", *wh("full"), "--crop-size", *hw("hrda_crop"),
+                "--rcs-min-pixels", "47"]
     flags = {"dacs.py": ["--source-size", *wh("source"), "--target-size", *wh("target"), "--crop-size", *hw("crop")],
              "classmix_ssl.py": ["--target-size", *wh("target")],
              "iidm.py": ["--source-size", *wh("source"), "--target-size", *wh("target"), "--crop-size", *hw("crop"),
@@ -289,6 +321,7 @@ def mean_teacher_floor(spec, sizes, batch, layers, device, amp):
     def build(stochastic=True):
         return training.prepare_model(NETWORKS[kind]["build"](spec["model"], size, stochastic), device, amp)
     student = build().train()
+    forward = NETWORKS[kind].get("forward", lambda model, x: model(x))
     teachers = [build(False).train(not spec["teacher_eval"]).requires_grad_(False) for _ in spec["teachers"]]
     encoders = [build(False).backbone.eval().requires_grad_(False) for _ in spec.get("frozen_encoder", [])]
     image = lambda name: torch.randn(batch, 3, *sizes[name], device=device)  # noqa: E731
@@ -302,7 +335,7 @@ def mean_teacher_floor(spec, sizes, batch, layers, device, amp):
                 model(x)
         for group in student_inputs:
             with amp.autocast():
-                loss = sum(scalar(student(x)) for x in group)
+                loss = sum(scalar(forward(student, x)) for x in group)
             amp.backward(loss)
     return step
 
@@ -492,7 +525,7 @@ def results_section(records):
              "teacher's and the frozen ImageNet encoder's (no-grad forwards). "
              "Peak / reserved: torch.cuda.max_memory_allocated / max_memory_reserved over the timed steps. "
              "Host syncs: per timed step under `torch.cuda.set_sync_debug_mode` (CUDA only).", ""]
-    for preset, title in (("paper", "Paper settings (DeepLabv2-ResNet-101, MiT-B5 for --stack daformer; the "
+    for preset, title in (("paper", "Paper settings (DeepLabv2-ResNet-101, MiT-B5 for --stack daformer/hrda; the "
                                     "scripts' PAPER sizes and batches)"),
                           ("small", "--small (layers 1 1 1 1 / MiT tiny, 1/8-scale data and sizes): host-side "
                                     "overhead")):

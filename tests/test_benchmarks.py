@@ -78,7 +78,8 @@ def test_rerun_merges_records(bench, tmp_path):
     assert other in merged and newer[0] in merged and records[0] not in merged and len(merged) == len(records) + 1
 
 
-@pytest.mark.parametrize("row", speed.ROWS, ids=lambda r: speed.row_name(r[0], r[1]))
+@pytest.mark.parametrize("row", [r for r in speed.ROWS if speed.row_network(r) != "hrda"],
+                         ids=lambda r: speed.row_name(r[0], r[1]))   # HRDA's rows: the test below
 def test_floor_runs_the_passes_of_the_step(row):
     """The floor is a positive time of real passes: the student forwards with a graph, the teacher forwards
     without one, at the script's batch and the given sizes (ASS: also its six D_g passes)."""
@@ -127,6 +128,41 @@ def test_daformer_rows_run_mit_b5_at_paper_scale_and_mit_tiny_when_small(tmp_pat
             assert (args.stack, args.mit) == ("daformer", mit)
     assert speed.network_size("daformer", [3, 4, 23, 3]) == "b5" and speed.network_size("deeplabv2", [1, 2, 1, 1]) \
         == [1, 2, 1, 1]
+
+
+def test_hrda_rows_pass_the_scripts_flags_and_their_floor_trains_through_the_detail_box(tmp_path):
+    """dacs.py --stack hrda and iidm.py --stack hrda --mic: the scripts accept the rows' arguments at both presets
+    (HRDA's crop sizes), and the floor runs the teacher's inference path (no box, no grad) on the crop, the frozen
+    encoder on its context view, then each student stream through model(x, box) with a graph."""
+    rows = [r for r in speed.ROWS if speed.row_network(r) == "hrda"]
+    assert [speed.row_name(r[0], r[1]) for r in rows] == ["dacs.py --stack hrda", "iidm.py --stack hrda --mic"]
+    for row in rows:
+        module = __import__(row[0][:-3])
+        for preset, layers, mit, crop in (("paper", [3, 4, 23, 3], "b5", [1024, 1024]),
+                                          ("small", [1, 1, 1, 1], "tiny", [128, 128])):
+            args = module.parse_args(speed.script_argv(row, preset, tmp_path, tmp_path / "run", 3, "cpu", True, 0,
+                                                       layers))
+            assert (args.stack, args.mit, list(args.crop_size), args.mic) == ("hrda", mit, crop, "--mic" in row[2])
+        seen, encoder = [], []
+
+        def spy(model, x, box=None):
+            seen.append((tuple(x.shape), box is not None, torch.is_grad_enabled() and model.training))
+            return forward(model, x, box)
+
+        def spy_encoder(model, x):
+            encoder.append((tuple(x.shape), torch.is_grad_enabled()))
+            return encode(model, x)
+        forward, encode = common.HRDA.forward, common.MixVisionTransformer.forward
+        sizes, batch = {"hrda_crop": (64, 64), "hrda_context": (32, 32)}, module.PAPER["batch_size"][0]
+        with mock.patch.object(common.HRDA, "forward", spy), \
+                mock.patch.object(common.MixVisionTransformer, "forward", spy_encoder):
+            speed.time_floor(row, sizes, batch, [1, 1, 1, 1], torch.device("cpu"),
+                             training.Amp(torch.device("cpu"), False), warmup=0, steps=1)
+        crop, context = (batch, 3, 64, 64), (batch, 3, 32, 32)
+        assert seen == [(crop, False, False)] + [(crop, True, True)] * len(row[3]["student"])
+        # teacher: context view + its detail window; frozen encoder: the context view; students: context + box
+        assert encoder[:3] == [(context, False), (crop, False), (context, False)]
+        assert encoder[3:] == [(context, True), ((batch, 3, 32, 32), True)] * len(row[3]["student"])
 
 
 def test_daformer_floor_flops_count_students_teacher_and_frozen_encoder():
@@ -283,7 +319,8 @@ def test_estimate_runs_layer_norm_in_fp32_under_amp_as_cuda_autocast():
 
 
 def test_memory_table_flags_the_11_gb_bar():
-    rec = {"script": "dacs.py", "stage": None, "command": "c", "date": "d", "commit": "x", "machine": "m",
+    rec = {"script": "dacs.py", "stage": None, "sizes": "paper", "layers": [3, 4, 23, 3], "command": "c", "date": "d",
+           "commit": "x", "machine": "m",
            "torch": "t", "peak_bytes": 12e9, "start_bytes": 1e9, "device_ops_per_step": 10, "host_ops_per_step": 2,
            "small_device_ops_per_step": 10, "small_host_ops_per_step": 2, "real_cpu_ops_per_step": None,
            "assumed": {"dacs.py:1": 1}}

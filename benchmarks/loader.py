@@ -62,6 +62,8 @@ def loader_rows():
 
 def describe(dataset, sampler):
     """A key naming one pipeline configuration (dataset class and options, sampler, images per batch)."""
+    if isinstance(dataset, common.PseudoMarginDataset):   # HRDA's target: a SegmentationDataset with margins
+        return describe(dataset.dataset, sampler).replace("SegmentationDataset(", "PseudoMarginDataset(", 1)
     opts = {k: getattr(dataset, k) for k in ("resize", "keep_ratio", "interp", "crop", "cat_max_ratio", "flip")}
     opts = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in opts.items()
                      if v not in (None, False) and not (k == "crop" and tuple(v) == (0, 0)))

@@ -193,7 +193,8 @@ def test_loader_measures_the_scripts_pipelines(bench, tmp_path):
     assert json.loads((tmp_path / "loader.json").read_text()) == json.loads(json.dumps(result))
     used = {name for p in result["pipelines"] for name in p["used_by"]}
     assert used == {"dacs.py (gta5)", "dacs.py (synthia)", "dacs.py --stack daformer (gta5)",
-                    "dacs.py --stack daformer (synthia)", "dldm.py M_RL (gta5)", "dldm.py M_RL (synthia)",
+                    "dacs.py --stack daformer (synthia)", "dacs.py --stack hrda (gta5)",
+                    "dacs.py --stack hrda (synthia)", "dldm.py M_RL (gta5)", "dldm.py M_RL (synthia)",
                     "dldm.py M_SL (gta5)", "dldm.py M_SL (synthia)", "dldm.py student (gta5)",
                     "dldm.py student (synthia)"}
     names = [p["pipeline"] for p in result["pipelines"]]
@@ -341,7 +342,8 @@ def test_memory_main_writes_records_and_its_section(bench, tmp_path):
     assert (r["script"], r["stage"], r["amp"], r["layers"]) == ("dldm.py", "M_RL", False, [1, 1, 1, 1])
     assert r["peak_bytes"] > r["start_bytes"] > 0 and r["command"].startswith("python benchmarks/memory.py")
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "## Demo dataset domain gap\n\nkept as it is\n" in text and "| dldm.py M_RL | " in text
+    assert "## Demo dataset domain gap\n\nkept as it is\n" in text
+    assert "| dldm.py M_RL (**not paper settings**: --sizes small, light network) | " in text
     assert memory.main(argv)[0]["date"] and len(json.loads((tmp_path / "m.json").read_text())) == 1   # merged
     for bad, what in ((["--scripts", "nope.py"], "--scripts nope.py"), (["--layers", "0", "1", "1", "1"], "--layers")):
         with pytest.raises(common.DataError, match=what):

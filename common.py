@@ -745,8 +745,9 @@ class PseudoMarginDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, seed, required_class = (item, 0, -1) if isinstance(item, int) else item
-        rgb, label, full = self.dataset.load(index)
-        valid = pseudo_margin_mask(full.shape, self.margins)
+        rgb, label, full = self.dataset.load(index)   # full: None from a prepared root (no full-size label read)
+        w, h = image_size(self.dataset.pairs[index][1]) if full is None else full.shape[::-1]
+        valid = pseudo_margin_mask((h, w), self.margins)
         if valid.shape != label.shape:
             valid = resize_label(valid, label.shape[::-1], "cv2")
         stacked = np.concatenate([rgb, valid[..., None]], axis=2)

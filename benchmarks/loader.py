@@ -109,8 +109,10 @@ def throughput(dataset, sampler, workers, seconds):
 
 def prepare_bench(bench, pipelines):
     """The prepared root of the benchmark data with every frame set the pipelines read (made once, then reused)."""
-    specs = sorted({common.frames_spec(d.kind, d.resize, d.keep_ratio, d.interp)
-                    for d in (e["dataset"] for e in pipelines.values()) if d.resize is not None})
+    datasets = [e["dataset"] for e in pipelines.values()]
+    datasets = [d.dataset if isinstance(d, common.PseudoMarginDataset) else d for d in datasets]  # HRDA's target
+    specs = sorted({common.frames_spec(d.kind, d.resize, d.keep_ratio, d.interp) for d in datasets
+                    if d.resize is not None})
     out = bench.with_name(bench.name + "_prepared")
     common.prepare_data(bench, out, specs)
     return out

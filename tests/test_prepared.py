@@ -233,7 +233,9 @@ def test_loader_benchmark_reads_each_pipeline_from_a_prepared_root(tmp_path):
                           "--prepared", "--scripts", "iidm.py", "--json", str(tmp_path / "l.json"),
                           "--results", str(tmp_path / "RESULTS.md")])
     manifest = json.loads((tmp_path / "data" / "bench_small_prepared" / "prepared.json").read_text())
-    assert sorted(manifest["frames"]) == ["cityscapes:128x64:cv2", "gta5:160x90:cv2:keep", "synthia:160x90:cv2:keep"]
+    assert sorted(manifest["frames"]) == ["cityscapes:128x64:cv2", "cityscapes:256x128:cv2",      # + --stack hrda's
+                                          "gta5:160x90:cv2:keep", "gta5:320x180:cv2:keep",
+                                          "synthia:160x90:cv2:keep", "synthia:320x180:cv2:keep"]
     for p in result["pipelines"]:
         assert p["prepared_images_per_s"]["0"] > 0 and p["prepared_images_per_cpu_s"] > 0 and p["images_per_cpu_s"] > 0
     text = (tmp_path / "RESULTS.md").read_text()

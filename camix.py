@@ -5,6 +5,7 @@ Ma; IEEE TCSVT 2022) — GTA5/SYNTHIA -> Cityscapes, as the authors' code qianyu
     python camix.py --source gta5 --prior PRIOR.npy   # the same with a saved (or the authors') spatial prior
     python camix.py --source synthia --prior P.npy    # Table 3: 59.7 mIoU-13
     python camix.py --demo                            # CAMix, DACS, iDACS and source-only on the demo data, CPU
+    python camix.py --source cityscapes --target acdc --build-prior   # Cityscapes -> ACDC (below; assumptions)
 
 What is implemented (defaults = qianyuzqy/CAMix train_ucspa_gtav.py / train_ucspa_syn.py with
 configs/configUDA_ucspa_{gtav,syn}.json). train_ucspa_gtav.py does not parse as released (line 633 ends in
@@ -83,6 +84,20 @@ and the iteration (exact resume); the authors seed numpy only (GTA5) or numpy an
 and t_max scaled to its length; it demonstrates the loop, not the paper's numbers. Beside DACS and
 source-only it trains iDACS (Table 4's baseline: the same warm-up, then half of the raw teacher argmax's
 classes pasted target onto source), the row CAMix's own components (spatial prior, meta-classes) add to.
+
+Cityscapes as the source, ACDC or Dark Zurich as the target (CAMix reports neither; every setting here is
+assumption A11):
+    python camix.py --source cityscapes --target acdc --build-prior
+    python camix.py --source cityscapes --target dark_zurich --build-prior
+--target cityscapes (default), acdc (rgb_anon/<condition>/train; --acdc-conditions) or dark_zurich (train night
+images). A11: the Cityscapes source is resized to 1024x512 (DACS's and DAFormer's Cityscapes size) and gets
+GTA5's schedule (warm-up 110k, t_max 130k); the target keeps CAMix's full-resolution geometry on its own frame
+(1920x1080, 512x512 crops; x --target-scale), val is fit into 960x540 (the 1024x512 of Cityscapes at the same
+scale, DAFormer's ACDC/Dark Zurich test resize) and scored at full label resolution (as mmseg does for these
+targets). Q is counted from the Cityscapes source labels on the target's 1080x1920 frame; --build-prior writes
+<prior>.json beside it (source, target, frame) and a --prior whose .json names another source or target is
+refused, as is one of another shape or the authors' GTA5/SYNTHIA per-class folder. A source equal to the target is
+refused; metrics.json names the target ("target"; ACDC adds a per-condition block).
 """
 import copy
 import json
@@ -117,6 +132,7 @@ PRESETS = {  # per source: warm-up (cfg warm_up_iter), t_max (hard-coded max_ite
     "gta5": {"warmup_iters": 110000, "sigmask_tmax": 130000, "source_size": (1280, 720)},
     "synthia": {"warmup_iters": 40000, "sigmask_tmax": 10000, "source_size": (1280, 760)},
     "demo": {"warmup_iters": 0.44, "sigmask_tmax": 0.52, "source_size": None},  # GTA5's 110k/130k of 250k, x --iters
+    "cityscapes": {"warmup_iters": 110000, "sigmask_tmax": 130000, "source_size": (1024, 512)},  # A11 (assumption)
 }
 DEMO = {"source": "demo", "iters": 400, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1],
         "width": 32, "init": "demo", "source_size": [128, 64], "target_size": [128, 64], "val_size": [128, 64],
@@ -130,7 +146,9 @@ POLE, LIGHT, SIGN, RIDER, MOTORCYCLE, BICYCLE = 5, 6, 7, 12, 17, 18
 def parse_args(argv=None):
     p = training.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[training.shared_parser(PAPER)],
                               formatter_class=training.HelpFormatter)
-    p.add_argument("--source", choices=["gta5", "synthia", "demo"], default="gta5", help="source domain")
+    p.add_argument("--source", choices=["gta5", "synthia", "cityscapes", "demo"], default="gta5",
+                   help="source domain (labeled)")
+    training.add_target_arg(p)
     p.add_argument("--source-only", action="store_true",
                    help="baseline: supervised source loss only, no teacher (Table 1/3 'Source only')")
     p.add_argument("--mix", choices=MIXES, default="camix",
@@ -168,7 +186,7 @@ def parse_args(argv=None):
                    help="--src-impl paper only (refused otherwise): std of the Gaussian input noise, clipped to +-2 std "
                         "(code noise_scale 0.1, bounds +-0.2)")
     p.add_argument("--prior", default=None,
-                   help="spatial prior: .npy of shape (19,H,W) or (H,W,19) on the full-resolution Cityscapes "
+                   help="spatial prior: .npy of shape (19,H,W) or (H,W,19) on the target's full-resolution "
                         "frame, or a folder of probarray_cls{0..18}.npy (the authors' SYNTHIA .mat maps, converted); "
                         "written here by --build-prior (default <out-dir>/spatial_prior.npy)")
     p.add_argument("--build-prior", action="store_true",
@@ -178,7 +196,8 @@ def parse_args(argv=None):
     p.add_argument("--target-scale", type=float, default=1.0,
                    help="scale of the training target images and Q (1.0 = full resolution, CAMix; 0.5 = DACS)")
     p.add_argument("--val-size", type=int, nargs=2, default=[1024, 512], metavar=("W", "H"),
-                   help="resize of Cityscapes val images (CAMix evaluateUDA.py)")
+                   help="resize of target val images (CAMix evaluateUDA.py; "
+                        "--target acdc/dark_zurich: 960 540)")
     p.add_argument("--tau", type=float, default=0.968, help="confidence threshold of w_t (train_ucspa_*.py)")
     p.add_argument("--ema-alpha", type=float, default=0.99, help="teacher EMA momentum (train_ucspa_*.py)")
     p.add_argument("--consistency-weight", type=float, default=1.0,
@@ -194,8 +213,13 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", choices=["sgd", "adam-paper", "adam"], default="sgd",
                    help="sgd = the code's SGD 0.9 / wd 5e-4; adam-paper = paper §4.2 Adam wd 5e-5 (head x10); "
                         "adam = the random-init demo's Adam")
+    training.set_target_defaults(p, argv, sizes=("target_size", "val_size"))
     args = training.parse_with_demo(p, DEMO, argv)
     training.check_args(args)
+    training.check_target(args, args.source, args.target)
+    if args.prior is not None and Path(args.prior).is_dir() and args.target != "cityscapes":
+        raise common.DataError(f"--prior {args.prior}: the authors' per-class maps are GTA5/SYNTHIA priors on the "
+                               f"Cityscapes frame; with --target {args.target} build one (--build-prior)")
     training.check_optimizer_flags(args)
     refuse_idle_sigmask_flags(args, p)
     preset = dict(PRESETS[args.source])
@@ -310,7 +334,7 @@ def load_prior(path, frame):
             prior = prior.transpose(2, 0, 1)   # CAMix's loader layout H x W x C
         if prior.ndim != 3 or prior.shape != (19, *frame):
             raise common.DataError(f"--prior {path}: shape {tuple(prior.shape)}, expected (19, {frame[0]}, "
-                                   f"{frame[1]}) (19 classes on the full-resolution Cityscapes frame)")
+                                   f"{frame[1]}) (19 classes on the target's full-resolution frame)")
     prior = np.ascontiguousarray(prior, dtype=np.float32)
     if not np.isfinite(prior).all() or (prior < 0).any():
         raise common.DataError(f"--prior {path}: expected finite, non-negative values")
@@ -469,10 +493,20 @@ def build_optimizer(student, args):
     return common.deeplab_optimizer(student, args.lr, args.optimizer, not args.clean_param_groups, args.sgd_rule)
 
 
-def prior_for_run(args, source, target_root, out_dir):
-    """Q on the training frame: loaded (--prior) or built from the source labels (--build-prior) and saved."""
-    frame_w, frame_h = common.image_size(common.dataset_files("cityscapes", target_root)[0][0][0])
+def prior_for_run(args, source, target_kind, target_root, out_dir):
+    """Q on the training frame: loaded (--prior) or built from the source labels on the target's full-resolution
+    frame (--build-prior) and saved with a <prior>.json naming its source, target and frame; a prior whose .json
+    names another source or target is refused (a file without one is checked by its shape only)."""
+    frame_w, frame_h = common.image_size(common.dataset_files(target_kind, target_root)[0][0][0])
     frame = (frame_h, frame_w)
+    record = {"source": args.source, "target": args.target, "frame": list(frame)}
+    sidecar = Path(args.prior).with_suffix(".json") if args.prior is not None else None
+    if not args.build_prior and sidecar is not None and sidecar.is_file():
+        built = json.loads(sidecar.read_text())
+        if {k: built.get(k) for k in record} != record:
+            raise common.DataError(f"--prior {args.prior}: built for --source {built.get('source')} --target "
+                                   f"{built.get('target')} on {built.get('frame')} ({sidecar}); this run: --source "
+                                   f"{args.source} --target {args.target} on {list(frame)} (use --build-prior)")
     if args.build_prior:
         count_frame = frame if args.source != "synthia" else tuple(args.source_size[::-1])   # A3
         prior = build_prior(source, count_frame, args.prior_norm)
@@ -483,6 +517,7 @@ def prior_for_run(args, source, target_root, out_dir):
         path.parent.mkdir(parents=True, exist_ok=True)
         with common.atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, prior)
+        common.atomic_write_text(path.with_suffix(".json"), json.dumps(record))
         args.prior = str(path)
     prior = load_prior(args.prior, frame)
     train_frame = (args.target_size[1], args.target_size[0])
@@ -501,11 +536,12 @@ def train(args):
     common.seed_everything(args.seed)
     out_dir = Path(args.out_dir or training.default_out_dir(
         "camix", args.source + ("_source_only" if args.source_only else "" if args.mix == "camix" else "_" + args.mix),
-        None, args.seed))
+        None, args.seed, args.target))
     synthia = args.source == "synthia"   # 19-way head; mIoU-16 and mIoU-13 read off the 19x19 matrix
     # ---------------------------------------------------------------- data
-    source_kind, source_root, target_root = training.data_roots(args, args.source)
-    val = training.cityscapes_val(target_root, args.val_size, args.eval_res, norm)
+    source_kind, source_root, target_kind, target_root = training.data_roots(args, args.source, args.target)
+    val = training.target_val(target_kind, target_root, args.val_size, args.eval_res, norm,
+                              conditions=args.acdc_conditions)
     build = lambda: common.DeepLabV2(19, aspp_full=args.aspp_full, style=style, layers=args.layers,  # noqa: E731
                                      width=args.width)
     student = training.prepare_model(build(), device, amp)
@@ -521,16 +557,18 @@ def train(args):
                                    f"{target_resize[0]}x{target_resize[1]} (Q is cut with the crop window)")
         with training.main_first(dist):   # rank 0 builds and saves Q, the other ranks load that file
             if dist.main or not args.build_prior:
-                prior = prior_for_run(args, source, target_root, out_dir)
+                prior = prior_for_run(args, source, target_kind, target_root, out_dir)
             else:
                 args.prior = str(Path(args.prior or Path(out_dir) / "spatial_prior.npy"))   # as rank 0 sets it
                 load_only = copy.copy(args)
                 load_only.build_prior = False
-                prior = prior_for_run(load_only, source, target_root, out_dir)
-        target = TargetWithWindow("cityscapes", target_root, resize=target_resize, crop=crop, norm=norm)
+                prior = prior_for_run(load_only, source, target_kind, target_root, out_dir)
+        target = TargetWithWindow(target_kind, target_root, resize=target_resize, crop=crop, norm=norm,
+                                  **training.condition_kwargs(args, target_kind))
     else:
         prior = None
-        target = common.SegmentationDataset("cityscapes", target_root, resize=target_resize, crop=crop, norm=norm)
+        target = common.SegmentationDataset(target_kind, target_root, resize=target_resize, crop=crop, norm=norm,
+                                            **training.condition_kwargs(args, target_kind))
     Q = None if prior is None else torch.from_numpy(prior).to(device)   # on the device once, cut per batch
     # ---------------------------------------------------------------- models, optimiser
     training.initialise(student, args.init, norm, args.data_root)

@@ -5,6 +5,7 @@ Tranheden & Olsson, MSc thesis, Chalmers 2020) — GTA5/SYNTHIA -> Cityscapes.
     python dacs.py --source synthia               # thesis Table 4.4: 48.34 (16 classes) / 54.81 (13 classes)
     python dacs.py --source gta5 --source-only    # the "Source" row (32.85)
     python dacs.py --demo                         # DACS and source-only on the generated demo data, CPU
+    python dacs.py --source cityscapes --target acdc --stack daformer   # DAFormer's Cityscapes -> ACDC (below)
 
 What is implemented (defaults = vikolss/DACS trainUDA.py + configUDA.json, the code that produced 52.14):
 a mean teacher (EMA) predicts pseudo-labels on target crops; ClassMix *across* domains pastes half of the
@@ -114,6 +115,28 @@ same q and crop weights, x --mask-lambda 1, with its own backward before the ste
 scale only the fused term (--mask-lambda-all: the whole loss, the clean variant). With --stack deeplabv2 the
 masked loss is added to DACS's one summed loss (an assumption: MIC's DeepLabv2 runs use its DAFormer-based code).
 --mic is refused with --source-only and with --mix intra*.
+
+Cityscapes as the source, ACDC or Dark Zurich as the target (DAFormer/HRDA/MIC's "further datasets"):
+    python dacs.py --source cityscapes --target acdc --stack daformer --init pretrained/mit_b5.pth
+    python dacs.py --source cityscapes --target dark_zurich --stack hrda --init pretrained/mit_b5.pth
+--target cityscapes (default), acdc (rgb_anon/<condition>/train, no labels read; --acdc-conditions) or dark_zurich
+(rgb_anon/train/night, no labels exist); the run evaluates on the target's val and metrics.json names it ("target";
+ACDC adds a per-condition block). A source equal to the target is refused. Defaults with their sources:
+    daformer source Cityscapes resized to 1024x512, target fit into 960x540, 512x512 crops, cat_max_ratio 0.75 on
+             the source only (--target-cat-max-ratio 1: the target pipeline loads no annotations), RCS over the
+             Cityscapes source (T 0.01), pseudo-label crop v1 kept (lhoyer/DAFormer
+             configs/_base_/datasets/uda_cityscapes_to_acdc_512x512.py, uda_cityscapes_to_darkzurich_512x512.py;
+             experiments.py id 8: plcrop=True); val fit into 960x540, labels at full 1920x1080 resolution
+    hrda     source 2048x1024, target and val 1920x1080, 1024x1024 crops, RCS min crop ratio 2.0, slide evaluation
+             (crop 1024, stride 512), no pseudo-label crop (--pl-crop none: "ACDC and DarkZurich have no
+             rectification artifacts", lhoyer/HRDA experiments.py id 49; uda_cityscapesHR_to_acdcHR_1024x1024.py)
+    deeplabv2 assumption (no DACS setting exists): Cityscapes source 1024x512 (DACS's Cityscapes halving),
+             target 960x540 (the same scale of the 1920x1080 frame), 512x512 crops, evaluation at full label
+             resolution (as mmseg for these targets; --eval-res half: labels at the input)
+--mic is refused with these targets: lhoyer/MIC trains them with mask_mode 'separate' (one source and one target
+image masked, no colour augmentation; seg/experiments.py id 80), which is not implemented here. The paper numbers
+of these settings are test-server numbers: `--eval-only --checkpoint CK --split test --export DIR` writes the
+submission (README "Submitting to the test servers").
 """
 import copy
 import time
@@ -140,7 +163,8 @@ PAPER = {  # dest: (value, source) — shown in --help
 DEMO = {"source": "demo", "iters": 400, "lr": 1e-3, "optimizer": "adam", "layers": [1, 1, 1, 1],
         "width": 32, "init": "demo", "source_size": [128, 64], "target_size": [128, 64], "crop_size": [64, 64],
         "eval_every": 0, "save_every": 100, "log_every": 25, "workers": 0}
-SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None}
+SOURCE_SIZE = {"gta5": (1280, 720), "synthia": (1280, 760), "demo": None,
+               "cityscapes": (1024, 512)}   # DAFormer's Cityscapes source resize (uda_cityscapes_to_acdc_512x512.py)
 DAFORMER = {  # --stack daformer: lhoyer/DAFormer configs/daformer/
     # gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5_s0.py and the _base_ configs it names
     "iters": 40000, "batch_size": 2, "lr": 6e-5,          # runner max_iters; samples_per_gpu; schedules/adamw.py
@@ -155,19 +179,27 @@ HRDA = {**DAFORMER,  # --stack hrda: lhoyer/HRDA configs/hrda/gta2csHR_hrda.py a
     "target_size": (2048, 1024), "crop_size": (1024, 1024),  # Cityscapes at full size, 1024x1024 crops
     "pl_crop": "v2", "hr_loss_weight": 0.1, "eval_mode": "slide",  # crop_pseudo_margins; hr_loss_weight; test_cfg
     "target_cat_max_ratio": 1.0}                             # cat_max_ratio 0.75 on the source crops only
-HRDA_SOURCE_SIZE = {"gta5": (2560, 1440), "synthia": (2560, 1520), "demo": None}   # HRDA uda_{gta,synthia}HR_*.py
+HRDA_SOURCE_SIZE = {"gta5": (2560, 1440), "synthia": (2560, 1520), "demo": None,   # HRDA uda_{gta,synthia}HR_*.py
+                    "cityscapes": (2048, 1024)}                   # HRDA uda_cityscapesHR_to_acdcHR_1024x1024.py
 RCS_MIN_CROP_RATIO = {"daformer": 0.5, "hrda": 2.0}   # DAFormer / HRDA rare_class_sampling min_crop_ratio
 DAFORMER_FLAGS = ("warmup_iters", "rcs", "rcs_temp", "rcs_min_pixels", "classmix_select", "target_cat_max_ratio")
 DEMO_DAFORMER = {"source": "demo", "iters": 400, "lr": 6e-4, "mit": "tiny", "init": "none", "ema_alpha": 0.99,
                  "warmup_iters": 20, "rcs_min_pixels": 12, "source_size": [128, 64], "target_size": [128, 64],
                  "crop_size": [64, 64], "eval_every": 0, "save_every": 100, "log_every": 25, "workers": 0}
 DEMO_HRDA = {**DEMO_DAFORMER, "pl_crop": "v1"}   # the demo images are far smaller than v2's 2048x1024 margins
+NO_TARGET_LABELS = {"target_cat_max_ratio": 1.0}   # DAFormer/HRDA cs2acdc, cs2darkzurich: no target annotations loaded
+TARGETS = {  # --target acdc/dark_zurich beyond the resize (training.set_target_defaults) per --stack
+    "daformer": {"acdc": NO_TARGET_LABELS, "dark_zurich": NO_TARGET_LABELS},   # plcrop kept: DAFormer experiments.py id 8
+    "hrda": {"acdc": {"pl_crop": "none"}, "dark_zurich": {"pl_crop": "none"}},  # HRDA experiments.py id 49: plcrop False
+}
 
 
 def parse_args(argv=None):
     p = training.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[training.shared_parser(PAPER)],
                               formatter_class=training.HelpFormatter)
-    p.add_argument("--source", choices=["gta5", "synthia", "demo"], default="gta5", help="source domain")
+    p.add_argument("--source", choices=["gta5", "synthia", "cityscapes", "demo"], default="gta5",
+                   help="source domain (labeled)")
+    training.add_target_arg(p)
     p.add_argument("--source-only", action="store_true",
                    help="baseline: supervised source loss only, no teacher (thesis 'Source' rows; --stack daformer/"
                         "hrda: no feature distance either)")
@@ -222,8 +254,13 @@ def parse_args(argv=None):
                         "variant: no target label is read)")
     args = training.parse_with_stack(p, {"daformer": DAFORMER, "hrda": HRDA},
                                      {"deeplabv2": DEMO, "daformer": DEMO_DAFORMER, "hrda": DEMO_HRDA}, argv,
-                                     DAFORMER_FLAGS)
+                                     DAFORMER_FLAGS, TARGETS)
     training.check_args(args)
+    training.check_target(args, args.source, args.target)
+    if args.mic and args.target != "cityscapes":
+        raise common.DataError(f"--mic --target {args.target}: MIC's Cityscapes->ACDC/Dark Zurich runs mask one "
+                               "source and one target image without colour augmentation (lhoyer/MIC mask_mode "
+                               "'separate'), which is not implemented here; drop --mic")
     if args.stack != "deeplabv2":
         check_daformer_args(args)
     if args.mic and args.source_only:
@@ -324,10 +361,11 @@ def train(args):
     style, norm = common.init_convention(args.init)
     common.seed_everything(args.seed)
     out_dir = Path(args.out_dir or training.default_out_dir("dacs", args.source + "_source_only" * args.source_only,
-                                                          None, args.seed))
+                                                          None, args.seed, args.target))
     # ---------------------------------------------------------------- data
-    source_kind, source_root, target_root = training.data_roots(args, args.source)
-    val = training.cityscapes_val(target_root, args.target_size, args.eval_res, norm)
+    source_kind, source_root, target_kind, target_root = training.data_roots(args, args.source, args.target)
+    val = training.target_val(target_kind, target_root, args.target_size, args.eval_res, norm,
+                              conditions=args.acdc_conditions)
     build = lambda: common.DeepLabV2(19, aspp_full=args.aspp_full, style=style, layers=args.layers,  # noqa: E731
                                      width=args.width)
     student = training.prepare_model(build(), device, amp)
@@ -336,8 +374,8 @@ def train(args):
         return training.eval_only(args, student, val, device, out_dir, synthia, dist=dist)
     source = common.SegmentationDataset(source_kind, source_root, resize=args.source_size, interp="bicubic",
                                         crop=args.crop_size, norm=norm)
-    target = common.SegmentationDataset("cityscapes", target_root, resize=args.target_size, crop=args.crop_size,
-                                        norm=norm)
+    target = common.SegmentationDataset(target_kind, target_root, resize=args.target_size, crop=args.crop_size,
+                                        norm=norm, **training.condition_kwargs(args, target_kind))
     # ---------------------------------------------------------------- models, optimiser
     training.initialise(student, args.init, norm, args.data_root)
     teacher = None if args.source_only else training.prepare_model(      # train-mode BN as the authors' (Q3)
@@ -447,11 +485,12 @@ def train_daformer(args):
     norm = "imagenet_rgb"                                # DAFormer img_norm_cfg: RGB mean/std
     common.seed_everything(args.seed)
     out_dir = Path(args.out_dir or training.default_out_dir("dacs", args.source + "_source_only" * args.source_only,
-                                                          None, args.seed))
+                                                          None, args.seed, args.target))
     up = lambda logits, size: common.upsample(logits, size, align_corners=False)  # noqa: E731 (mmseg resize)
     # ---------------------------------------------------------------- data
-    source_kind, source_root, target_root = training.data_roots(args, args.source)
-    val = training.cityscapes_val(target_root, args.target_size, args.eval_res, norm, interp="cv2")
+    source_kind, source_root, target_kind, target_root = training.data_roots(args, args.source, args.target)
+    val = training.target_val(target_kind, target_root, args.target_size, args.eval_res, norm, interp="cv2",
+                              conditions=args.acdc_conditions)
     detail = tuple(c // 2 for c in args.crop_size)       # HRDA: 512x512 detail crops of the 1024x1024 crop
     if hrda:
         build = lambda stochastic=True: common.hrda_segmentor(19, args.mit, args.drop_path_rate,  # noqa: E731
@@ -470,9 +509,9 @@ def train_daformer(args):
     source = common.SegmentationDataset(source_kind, source_root, resize=args.source_size, keep_ratio=True,
                                         interp="cv2", crop=crop, cat_max_ratio=0.75, flip=True, norm=norm,
                                         rcs_min_crop_pixels=int(args.rcs_min_pixels * RCS_MIN_CROP_RATIO[args.stack]))
-    target = common.SegmentationDataset("cityscapes", target_root, resize=args.target_size, interp="cv2", crop=crop,
+    target = common.SegmentationDataset(target_kind, target_root, resize=args.target_size, interp="cv2", crop=crop,
                                         cat_max_ratio=args.target_cat_max_ratio if args.target_cat_max_ratio < 1
-                                        else None, flip=True, norm=norm)
+                                        else None, flip=True, norm=norm, **training.condition_kwargs(args, target_kind))
     if args.pl_crop == "v2":                             # HRDA: the margin mask travels with the target crop
         target = common.PseudoMarginDataset(target)
     # ---------------------------------------------------------------- models, optimiser

@@ -387,6 +387,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
 
 
+TARGETS = ("cityscapes", "acdc", "dark_zurich")   # the adaptation targets (--target)
+EVAL_SETS = TARGETS + ("bdd100k", "mapillary")     # --eval-set: the targets and two evaluation-only sets
+SERVERS = TARGETS                                  # --export: the sets with a test server
+ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
+TARGET_FRAMES = {"cityscapes": (2048, 1024), "acdc": (1920, 1080), "dark_zurich": (1920, 1080)}   # W, H
+
+
 def shared_parser(defaults):
     """The flags every method script shares; `defaults` maps a flag's dest to (value, source)."""
     p = argparse.ArgumentParser(add_help=False)
@@ -400,17 +407,25 @@ def shared_parser(defaults):
             help += f" (default: %(default)s; {src[dest]})"
         p.add_argument(flag, help=help, **kw)
 
-    add("--data-root", "folder holding gta5/, synthia/, cityscapes/", default="./data")
+    add("--data-root", "folder holding gta5/, synthia/, cityscapes/, acdc/, dark_zurich/, bdd100k/, mapillary/",
+        default="./data")
     add("--gta5-root", "override <data-root>/gta5", default=None)
     add("--synthia-root", "override <data-root>/synthia", default=None)
     add("--cityscapes-root", "override <data-root>/cityscapes", default=None)
+    add("--acdc-root", "override <data-root>/acdc", default=None)
+    add("--dark-zurich-root", "override <data-root>/dark_zurich", default=None)
+    add("--bdd100k-root", "override <data-root>/bdd100k", default=None)
+    add("--mapillary-root", "override <data-root>/mapillary", default=None)
+    add("--acdc-conditions", "ACDC: train and evaluate on these conditions only (default: all four)", nargs="+",
+        choices=ACDC_CONDITIONS, default=None)
     add("--iters", "training iterations", type=int)
     add("--batch-size", "images per stream per iteration", type=int)
     add("--lr", "base learning rate of the backbone (head x10)", type=float)
     add("--seed", "seeds python/numpy/torch and every data and augmentation draw", type=int, default=0)
     add("--source-size", "resize of source images before cropping, W H", type=int, nargs=2, metavar=("W", "H"))
-    add("--target-size", "resize of Cityscapes images before cropping, W H", type=int, nargs=2,
-        metavar=("W", "H"))
+    add("--target-size", "resize of target images before cropping, W H (the Cityscapes value; --target acdc/"
+        "dark_zurich scale it to their 1920x1080 frame: 1024 512 -> 960 540, 2048 1024 -> 1920 1080)", type=int,
+        nargs=2, metavar=("W", "H"))
     add("--crop-size", "random crop H W after the resize (0 0 = no crop)", type=int, nargs=2, metavar=("H", "W"))
     add("--eval-res", "evaluate against labels at the network input size (half) or at full resolution",
         choices=["half", "full"])
@@ -428,6 +443,13 @@ def shared_parser(defaults):
     add("--eval-model", "with --eval-only: the checkpoint's student (`model`, what the papers report) or its "
         "EMA teacher (`ema_model`)", choices=["student", "teacher"], default="student")
     add("--save-predictions", "with --eval-only: write predictions/<stem>_labelIds.png", action="store_true")
+    add("--eval-set", "with --eval-only: the dataset to evaluate on (default: the run's target); another than the "
+        "target is fit into the run's val size keeping the ratio, labels at full resolution (HRDA's DG "
+        "evaluation); metrics_<set>.json", choices=EVAL_SETS, default=None)
+    add("--split", "with --eval-only: val, or test (image-only: needs --export)", choices=["val", "test"],
+        default="val")
+    add("--export", "with --eval-only --split test: write the test server's submission (PNGs, zip, export.json) "
+        "to this new or empty folder (--eval-set cityscapes, acdc or dark_zurich)", default=None, metavar="DIR")
     add("--eval-every", "evaluate every N iterations (0 = only at the end)", type=int, default=0)
     add("--save-every", "write checkpoint.pth every N iterations (and checkpoint_<iter>.pth with "
         "--keep-checkpoints)", type=int, default=1000)
@@ -527,6 +549,82 @@ def check_args(args):
         raise DataError(f"--amp-dtype {args.amp_dtype} has an effect with --amp only (add --amp, or drop it)")
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         raise DataError(f"--resume {args.resume}: file not found")
+    check_eval_set_args(args)
+
+
+def check_eval_set_args(args):
+    """--eval-set / --split / --export: with --eval-only, the test split only into a new or empty --export
+    folder, and only for a set with a test server (DataError before anything is read or written)."""
+    unused = [flag for flag, on in (("--eval-set", args.eval_set), ("--split test", args.split == "test"),
+                                    ("--export", args.export)) if on]
+    if unused and not args.eval_only:
+        raise DataError(f"{unused[0]} is used by --eval-only only (add --eval-only --checkpoint PATH, or drop it)")
+    if args.split == "test" and args.export is None:
+        raise DataError("--split test: the test splits have no public labels to score; add --export DIR to write "
+                        "the test server's submission")
+    if args.export is None:
+        return
+    if args.split != "test":
+        raise DataError(f"--export {args.export}: a submission is made from the test split; add --split test")
+    if args.eval_set not in (None,) + SERVERS:
+        raise DataError(f"--export with --eval-set {args.eval_set}: no test server (expected --eval-set "
+                        f"{', '.join(SERVERS)})")
+    if args.save_predictions:
+        raise DataError("--save-predictions with --export: the export writes the predictions itself; drop it")
+    out = Path(args.export)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise DataError(f"--export {args.export}: not an empty folder (expected a new or empty folder for the "
+                        f"submission)")
+
+
+def add_target_arg(parser, labeled=False):
+    """--target: the domain adapted to (its val is the run's evaluation); `labeled`: the script trains on
+    labeled target images (Dark Zurich has no train labels: check_target refuses it)."""
+    parser.add_argument("--target", choices=TARGETS, default="cityscapes",
+                        help="target domain: Cityscapes, ACDC (fog/night/rain/snow) or Dark Zurich (night; "
+                             + ("refused: no train labels" if labeled else "train night images, no labels")
+                             + "); ACDC/Dark Zurich scale the Cityscapes resizes to their 1920x1080 frame and "
+                               "evaluate at full label resolution")
+
+
+def set_target_defaults(parser, argv=None, sizes=("target_size",), extra=None):
+    """--target's defaults (explicit flags win): ACDC and Dark Zurich scale the script's Cityscapes resizes
+    `sizes` to their frame (target_frame_size) and evaluate at full label resolution, as mmseg does for them
+    (DAFormer/HRDA cs2acdc and cs2darkzurich configs: the 1920x1080 labels); `extra` maps a target to further
+    {dest: value}."""
+    target = parser.parse_known_args(argv)[0].target
+    if target == "cityscapes":
+        return
+    defaults = {d: target_frame_size(parser.get_default(d), target) for d in sizes
+                if parser.get_default(d) is not None}
+    if parser.get_default("eval_res") is not None:
+        defaults["eval_res"] = "full"
+    parser.set_defaults(**defaults, **(extra or {}).get(target, {}))
+
+
+def target_frame_size(size, target):
+    """A Cityscapes resize (W, H) at the same scale of `target`'s frame: 1024x512 -> 960x540 (DAFormer's
+    cs2acdc/cs2darkzurich target resize), 2048x1024 -> 1920x1080 (HRDA's)."""
+    (cw, ch), (tw, th) = TARGET_FRAMES["cityscapes"], TARGET_FRAMES[target]
+    return [round(size[0] * tw / cw), round(size[1] * th / ch)]
+
+
+def check_target(args, source, target, labeled=False):
+    """DataError for a target the run cannot use: the source itself, another target than the demo's generated
+    Cityscapes with the demo, Dark Zurich where labeled target images are trained on (`labeled`; its train split
+    has none), --acdc-conditions without ACDC."""
+    if source == target:
+        raise DataError(f"--source {source} --target {target}: the source is labeled and the target adapted to; "
+                        f"expected another target ({', '.join(t for t in TARGETS if t != source)})")
+    if source == "demo" and target != "cityscapes":
+        raise DataError(f"--target {target}: the demo adapts to its generated Cityscapes-layout data (drop --target "
+                        f"or --demo)")
+    if labeled and target == "dark_zurich":
+        raise DataError("--target dark_zurich: Dark Zurich train has no labels, and this script trains on labeled "
+                        "target images (use --target acdc or cityscapes)")
+    if args.acdc_conditions and "acdc" not in (target, args.eval_set):
+        raise DataError(f"--acdc-conditions {' '.join(args.acdc_conditions)}: ACDC is neither --target nor "
+                        f"--eval-set (drop it)")
 
 
 def check_optimizer_flags(args):
@@ -539,20 +637,21 @@ def check_optimizer_flags(args):
 
 def dataset_root(args, kind):
     """The root of one dataset: --<kind>-root or <data-root>/<kind>."""
-    return Path(getattr(args, f"{kind}_root") or Path(args.data_root) / kind)
+    return Path(getattr(args, f"{kind}_root", None) or Path(args.data_root) / common.DATASET_FOLDERS.get(kind, kind))
 
 
-def data_roots(args, domain):
-    """(source kind, source root, Cityscapes root) for --source/--dataset `domain`; 'demo' is the generated
-    demo data (GTA5 layout source, Cityscapes layout target), written under <data-root>/demo once."""
+def data_roots(args, domain, target="cityscapes"):
+    """(source kind, source root, target kind, target root) for --source/--dataset `domain` and --target;
+    'demo' is the generated demo data (GTA5 layout source, Cityscapes layout target), written under
+    <data-root>/demo once."""
     if domain == "demo":
         import demo
-        given = [f"--{k}-root" for k in ("gta5", "synthia", "cityscapes") if getattr(args, f"{k}_root", None)]
+        given = [f"--{k.replace('_', '-')}-root" for k in common.DATASET_FOLDERS if getattr(args, f"{k}_root", None)]
         if given:
             raise DataError(f"{given[0]}: the demo reads its generated data under --data-root (drop {given[0]})")
         root = demo.ensure_demo(args.data_root)
-        return "gta5", root / "gta5", root / "cityscapes"
-    return domain, dataset_root(args, domain), dataset_root(args, "cityscapes")
+        return "gta5", root / "gta5", "cityscapes", root / "cityscapes"
+    return domain, dataset_root(args, domain), target, dataset_root(args, target)
 
 
 def lock_run_dir(out_dir):
@@ -612,8 +711,9 @@ def resume_state(args, out_dir, num_classes):
     return ckpt
 
 
-RUN_ONLY_ARGS = {"data_root", "gta5_root", "synthia_root", "cityscapes_root", "out_dir", "resume", "eval_only",
-                 "checkpoint", "eval_model", "save_predictions", "eval_every", "save_every", "keep_checkpoints",
+RUN_ONLY_ARGS = {"data_root", "gta5_root", "synthia_root", "cityscapes_root", "acdc_root", "dark_zurich_root",
+                 "bdd100k_root", "mapillary_root", "out_dir", "resume", "eval_only", "checkpoint", "eval_model",
+                 "save_predictions", "eval_set", "split", "export", "eval_every", "save_every", "keep_checkpoints",
                  "log_every", "device", "amp", "amp_dtype", "workers", "demo"}
 
 
@@ -621,7 +721,8 @@ ADDED_ARGS = {"sgd_rule": "torch1.5", "stack": "deeplabv2", "mit": None, "drop_p
               "pl_crop": None, "warmup_iters": None, "rcs": None, "rcs_temp": None, "rcs_min_pixels": None,
               "classmix_select": None, "target_cat_max_ratio": None, "hr_loss_weight": None, "eval_mode": None,
               "mic": False, "mask_ratio": None, "mask_block": None, "mask_lambda": None,
-              "mask_lambda_all": False, "labeled_loss": None, "mic_on": None}  # flags added later: what older runs ran
+              "mask_lambda_all": False, "labeled_loss": None, "mic_on": None, "target": "cityscapes",
+              "acdc_conditions": None}  # flags added later: what older runs ran
 
 
 def check_same_run(saved, current, path):
@@ -642,11 +743,37 @@ def check_same_run(saved, current, path):
         raise DataError(f"--resume {path}: made with other settings: {'; '.join(diff[:5])}")
 
 
-def cityscapes_val(root, size, eval_res, norm, num_classes=19, interp="bilinear"):
-    """Cityscapes val as the protocols read it: image resized to `size` (W, H), bilinear; labels
-    nearest-downsampled to the input ('half', DACS/ClassMix) or at full resolution ('full', AdaptSegNet)."""
-    return common.SegmentationDataset("cityscapes", root, "val", resize=tuple(size), norm=norm, num_classes=num_classes,
-                               label_res="input" if eval_res == "half" else "full", interp=interp)
+def condition_kwargs(args, kind):
+    """SegmentationDataset's keyword for --acdc-conditions on an ACDC dataset ({} otherwise: all conditions)."""
+    return {"conditions": args.acdc_conditions} if kind == "acdc" and args.acdc_conditions else {}
+
+
+def target_val(kind, root, size, eval_res, norm, num_classes=19, interp="bilinear", conditions=None):
+    """The target's val as the protocols read it: image resized to `size` (W, H) by `interp`; labels
+    nearest-downsampled to the input ('half', DACS/ClassMix) or at full resolution ('full', AdaptSegNet, mmseg).
+    Cityscapes is resized to `size`; ACDC and Dark Zurich are fit into it keeping the ratio (mmseg's test
+    pipeline in DAFormer's and HRDA's cs2acdc/cs2darkzurich configs; the same for their 16:9 frames);
+    `conditions`: ACDC's subset."""
+    extra = {} if kind == "cityscapes" else {"keep_ratio": True}
+    if kind == "acdc" and conditions:
+        extra["conditions"] = conditions
+    return common.SegmentationDataset(kind, root, "val", resize=tuple(size), norm=norm, num_classes=num_classes,
+                               label_res="input" if eval_res == "half" else "full", interp=interp, **extra)
+
+
+def eval_dataset(args, val):
+    """(dataset, metrics file name) of --eval-set/--split: the run's val itself, its test split, or another set
+    fit into the run's val size keeping the ratio with labels at full resolution (HRDA's DG evaluation of
+    BDD100K/Mapillary with the run's Cityscapes test pipeline; lhoyer/HRDA dg branch tools/test.py)."""
+    kind = args.eval_set or val.kind
+    if kind == val.kind and args.split == "val":
+        return val, "metrics.json"
+    same = kind == val.kind
+    data = common.SegmentationDataset(kind, val.root if same else dataset_root(args, kind), args.split,
+                                      resize=val.resize, keep_ratio=val.keep_ratio if same else True,
+                                      interp=val.interp, norm=val.norm, num_classes=val.num_classes,
+                                      label_res=val.label_res if same else "full", **condition_kwargs(args, kind))
+    return data, "metrics.json" if same else f"metrics_{kind}.json"
 
 
 def is_due(i, every, max_iter):
@@ -655,14 +782,15 @@ def is_due(i, every, max_iter):
 
 
 def evaluate_and_write(model, val, device, out_dir, iteration, synthia=False, amp=None, align_corners=True,
-                       model_name="student", save_predictions=False, dist=common.Dist()):
-    """Evaluate a model on val (vis/, and predictions/ if asked, in out_dir) and write metrics.json (split
-    over the ranks under torchrun; rank 0 writes)."""
+                       model_name="student", save_predictions=False, dist=common.Dist(), name="metrics.json"):
+    """Evaluate a model on val (vis/, and predictions/ if asked, in out_dir) and write `name` (metrics.json),
+    which names the dataset as "target" (split over the ranks under torchrun; rank 0 writes)."""
     metrics = common.evaluate(model, val, device, synthia=synthia, out_dir=out_dir, iteration=iteration,
                        amp_dtype=amp.dtype if amp is not None and amp.enabled else None, align_corners=align_corners,
                        model_name=model_name, save_predictions=save_predictions, dist=dist)
+    metrics["target"] = val.kind
     if dist.main:
-        write_metrics(out_dir, metrics)
+        write_metrics(out_dir, metrics, name)
     return metrics
 
 
@@ -687,8 +815,9 @@ def update_best(best, metrics, out_dir, synthia, main=True):
     if not best or metrics[key] > best[key]:
         best.clear()
         best.update({"iteration": metrics["iteration"], key: metrics[key]})
-        record = {**best, "selection": "best of the evaluated snapshots on Cityscapes val (selected on the "
-                                       "evaluation set; metrics.json holds the final snapshot, the primary number)"}
+        record = {**best, "selection": f"best of the evaluated snapshots on {metrics.get('target', 'cityscapes')} "
+                                       "val (selected on the evaluation set; metrics.json holds the final snapshot, "
+                                       "the primary number)"}
         if main:
             common.atomic_write_text(Path(out_dir) / "best_snapshot.json", json.dumps(record, indent=1))
     if main:
@@ -699,8 +828,9 @@ def update_best(best, metrics, out_dir, synthia, main=True):
 def eval_only(args, model, val, device, out_dir, synthia=False, align_corners=True, dist=common.Dist(),
               init_default=("caffe", "imagenet_bgr")):
     """--eval-only: load --checkpoint's `model` or `ema_model` (--eval-model; class count checked,
-    weights_only; network settings checked against the checkpoint's own) and evaluate it, with --amp
-    as during training. `init_default`: the script's convention for an --init other than imagenet/coco."""
+    weights_only; network settings checked against the checkpoint's own) and evaluate it on val or --eval-set
+    (eval_dataset), with --amp as during training; --export writes the test split's submission instead
+    (common.export_submission; returns its export.json record). `init_default`: the script's convention for an --init other than imagenet/coco."""
     ckpt = load_checkpoint(args.checkpoint, model.num_classes, getattr(args, "stack", "deeplabv2"))
     check_same_network(ckpt.get("args", {}), args, args.checkpoint, init_default)
     if args.eval_model == "teacher" and "ema_model" not in ckpt:
@@ -711,12 +841,19 @@ def eval_only(args, model, val, device, out_dir, synthia=False, align_corners=Tr
     except RuntimeError as exc:
         raise DataError(f"{args.checkpoint}: not a state_dict of this model "
                         f"({str(exc).splitlines()[0][:200]})") from None
+    data, name = eval_dataset(args, val)
+    amp = Amp(device, args.amp, args.amp_dtype)
+    if args.export is not None:    # --split test: the test server's submission instead of metrics
+        if dist.world > 1:
+            raise DataError("--export runs in one process: launch it without torchrun")
+        record = {"checkpoint": str(args.checkpoint), "model": args.eval_model, "iteration": ckpt.get("iteration")}
+        return common.export_submission(model, data, data.kind, args.export, device,
+                                        amp.dtype if amp.enabled else None, align_corners, record=record)
     if dist.main:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-    amp = Amp(device, args.amp, args.amp_dtype)
-    return evaluate_and_write(model, val, device, out_dir, ckpt.get("iteration"), synthia, amp,
+    return evaluate_and_write(model, data, device, out_dir, ckpt.get("iteration"), synthia, amp,
                               align_corners=align_corners, model_name=args.eval_model,
-                              save_predictions=args.save_predictions, dist=dist)
+                              save_predictions=args.save_predictions, dist=dist, name=name)
 
 
 NETWORK_ARGS = ("layers", "width", "aspp_full", "mit")  # the arguments that change the network a checkpoint needs
@@ -793,15 +930,18 @@ def add_stack_args(parser):
                         help="--mic --stack hrda, clean variant: --mask-lambda scales the whole masked HRDA loss")
 
 
-def parse_with_stack(parser, stacks, demo, argv=None, daformer_only=()):
+def parse_with_stack(parser, stacks, demo, argv=None, daformer_only=(), targets=None):
     """parse_with_demo with --stack's defaults: `stacks` maps a stack other than deeplabv2 to its {dest: value}
-    defaults, `demo` maps each stack to its demo values; explicit flags win. A DeepLabv2-only flag changed
+    defaults, then --target's (set_target_defaults; `targets` maps a stack to its per-target extras), `demo`
+    maps each stack to its demo values; explicit flags win. A DeepLabv2-only flag changed
     under another stack, a stack flag (DAFORMER_ONLY and the script's `daformer_only`, None by default)
     given under deeplabv2, an HRDA flag under another stack or a MIC flag without --mic is a DataError;
     --mic fills the MIC flags' defaults."""
     stack = parser.parse_known_args(argv)[0].stack
     if stack != "deeplabv2":
         parser.set_defaults(**stacks[stack])
+    if "target" in vars(parser.parse_known_args(argv)[0]):
+        set_target_defaults(parser, argv, extra=(targets or {}).get(stack))
     args = parse_with_demo(parser, demo[stack], argv)
     if stack != "hrda":
         given = [k for k in HRDA_ONLY if getattr(args, k, None) is not None]
@@ -932,10 +1072,12 @@ def write_demo_summary(out_dir, script, method, baselines, iterations, seconds):
     return summary
 
 
-def default_out_dir(script, source, n_labeled, seed):
-    """runs/<script>_<source>_<n>_s<seed>; without a label budget (UDA) runs/<script>_<source>_s<seed>."""
+def default_out_dir(script, source, n_labeled, seed, target="cityscapes"):
+    """runs/<script>_<source>_<n>_s<seed>; without a label budget (UDA) runs/<script>_<source>_s<seed>; a
+    target other than Cityscapes follows the source (runs/dacs_cityscapes_acdc_s0)."""
     n = "" if n_labeled is None else f"_{n_labeled}"
-    return Path("runs") / f"{script}_{source}{n}_s{seed}"
+    to = "" if target == "cityscapes" else f"_{target}"
+    return Path("runs") / f"{script}_{source}{to}{n}_s{seed}"
 
 
 def training_state(i, model, optimizer, scheduler, args, teacher=None):

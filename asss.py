@@ -134,6 +134,7 @@ def parse_args(argv=None):
     p = training.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[training.shared_parser(PAPER)],
                               formatter_class=training.HelpFormatter)
     p.add_argument("--source", choices=["gta5", "synthia", "demo"], default="gta5", help="source domain")
+    training.add_target_arg(p, labeled=True)
     p.add_argument("--preset", choices=list(PRESETS), default="ga-csa",
                    help="column of ASS Tables 1/3: ga-csa (ASS), ga-fcsa, ga, oracle (labeled target only), "
                         "adaptsegnet (N = 0: AdaptSegNet multi-level UDA); source-only is a demo baseline")
@@ -167,8 +168,10 @@ def parse_args(argv=None):
                    help="clean variant: sum all four ASPP branches (AdaptSegNet sums two; issues #20, #60)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
                    help="G's optimiser: sgd = AdaptSegNet's SGD 0.9 / wd 5e-4; adam is for the random-init demo")
+    training.set_target_defaults(p, argv)
     args = training.parse_with_demo(p, DEMO, argv)
     training.check_args(args)
+    training.check_target(args, args.source, args.target, labeled=True)
     training.check_optimizer_flags(args)
     resolve_preset(args)
     if args.source_size is None:
@@ -436,23 +439,25 @@ def train(args):
     common.seed_everything(args.seed)
     synthia = args.source == "synthia"
     out_dir = Path(args.out_dir or training.default_out_dir("asss", f"{args.source}_{args.preset}", args.n_labeled,
-                                                          args.seed))
+                                                          args.seed, args.target))
     # ---------------------------------------------------------------- data
-    source_kind, source_root, target_root = training.data_roots(args, args.source)
-    val = training.cityscapes_val(target_root, args.target_size, args.eval_res, norm, interp="bicubic")
+    source_kind, source_root, target_kind, target_root = training.data_roots(args, args.source, args.target)
+    val = training.target_val(target_kind, target_root, args.target_size, args.eval_res, norm, interp="bicubic",
+                              conditions=args.acdc_conditions)
+    subset = training.condition_kwargs(args, target_kind)
     model = training.prepare_model(common.DeepLabV2(NUM_CLASSES, multi_level=True, aspp_full=args.aspp_full,
                                                     style=style, layers=args.layers, width=args.width), device, amp)
     if args.eval_only:                                          # the main head (layer6), as AdaptSegNet evaluates
         return training.eval_only(args, model, val, device, out_dir, synthia, dist=dist)
-    stems = common.SegmentationDataset("cityscapes", target_root).stems()
+    stems = common.SegmentationDataset(target_kind, target_root, **subset).stems()
     labeled, rest = common.labeled_split(stems, args.n_labeled, args.split_seed, args.split_file)
     args.n_labeled = len(labeled)
     pool = stems if args.unlabeled == "all" else rest           # R8
     if args.use_ga and not pool:
         raise common.DataError(f"--unlabeled complement with --n-labeled {len(labeled)} leaves no unlabeled image")
     city = lambda names: common.SegmentationDataset(  # noqa: E731 (AdaptSegNet: bicubic resize, no crop)
-        "cityscapes", target_root, resize=args.target_size, interp="bicubic", crop=args.crop_size, norm=norm,
-        stems=names)
+        target_kind, target_root, resize=args.target_size, interp="bicubic", crop=args.crop_size, norm=norm,
+        stems=names, **subset)
     data_s = common.SegmentationDataset(source_kind, source_root, resize=args.source_size, interp="bicubic",
                                         crop=args.crop_size, norm=norm) if args.use_source else None
     data_l = city(labeled) if labeled else None

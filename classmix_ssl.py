@@ -80,7 +80,9 @@ OFFICIAL_SPLIT_SEED = {1: 10, 2: 1}  # CM split_1.pkl / split_2.pkl = these Rand
 def parse_args(argv=None):
     p = training.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[training.shared_parser(PAPER)],
                               formatter_class=training.HelpFormatter)
-    p.add_argument("--dataset", choices=["cityscapes", "demo"], default="cityscapes", help="the dataset")
+    p.add_argument("--dataset", choices=["cityscapes", "acdc", "dark_zurich", "demo"], default="cityscapes",
+                   help="the dataset (acdc: its labeled train split, drawn as Cityscapes'; its 960x540 frame scale "
+                        "and full-resolution evaluation; dark_zurich is refused: no train labels)")
     training.add_split_args(p, 372, "1/8 of 2975; CM configCityscapes.json labeled_samples", split_seed=1,
                           seed_help="; 1 = the permutation of CM split_2.pkl, 10 = split_1.pkl")
     p.add_argument("--official-split", type=int, choices=[1, 2], default=None,
@@ -119,8 +121,14 @@ def parse_args(argv=None):
                    help="clean variant: each tensor once in the 1x group (changes results; docs/quirks.md Q4)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
                    help="sgd = the authors' SGD 0.9 / wd 5e-4; adam is for the random-init demo")
+    training.set_target_defaults(p, argv, dest="dataset")
     args = training.parse_with_demo(p, DEMO, argv)
     training.check_args(args)
+    training.check_target(args, None, "cityscapes" if args.dataset == "demo" else args.dataset, labeled=True,
+                          flag="--dataset")
+    if args.official_split is not None and args.dataset == "acdc":
+        raise common.DataError(f"--official-split {args.official_split}: ClassMix's split files permute the 2975 "
+                               f"Cityscapes train images (this run: --dataset {args.dataset})")
     training.check_optimizer_flags(args)
     if not 0 < args.ema_alpha < 1 or not 0 <= args.jitter_gate <= 1 or not 0 < args.tau <= 1:
         raise common.DataError("--ema-alpha in (0,1), --jitter-gate in [0,1] and --tau in (0,1] expected")
@@ -210,24 +218,25 @@ def train(args):
     name = args.dataset + "_baseline" * args.no_unlabeled
     out_dir = Path(args.out_dir or training.default_out_dir("classmix_ssl", name, args.n_labeled, args.seed))
     # ---------------------------------------------------------------- data
-    root = training.data_roots(args, args.dataset)[2]
-    val = training.cityscapes_val(root, args.target_size, args.eval_res, norm)
+    kind, root = training.data_roots(args, args.dataset, args.dataset)[2:]
+    val = training.target_val(kind, root, args.target_size, args.eval_res, norm, conditions=args.acdc_conditions)
+    subset = training.condition_kwargs(args, kind)
     build = lambda: common.DeepLabV2(19, aspp_full=args.aspp_full, style=style, layers=args.layers,  # noqa: E731
                                      width=args.width)
     student = training.prepare_model(build(), device, amp)
     if args.eval_only:
         return training.eval_only(args, student, val, device, out_dir, dist=dist)
-    stems = common.SegmentationDataset("cityscapes", root).stems()
+    stems = common.SegmentationDataset(kind, root, **subset).stems()
     labeled, unlabeled = common.labeled_split(stems, args.n_labeled, args.split_seed, args.split_file)
     if not labeled:
         raise common.DataError("--n-labeled 0: ClassMix needs labeled images")
     if not unlabeled and not args.no_unlabeled:
         raise common.DataError(f"--n-labeled {len(labeled)} leaves no unlabeled image (use --no-unlabeled)")
     crop = args.crop_size if min(args.crop_size) > 0 else None  # no augmentation besides the optional crop (C7)
-    data_l = common.SegmentationDataset("cityscapes", root, resize=args.target_size, crop=crop, norm=norm,
-                                        stems=labeled)
+    data_l = common.SegmentationDataset(kind, root, resize=args.target_size, crop=crop, norm=norm,
+                                        stems=labeled, **subset)
     data_u = None if args.no_unlabeled else common.SegmentationDataset(
-        "cityscapes", root, resize=args.target_size, crop=crop, norm=norm, stems=unlabeled)
+        kind, root, resize=args.target_size, crop=crop, norm=norm, stems=unlabeled, **subset)
     # ---------------------------------------------------------------- models, optimiser
     training.initialise(student, args.init, norm, args.data_root)
     teacher = None if args.no_unlabeled else training.prepare_model(    # train-mode BN as the authors' (C4)

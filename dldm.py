@@ -149,6 +149,7 @@ def parse_args(argv=None):
     p = training.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[training.shared_parser(PAPER)],
                               formatter_class=training.HelpFormatter)
     p.add_argument("--source", choices=["gta5", "synthia", "demo"], default="gta5", help="source domain")
+    training.add_target_arg(p, labeled=True)
     training.add_split_args(p, 100, "DLDM Tables 1-2: 100/200/500/1000/2975")
     p.add_argument("--stage", choices=["all", "rl", "sl", "student", "pseudo", "eval", "supervised"],
                    default="all", help="Algorithm 1 in full, or one stage of round --round (rl/sl: teachers, "
@@ -209,8 +210,10 @@ def parse_args(argv=None):
     p.add_argument("--bn-affine", choices=["frozen", "train"], default="frozen",
                    help="BN gamma/beta: frozen (AdvEnt's net, DDM's net default used by its eval.py; A20) or trained "
                         "(DDM config.py FREEZE_BN_AFFINE = False)")
+    training.set_target_defaults(p, argv)
     args = training.parse_with_demo(p, DEMO, argv)
     training.check_args(args)
+    training.check_target(args, args.source, args.target, labeled=True)
     training.check_optimizer_flags(args)
     check_stage_flags(args)
     if args.resume not in (None, "auto"):
@@ -351,11 +354,12 @@ def lab_transfer(rgb, stats):
     return np.stack([channel.take(rows) for channel in out.T], -1).reshape(*rgb.shape[:2], 3)
 
 
-def reference_stats(target_root, cache, workers=0):
-    """LAB mean/std of every Cityscapes train image (the reference pool of A17), cached as JSON."""
+def reference_stats(target, cache, workers=0):
+    """LAB mean/std of every target train image (`target`: the unpipelined dataset; the reference pool of A17),
+    cached as JSON."""
     if cache is not None and Path(cache).is_file():
         return np.asarray(json.loads(Path(cache).read_text()))
-    paths = [img for img, _ in common.dataset_files("cityscapes", target_root, "train")[0]]
+    paths = [img for img, _ in target.pairs]
     if workers > 0:
         import multiprocessing
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
@@ -535,9 +539,13 @@ class Run:
         self.style, self.norm = common.init_convention(args.init, default=("caffe", "imagenet_bgr"))
         self.num_classes = 16 if args.source == "synthia" else 19
         self.synthia = self.num_classes == 16
-        self.out = Path(args.out_dir or training.default_out_dir("dldm", args.source, args.n_labeled, args.seed))
-        self.source_kind, self.source_root, self.target_root = training.data_roots(args, args.source)
-        self.train_stems = sorted(common.SegmentationDataset("cityscapes", self.target_root).stems())
+        self.out = Path(args.out_dir or training.default_out_dir("dldm", args.source, args.n_labeled, args.seed,
+                                                                     args.target))
+        self.source_kind, self.source_root, self.target_kind, self.target_root = training.data_roots(
+            args, args.source, args.target)
+        self.subset = training.condition_kwargs(args, self.target_kind)
+        self.train_set = common.SegmentationDataset(self.target_kind, self.target_root, **self.subset)
+        self.train_stems = sorted(self.train_set.stems())
         self.labeled, rest = common.labeled_split(self.train_stems, args.n_labeled, args.split_seed,
                                                   args.split_file)
         if not self.labeled:
@@ -551,8 +559,8 @@ class Run:
         if args.rounds < 1 or not 1 <= args.round <= args.rounds:
             raise common.DataError(f"--round {args.round}: expected 1..--rounds ({args.rounds})")
         size = tuple(args.target_size)
-        self.val = training.cityscapes_val(self.target_root, size, args.eval_res, self.norm, self.num_classes,
-                                           "bicubic")
+        self.val = training.target_val(self.target_kind, self.target_root, size, args.eval_res, self.norm,
+                                       self.num_classes, "bicubic", args.acdc_conditions)
         self.init_path = None
 
     def stage_dir(self, r, stage):
@@ -623,7 +631,7 @@ class Run:
         if a.lab == "off":
             return self.dataset(common.SegmentationDataset, **kw)
         with training.main_first(self.dist):   # rank 0 writes the cache, the others read it
-            stats = reference_stats(self.target_root, self.out / "lab_reference_stats.json", a.workers)
+            stats = reference_stats(self.train_set, self.out / "lab_reference_stats.json", a.workers)
         return self.dataset(LabSourceDataset, ref_stats=stats, mode=a.lab_mode, seed=a.seed,
                             cache_dir=self.out / "lab_offline", **kw)
 
@@ -651,13 +659,13 @@ class Run:
         labeled = set(self.labeled)
         pseudo = {} if r == 1 or gt_only else {s: p for s, p in self.check_pseudo(r).items() if s not in labeled}
         stems = list(self.labeled) + sorted(pseudo)
-        return self.dataset(TargetDataset, kind="cityscapes", root=self.target_root, stems=stems, pseudo=pseudo,
-                            resize=tuple(self.args.target_size)), len(self.labeled), len(pseudo)
+        return self.dataset(TargetDataset, kind=self.target_kind, root=self.target_root, stems=stems, pseudo=pseudo,
+                            resize=tuple(self.args.target_size), **self.subset), len(self.labeled), len(pseudo)
 
     def unlabeled_set(self):
         """D_U images at the target size (their labels are never used)."""
-        return self.dataset(common.SegmentationDataset, kind="cityscapes", root=self.target_root,
-                            stems=self.unlabeled, resize=tuple(self.args.target_size))
+        return self.dataset(common.SegmentationDataset, kind=self.target_kind, root=self.target_root,
+                            stems=self.unlabeled, resize=tuple(self.args.target_size), **self.subset)
 
 
 def stage_finished(stage_dir, iters):
@@ -895,11 +903,17 @@ def evaluate_ensemble(run, paths):
     members = [run.load_model(p) for p in paths]
     model = members[0] if len(members) == 1 else Ensemble(members, run.args.ens)
     name = "+".join(str(p) for p in paths)
+    model_name = f"E({name})" if len(paths) > 1 else name
+    data, metrics_name = training.eval_dataset(run.args, run.val)   # --eval-set / --split test
+    if run.args.export is not None:
+        return common.export_submission(model, data, data.kind, run.args.export, run.device,
+                                        run.amp.dtype if run.amp.enabled else None, True,
+                                        record={"checkpoint": name, "model": model_name, "iteration": None})
     run.out.mkdir(parents=True, exist_ok=True)
     training.write_run_files(run.out, run.args, dist=run.dist)
-    return training.evaluate_and_write(model, run.val, run.device, run.out, None, run.synthia, run.amp,
-                                     align_corners=True, model_name=f"E({name})" if len(paths) > 1 else name,
-                                     save_predictions=run.args.save_predictions, dist=run.dist)
+    return training.evaluate_and_write(model, data, run.device, run.out, None, run.synthia, run.amp,
+                                     align_corners=True, model_name=model_name,
+                                     save_predictions=run.args.save_predictions, dist=run.dist, name=metrics_name)
 
 
 def round_summary(run):

@@ -142,6 +142,7 @@ def parse_args(argv=None):
     p = training.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[training.shared_parser(PAPER)],
                               formatter_class=training.HelpFormatter)
     p.add_argument("--source", choices=["gta5", "synthia", "demo"], default="gta5", help="source domain")
+    training.add_target_arg(p, labeled=True)
     training.add_split_args(p, 100, "IIDM Table 1 (100/200/500/1000)")
     p.add_argument("--no-src-sup", action="store_true",
                    help="drop L_s (and the source: implies --no-inter); Table 4 rows 2 and 4")
@@ -192,8 +193,10 @@ def parse_args(argv=None):
                         "a stream of their own (default: unlabeled)")
     training.add_stack_args(p)
     args = training.parse_with_stack(p, {"daformer": DAFORMER, "hrda": HRDA},
-                                     {"deeplabv2": DEMO, "daformer": DEMO_DAFORMER, "hrda": DEMO_HRDA}, argv)
+                                     {"deeplabv2": DEMO, "daformer": DEMO_DAFORMER, "hrda": DEMO_HRDA}, argv,
+                                     targets={"hrda": {t: {"pl_crop": "none"} for t in ("acdc", "dark_zurich")}})
     training.check_args(args)
+    training.check_target(args, args.source, args.target, labeled=True)
     if args.labeled_loss is not None and args.stack != "hrda":
         raise common.DataError(f"--labeled-loss is a --stack hrda flag (this run: --stack {args.stack})")
     if args.mic_on is not None and not args.mic:
@@ -281,11 +284,14 @@ def train(args):
     common.seed_everything(args.seed)
     num_classes = 16 if args.source == "synthia" else 19                       # A1
     synthia = num_classes == 16
-    out_dir = Path(args.out_dir or training.default_out_dir("iidm", args.source, args.n_labeled, args.seed))
+    out_dir = Path(args.out_dir or training.default_out_dir("iidm", args.source, args.n_labeled, args.seed,
+                                                          args.target))
     up = lambda logits, size: common.upsample(logits, size, align_corners=False)  # noqa: E731 (mmseg resize)
     # ---------------------------------------------------------------- data
-    source_kind, source_root, target_root = training.data_roots(args, args.source)
-    val = training.cityscapes_val(target_root, args.target_size, args.eval_res, norm, num_classes, args.resize)
+    source_kind, source_root, target_kind, target_root = training.data_roots(args, args.source, args.target)
+    val = training.target_val(target_kind, target_root, args.target_size, args.eval_res, norm, num_classes,
+                              args.resize, args.acdc_conditions)
+    subset = training.condition_kwargs(args, target_kind)
     detail = tuple(c // 2 for c in args.crop_size)       # HRDA: 512x512 detail crops of the 1024x1024 crop
     if hrda:                       # HRDA on MiT + DAFormer head; a teacher without DropPath/Dropout
         build = lambda stochastic=True: common.hrda_segmentor(num_classes, args.mit, args.drop_path_rate,  # noqa: E731
@@ -303,7 +309,7 @@ def train(args):
     if args.eval_only:
         return training.eval_only(args, evaluated, val, device, out_dir, synthia, align_corners=False, dist=dist,
                                   init_default=("pytorch", "imagenet_rgb"))
-    stems = common.SegmentationDataset("cityscapes", target_root).stems()
+    stems = common.SegmentationDataset(target_kind, target_root, **subset).stems()
     labeled, unlabeled = common.labeled_split(stems, args.n_labeled, args.split_seed, args.split_file)
     use_teacher = not (args.no_inter and args.no_intra)
     if use_teacher and not unlabeled:
@@ -313,12 +319,12 @@ def train(args):
         source_kind, source_root, resize=args.source_size, keep_ratio=True, interp=args.resize, crop=crop,
         cat_max_ratio=0.75, flip=True, norm=norm, num_classes=num_classes, rcs_min_crop_pixels=int(args.rcs_min_pixels * RCS_MIN_CROP_RATIO[args.stack]))
     data_t = None if not labeled else common.SegmentationDataset(
-        "cityscapes", target_root, resize=args.target_size, interp=args.resize, crop=crop, flip=True, norm=norm,
-        num_classes=num_classes, stems=labeled,
+        target_kind, target_root, resize=args.target_size, interp=args.resize, crop=crop, flip=True, norm=norm,
+        num_classes=num_classes, stems=labeled, **subset,
         rcs_min_crop_pixels=int(args.rcs_min_pixels * RCS_MIN_CROP_RATIO[args.stack]))
     data_u = None if not use_teacher else common.SegmentationDataset(
-        "cityscapes", target_root, resize=args.target_size, interp=args.resize, crop=crop, flip=True, norm=norm,
-        num_classes=num_classes, stems=unlabeled)
+        target_kind, target_root, resize=args.target_size, interp=args.resize, crop=crop, flip=True, norm=norm,
+        num_classes=num_classes, stems=unlabeled, **subset)
     if data_u is not None and args.pl_crop == "v2":      # HRDA: the margin mask travels with the crop
         data_u = common.PseudoMarginDataset(data_u)
     # ---------------------------------------------------------------- models, optimiser

@@ -557,7 +557,7 @@ def check_eval_set_args(args):
     folder, and only for a set with a test server (DataError before anything is read or written)."""
     unused = [flag for flag, on in (("--eval-set", args.eval_set), ("--split test", args.split == "test"),
                                     ("--export", args.export)) if on]
-    if unused and not args.eval_only:
+    if unused and not (args.eval_only or getattr(args, "stage", None) == "eval"):   # dldm.py: --stage eval too
         raise DataError(f"{unused[0]} is used by --eval-only only (add --eval-only --checkpoint PATH, or drop it)")
     if args.split == "test" and args.export is None:
         raise DataError("--split test: the test splits have no public labels to score; add --export DIR to write "
@@ -587,13 +587,13 @@ def add_target_arg(parser, labeled=False):
                                "evaluate at full label resolution")
 
 
-def set_target_defaults(parser, argv=None, sizes=("target_size",), extra=None):
+def set_target_defaults(parser, argv=None, sizes=("target_size",), extra=None, dest="target"):
     """--target's defaults (explicit flags win): ACDC and Dark Zurich scale the script's Cityscapes resizes
     `sizes` to their frame (target_frame_size) and evaluate at full label resolution, as mmseg does for them
     (DAFormer/HRDA cs2acdc and cs2darkzurich configs: the 1920x1080 labels); `extra` maps a target to further
-    {dest: value}."""
-    target = parser.parse_known_args(argv)[0].target
-    if target == "cityscapes":
+    {dest: value}; `dest`: the flag naming the target (classmix_ssl.py: --dataset)."""
+    target = getattr(parser.parse_known_args(argv)[0], dest)
+    if target not in TARGET_FRAMES or target == "cityscapes":
         return
     defaults = {d: target_frame_size(parser.get_default(d), target) for d in sizes
                 if parser.get_default(d) is not None}
@@ -609,7 +609,7 @@ def target_frame_size(size, target):
     return [round(size[0] * tw / cw), round(size[1] * th / ch)]
 
 
-def check_target(args, source, target, labeled=False):
+def check_target(args, source, target, labeled=False, flag="--target"):
     """DataError for a target the run cannot use: the source itself, another target than the demo's generated
     Cityscapes with the demo, Dark Zurich where labeled target images are trained on (`labeled`; its train split
     has none), --acdc-conditions without ACDC."""
@@ -617,11 +617,11 @@ def check_target(args, source, target, labeled=False):
         raise DataError(f"--source {source} --target {target}: the source is labeled and the target adapted to; "
                         f"expected another target ({', '.join(t for t in TARGETS if t != source)})")
     if source == "demo" and target != "cityscapes":
-        raise DataError(f"--target {target}: the demo adapts to its generated Cityscapes-layout data (drop --target "
+        raise DataError(f"{flag} {target}: the demo adapts to its generated Cityscapes-layout data (drop --target "
                         f"or --demo)")
     if labeled and target == "dark_zurich":
-        raise DataError("--target dark_zurich: Dark Zurich train has no labels, and this script trains on labeled "
-                        "target images (use --target acdc or cityscapes)")
+        raise DataError(f"{flag} dark_zurich: Dark Zurich train has no labels, and this script trains on labeled "
+                        f"target images (use {flag} acdc or cityscapes)")
     if args.acdc_conditions and "acdc" not in (target, args.eval_set):
         raise DataError(f"--acdc-conditions {' '.join(args.acdc_conditions)}: ACDC is neither --target nor "
                         f"--eval-set (drop it)")

@@ -746,7 +746,7 @@ class PseudoMarginDataset(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, seed, required_class = (item, 0, -1) if isinstance(item, int) else item
         rgb, label, full = self.dataset.load(index)   # full: None from a prepared root (no full-size label read)
-        w, h = image_size(self.dataset.pairs[index][1]) if full is None else full.shape[::-1]
+        w, h = image_size(label_or_image(self.dataset.pairs[index])) if full is None else full.shape[::-1]
         valid = pseudo_margin_mask((h, w), self.margins)
         if valid.shape != label.shape:
             valid = resize_label(valid, label.shape[::-1], "cv2")
@@ -958,6 +958,31 @@ SYNTHIA_TO_TRAINID = _lut({3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 
                            17: 12, 8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18})
 # 19 train ids -> the 16-class space (IIDM/DLDM 16-way head): terrain/truck/train -> ignore.
 TRAINID_TO_16 = _lut({c: i for i, c in enumerate(TRAIN_IDS_16)})
+# Raw Mapillary Vistas v1.2 class id (66 classes) -> train id, the table of HRDA (dg branch)
+# tools/convert_datasets/mapillary.py and RobustNet datasets/mapillary.py; everything else -> ignore.
+MAPILLARY_TO_TRAINID = _lut({13: 0, 24: 0, 41: 0, 2: 1, 15: 1, 17: 2, 6: 3, 3: 4, 45: 5, 47: 5, 48: 6, 50: 7,
+                             30: 8, 29: 9, 27: 10, 19: 11, 20: 12, 21: 12, 22: 12, 55: 13, 61: 14, 54: 15,
+                             58: 16, 57: 17, 52: 18})
+MAPILLARY_V12_CLASSES = 66
+TRAINID_TO_TRAINID = _lut({c: c for c in range(19)})  # labels stored as train ids: 19..254 -> ignore
+# kind -> (PNG colour types of its 8-bit labels, what the file should be, value -> train id table)
+LABEL_ENCODINGS = {
+    "gta5": ((0, 3), "an 8-bit palette or grey PNG of Cityscapes label ids", LABELID_TO_TRAINID),
+    "cityscapes": ((0,), "an 8-bit grey PNG of Cityscapes label ids (*_gtFine_labelIds.png)", LABELID_TO_TRAINID),
+    "acdc": ((0, 3), "an 8-bit grey PNG of train ids (*_gt_labelTrainIds.png)", TRAINID_TO_TRAINID),
+    "dark_zurich": ((0, 3), "an 8-bit grey PNG of train ids (*_gt_labelTrainIds.png)", TRAINID_TO_TRAINID),
+    "bdd100k": ((0, 3), "an 8-bit grey PNG of train ids (labels/sem_seg/masks/<split>/<stem>.png)", TRAINID_TO_TRAINID),
+    "mapillary": ((0, 3), "an 8-bit palette PNG of Mapillary Vistas v1.2 class ids", MAPILLARY_TO_TRAINID),
+}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
+DATASET_SPLITS = {"gta5": ("train",), "synthia": ("train",), "cityscapes": ("train", "val", "test"),
+                  "acdc": ("train", "val", "test"), "dark_zurich": ("train", "val", "test"),
+                  "bdd100k": ("train", "val", "test"), "mapillary": ("train", "val", "test")}
+# Splits published without labels: the benchmark test sets, and Dark Zurich train (DAFormer issue #52).
+IMAGE_ONLY_SPLITS = {("cityscapes", "test"), ("acdc", "test"), ("dark_zurich", "train"), ("dark_zurich", "test"),
+                     ("bdd100k", "test"), ("mapillary", "test")}
+MAPILLARY_SPLITS = {"train": "training", "val": "validation", "test": "testing"}
 
 # Normalisations (the authors' loaders; torchvision for ImageNet): (channel order, scale, mean, std) applied to 0-255 RGB.
 NORMALISATIONS = {
@@ -1031,7 +1056,7 @@ def read_rgb(path):
 
 
 def read_label(path, kind):
-    """Read a label file of `kind` (gta5|synthia|cityscapes) as uint8 train ids (19 classes, void=255)."""
+    """Read a label file of `kind` (DATASET_FOLDERS) as uint8 train ids (19 classes, void=255)."""
     header = read_png_header(path)
     if header is None:
         raise DataError(f"{path}: unreadable label (expected a PNG file)")
@@ -1043,13 +1068,16 @@ def read_label(path, kind):
                                 f"expected SYNTHIA GT/LABELS 16-bit RGB with the class id in the first channel")
             raw = read_png_unchanged(path)[0]
             return SYNTHIA_TO_TRAINID[np.minimum(raw.astype(np.int64), 255)]
-        expected = {"gta5": "an 8-bit palette or grey PNG of Cityscapes label ids",
-                    "cityscapes": "an 8-bit grey PNG of Cityscapes label ids (*_gtFine_labelIds.png)"}[kind]
-        if depth != 8 or ctype not in ((0, 3) if kind == "gta5" else (0,)):
+        colour_types, expected, table = LABEL_ENCODINGS[kind]
+        if depth != 8 or ctype not in colour_types:
             raise DataError(f"{path}: unexpected label encoding (bit depth {depth}, colour type {ctype}); "
                             f"expected {expected}")
         with Image.open(path) as im:
-            return LABELID_TO_TRAINID[np.asarray(im)]
+            raw = np.asarray(im)
+        if kind == "mapillary" and raw.max() >= MAPILLARY_V12_CLASSES:
+            raise DataError(f"{path}: class id {raw.max()} is not a Mapillary Vistas v1.2 id (expected 0-65; "
+                            f"v2.0 labels have 124 classes and no 19-class mapping)")
+        return table[raw]
     except DataError:
         raise
     except Exception as exc:
@@ -1063,66 +1091,149 @@ def _require_dir(path, what):
     return path
 
 
-def find_pairs(image_dir, label_dir, label_of, strict=True):
-    """Sorted (image, label) pairs; orphans listed both ways (DataError when `strict` and any exist)."""
-    images = sorted(p for p in Path(image_dir).rglob("*.png"))
+class SplitFolder(NamedTuple):
+    """One image folder of a split (searched recursively, `*_ref` folders skipped) and its labels: the label of
+    image <rel>/<stem>.<ext> is labels/<rel>/`label_name` with {stem}; files in `labels` ending in
+    `label_name`'s suffix must pair, except those ending in one of `side_suffixes` (converted copies)."""
+    images: Path
+    labels: Path | None        # None: the split publishes no labels (image-only)
+    label_name: str
+    images_what: str
+    labels_what: str = ""
+    side_suffixes: tuple = ()
+
+    def label_of(self, image):
+        return self.labels / image.parent.relative_to(self.images) / self.label_name.format(stem=stem_of(image))
+
+    def is_label(self, path):
+        name = path.name
+        return name.endswith(self.label_name.format(stem="")) and not name.endswith(self.side_suffixes)
+
+
+def split_folders(kind, root, split, conditions=None):
+    """The SplitFolders of one split of a dataset in its official layout (README 'Datasets'); `conditions`
+    picks ACDC conditions (default all four) and is ignored for other kinds."""
+    root = Path(root)
+    if split not in DATASET_SPLITS[kind]:
+        raise DataError(f"{root}: {kind} has no split {split!r} (expected {'|'.join(DATASET_SPLITS[kind])})")
+    labeled = (kind, split) not in IMAGE_ONLY_SPLITS
+    if kind == "gta5":
+        return [SplitFolder(root / "images", root / "labels", "{stem}.png", "GTA5 images/*.png", "GTA5 labels/*.png")]
+    if kind == "synthia":
+        labels = root / "GT" / "LABELS"
+        if not labels.is_dir() and (root / "synthia_mapped_to_cityscapes").is_dir():
+            labels = root / "synthia_mapped_to_cityscapes"
+        return [SplitFolder(root / "RGB", labels, "{stem}.png", "SYNTHIA RGB/*.png", "SYNTHIA GT/LABELS/*.png")]
+    if kind == "cityscapes":
+        images = next((d for d in (root / "leftImg8bit" / split,
+                                   root / "leftImg8bit_trainvaltest" / "leftImg8bit" / split) if d.is_dir()),
+                      root / "leftImg8bit" / split)
+        labels = next((d for d in (root / "gtFine" / split, root / "gtFine_trainvaltest" / "gtFine" / split)
+                       if d.is_dir()), root / "gtFine" / split)
+        return [SplitFolder(images, labels if labeled else None, "{stem}_gtFine_labelIds.png",
+                            f"Cityscapes leftImg8bit/{split}/<city>/*_leftImg8bit.png",
+                            f"Cityscapes gtFine/{split}/<city>/*_gtFine_labelIds.png")]
+    if kind == "acdc":
+        chosen = [c for c in ACDC_CONDITIONS if c in (conditions or ACDC_CONDITIONS)]
+        unknown = sorted(set(conditions or ()) - set(ACDC_CONDITIONS))
+        if unknown or not chosen:
+            raise DataError(f"ACDC conditions {','.join(conditions)}: expected some of {','.join(ACDC_CONDITIONS)}")
+        if any((root / "rgb_anon" / c).is_dir() for c in ACDC_CONDITIONS):   # the official nested layout
+            return [SplitFolder(root / "rgb_anon" / c / split, root / "gt" / c / split if labeled else None,
+                                "{stem}_gt_labelTrainIds.png", f"ACDC rgb_anon/{c}/{split}/<seq>/*_rgb_anon.png",
+                                f"ACDC gt/{c}/{split}/<seq>/*_gt_labelTrainIds.png") for c in chosen]
+        if len(chosen) < len(ACDC_CONDITIONS):
+            raise DataError(f"{root / 'rgb_anon'}: no condition folders (expected the official rgb_anon/<condition>/"
+                            f"{split}/ layout to pick conditions {','.join(chosen)})")
+        return [SplitFolder(root / "rgb_anon" / split, root / "gt" / split if labeled else None,
+                            "{stem}_gt_labelTrainIds.png", f"ACDC rgb_anon/<condition>/{split}/<seq>/*_rgb_anon.png "
+                            f"(or the flattened rgb_anon/{split}/)", f"ACDC gt/{split}/*_gt_labelTrainIds.png")]
+    if kind == "dark_zurich":   # night only: the twilight/day train images and *_ref folders are never read
+        return [SplitFolder(root / "rgb_anon" / split / "night", root / "gt" / split / "night" if labeled else None,
+                            "{stem}_gt_labelTrainIds.png", f"Dark Zurich rgb_anon/{split}/night/<seq>/*_rgb_anon.png",
+                            f"Dark Zurich gt/{split}/night/<seq>/*_gt_labelTrainIds.png")]
+    if kind == "bdd100k":
+        if (root / "images" / "10k").is_dir():   # the current download; else the legacy seg/ layout
+            return [SplitFolder(root / "images" / "10k" / split,
+                                root / "labels" / "sem_seg" / "masks" / split if labeled else None, "{stem}.png",
+                                f"BDD100K images/10k/{split}/*.jpg", f"BDD100K labels/sem_seg/masks/{split}/*.png")]
+        return [SplitFolder(root / "images" / split, root / "labels" / split if labeled else None,
+                            "{stem}_train_id.png", f"BDD100K images/10k/{split}/*.jpg (or legacy images/{split}/)",
+                            f"BDD100K labels/{split}/*_train_id.png")]
+    if kind == "mapillary":
+        base = root / MAPILLARY_SPLITS[split]
+        labels = base / "labels"
+        if labeled and not labels.is_dir() and (base / "v1.2" / "labels").is_dir():   # the v2.0 download's v1.2 copy
+            labels = base / "v1.2" / "labels"
+        elif labeled and not labels.is_dir() and (base / "v2.0").is_dir():
+            raise DataError(f"{base / 'v2.0'}: Mapillary Vistas v2.0 labels (124 classes); expected the v1.2 "
+                            f"labels (66 classes) in {labels} or {base / 'v1.2' / 'labels'}")
+        return [SplitFolder(base / "images", labels if labeled else None, "{stem}.png",
+                            f"Mapillary Vistas {base.name}/images/*.jpg",
+                            f"Mapillary Vistas v1.2 {base.name}/labels/*.png", ("_labelTrainIds.png",))]
+    raise ValueError(kind)
+
+
+def find_pairs(folder, strict=True):
+    """Sorted (image, label) pairs of a SplitFolder ((image, None) for image-only splits); orphans listed both
+    ways (DataError when `strict` and any exist)."""
+    images_dir = _require_dir(folder.images, folder.images_what)
+    images = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                    and not any(part.endswith("_ref") for part in p.relative_to(images_dir).parts))
+    if folder.labels is None:
+        return [(img, None) for img in images], []
+    _require_dir(folder.labels, folder.labels_what)
     pairs, orphans = [], []
     for img in images:
-        lab = label_of(img)
+        lab = folder.label_of(img)
         (pairs.append((img, lab)) if lab.is_file() else orphans.append(str(img)))
     labelled = {str(lab) for _, lab in pairs}
-    orphans += [str(p) for p in sorted(Path(label_dir).rglob("*.png"))
-                if str(p) not in labelled and _is_paired_label(p)]
+    orphans += [str(p) for p in sorted(folder.labels.rglob("*.png")) if str(p) not in labelled and folder.is_label(p)]
     if strict and orphans:
-        raise DataError(f"{orphans[0]}: has no matching image/label ({len(orphans)} orphan(s) in {image_dir})")
+        raise DataError(f"{orphans[0]}: has no matching image/label ({len(orphans)} orphan(s) in {images_dir})")
     return pairs, orphans
 
 
-def _is_paired_label(path):
-    """Whether a file in a label folder is a label we pair (Cityscapes keeps other gtFine files beside)."""
-    name = path.name
-    return "gtFine" not in name or name.endswith("_gtFine_labelIds.png")
-
-
-def dataset_files(kind, root, split="train", strict=True):
-    """(pairs, orphans) for a dataset in its official layout (README 'Datasets'); a dataset folder of a
-    prepared root lists the original it was made from."""
+def dataset_files(kind, root, split="train", strict=True, conditions=None):
+    """(pairs, orphans) for a dataset in its official layout (README 'Datasets'); image-only splits (test
+    splits, Dark Zurich train) pair each image with None. A dataset folder of a prepared root lists the original
+    it was made from."""
     manifest = read_prepared_manifest(Path(root).parent)
     if manifest is not None:
-        root = Path(manifest["data_root"]) / kind
+        root = prepared_original(Path(root).parent, manifest, kind)
     root = _require_dir(root, f"the {kind} dataset root")
-    if kind == "gta5":
-        img_dir, lab_dir = _require_dir(root / "images", "GTA5 images/*.png"), _require_dir(
-            root / "labels", "GTA5 labels/*.png")
-        label_of = lambda p: lab_dir / p.relative_to(img_dir)  # noqa: E731
-    elif kind == "synthia":
-        img_dir = _require_dir(root / "RGB", "SYNTHIA RGB/*.png")
-        lab_dir = root / "GT" / "LABELS"
-        if not lab_dir.is_dir() and (root / "synthia_mapped_to_cityscapes").is_dir():
-            lab_dir = root / "synthia_mapped_to_cityscapes"
-        _require_dir(lab_dir, "SYNTHIA GT/LABELS/*.png")
-        label_of = lambda p: lab_dir / p.relative_to(img_dir)  # noqa: E731
-    elif kind == "cityscapes":
-        img_dir = next((d for d in (root / "leftImg8bit" / split,
-                                    root / "leftImg8bit_trainvaltest" / "leftImg8bit" / split) if d.is_dir()),
-                       root / "leftImg8bit" / split)
-        lab_dir = next((d for d in (root / "gtFine" / split, root / "gtFine_trainvaltest" / "gtFine" / split)
-                        if d.is_dir()), root / "gtFine" / split)
-        _require_dir(img_dir, f"Cityscapes leftImg8bit/{split}/<city>/*_leftImg8bit.png")
-        _require_dir(lab_dir, f"Cityscapes gtFine/{split}/<city>/*_gtFine_labelIds.png")
-        label_of = lambda p: lab_dir / p.parent.name / p.name.replace(  # noqa: E731
-            "_leftImg8bit.png", "_gtFine_labelIds.png")
-    else:
-        raise ValueError(kind)
-    pairs, orphans = find_pairs(img_dir, lab_dir, label_of, strict)
-    if strict and not pairs:
-        raise DataError(f"{img_dir}: no image/label pairs found (expected *.png files)")
+    pairs, orphans = [], []
+    for folder in split_folders(kind, root, split, conditions):
+        found, lost = find_pairs(folder, strict)
+        if strict and not found:
+            what = "images" if folder.labels is None else "image/label pairs"
+            raise DataError(f"{folder.images}: no {what} found (expected {folder.images_what})")
+        pairs, orphans = pairs + found, orphans + lost
     return pairs, orphans
 
 
 def stem_of(path):
-    """Image stem as used in split.txt and predictions: Cityscapes `<city>_<seq>_<frame>`, else file stem."""
-    return Path(path).name.replace("_leftImg8bit.png", "").replace(".png", "")
+    """Image stem as used in split.txt and predictions: Cityscapes `<city>_<seq>_<frame>`, ACDC/Dark Zurich
+    `<seq>_frame_<NNNNNN>`, else the file name without its image extension."""
+    name = Path(path).name
+    for suffix in ("_leftImg8bit.png", "_rgb_anon.png", *IMAGE_SUFFIXES):
+        if name.lower().endswith(suffix.lower()):
+            return name[:-len(suffix)]
+    return name
+
+
+def label_or_image(pair):
+    """The file whose size is the full label resolution of a pair: its label, or the image of an image-only split."""
+    return pair[0] if pair[1] is None else pair[1]
+
+
+def condition_of(path):
+    """The ACDC condition (fog|night|rain|snow) of an image in the nested layout (rgb_anon/<condition>/...), else None."""
+    parts = Path(path).parts
+    for i, part in enumerate(parts[:-1]):
+        if part == "rgb_anon" and parts[i + 1] in ACDC_CONDITIONS:
+            return parts[i + 1]
+    return None
 
 
 def labeled_split(stems, n_labeled, seed=0, split_file=None):
@@ -1305,6 +1416,7 @@ def resize_label(label, size, interp):
 # <out>/<kind>/<W>x<H>_<interp>[_keep]/{index.json, <image path relative to the dataset root>.{rgb,label}.npy}.
 # The original data root stays the source of the file lists and of full-resolution labels.
 PREPARED_MANIFEST = "prepared.json"
+PREPARED_KINDS = ("gta5", "synthia", "cityscapes")
 INTERPOLATIONS = {"bilinear": "PIL bilinear (antialiased), PIL nearest labels",
                   "bicubic": "PIL bicubic (antialiased), PIL nearest labels",
                   "cv2": "OpenCV-style bilinear (mmcv), OpenCV nearest labels"}
@@ -1329,7 +1441,7 @@ def parse_frames_spec(text):
     parts = text.split(":")
     try:
         w, h = (int(v) for v in parts[1].split("x"))
-        ok = (parts[0] in ("gta5", "synthia", "cityscapes") and parts[2] in INTERPOLATIONS and w > 0 and h > 0
+        ok = (parts[0] in PREPARED_KINDS and parts[2] in INTERPOLATIONS and w > 0 and h > 0
               and parts[3:] in ([], ["keep"]))
     except (IndexError, ValueError):
         ok = False
@@ -1359,10 +1471,19 @@ def read_prepared_manifest(folder):
     return manifest
 
 
+def prepared_original(prepared_root, manifest, kind):
+    """The original folder of a dataset behind a prepared root; DataError for a kind prepare-data does not make."""
+    if kind not in PREPARED_KINDS:
+        raise DataError(f"{Path(prepared_root) / PREPARED_MANIFEST}: a prepared root holds "
+                        f"{'/'.join(PREPARED_KINDS)} frames only; expected the original data root for {kind} "
+                        f"(--data-root {manifest['data_root']} or --{kind.replace('_', '-')}-root)")
+    return Path(manifest["data_root"]) / kind
+
+
 def prepared_frames(prepared_root, manifest, kind, resize, keep_ratio, interp):
     """(original dataset root, frame-set folder or None) for a dataset read from a prepared root: None when
     the pipeline has no resize step; DataError naming the mismatch when no frame set fits its settings."""
-    original = Path(manifest["data_root"]) / kind
+    original = prepared_original(prepared_root, manifest, kind)
     if resize is None:
         return original, None
     spec = frames_spec(kind, resize, keep_ratio, interp)
@@ -1390,7 +1511,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
     (PIL, antialiased, as the AdaptSegNet/DACS loaders) or 'cv2' (mmcv/DAFormer, see resize_image). crop: (h, w) random crop after the
     resize (padded with ignore if larger); cat_max_ratio: mmseg's retry rule; flip: h-flip p=0.5.
     label_res: 'input' (label resized with the image) or 'full' (label at its own resolution, eval only).
-    num_classes 16 maps train ids to the 16-class space. Items are (index, item_seed, rcs_class) tuples
+    An image-only split (pairs (image, None)) gives an all-ignore label of the size a label would have.
+    conditions: the ACDC conditions to read (default all four). num_classes 16 maps train ids to the 16-class space. Items are (index, item_seed, rcs_class) tuples
     from a sampler, or plain indices (evaluation: no randomness). A root inside a prepared root (its parent
     holds prepared.json) reads the frame set of exactly these resize settings, bit-identical to resizing
     the original; a prepared root without it is refused.
@@ -1398,8 +1520,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def __init__(self, kind, root, split="train", resize=None, keep_ratio=False, interp="bilinear",
                  crop=None, cat_max_ratio=None, flip=False, norm="imagenet_bgr", num_classes=19,
-                 label_res="input", stems=None, rcs_min_crop_pixels=1500):
+                 label_res="input", stems=None, rcs_min_crop_pixels=1500, conditions=None):
         self.kind, self.split, self.norm, self.num_classes = kind, split, norm, num_classes
+        self.conditions = conditions
         if interp not in INTERPOLATIONS:
             raise ValueError(f"interp {interp!r}")
         self.frames = None  # the prepared frame set read instead of decoding and resizing, if any
@@ -1407,9 +1530,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if manifest is not None:
             root, self.frames = prepared_frames(Path(root).parent, manifest, kind, resize, keep_ratio, interp)
         self.root = Path(root)
-        self.pairs = dataset_files(kind, root, split)[0]
+        self.pairs = dataset_files(kind, root, split, conditions=conditions)[0]
         if self.frames is not None:
             index = json.loads((self.frames / "index.json").read_text()).get(split)
+            if index is None:
+                raise DataError(f"{self.frames}: holds no {split} frames (prepare-data writes train and val; "
+                                f"expected the original data root for the {split} split)")
             if index != [str(img.relative_to(self.root)) for img, _ in self.pairs]:
                 raise DataError(f"{self.frames}: prepared from {len(index or [])} {split} images, but {self.root} "
                                 f"now holds {len(self.pairs)} or other ones (prepare the root again)")
@@ -1466,7 +1592,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
             base = self.frames / img_path.relative_to(self.root).with_suffix("")
             full = self.map_label(read_label(lab_path, self.kind)) if self.label_res == "full" else None
             return load_frame(f"{base}.rgb.npy"), self.map_label(load_frame(f"{base}.label.npy")), full
-        rgb, label = read_rgb(img_path), self.map_label(read_label(lab_path, self.kind))
+        rgb = read_rgb(img_path)
+        if lab_path is None:   # image-only split: nothing to score, same shapes as a labeled item
+            label = np.full(rgb.shape[:2], IGNORE, dtype=np.uint8)
+        else:
+            label = self.map_label(read_label(lab_path, self.kind))
         return (*self.resized(rgb, label), label)
 
     def random_crop(self, rgb, label, rng):
@@ -1967,7 +2097,8 @@ def evaluate(model, dataset, device, synthia=False, amp_dtype=None, out_dir=None
     (DACS/ClassMix 'half'), 'full' = full label resolution (AdaptSegNet). With `save_predictions`, writes
     predictions/<stem>_labelIds.png at full label resolution in Cityscapes label ids. Under torchrun rank
     r takes images r, r+K, ...: the confusion matrices are summed over the ranks (exact, integer counts),
-    rank 0 writes the files it gathers from the others.
+    rank 0 writes the files it gathers from the others. ACDC with more than one condition adds a
+    `per_condition` block {condition: {mIoU, per_class, images}} from one confusion matrix per condition.
     """
     was_training = model.training
     model.eval()
@@ -1975,6 +2106,9 @@ def evaluate(model, dataset, device, synthia=False, amp_dtype=None, out_dir=None
     n = model.num_classes
     train_ids = TRAIN_IDS_16 if n == 16 else tuple(range(n))
     cm = torch.zeros(n, n, dtype=torch.long, device=device)
+    conditions = [condition_of(img) for img, _ in dataset.pairs] if getattr(dataset, "kind", None) == "acdc" else []
+    present = [c for c in ACDC_CONDITIONS if c in conditions]
+    cm_condition = torch.zeros(len(present), n, n, dtype=torch.long, device=device)   # ACDC: one per condition
     if out_dir is not None and dist.main:
         (Path(out_dir) / "vis").mkdir(parents=True, exist_ok=True)
         if save_predictions:
@@ -1982,8 +2116,11 @@ def evaluate(model, dataset, device, synthia=False, amp_dtype=None, out_dir=None
     for first in range(0, len(dataset), dist.world):
         index, files = first + dist.rank, []
         if index < len(dataset):
-            cm += evaluate_image(model, dataset, index, device, amp_dtype, align_corners, train_ids, files,
-                                 out_dir is not None and save_predictions, out_dir is not None and index < n_vis)
+            image_cm = evaluate_image(model, dataset, index, device, amp_dtype, align_corners, train_ids, files,
+                                      out_dir is not None and save_predictions, out_dir is not None and index < n_vis)
+            cm += image_cm
+            if len(present) > 1:
+                cm_condition[present.index(conditions[index])] += image_cm
         if dist.world > 1 and out_dir is not None and (save_predictions or first < n_vis):
             gathered = [None] * dist.world if dist.main else None
             torch.distributed.gather_object(files, gathered, dst=0, group=dist.group)
@@ -1992,8 +2129,16 @@ def evaluate(model, dataset, device, synthia=False, amp_dtype=None, out_dir=None
             save_png(Path(out_dir) / name, array)
     if dist.world > 1:
         torch.distributed.all_reduce(cm)
+        torch.distributed.all_reduce(cm_condition)
     model.train(was_training)
-    return metrics_from_confusion(cm, train_ids, iteration, model_name, synthia)
+    metrics = metrics_from_confusion(cm, train_ids, iteration, model_name, synthia)
+    if len(present) > 1:
+        metrics["per_condition"] = {}
+        for c, c_cm in zip(present, cm_condition):
+            m = metrics_from_confusion(c_cm, train_ids, synthia=synthia)
+            metrics["per_condition"][c] = {"mIoU": m["mIoU"], "per_class": m["per_class"],
+                                           "images": conditions.count(c)}
+    return metrics
 
 
 def evaluate_image(model, dataset, index, device, amp_dtype, align_corners, train_ids, files, prediction, vis):
@@ -2006,7 +2151,7 @@ def evaluate_image(model, dataset, index, device, amp_dtype, align_corners, trai
     pred = upsample(logits, y.shape, align_corners).argmax(1)[0]
     stem = stem_of(dataset.pairs[index][0])
     if prediction:
-        w, h = image_size(dataset.pairs[index][1])
+        w, h = image_size(label_or_image(dataset.pairs[index]))
         full = upsample(logits, (h, w), align_corners).argmax(1)[0].cpu().numpy()
         files.append((f"predictions/{stem}_labelIds.png", TRAINID_TO_LABELID[np.asarray(train_ids)[full]]))
     if vis:
@@ -2029,13 +2174,28 @@ def save_png(path, array):
 # python common.py prepare-data --data-root DIR --out OUT (--pipeline SCRIPT [--source S] | --frames SPEC...)
 # ======================================================================================
 
-DATASET_FOLDERS = {"gta5": "gta5", "synthia": "synthia", "cityscapes": "cityscapes"}
+DATASET_FOLDERS = {"gta5": "gta5", "synthia": "synthia", "cityscapes": "cityscapes", "acdc": "acdc",
+                   "dark_zurich": "dark_zurich", "bdd100k": "bdd100k", "mapillary": "mapillary"}
+# Published split sizes (README 'Datasets' gives the sources); check-data warns when a split differs. ACDC per
+# condition: train 400 each, val fog 100 / night 106 / rain 100 / snow 100, test 2000 = 4006 - 1600 - 406.
+EXPECTED_COUNTS = {"gta5": {"train": 24966}, "synthia": {"train": 9400},
+                   "cityscapes": {"train": 2975, "val": 500, "test": 1525},
+                   "acdc": {"train": 1600, "val": 406, "test": 2000},
+                   "dark_zurich": {"train": 2416, "val": 50, "test": 151},
+                   "bdd100k": {"train": 7000, "val": 1000, "test": 2000},
+                   "mapillary": {"train": 18000, "val": 2000, "test": 5000}}
+ACDC_EXPECTED_COUNTS = {"train": {"fog": 400, "night": 400, "rain": 400, "snow": 400},
+                        "val": {"fog": 100, "night": 106, "rain": 100, "snow": 100}}
+REQUIRED_SPLITS = {"gta5": ("train",), "synthia": ("train",), "cityscapes": ("train", "val")}  # others optional
 
 
 def check_split(kind, root, split):
-    """Counts, orphans, size mismatches, unreadable files and the train-id histogram of one split."""
+    """Counts, orphans, size mismatches, unreadable files, the train-id histogram of one split and warnings
+    where its size differs from the published one (image-only splits: images only, no histogram)."""
     pairs, orphans = dataset_files(kind, root, split, strict=False)
-    report = {"pairs": len(pairs), "orphans": orphans, "size_mismatch": [], "unreadable": []}
+    labeled = (kind, split) not in IMAGE_ONLY_SPLITS
+    report = {"images": len(pairs), "pairs": len(pairs) if labeled else 0, "labeled": labeled, "orphans": orphans,
+              "size_mismatch": [], "unreadable": [], "warnings": []}
     hist = np.zeros(256, dtype=np.int64)
     for img, lab in pairs:
         try:
@@ -2045,6 +2205,8 @@ def check_split(kind, root, split):
         except Exception:
             report["unreadable"].append(str(img))
             isize = None
+        if lab is None:
+            continue
         try:
             label = read_label(lab, kind)
         except DataError:
@@ -2054,25 +2216,44 @@ def check_split(kind, root, split):
         if isize is not None and tuple(isize) != label.shape[::-1]:
             report["size_mismatch"].append(f"{img} {isize[0]}x{isize[1]} vs label "
                                            f"{label.shape[1]}x{label.shape[0]}")
-    report["histogram"] = {name: int(hist[c]) for c, name in enumerate(CLASS_NAMES)}
-    report["histogram"]["ignore"] = int(hist.sum() - hist[:19].sum())
+    if labeled:
+        report["histogram"] = {name: int(hist[c]) for c, name in enumerate(CLASS_NAMES)}
+        report["histogram"]["ignore"] = int(hist.sum() - hist[:19].sum())
+    expected = EXPECTED_COUNTS[kind].get(split)
+    report["expected"] = expected
+    if expected is not None and len(pairs) != expected:
+        report["warnings"].append(f"{len(pairs)} images, the published {kind} {split} split has {expected}")
+    if kind == "acdc":
+        conditions = [condition_of(img) for img, _ in pairs]
+        report["conditions"] = {c: conditions.count(c) for c in ACDC_CONDITIONS if c in conditions}
+        for c, n in report["conditions"].items():
+            published = ACDC_EXPECTED_COUNTS.get(split, {}).get(c)
+            if published is not None and n != published:
+                report["warnings"].append(f"{n} {c} images, the published ACDC {split} split has {published}")
     return report
 
 
 def check_data(data_root):
-    """Walk whichever of GTA5 / SYNTHIA / Cityscapes exist under data_root; {dataset: {split: report}}."""
+    """Walk whichever datasets of DATASET_FOLDERS exist under data_root; {dataset: {split: report}}. A split
+    whose image folder is absent is left out, except the train/val splits the UDA scripts need."""
     out = {}
     for kind, folder in DATASET_FOLDERS.items():
         root = Path(data_root) / folder
         if not root.is_dir():
             continue
-        splits = ("train", "val") if kind == "cityscapes" else ("train",)
         out[kind] = {}
-        for split in splits:
+        for split in DATASET_SPLITS[kind]:
             try:
+                if split not in REQUIRED_SPLITS.get(kind, ()) and not any(
+                        f.images.is_dir() for f in split_folders(kind, root, split)):
+                    continue
                 out[kind][split] = check_split(kind, root, split)
             except DataError as exc:
                 out[kind][split] = {"error": str(exc)}
+        if not out[kind]:
+            out[kind]["all"] = {"error": f"{root}: no split found (expected "
+                                         f"{split_folders(kind, root, 'val')[0].images_what} or the train/test "
+                                         f"counterparts)"}
     return out
 
 
@@ -2112,13 +2293,19 @@ def print_check_report(report):
             if "error" in r:
                 print(f"{kind}/{split}: ERROR {r['error']}")
                 continue
-            print(f"{kind}/{split}: {r['pairs']} pairs, {len(r['orphans'])} orphans, "
-                  f"{len(r['size_mismatch'])} size mismatches, {len(r['unreadable'])} unreadable")
+            counted = f"{r['pairs']} pairs" if r["labeled"] else f"{r['images']} images (no labels published)"
+            conditions = "".join(f", {c} {n}" for c, n in r.get("conditions", {}).items())
+            print(f"{kind}/{split}: {counted}{conditions}, {len(r['orphans'])} orphans, "
+                  f"{len(r['size_mismatch'])} size mismatches, {len(r['unreadable'])} unreadable"
+                  + (f" (published: {r['expected']})" if r["expected"] is not None else ""))
             for key in ("orphans", "unreadable", "size_mismatch"):
                 for entry in r[key][:20]:
                     print(f"  {key}: {entry}")
-            total = max(sum(r["histogram"].values()), 1)
-            print("  " + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in r["histogram"].items()))
+            for warning in r["warnings"]:
+                print(f"  warning: {warning}")
+            if r["labeled"]:
+                total = max(sum(r["histogram"].values()), 1)
+                print("  " + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in r["histogram"].items()))
 
 
 def write_frame(dataset, out, index):
@@ -2190,8 +2377,6 @@ def pipeline_specs(script, source):
 # ======================================================================================
 # Predict on your own images: python common.py predict --checkpoint CK --input PATH... --out-dir OUT
 # ======================================================================================
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 class PredictNetwork(NamedTuple):
@@ -2349,8 +2534,8 @@ def main(argv=None):
     check = sub.add_parser("check-data", help="report pairs, orphans, size mismatches, unreadable files "
                                               "and class histograms of the datasets under --data-root, or "
                                               "what a prepared root holds")
-    check.add_argument("--data-root", default="./data", help="folder holding gta5/, synthia/, cityscapes/, "
-                                                              "or a prepared root")
+    check.add_argument("--data-root", default="./data", help="folder holding gta5/, synthia/, cityscapes/, acdc/, "
+                                                              "dark_zurich/, bdd100k/, mapillary/, or a prepared root")
     check.add_argument("--json", default=None, help="also write the report as JSON to this path")
     prep = sub.add_parser("prepare-data", help="write the resized frames of a pipeline once, as uint8 .npy "
                                                "files the loader memory-maps (README 'Prepared data')")
@@ -2419,7 +2604,7 @@ def main(argv=None):
     else:
         report = check_data(args.data_root)
         if not report:
-            raise DataError(f"{args.data_root}: none of gta5/, synthia/, cityscapes/ found")
+            raise DataError(f"{args.data_root}: none of {', '.join(f + '/' for f in DATASET_FOLDERS.values())} found")
         bad = any("error" in r or r["orphans"] or r["unreadable"] for s in report.values() for r in s.values())
     print_check_report(report)
     if args.json:

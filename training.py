@@ -390,7 +390,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 TARGETS = ("cityscapes", "acdc", "dark_zurich")   # the adaptation targets (--target)
 EVAL_SETS = TARGETS + ("bdd100k", "mapillary")     # --eval-set: the targets and two evaluation-only sets
 SERVERS = TARGETS                                  # --export: the sets with a test server
-ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
 TARGET_FRAMES = {"cityscapes": (2048, 1024), "acdc": (1920, 1080), "dark_zurich": (1920, 1080)}   # W, H
 
 
@@ -417,7 +416,7 @@ def shared_parser(defaults):
     add("--bdd100k-root", "override <data-root>/bdd100k", default=None)
     add("--mapillary-root", "override <data-root>/mapillary", default=None)
     add("--acdc-conditions", "ACDC: train and evaluate on these conditions only (default: all four)", nargs="+",
-        choices=ACDC_CONDITIONS, default=None)
+        choices=common.ACDC_CONDITIONS, default=None)
     add("--iters", "training iterations", type=int)
     add("--batch-size", "images per stream per iteration", type=int)
     add("--lr", "base learning rate of the backbone (head x10)", type=float)

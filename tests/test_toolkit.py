@@ -556,8 +556,9 @@ def test_eval_only_evaluates_under_amp_as_training_does(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "evaluate", lambda *a, **k: seen.append(k["amp_dtype"]) or metrics)
     for amp, dtype in ((True, "auto"), (True, "fp16"), (False, "auto")):
         args = argparse.Namespace(checkpoint=str(tmp_path / "c.pth"), eval_model="student", init="coco", amp=amp,
-                                  amp_dtype=dtype, save_predictions=False)
-        training.eval_only(args, model, [], torch.device("cpu"), tmp_path / f"ev{amp}{dtype}")
+                                  amp_dtype=dtype, save_predictions=False, eval_set=None, split="val", export=None)
+        training.eval_only(args, model, argparse.Namespace(kind="cityscapes"), torch.device("cpu"),
+                           tmp_path / f"ev{amp}{dtype}")
     assert seen == [torch.bfloat16, torch.float16, None]
 
 
@@ -568,4 +569,6 @@ def test_dataset_roots_are_refused_with_the_demo(tmp_path):
         training.data_roots(args, "demo")
     assert not (tmp_path / "demo").exists()
     args.cityscapes_root = None
-    assert training.data_roots(args, "gta5") == ("gta5", tmp_path / "gta5", tmp_path / "cityscapes")
+    assert training.data_roots(args, "gta5") == ("gta5", tmp_path / "gta5", "cityscapes", tmp_path / "cityscapes")
+    assert training.data_roots(args, "cityscapes", "dark_zurich") == ("cityscapes", tmp_path / "cityscapes",
+                                                                      "dark_zurich", tmp_path / "dark_zurich")

@@ -1093,7 +1093,8 @@ def _require_dir(path, what):
 
 
 class SplitFolder(NamedTuple):
-    """One image folder of a split (searched recursively, `*_ref` folders skipped) and its labels: the label of
+    """One image folder of a split (searched recursively; ACDC/Dark Zurich's `<split>_ref` reference images are
+    in sibling folders, never below it) and its labels: the label of
     image <rel>/<stem>.<ext> is labels/<rel>/`label_name` with {stem}; files in `labels` ending in
     `label_name`'s suffix must pair, except those ending in one of `side_suffixes` (converted copies)."""
     images: Path
@@ -1179,8 +1180,7 @@ def find_pairs(folder, strict=True):
     """Sorted (image, label) pairs of a SplitFolder ((image, None) for image-only splits); orphans listed both
     ways (DataError when `strict` and any exist)."""
     images_dir = _require_dir(folder.images, folder.images_what)
-    images = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                    and not any(part.endswith("_ref") for part in p.relative_to(images_dir).parts))
+    images = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if folder.labels is None:
         return [(img, None) for img in images], []
     _require_dir(folder.labels, folder.labels_what)

@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -1092,7 +1093,8 @@ def _require_dir(path, what):
 
 
 class SplitFolder(NamedTuple):
-    """One image folder of a split (searched recursively, `*_ref` folders skipped) and its labels: the label of
+    """One image folder of a split (searched recursively; ACDC/Dark Zurich's `<split>_ref` reference images are
+    in sibling folders, never below it) and its labels: the label of
     image <rel>/<stem>.<ext> is labels/<rel>/`label_name` with {stem}; files in `labels` ending in
     `label_name`'s suffix must pair, except those ending in one of `side_suffixes` (converted copies)."""
     images: Path
@@ -1178,8 +1180,7 @@ def find_pairs(folder, strict=True):
     """Sorted (image, label) pairs of a SplitFolder ((image, None) for image-only splits); orphans listed both
     ways (DataError when `strict` and any exist)."""
     images_dir = _require_dir(folder.images, folder.images_what)
-    images = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                    and not any(part.endswith("_ref") for part in p.relative_to(images_dir).parts))
+    images = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if folder.labels is None:
         return [(img, None) for img in images], []
     _require_dir(folder.labels, folder.labels_what)
@@ -2146,8 +2147,7 @@ def evaluate_image(model, dataset, index, device, amp_dtype, align_corners, trai
     item = dataset[index]
     x, y = item["image"][None].to(device), item["label"].to(device)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits = model(x)
-    logits = (logits[1] if isinstance(logits, tuple) else logits).float()
+        logits = main_logits(model(x)).float()
     pred = upsample(logits, y.shape, align_corners).argmax(1)[0]
     stem = stem_of(dataset.pairs[index][0])
     if prediction:
@@ -2167,6 +2167,161 @@ def save_png(path, array):
     """Write a uint8 array as PNG atomically."""
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
+
+
+# ======================================================================================
+# Test-server export: one prediction PNG per test image at its original size, checked as the server reads it,
+# zipped (README 'Submitting to the test servers')
+# ======================================================================================
+
+class SubmissionFormat(NamedTuple):
+    """What one benchmark server reads: the dataset, the folders at the zip root ('' = flat), each folder's file
+    name for an image stem and the name pattern the server matches."""
+    kind: str
+    folders: tuple
+    file_name: str
+    pattern: str
+
+
+SUBMISSION_FORMATS = {
+    # cityscapesScripts evalPixelLevelSemanticLabeling.py: label ids, <city>_<seq>_<frame>*.png anywhere in the zip
+    "cityscapes": SubmissionFormat("cityscapes", ("",), "{stem}_labelIds.png", r"[a-z]+_\d{6}_\d{6}.*\.png"),
+    # DAFormer/HRDA/MIC --format-only and Refign: train ids named after the input, flat
+    "acdc": SubmissionFormat("acdc", ("",), "{stem}_rgb_anon.png", r"[A-Za-z0-9]+_frame_\d{6}.*\.png"),
+    # Dark Zurich Codalab: three folders at the zip root, files matching {sequence}_frame_{frame:0>6}*.png
+    "dark_zurich": SubmissionFormat("dark_zurich", ("labelTrainIds", "labelTrainIds_invalid", "confidence"),
+                                    "{stem}_rgb_anon.png", r"[A-Za-z0-9]+_frame_\d{6}.*\.png"),
+}
+
+
+def main_logits(out):
+    """The segmentation logits of a model's output (DeepLabv2's (aux, main) pair gives main)."""
+    return out[1] if isinstance(out, tuple) else out
+
+
+def submission_arrays(server, prob, train_ids):
+    """{folder: uint8/uint16 array} of one image for `server` from its (C, H, W) class probabilities: argmax over
+    the model's classes (never 255) as train ids, label ids for Cityscapes; Dark Zurich's invalid copy and
+    confidence = round(65535 * max softmax) (CIConv predict_dz.py)."""
+    conf, index = prob.max(0)
+    train = train_ids[index.cpu().numpy()]
+    if server == "cityscapes":
+        return {"": TRAINID_TO_LABELID[train]}
+    if server == "acdc":
+        return {"": train}
+    return {"labelTrainIds": train, "labelTrainIds_invalid": train,
+            "confidence": (conf.double() * 65535).round().cpu().numpy().astype(np.uint16)}
+
+
+def check_submission(folder, server, expected_stems, sizes):
+    """Check a submission folder as the server reads it: exactly one file per test image in each folder, names
+    unique and matching the server's pattern, one channel (8-bit; 16-bit confidence), the image's original size
+    (`sizes[i]` = (W, H) of `expected_stems[i]`), values allowed (Cityscapes label ids of the 19 classes, else
+    train ids 0-18); Dark Zurich's labelTrainIds_invalid equal to labelTrainIds. DataError naming the first problem."""
+    fmt, folder = SUBMISSION_FORMATS[server], Path(folder)
+    if len(set(expected_stems)) != len(expected_stems):
+        twice = next(s for s in expected_stems if list(expected_stems).count(s) > 1)
+        raise DataError(f"{folder}: two test images share the stem {twice} (expected unique image names)")
+    expected = {(Path(sub) / fmt.file_name.format(stem=stem)).as_posix(): tuple(size)
+                for sub in fmt.folders for stem, size in zip(expected_stems, sizes)}
+    found = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    extra = [f for f in found if f not in expected]
+    if extra:
+        raise DataError(f"{folder / extra[0]}: not the prediction of a test image ({len(extra)} unexpected file(s); "
+                        f"the {server} server expects exactly one file per image)")
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise DataError(f"{folder / missing[0]}: missing ({len(missing)} of {len(expected)} files; the {server} "
+                        f"server expects one file per test image, {len(expected_stems)} images)")
+    allowed = set(TRAINID_TO_LABELID.tolist()) if server == "cityscapes" else set(range(19))
+    for name, size in expected.items():
+        path = folder / name
+        if not re.fullmatch(fmt.pattern, path.name):
+            raise DataError(f"{path}: name does not match the {server} server's pattern {fmt.pattern}")
+        header = read_png_header(path)
+        confidence = name.startswith("confidence/")
+        if header is None or header[2:] != ((16, 0) if confidence else (8, 0)):
+            got = "not a PNG" if header is None else f"bit depth {header[2]}, colour type {header[3]}"
+            raise DataError(f"{path}: {got}; expected a one-channel {16 if confidence else 8}-bit grey PNG")
+        if header[:2] != size:
+            raise DataError(f"{path}: {header[0]}x{header[1]}; expected the test image's size {size[0]}x{size[1]}")
+        if confidence:
+            continue
+        with Image.open(path) as im:
+            bad = sorted(set(np.unique(np.asarray(im)).tolist()) - allowed)
+        if bad:
+            what = "Cityscapes label ids of the 19 classes" if server == "cityscapes" else "train ids 0-18"
+            raise DataError(f"{path}: values {bad[:5]} not allowed; expected {what}")
+        if name.startswith("labelTrainIds_invalid/") and \
+                path.read_bytes() != (folder / "labelTrainIds" / path.name).read_bytes():
+            raise DataError(f"{path}: differs from {folder / 'labelTrainIds' / path.name} (expected a copy)")
+
+
+@torch.no_grad()
+def export_submission(model, dataset, server, out_dir, device, amp_dtype=None, align_corners=True, mode="whole",
+                      record=None, crop=(1024, 1024), stride=(512, 512)):
+    """Write what the `server` test server accepts for the image-only test split `dataset`, in one process.
+
+    out_dir (new or empty) receives predictions/ (the files, in the zip's layout), submission_<server>.zip and
+    export.json (`record` - checkpoint, model, iteration - plus server, split, counts and the zip's files), which
+    is returned. Each image: the network input of the dataset's pipeline, logits (the whole image, or mode 'slide':
+    mmseg's sliding windows of `crop` every `stride`, HRDA/MIC's ACDC/Dark Zurich test setting) upsampled to the
+    image's original size, softmax, argmax over the model's classes. Everything is written into a temporary
+    sibling folder, checked (check_submission) and renamed onto out_dir, so an error leaves nothing behind.
+    """
+    import shutil
+    import zipfile
+    fmt, out = SUBMISSION_FORMATS[server], Path(out_dir)
+    if dataset.kind != fmt.kind or (dataset.kind, dataset.split) not in IMAGE_ONLY_SPLITS:
+        raise DataError(f"{dataset.root}: {dataset.kind} {dataset.split} split; the {server} server expects "
+                        f"predictions of the {fmt.kind} test split")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: not empty (expected a new or empty folder for the export)")
+    stems = dataset.stems()
+    sizes = [image_size(img) for img, _ in dataset.pairs]
+    n = model.num_classes
+    train_ids = np.asarray(TRAIN_IDS_16 if n == 16 else tuple(range(n)), dtype=np.uint8)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    was_training = model.training
+    model.eval()
+    try:
+        predictions = tmp / "predictions"
+        for sub in fmt.folders:
+            (predictions / sub).mkdir(parents=True, exist_ok=True)
+        for index, (stem, (w, h)) in enumerate(zip(stems, sizes)):
+            x = dataset[index]["image"][None].to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                if mode == "slide":
+                    logits = slide_inference(lambda win: upsample(main_logits(model(win)).float(), win.shape[2:],
+                                                                  align_corners), x, crop, stride)
+                else:
+                    logits = main_logits(model(x))
+            prob = upsample(logits.float(), (h, w), align_corners).softmax(1)[0]
+            for sub, array in submission_arrays(server, prob, train_ids).items():
+                Image.fromarray(array).save(predictions / sub / fmt.file_name.format(stem=stem), format="PNG")
+        check_submission(predictions, server, stems, sizes)
+        files = sorted(p.relative_to(predictions).as_posix() for p in predictions.rglob("*") if p.is_file())
+        zip_name = f"submission_{server}.zip"
+        with zipfile.ZipFile(tmp / zip_name, "w", zipfile.ZIP_DEFLATED) as zf:
+            for sub in filter(None, fmt.folders):   # folder entries first, as `zip -r` writes them
+                zf.write(predictions / sub, sub)
+            for name in files:
+                zf.write(predictions / name, name)
+        info = {**(record or {}), "server": server, "dataset": dataset.kind, "split": dataset.split,
+                "root": str(dataset.root), "mode": mode, "images": len(stems),
+                "counts": {sub or "predictions": len(stems) for sub in fmt.folders}, "zip": zip_name, "files": files}
+        if dataset.kind == "acdc":
+            conditions = [condition_of(img) for img, _ in dataset.pairs]
+            info["conditions"] = {c: conditions.count(c) for c in ACDC_CONDITIONS if c in conditions}
+        (tmp / "export.json").write_text(json.dumps(info, indent=1))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        model.train(was_training)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return info
 
 
 # ======================================================================================

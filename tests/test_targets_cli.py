@@ -163,7 +163,7 @@ def test_eval_dataset_fits_other_sets_into_the_val_size_at_full_label_resolution
                                                ("dark_zurich", 2, "labelTrainIds/")])
 def test_export_writes_the_servers_submission(root, acdc_run, tmp_path, server, n, folder):
     out = tmp_path / "sub"
-    record = eval_only(root, acdc_run[0], tmp_path / "ev", "--eval-set", server, "--split", "test", "--export", out)
+    record = eval_only(root, acdc_run[0], tmp_path / "ev", "--eval-set", server, "--split", "test", "--export", str(out))
     saved = json.loads((out / "export.json").read_text())
     assert json.dumps(saved) == json.dumps(record)
     assert (saved["checkpoint"], saved["model"], saved["iteration"]) == (

@@ -148,13 +148,13 @@ def test_eval_set_of_the_target_is_the_runs_own_val(root, acdc_run, tmp_path):
 
 
 def test_eval_dataset_fits_other_sets_into_the_val_size_at_full_label_resolution(root):
-    args = dacs.parse_args([*TINY, "--data-root", str(root), "--eval-only", "--checkpoint", "c.pth",
-                            "--eval-set", "bdd100k"])
+    args = dacs.parse_args([*TINY, "--target-size", "64", "32", "--data-root", str(root), "--eval-only",
+                            "--checkpoint", "c.pth", "--eval-set", "bdd100k"])
     val = training.target_val("cityscapes", root / "cityscapes", args.target_size, args.eval_res, "imagenet_bgr")
     data, name = training.eval_dataset(args, val)
     item = data[0]
     assert name == "metrics_bdd100k.json" and data.kind == "bdd100k" and data.keep_ratio
-    assert tuple(item["image"].shape[1:]) == (36, 64) and tuple(item["label"].shape) == (18, 32)  # 32x18 -> 64x36
+    assert tuple(item["image"].shape[1:]) == (32, 57) and tuple(item["label"].shape) == (18, 32)  # 32x18 in 64x32
 
 
 # ------------------------------------------------------------------ --split test --export

@@ -178,6 +178,22 @@ def test_export_writes_the_servers_submission(root, acdc_run, tmp_path, server, 
     assert not (tmp_path / "ev").exists()                           # no metrics: the test split has no labels
 
 
+def test_hrda_cityscapes_to_acdc_trains_without_plcrop_and_exports_with_slide_inference(root, tmp_path,
+                                                                                         monkeypatch):
+    hrda = ["--iters", "2", "--stack", "hrda", "--mit", "tiny", "--init", "none", "--source-size", "128", "64",
+            "--target-size", "128", "72", "--crop-size", "64", "64", "--rcs-min-pixels", "40", "--workers", "0",
+            "--device", "cpu", "--source", "cityscapes", "--target", "acdc", "--data-root", str(root)]
+    metrics = dacs.main([*hrda, "--out-dir", str(tmp_path / "run")])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["pl_crop"], config["eval_mode"], metrics["target"]) == ("none", "slide", "acdc")
+    windows = []
+    slide = common.SlideInference.forward
+    monkeypatch.setattr(common.SlideInference, "forward", lambda self, x: windows.append(x.shape) or slide(self, x))
+    record = dacs.main([*hrda, "--eval-only", "--checkpoint", str(tmp_path / "run" / "checkpoint.pth"), "--split",
+                        "test", "--export", str(tmp_path / "sub"), "--out-dir", str(tmp_path / "ev")])
+    assert record["iteration"] == 2 and windows == [(1, 3, 72, 128)] * 5    # the 5 test images, resized, in windows
+
+
 # ------------------------------------------------------------------ semi-supervised scripts
 
 def test_semi_supervised_acdc_target_draws_the_labeled_split_from_acdc_train(root, tmp_path):

@@ -1229,7 +1229,7 @@ def label_or_image(pair):
 
 
 def condition_of(path):
-    """The ACDC condition (fog|night|rain|snow) of an image in the nested layout (rgb_anon/<condition>/...), else None."""
+    """The ACDC condition (fog|night|rain|snow) of an image in the nested layout (rgb_anon/<condition>/...), or None."""
     parts = Path(path).parts
     for i, part in enumerate(parts[:-1]):
         if part == "rgb_anon" and parts[i + 1] in ACDC_CONDITIONS:
@@ -1513,7 +1513,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
     resize (padded with ignore if larger); cat_max_ratio: mmseg's retry rule; flip: h-flip p=0.5.
     label_res: 'input' (label resized with the image) or 'full' (label at its own resolution, eval only).
     An image-only split (pairs (image, None)) gives an all-ignore label of the size a label would have.
-    conditions: the ACDC conditions to read (default all four). num_classes 16 maps train ids to the 16-class space. Items are (index, item_seed, rcs_class) tuples
+    conditions: the ACDC conditions to read (default all four).
+    num_classes 16 maps train ids to the 16-class space. Items are (index, item_seed, rcs_class) tuples
     from a sampler, or plain indices (evaluation: no randomness). A root inside a prepared root (its parent
     holds prepared.json) reads the frame set of exactly these resize settings, bit-identical to resizing
     the original; a prepared root without it is refused.
@@ -2130,7 +2131,8 @@ def evaluate(model, dataset, device, synthia=False, amp_dtype=None, out_dir=None
             save_png(Path(out_dir) / name, array)
     if dist.world > 1:
         torch.distributed.all_reduce(cm)
-        torch.distributed.all_reduce(cm_condition)
+        if len(present) > 1:
+            torch.distributed.all_reduce(cm_condition)
     model.train(was_training)
     metrics = metrics_from_confusion(cm, train_ids, iteration, model_name, synthia)
     if len(present) > 1:

@@ -31,7 +31,8 @@ def write_gt_side_files(folder, stem, train_ids):
     write_grey(folder / f"{stem}_gt_invIds.png", train_ids == 255)
 
 
-ACDC_COUNTS = {"train": {"fog": 2, "night": 3, "rain": 2, "snow": 2}, "val": {"fog": 1, "night": 2, "rain": 1, "snow": 1},
+ACDC_COUNTS = {"train": {"fog": 2, "night": 3, "rain": 2, "snow": 2},
+               "val": {"fog": 1, "night": 2, "rain": 1, "snow": 1},
                "test": {"fog": 2, "night": 1, "rain": 1, "snow": 1}}
 
 
@@ -50,7 +51,8 @@ def make_acdc(root, h=18, w=32, layout="nested", counts=None, seed=5):
                 img_dir = base / "rgb_anon" / condition / split / seq if nested else base / "rgb_anon" / split
                 write_rgb(img_dir / f"{stem}_rgb_anon.png", rng, h, w)
                 if nested:
-                    write_rgb(base / "rgb_anon" / condition / f"{split}_ref" / seq / f"{stem}_rgb_ref_anon.png", rng, h, w)
+                    ref = base / "rgb_anon" / condition / f"{split}_ref" / seq
+                    write_rgb(ref / f"{stem}_rgb_ref_anon.png", rng, h, w)
                 if split != "test":
                     ids = random_ids(rng, h, w, TRAIN_IDS)
                     gt_dir = base / "gt" / condition / split / seq if nested else base / "gt" / split
@@ -70,13 +72,12 @@ def make_dark_zurich(root, h=18, w=32, n_train=3, n_val=2, n_test=2, seed=6):
             stem = f"{seq}_frame_{i + 1:06d}"
             write_rgb(base / "rgb_anon" / split / "night" / seq / f"{stem}_rgb_anon.png", rng, h, w)
             if split == "train":
-                write_rgb(base / "rgb_anon" / "train" / "twilight" / "GOPR0352" / f"GOPR0352_frame_{i:06d}_rgb_anon.png",
-                          rng, h, w)
-                write_rgb(base / "rgb_anon" / "train" / "day" / "GOPR0345" / f"GOPR0345_frame_{i:06d}_rgb_anon.png",
-                          rng, h, w)
+                for other, other_seq in (("twilight", "GOPR0352"), ("day", "GOPR0345")):
+                    folder = base / "rgb_anon" / "train" / other / other_seq
+                    write_rgb(folder / f"{other_seq}_frame_{i:06d}_rgb_anon.png", rng, h, w)
             else:
-                write_rgb(base / "rgb_anon" / f"{split}_ref" / "day" / f"{seq}_ref" / f"{seq}_frame_{i:06d}_ref_rgb_anon.png",
-                          rng, h, w)
+                ref = base / "rgb_anon" / f"{split}_ref" / "day" / f"{seq}_ref"
+                write_rgb(ref / f"{seq}_frame_{i:06d}_ref_rgb_anon.png", rng, h, w)
             if split == "val":
                 ids = random_ids(rng, h, w, TRAIN_IDS)
                 gt_dir = base / "gt" / "val" / "night" / seq

@@ -1,4 +1,5 @@
-"""Test-server export (Cityscapes, ACDC, Dark Zurich): names, sizes, values, zip layout, self-check, no half-written folder."""
+"""Test-server export (Cityscapes, ACDC, Dark Zurich): names, sizes, values, zip layout, self-check, nothing
+half-written."""
 import json
 import shutil
 import zipfile

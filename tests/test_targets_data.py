@@ -74,6 +74,8 @@ def test_dark_zurich_night_only_and_image_only_train_and_test(tmp_path):
     train, val, test = (dataset_files("dark_zurich", base, s) for s in ("train", "val", "test"))
     assert len(train[0]) == 3 and all(lab is None and "/night/" in str(img) for img, lab in train[0])
     assert len(val[0]) == 2 and val[1] == [] and all(lab.name.endswith("_gt_labelTrainIds.png") for _, lab in val[0])
+    label = val[0][0][1]
+    assert np.array_equal(common.read_label(label, "dark_zurich"), np.asarray(Image.open(label)))   # stored train ids
     assert len(test[0]) == 2 and all(lab is None for _, lab in test[0])
     assert [common.stem_of(i) for i, _ in test[0]] == ["GOPR0364_frame_000001", "GOPR0364_frame_000002"]
     ds = SegmentationDataset("dark_zurich", base, "train", resize=(16, 9), crop=(8, 8), flip=True)

@@ -80,6 +80,11 @@ Deviations: --seed seeds everything and fixes every data draw by (seed, stream, 
 defines a seed it never applies). --preset source-only (source CE only) is a demo baseline, not an ASS column.
 --demo trains a light network (--layers 1 1 1 1 --width 32) from the demo init with Adam, 5 labeled images;
 it shows the loop working and the paper's ordering (GA+CSA above its oracle), not the paper's numbers.
+
+--target acdc (an assumption; the paper uses Cityscapes only): the labeled split is drawn from ACDC's sorted train
+list as from Cityscapes' (--split-seed, nested; --acdc-conditions picks conditions), the Cityscapes resizes are
+scaled to ACDC's 1920x1080 frame (1024x512 -> 960x540) and val is scored at full label resolution (mmseg's protocol
+for ACDC, DAFormer/HRDA); --target dark_zurich is refused (Dark Zurich train has no labels).
 """
 import copy
 import time

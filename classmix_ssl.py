@@ -47,6 +47,10 @@ Deviations and assumptions:
 - A flag that the others would leave without effect is refused (e.g. method flags with --no-unlabeled,
   --mask-rounding with --mask cut|cow, --pixel-weight or --soft-targets with --consistency-loss mse, seed
   flags with --split-file); a --split-file gives N.
+- --dataset acdc (an assumption; the paper uses Cityscapes only): the labeled split is drawn from ACDC's sorted
+  train list as from Cityscapes' (--split-seed, nested; --acdc-conditions picks conditions), the Cityscapes resizes
+  are scaled to ACDC's 1920x1080 frame (1024x512 -> 960x540) and val is scored at full label resolution (mmseg's
+  protocol for ACDC, DAFormer/HRDA); --dataset dark_zurich is refused (Dark Zurich train has no labels).
 """
 import copy
 import time

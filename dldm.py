@@ -97,6 +97,11 @@ implies; no digest is published, so its sha256 is written to <out-dir>/init_sha2
 --init-sha256 when given. --init imagenet is torchvision's ResNet-101 (pytorch style, RGB mean/std).
 --demo trains a light network (--layers 1 1 1 1 --width 32) from the demo init with Adam (SGD 2.5e-4
 needs the ImageNet weights), 5 labeled images, 2 rounds of 150 iterations per model.
+
+--target acdc (an assumption; the paper uses Cityscapes only): the labeled split is drawn from ACDC's sorted train
+list as from Cityscapes' (--split-seed, nested; --acdc-conditions picks conditions), the Cityscapes resizes are
+scaled to ACDC's 1920x1080 frame (1024x512 -> 960x540) and val is scored at full label resolution (mmseg's protocol
+for ACDC, DAFormer/HRDA); --target dark_zurich is refused (Dark Zurich train has no labels).
 """
 import argparse
 import copy

@@ -93,6 +93,12 @@ own detail box. Data, network, FD, evaluation and the checkpoint names are dacs.
         images instead of a stream of their own).
     A24 the final student is reported, evaluated with HRDA's slide inference at 2048x1024 (--eval-mode).
 --mic also works with --stack deeplabv2/daformer (the same masked stream on their networks; not a paper row).
+
+--target acdc (an assumption; the paper uses Cityscapes only): the labeled split is drawn from ACDC's sorted train
+list as from Cityscapes' (--split-seed, nested; --acdc-conditions picks conditions), the Cityscapes resizes are
+scaled to ACDC's 1920x1080 frame (1024x512 -> 960x540) and val is scored at full label resolution (mmseg's protocol
+for ACDC, DAFormer/HRDA); with --stack hrda 2048x1024 -> 1920x1080 and no pseudo-label crop (HRDA's rule for ACDC,
+experiments.py id 49); --target dark_zurich is refused (Dark Zurich train has no labels).
 """
 import copy
 import time

@@ -134,7 +134,8 @@ ACDC adds a per-condition block). A source equal to the target is refused. Defau
              target 960x540 (the same scale of the 1920x1080 frame), 512x512 crops, evaluation at full label
              resolution (as mmseg for these targets; --eval-res half: labels at the input)
 --mic is refused with these targets: lhoyer/MIC trains them with mask_mode 'separate' (one source and one target
-image masked, no colour augmentation; seg/experiments.py id 80), which is not implemented here. The paper numbers
+image masked, no colour augmentation; seg/experiments.py id 80), which is not implemented here; --mix intra-aligned
+is refused with dark_zurich (p(y) is read from target train labels, which Dark Zurich lacks). The paper numbers
 of these settings are test-server numbers: `--eval-only --checkpoint CK --split test --export DIR` writes the
 submission (README "Submitting to the test servers").
 """
@@ -257,6 +258,9 @@ def parse_args(argv=None):
                                      DAFORMER_FLAGS, TARGETS)
     training.check_args(args)
     training.check_target(args, args.source, args.target)
+    if args.mix == "intra-aligned" and args.target == "dark_zurich":
+        raise common.DataError("--mix intra-aligned --target dark_zurich: the alignment reads the target train label "
+                               "frequencies, and Dark Zurich train has no labels")
     if args.mic and args.target != "cityscapes":
         raise common.DataError(f"--mic --target {args.target}: MIC's Cityscapes->ACDC/Dark Zurich runs mask one "
                                "source and one target image without colour augmentation (lhoyer/MIC mask_mode "

@@ -498,19 +498,25 @@ def test_online_lab_run_is_bit_identical_to_the_per_pixel_transfer(root, tmp_pat
     args = dldm.parse_args(TINY)
     assert (args.lab, args.lab_mode) == ("on", "online")
     fast = stage_digest(root, tmp_path / "fast", ["--stage", "rl"], "round1/rl/checkpoint.pth")
-    monkeypatch.setattr(dldm, "lab_transfer", per_pixel_lab_transfer)
+    monkeypatch.setattr(dldm, "lab_transfer", lambda rgb, stats, tables: per_pixel_lab_transfer(rgb, stats))
     assert stage_digest(root, tmp_path / "slow", ["--stage", "rl"], "round1/rl/checkpoint.pth") == fast
-    monkeypatch.setattr(dldm, "lab_transfer", lambda rgb, stats: per_pixel_lab_transfer(rgb, np.asarray(stats) + 1e-3))
+    monkeypatch.setattr(dldm, "lab_transfer",
+                        lambda rgb, stats, tables: per_pixel_lab_transfer(rgb, np.asarray(stats) + 1e-3))
     assert stage_digest(root, tmp_path / "other", ["--stage", "rl"], "round1/rl/checkpoint.pth") != fast
 
 
 def test_lab_speed_benchmark_runs_and_prints_a_row_per_frame(capsys, monkeypatch):
+    """Its before/after rows, and its `per_pixel_transfer` (the code before issue 24) is the tests' reference."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import lab_speed
     lab_speed.main(["--reps", "1", "--sigmas", "0", "5", "--size", "48", "30", "--resize", "32", "20"])
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
     assert [r[0] for r in rows] == ["| demo scene + noise sigma 0", "| demo scene + noise sigma 5", "| uniform noise"]
-    assert all(0 < float(r[1]) <= 1 and float(r[3]) > 0 and float(r[5].rstrip(" |")) > 0 for r in rows)
+    assert all(0 < float(r[1]) <= 1 and r[4].endswith("x") and r[7].endswith("x") and r[8] == "yes |" for r in rows)
+    rng = np.random.default_rng(14)
+    for img in lab_test_images(rng)[:12]:
+        stats = np.array([60.0, 10.0, -20.0, 20.0, 30.0, 25.0])
+        assert np.array_equal(lab_speed.per_pixel_transfer(img, stats), per_pixel_lab_transfer(img, stats))
 
 
 # ------------------------------------------------------------------ each flag changes training

@@ -323,13 +323,13 @@ class ColourTables:
 def distinct_colours(rgb, tables=None):
     """The distinct colours of a uint8 HxWx3 image (U x 3, ascending) and each pixel's row among them (flat).
     `tables`: a ColourTables to reuse (default: fresh ones for images of 2^16+ pixels)."""
-    code = ((rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]).ravel()
+    code = ((rgb[..., 0].astype(np.intp) << 16) | (rgb[..., 1].astype(np.intp) << 8) | rgb[..., 2]).ravel()
     if code.size < 1 << 16:   # small image: sorting beats scanning the two 2^24-entry tables below
         codes, rows = np.unique(code, return_inverse=True)
-    else:
+    else:   # intp codes: NumPy indexes with them as they are
         tables = tables or ColourTables()
         tables.seen[code] = True
-        codes = np.flatnonzero(tables.seen).astype(np.int32)
+        codes = np.flatnonzero(tables.seen)
         tables.seen[codes] = False
         tables.row_of_code[codes] = np.arange(len(codes), dtype=np.int32)
         rows = tables.row_of_code.take(code)

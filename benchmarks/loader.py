@@ -183,7 +183,10 @@ def together_section(result):
              "stream = it/s x its batch. 'step ms': the training step's ms/iter (--step-ms, a figure measured with "
              "speed.py, or speed.json's fastest paper-preset record; '–' where neither exists), 'delivered / "
              "consumed' = delivered it/s x step ms / 1000 (the target is >= 1.5)."
-             + (" 'prepared': the same, read from a prepared root of the same data." if prepared else ""), "",
+             + (" 'prepared': the same, read from a prepared root of the same data." if prepared else "")
+             + ("" if any(r["step_ms"] for r in result["rows"]) else
+                " **No step figure was given or recorded, so there is no ratio: these are the loaders' rates alone "
+                "on this machine, not a measurement against a GPU step.**"), "",
              "| row | streams (batch) | delivered it/s | images/s per stream | step ms | delivered / consumed"
              + " | prepared it/s | prepared, delivered / consumed" * prepared + " |",
              "|---|---|---|---|---|---" + "|---|---" * prepared + "|"]

@@ -116,7 +116,7 @@ EOF
 part "launch-bound probe" 30 60 "$P" "$OUT/probe.py" "$DEV" "$PROBE_SIZE" "$OUT/probe.txt"
 
 "$P" -c 'import torchvision' 2>/dev/null && LS=(dacs.py iidm.py) || LS=(classmix_ssl.py)   # SYNTHIA labels need it
-part "loader.py --together --prepared (default workers per stream)" 60 130 "$P" benchmarks/loader.py "${L[@]}" \
+part "loader.py --together --prepared (default workers per stream)" 60 150 "$P" benchmarks/loader.py "${L[@]}" \
     --data-root "$DATA" --together --prepared --sources gta5 --scripts "${LS[@]}" --speed-json "$OUT/speed.json" \
     --json "$OUT/loader_together.json" --results "$OUT/RESULTS.md" --machine "$MACHINE"
 

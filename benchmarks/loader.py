@@ -202,8 +202,9 @@ def together_section(result):
     return "\n".join(lines) + "\n"
 
 
-def main_together(args, rows, bench, records, tmp, command):
-    """--together: each row's streams at once, on the original data and (--prepared) on a prepared root."""
+def main_together(args, rows, bench, records, tmp, command, write):
+    """--together: each row's streams at once, on the original data and (--prepared) on a prepared root;
+    `write(result)` after every row, so a run cut short keeps the rows it finished."""
     captured = []
     for k, (name, row, source) in enumerate(rows):
         (Path(tmp) / str(k)).mkdir()
@@ -229,6 +230,7 @@ def main_together(args, rows, bench, records, tmp, command):
             line += f", prepared {record['prepared_iterations_per_s']:.2f} it/s"
         print(line + (f"; step {ms:g} ms: delivered / consumed {rate * ms / 1000:.2f}" if ms else ""), flush=True)
         result["rows"].append(record)
+        write(result)
     return result
 
 
@@ -331,14 +333,14 @@ def main(argv=None):
     rows = [r for r in loader_rows() if (args.scripts is None or r[1][0] in args.scripts)
             and r[2] in (*args.sources, "cityscapes")]
     if args.together:
+        def write(result):
+            common.atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
+            results = Path(args.results)
+            text = results.read_text() if results.is_file() else "# Measured results\n"
+            common.atomic_write_text(results, speed.replace_section(
+                text, ("## Data loading, all of a script's streams together",), together_section(result)))
         with tempfile.TemporaryDirectory() as tmp:
-            result = main_together(args, rows, bench, records, tmp, command)
-        common.atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
-        results = Path(args.results)
-        text = results.read_text() if results.is_file() else "# Measured results\n"
-        common.atomic_write_text(results, speed.replace_section(
-            text, ("## Data loading, all of a script's streams together",), together_section(result)))
-        return result
+            return main_together(args, rows, bench, records, tmp, command, write)
     with tempfile.TemporaryDirectory() as tmp:
         for k, (name, row, source) in enumerate(rows):
             out_dir = Path(tmp) / str(k)

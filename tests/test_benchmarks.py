@@ -255,6 +255,19 @@ def test_loader_together_runs_every_stream_of_a_row_at_once_against_the_step(ben
             loader.parse_args(["--together", *bad])
 
 
+def test_loader_together_writes_its_table_after_every_row(bench, tmp_path, monkeypatch):
+    """A run cut after its first row (gpu_check.sh's time limit) keeps that row in the JSON and RESULTS.md."""
+    data, _, _ = bench
+    rates = iter([(5.0, [10.0, 10.0])])
+    monkeypatch.setattr(loader, "together_rate", lambda streams, workers, seconds: next(rates))
+    with pytest.raises(StopIteration):
+        loader.main(["--small", "--data-root", str(data), "--together", "--scripts", "dacs.py", "--sources", "gta5",
+                     "--step-ms", "500", "--json", str(tmp_path / "t.json"), "--results", str(tmp_path / "R.md")])
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert [(r["row"], r["iterations_per_s"]) for r in rows] == [("dacs.py (gta5)", 5.0)]
+    assert "| dacs.py (gta5) |" in (tmp_path / "R.md").read_text() and "| 2.50 |" in (tmp_path / "R.md").read_text()
+
+
 def test_loader_rows_cover_every_speed_row_and_source():
     names = [name for name, _, _ in loader.loader_rows()]
     for script, stage, extra, _ in speed.ROWS:

@@ -5,7 +5,7 @@ Frames: a demo source scene (demo.py) drawn at 1914x1052 (bicubic) plus per-pixe
 uniform noise (every pixel its own colour: the worst case). For each frame, in the same process, alternating
 rep by rep: `per_pixel_transfer` (the transfer as dldm.py computed it before issue 24: every step on every
 pixel) and `dldm.lab_transfer` (per distinct colour, reusing one ColourTables as a data worker does), each
-alone and inside a whole `LabSourceDataset` item (PNG read, transfer, bicubic resize to 1280x720, label:
+alone and inside a whole `LabSourceDataset` item (PNG read, transfer, bicubic resize to 1280x720, label, normalisation:
 DLDM's M_SL source stream). Reports the median CPU seconds of this process (time.process_time, so other
 jobs on a shared machine inflate it less than wall time), the speed-up in images/s per core, and whether
 the two transfers gave the same uint8 image.

@@ -4,11 +4,12 @@
 #      floor, host issue time, TFLOP/s, max_memory_allocated and _reserved, host syncs; then --compile for
 #      both once a script defines the flag (speed.py notes the rows of a script that does not);
 #   2. the launch-bound probe: one IIDM student pass (fwd + bwd, bf16) at batch 1, 2, 4;
-#   3. loader.py with 0 and the scripts' default --workers, against the step rates measured in 1;
+#   3. loader.py --together: all of a script's streams at once with its default --workers per stream, on the
+#      original and a prepared root, delivered iterations/s against the step ms/iter measured in 1;
 #   4. speed.py --amp for the other rows (peak memory against the 11 GB bar), then fp32, while time is left.
 # A part starts only when enough time is left before LIMIT seconds and is cut at LIMIT; both are noted in
 # the log. speed.py writes its tables after every record, so a cut part keeps the rows it finished.
-# Tables and logs go to $OUT: RESULTS.md, speed.json, loader.json, probe.txt, log.txt. From the repo root:
+# Tables and logs go to $OUT: RESULTS.md, speed.json, loader_together.json, probe.txt, log.txt. From the repo root:
 #     OUT=gpu_out bash benchmarks/gpu_check.sh
 # SMOKE=1 runs the same sequence on the CPU at --small sizes with one timed step: a check of this script,
 # not a measurement.
@@ -114,12 +115,10 @@ for b in (1, 2, 4):
 EOF
 part "launch-bound probe" 30 60 "$P" "$OUT/probe.py" "$DEV" "$PROBE_SIZE" "$OUT/probe.txt"
 
-W=$("$P" -c "import sys; sys.path.insert(0, '.'); import training
-print(training.shared_parser({}).get_default('workers'))")
 "$P" -c 'import torchvision' 2>/dev/null && LS=(dacs.py iidm.py) || LS=(classmix_ssl.py)   # SYNTHIA labels need it
-part "loader.py, 0 and $W (default) workers" 60 100 "$P" benchmarks/loader.py "${L[@]}" --data-root "$DATA" \
-    --workers 0 "$W" --scripts "${LS[@]}" --speed-json "$OUT/speed.json" --json "$OUT/loader.json" \
-    --results "$OUT/RESULTS.md" --machine "$MACHINE"
+part "loader.py --together --prepared (default workers per stream)" 60 150 "$P" benchmarks/loader.py "${L[@]}" \
+    --data-root "$DATA" --together --prepared --sources gta5 --scripts "${LS[@]}" --speed-json "$OUT/speed.json" \
+    --json "$OUT/loader_together.json" --results "$OUT/RESULTS.md" --machine "$MACHINE"
 
 for row in classmix_ssl.py "camix.py phase B (CAMix)" asss.py "dldm.py student" "dldm.py M_SL" "dldm.py M_RL" \
            "camix.py phase A (DACS warm-up)"; do
@@ -128,4 +127,4 @@ done
 for row in classmix_ssl.py "camix.py phase B (CAMix)" asss.py "dldm.py student"; do
     part "speed $row fp32" 50 120 "${SPEED[@]}" --amp off --scripts "$row"
 done
-echo "done at t=$SECONDS s; tables: $OUT/RESULTS.md, $OUT/speed.json, $OUT/loader.json, $OUT/probe.txt"
+echo "done at t=$SECONDS s; tables: $OUT/RESULTS.md, $OUT/speed.json, $OUT/loader_together.json, $OUT/probe.txt"

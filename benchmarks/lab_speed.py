@@ -1,12 +1,14 @@
-"""CPU time per image of DLDM's online LAB source pipeline at GTA5's size (1914x1052), one thread.
+"""CPU time per image of DLDM's online LAB source pipeline at GTA5's size (1914x1052), one thread, before and after.
 
 Frames: a demo source scene (demo.py) drawn at 1914x1052 (bicubic) plus per-pixel Gaussian noise of each
 --sigmas value (more noise = more distinct colours, the quantity the per-colour transfer scales with), and
-uniform noise (every pixel its own colour: the worst case). For each frame: `dldm.lab_transfer` alone and a
-whole `LabSourceDataset` item (PNG read, transfer, bicubic resize to 1280x720, label, normalisation: DLDM's
-M_SL source stream), each --reps times; the median CPU seconds of this process (time.process_time, so
-other jobs on a shared machine inflate it less than wall time) and images/s per core = 1 / that.
-Run it in a checkout of the code to measure (the same file works on the code before the per-colour transfer).
+uniform noise (every pixel its own colour: the worst case). For each frame, in the same process, alternating
+rep by rep: `per_pixel_transfer` (the transfer as dldm.py computed it before issue 24: every step on every
+pixel) and `dldm.lab_transfer` (per distinct colour, reusing one ColourTables as a data worker does), each
+alone and inside a whole `LabSourceDataset` item (PNG read, transfer, bicubic resize to 1280x720, label, normalisation:
+DLDM's M_SL source stream). Reports the median CPU seconds of this process (time.process_time, so other
+jobs on a shared machine inflate it less than wall time), the speed-up in images/s per core, and whether
+the two transfers gave the same uint8 image.
 
     OMP_NUM_THREADS=1 python benchmarks/lab_speed.py --reps 5
 """
@@ -26,6 +28,14 @@ import demo  # noqa: E402
 import dldm  # noqa: E402
 
 
+def per_pixel_transfer(rgb, stats):
+    """The LAB transfer before issue 24 (dldm.py at 90919aa): conversions, NumPy's mean(0)/std(0) and DDM's
+    affine step on every pixel (rgb_to_lab and lab_to_rgb have not changed since)."""
+    lab = dldm.rgb_to_lab(rgb[..., :3])
+    flat = lab.reshape(-1, 3)
+    lab = (lab - flat.mean(0)) / np.maximum(flat.std(0), 1e-8) * stats[3:] + stats[:3]
+    return np.clip(dldm.lab_to_rgb(lab) * 255.0, 0, 255).astype(np.uint8)
+
 
 def frames(sigmas, size, seed=0):
     """(name, uint8 image, label ids) of each benchmark frame, `size` = (W, H)."""
@@ -39,15 +49,17 @@ def frames(sigmas, size, seed=0):
     return out + [("uniform noise", rng.integers(0, 256, base.shape).astype(np.uint8), ids)]
 
 
-def cpu_seconds(fn, reps):
-    """Median CPU seconds of `fn()` over `reps` calls, after one untimed call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.process_time()
+def cpu_seconds(fns, reps):
+    """Median CPU seconds of each of `fns` over `reps` calls, alternating between them, after one untimed call each."""
+    for fn in fns:
         fn()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, spent in zip(fns, times):
+            start = time.process_time()
+            fn()
+            spent.append(time.process_time() - start)
+    return [statistics.median(spent) for spent in times]
 
 
 def main(argv=None):
@@ -60,8 +72,10 @@ def main(argv=None):
     torch.set_num_threads(1)
     ref_ids, ref_rgb = demo.draw_scene(np.random.default_rng(1), "target")
     stats = dldm.lab_stats(np.asarray(Image.fromarray(ref_rgb).resize((2048, 1024), Image.BICUBIC)))[None]
-    print("| frame | distinct colours / pixels | transfer CPU ms | transfer img/s/core | item CPU ms | item img/s/core |")
-    print("|---|---|---|---|---|---|")
+    print("| frame | distinct colours / pixels | transfer CPU ms before | after | speed-up (img/s/core) "
+          "| item CPU ms before | after | speed-up | uint8-equal |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    tables = dldm.ColourTables()
     with tempfile.TemporaryDirectory() as tmp:
         for name, rgb, ids in frames(args.sigmas, tuple(args.size)):
             root = Path(tmp) / name.replace(" ", "_")
@@ -69,13 +83,17 @@ def main(argv=None):
             (root / "gta5" / "labels").mkdir(parents=True)
             Image.fromarray(rgb).save(root / "gta5" / "images" / "00001.png")
             demo.write_palette_png(root / "gta5" / "labels" / "00001.png", ids)
-            data = dldm.LabSourceDataset("gta5", root / "gta5", resize=tuple(args.resize), interp="bicubic",
-                                         norm="imagenet_bgr", ref_stats=stats, mode="online")
-            transfer = cpu_seconds(lambda: dldm.lab_transfer(rgb, stats[0]), args.reps)
-            item = cpu_seconds(lambda: data[(0, 0, -1)], args.reps)
+            new, old = [dldm.LabSourceDataset("gta5", root / "gta5", resize=tuple(args.resize), interp="bicubic",
+                                              norm="imagenet_bgr", ref_stats=stats, mode="online") for _ in "ab"]
+            old.transfer = lambda rgb, reference: per_pixel_transfer(rgb, stats[reference])
+            before, after = cpu_seconds([lambda: per_pixel_transfer(rgb, stats[0]),
+                                         lambda: dldm.lab_transfer(rgb, stats[0], tables)], args.reps)
+            item_before, item_after = cpu_seconds([lambda: old[(0, 0, -1)], lambda: new[(0, 0, -1)]], args.reps)
+            equal = np.array_equal(per_pixel_transfer(rgb, stats[0]), dldm.lab_transfer(rgb, stats[0], tables))
             distinct = len(np.unique(rgb.reshape(-1, 3), axis=0))
-            print(f"| {name} | {distinct / rgb[..., 0].size:.3f} | {transfer * 1e3:.0f} | {1 / transfer:.2f} "
-                  f"| {item * 1e3:.0f} | {1 / item:.2f} |")
+            print(f"| {name} | {distinct / rgb[..., 0].size:.3f} | {before * 1e3:.0f} | {after * 1e3:.0f} "
+                  f"| {before / after:.1f}x | {item_before * 1e3:.0f} | {item_after * 1e3:.0f} "
+                  f"| {item_before / item_after:.1f}x | {'yes' if equal else 'NO'} |")
 
 
 if __name__ == "__main__":

@@ -210,6 +210,64 @@ def test_loader_measures_the_scripts_pipelines(bench, tmp_path):
     assert "old text" in text                                                 # not loader.py's section
 
 
+def test_loader_together_runs_every_stream_of_a_row_at_once_against_the_step(bench, tmp_path):
+    """--together: one record per row with all of its script's streams (as many as the script builds), their
+    iterations/s on the original and the prepared root; the step's ms from --step-ms (per row, else the bare
+    value), else speed.json; the ratio in the table is delivered it/s x ms / 1000."""
+    data, _, _ = bench
+    speed_json = tmp_path / "speed.json"
+    speed_json.write_text(json.dumps([{"script": "dldm.py", "stage": "student", "preset": "paper",
+                                       "ms_per_iter": 400.0, "batch_per_stream": 1, "device": "cuda (X)",
+                                       "amp": True}]))
+    (tmp_path / "RESULTS.md").write_text(OLD_RESULTS)
+    argv = ["--small", "--data-root", str(data), "--together", "--prepared", "--stream-workers", "1",
+            "--seconds", "0.2", "--scripts", "dldm.py", "iidm.py", "--sources", "gta5", "--speed-json",
+            str(speed_json), "--step-ms", "dldm.py M_RL=250", "--json", str(tmp_path / "together.json"),
+            "--results", str(tmp_path / "RESULTS.md")]
+    result = loader.main(argv)
+    assert json.loads((tmp_path / "together.json").read_text()) == json.loads(json.dumps(result))
+    rows = {r["row"]: r for r in result["rows"]}
+    assert set(rows) == {"dldm.py M_RL (gta5)", "dldm.py M_SL (gta5)", "dldm.py student (gta5)", "iidm.py (gta5)",
+                         "iidm.py --stack daformer (gta5)", "iidm.py --stack hrda --mic (gta5)"}
+    for k, (name, row, _) in enumerate(r for r in loader.loader_rows() if r[0] in rows):   # what the scripts build
+        (tmp_path / str(k)).mkdir()
+        captured = loader.capture(row, "small", speed.write_bench_data(data, "small"), tmp_path / str(k))
+        assert rows[name]["streams"] == [loader.describe(d, s) for d, s in captured]
+    assert len(rows["iidm.py (gta5)"]["streams"]) == 3 and len(rows["dldm.py M_RL (gta5)"]["streams"]) == 2
+    assert rows["dldm.py M_RL (gta5)"]["streams"][0].startswith("LabSourceDataset(gta5")
+    for r in rows.values():
+        assert r["iterations_per_s"] > 0 and r["prepared_iterations_per_s"] > 0
+        assert r["images_per_s"] == pytest.approx([r["iterations_per_s"] * b for b in r["batches"]])
+    assert (rows["dldm.py M_RL (gta5)"]["step_ms"], rows["dldm.py M_RL (gta5)"]["step_from"]) == (250.0, "--step-ms")
+    assert (rows["dldm.py student (gta5)"]["step_ms"], rows["dldm.py student (gta5)"]["step_from"]) == \
+        (400.0, "speed.json: cuda (X) amp")
+    assert rows["iidm.py (gta5)"]["step_ms"] is None
+    text = (tmp_path / "RESULTS.md").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("| dldm.py M_RL (gta5) |"))
+    assert f"| {rows['dldm.py M_RL (gta5)']['iterations_per_s'] * 0.25:.2f} |" in line
+    assert "## Demo dataset domain gap\n\nkept as it is\n" in text and "old text" in text
+    assert "## Data loading, all of a script's streams together" in text
+    assert "## Data-loading throughput" not in text                           # the per-pipeline table untouched
+    assert loader.parse_args(["--together", "--step-ms", "30"]).step_ms == {None: 30.0}
+    assert loader.parse_args(["--together"]).stream_workers == training.shared_parser({}).get_default("workers")
+    for bad in (["--step-ms", "0"], ["--step-ms", "nope.py=20"], ["--step-ms", "dacs.py=fast"]):
+        with pytest.raises(common.DataError, match="--step-ms"):
+            loader.parse_args(["--together", *bad])
+
+
+def test_loader_together_writes_its_table_after_every_row(bench, tmp_path, monkeypatch):
+    """A run cut after its first row (gpu_check.sh's time limit) keeps that row in the JSON and RESULTS.md."""
+    data, _, _ = bench
+    rates = iter([(5.0, [10.0, 10.0])])
+    monkeypatch.setattr(loader, "together_rate", lambda streams, workers, seconds: next(rates))
+    with pytest.raises(StopIteration):
+        loader.main(["--small", "--data-root", str(data), "--together", "--scripts", "dacs.py", "--sources", "gta5",
+                     "--step-ms", "500", "--json", str(tmp_path / "t.json"), "--results", str(tmp_path / "R.md")])
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert [(r["row"], r["iterations_per_s"]) for r in rows] == [("dacs.py (gta5)", 5.0)]
+    assert "| dacs.py (gta5) |" in (tmp_path / "R.md").read_text() and "| 2.50 |" in (tmp_path / "R.md").read_text()
+
+
 def test_loader_rows_cover_every_speed_row_and_source():
     names = [name for name, _, _ in loader.loader_rows()]
     for script, stage, extra, _ in speed.ROWS:

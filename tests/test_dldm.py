@@ -2,6 +2,7 @@
 the BDL rule, the merge, LAB, ensembles, one test per flag, and bad input."""
 import json
 import math
+import pickle
 import shutil
 import subprocess
 import sys
@@ -493,24 +494,59 @@ def test_distinct_colours_and_pixel_moments_rebuild_the_whole_image_exactly():
         assert np.array_equal(dldm.lab_stats(img), np.concatenate([flat.mean(0), flat.std(0)]))
 
 
+def test_lab_transfer_reusing_colour_tables_is_uint8_equal_to_the_per_pixel_transfer(root):
+    """One ColourTables through images of 2^16+ pixels (the table path) with different colour sets, odd sizes
+    and 1 to 4 colour blocks: nothing of one image leaks into the next; a pickled dataset carries no tables."""
+    rng = np.random.default_rng(15)
+    tables = dldm.ColourTables()
+    images = [rng.integers(0, 256, (257, 261, 3)),                                      # ~67k colours: 4 blocks
+              rng.integers(0, 256, (8, 3))[rng.integers(0, 8, (300, 257))],          # 8 colours: 1 block
+              rng.integers(100, 140, (263, 251, 3)), np.full((256, 256, 3), 77),       # one colour
+              rng.integers(0, 256, (2, 3, 3)).repeat(129, axis=0).repeat(127, axis=1)]  # small palette, big image
+    for img in [im.astype(np.uint8) for im in images] * 2:
+        for stats in (dldm.lab_stats(img), np.array([55.0, -8.0, 12.0, 30.0, 20.0, 10.0])):
+            out = dldm.lab_transfer(img, stats, tables)
+            assert np.array_equal(out, per_pixel_lab_transfer(img, stats)), (img.shape, stats)
+        assert not tables.seen.any()
+    data = dldm.LabSourceDataset("gta5", root / "gta5", ref_stats=np.array([[50.0, 0, 0, 20.0, 10.0, 10.0]]))
+    first = data[(0, 3, -1)]["image"]
+    assert isinstance(data.tables, dldm.ColourTables) and pickle.loads(pickle.dumps(data)).tables is None
+    assert torch.equal(pickle.loads(pickle.dumps(data))[(0, 3, -1)]["image"], first)
+
+
+def test_colour_blocks_cover_every_colour_once_and_none_is_a_single_colour():
+    for n in [1, 2, 3, 16383, 16384, 16385, 32767, 32768, 32769, 49153, 100000, 1 << 21]:
+        blocks = dldm.colour_blocks(n)
+        assert blocks[0].start == 0 and blocks[-1].stop == n
+        assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
+        sizes = [b.stop - b.start for b in blocks]
+        assert (sizes == [n] if n < 16384 else all(16384 <= s < 2 * 16384 for s in sizes)), n
+
+
 def test_online_lab_run_is_bit_identical_to_the_per_pixel_transfer(root, tmp_path, monkeypatch):
     """A 2-iteration M_RL run with --lab-mode online: the same weights with the per-pixel transfer."""
     args = dldm.parse_args(TINY)
     assert (args.lab, args.lab_mode) == ("on", "online")
     fast = stage_digest(root, tmp_path / "fast", ["--stage", "rl"], "round1/rl/checkpoint.pth")
-    monkeypatch.setattr(dldm, "lab_transfer", per_pixel_lab_transfer)
+    monkeypatch.setattr(dldm, "lab_transfer", lambda rgb, stats, tables: per_pixel_lab_transfer(rgb, stats))
     assert stage_digest(root, tmp_path / "slow", ["--stage", "rl"], "round1/rl/checkpoint.pth") == fast
-    monkeypatch.setattr(dldm, "lab_transfer", lambda rgb, stats: per_pixel_lab_transfer(rgb, np.asarray(stats) + 1e-3))
+    monkeypatch.setattr(dldm, "lab_transfer",
+                        lambda rgb, stats, tables: per_pixel_lab_transfer(rgb, np.asarray(stats) + 1e-3))
     assert stage_digest(root, tmp_path / "other", ["--stage", "rl"], "round1/rl/checkpoint.pth") != fast
 
 
 def test_lab_speed_benchmark_runs_and_prints_a_row_per_frame(capsys, monkeypatch):
+    """Its before/after rows, and its `per_pixel_transfer` (the code before issue 24) is the tests' reference."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import lab_speed
     lab_speed.main(["--reps", "1", "--sigmas", "0", "5", "--size", "48", "30", "--resize", "32", "20"])
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
     assert [r[0] for r in rows] == ["| demo scene + noise sigma 0", "| demo scene + noise sigma 5", "| uniform noise"]
-    assert all(0 < float(r[1]) <= 1 and float(r[3]) > 0 and float(r[5].rstrip(" |")) > 0 for r in rows)
+    assert all(0 < float(r[1]) <= 1 and r[4].endswith("x") and r[7].endswith("x") and r[8] == "yes |" for r in rows)
+    rng = np.random.default_rng(14)
+    for img in lab_test_images(rng)[:12]:
+        stats = np.array([60.0, 10.0, -20.0, 20.0, 30.0, 25.0])
+        assert np.array_equal(lab_speed.per_pixel_transfer(img, stats), per_pixel_lab_transfer(img, stats))
 
 
 # ------------------------------------------------------------------ each flag changes training

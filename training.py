@@ -1092,3 +1092,33 @@ def run_script(main):
         print(f"error: {exc.filename or 'writing a file'}: {exc.strerror}", file=sys.stderr)
         code = 2
     sys.exit(code)
+
+
+# ======================================================================================
+# A step of several passes
+# ======================================================================================
+
+
+@contextlib.contextmanager
+def grad_sync(model, last):
+    """Around the forward and the backward of one loss of a step that backpropagates several: under DDP
+    every pass but the step's `last` runs in `no_sync()`, so the gradients add up on each rank and the last
+    backward all-reduces their sum once (the same average as an all-reduce per backward); in one process
+    nothing changes. DDP decides at the forward whether the backward all-reduces, hence the forward inside.
+    DDP broadcasts rank 0's buffers (BN statistics) before a forward only when the previous forward
+    synchronised; it is told to go on doing so after a no_sync pass, so the buffers follow the same path
+    as without no_sync."""
+    if last or not isinstance(model, nn.parallel.DistributedDataParallel):
+        yield
+        return
+    with model.no_sync():
+        yield
+    model.require_forward_param_sync = True
+
+
+def cast_once(amp):
+    """Around a step's passes, each in its own `amp.autocast()`: the low-precision copies of the trainable
+    weights are made once per step, not once per pass. Autocast caches them until the outermost autocast
+    region ends; this outer region has autocast off, so the code between the passes and the backward passes
+    run as outside any region (fp32 stays fp32). End it before the optimiser step (the weights change)."""
+    return torch.autocast(amp.device_type, dtype=amp.dtype, enabled=False)

@@ -112,7 +112,7 @@ when U > 0.5, one op order and one sigma per batch) and multiplied by a block ma
 each dropped with probability --mask-ratio 0.7), is trained against the teacher's un-mixed pseudo-label with the
 same q and crop weights, x --mask-lambda 1, with its own backward before the step. With --stack hrda the authors
 scale only the fused term (--mask-lambda-all: the whole loss, the clean variant). With --stack deeplabv2 the
-masked loss is added to DACS's L_u, one backward (an assumption: MIC's DeepLabv2 runs use its DAFormer-based code).
+masked loss is one more term of DACS's loss (an assumption: MIC's DeepLabv2 runs use its DAFormer-based code).
 --mic is refused with --source-only and with --mix intra*.
 """
 import copy
@@ -402,19 +402,19 @@ def train(args):
                     x_m = common.color_jitter(x_m, norm, g, gate=args.jitter_gate, per_image_order=True)
                 if not args.no_blur:
                     x_m = common.gaussian_blur(x_m, g, per_image=True)
-                with amp.autocast():
-                    logits_m = common.upsample(model(x_m), y_m.shape[1:])
-                    loss_u = args.consistency_weight * common.ce_pixel_weighted(logits_m, y_m, w)   # lambda * L_u
+                with training.grad_sync(model, last=not args.mic):
+                    with amp.autocast():
+                        logits_m = common.upsample(model(x_m), y_m.shape[1:])
+                        loss_u = args.consistency_weight * common.ce_pixel_weighted(logits_m, y_m, w)   # lambda * L_u
+                    amp.backward(loss_u)
                 losses.update(loss_u=loss_u, q=q)
-                loss = loss_u
-                if args.mic:   # MIC: the masked target image against the same (unmixed) pseudo-label, in L_u's sum
+                if args.mic:   # MIC: the masked target image against the same (unmixed) pseudo-label, added to L
                     y_t, w_t, _ = target_pseudo_label(logits_t, args)
                     x_k = common.mic_masked_input(x_t, norm, g, args.mask_block, args.mask_ratio)
                     with amp.autocast():
                         losses["loss_mic"] = args.mask_lambda * common.ce_pixel_weighted(
                             common.upsample(model(x_k), y_t.shape[1:]), y_t, w_t)
-                    loss = loss + losses["loss_mic"]
-                amp.backward(loss)
+                    amp.backward(losses["loss_mic"])
         amp.step(optimizer)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()

@@ -1120,5 +1120,7 @@ def cast_once(amp):
     """Around a step's passes, each in its own `amp.autocast()`: the low-precision copies of the trainable
     weights are made once per step, not once per pass. Autocast caches them until the outermost autocast
     region ends; this outer region has autocast off, so the code between the passes and the backward passes
-    run as outside any region (fp32 stays fp32). End it before the optimiser step (the weights change)."""
+    run as outside any region (fp32 stays fp32). End it before the optimiser step (the weights change). Give
+    each pass its own backward: one backward through two passes would add their gradients at the shared
+    cast, in low precision (separate regions add them in fp32)."""
     return torch.autocast(amp.device_type, dtype=amp.dtype, enabled=False)

@@ -78,7 +78,9 @@ kernel is a Gaussian with sigma = 70/6 px at 2048 px width. A8 --mix none (Mean 
 the mixing step with M = 1: the jittered target with raw pseudo-labels. A9 CutMix / CowMix use ClassMix's
 mask generators (classmix_ssl.py), source pasted onto target. A10 the warm-up is applied to the
 target->source mixes (camix, idacs) only. Seeding: python/numpy/torch and every draw follow from --seed
-and the iteration (exact resume); the authors seed numpy only (GTA5) or numpy and torch (SYNTHIA).
+and the iteration (exact resume); the authors seed numpy only (GTA5) or numpy and torch (SYNTHIA). L_seg
+is backpropagated right after its forward (the code: one backward of Eq. 11's sum): the same summed gradient
+(bit-equal on the CPU), one graph alive at a time.
 --demo trains a light network (--layers 1 1 1 1 --width 32) from the demo init with Adam, the warm-up
 and t_max scaled to its length; it demonstrates the loop, not the paper's numbers. Beside DACS and
 source-only it trains iDACS (Table 4's baseline: the same warm-up, then half of the raw teacher argmax's

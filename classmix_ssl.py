@@ -41,6 +41,8 @@ Deviations and assumptions:
   --split-seed 1 applies split_2.pkl's permutation, 10 split_1.pkl's; split_0's seed is unknown, so the
   default is split 2's seed 1 rather than the config's split 0 (--official-split picks 1 or 2).
 - Seeding of python/numpy/torch and of every draw from --seed and the iteration (exact resume).
+- L_l is backpropagated right after its forward, before the teacher and mixed passes (CM/trainSSL.py: one
+  backward of L_l + L_u): the gradients add up to the same sum (bit-equal on the CPU), one graph alive at a time.
 - --soft-targets ("no pseudo-label") trains with CE against the mixed soft teacher maps, weighted like the
   default; the thesis does not give the loss form (assumed: soft-target cross-entropy).
 - --demo trains a light network (--layers 1 1 1 1 --width 32) from the demo init with Adam, 10 labeled.

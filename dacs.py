@@ -36,6 +36,8 @@ Deviations and assumptions:
 - Seeding: the authors seed numpy only; here python/numpy/torch and every data and augmentation draw follow
   from --seed and the iteration (exact resume). This cannot change expected results.
 - The batch size is general: pair k = (source k, target k), as the released code does for its two pairs.
+- L_l is backpropagated right after its forward, before the teacher and mixed passes (the released code: one
+  backward of L_l + L_u): the gradients add up to the same sum (bit-equal on the CPU), one graph alive at a time.
 - SYNTHIA: the released script has no SYNTHIA branch (author's instructions, vikolss/DACS#4); images are kept
   at 1280x760 and cropped like GTA5; the 19-way head is trained and 16/13-class mIoU are read off the
   19x19 matrix. The source-only baseline length is not stated in the thesis; 250k iterations assumed.

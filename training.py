@@ -98,8 +98,7 @@ def ddp(model, dist, device, sync_bn=False, find_unused=False):
     """The training forward of `model`: DistributedDataParallel under torchrun (BN -> SyncBatchNorm with
     `sync_bn`, in place), the model itself in one process. `find_unused`: the script's passes leave some
     parameters without gradient (DLDM's student reads the main head only); the two-branch ASPP
-    (docs/quirks.md Q1) is detected here. Otherwise DDP skips its per-backward search for unused parameters
-    (several forwards before one backward need no search: checked under gloo in the tests)."""
+    (docs/quirks.md Q1) is detected here. Otherwise DDP skips its per-backward search for unused parameters."""
     if dist.world == 1:
         return model
     if sync_bn:

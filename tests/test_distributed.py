@@ -247,9 +247,9 @@ def test_script_runs_under_two_processes(root, tmp_path, script):
             assert (one / "round1" / "pseudo" / name).read_bytes() == (out / "round1" / "pseudo" / name).read_bytes()
 
 
-def test_without_unused_parameters_ddp_skips_the_search_and_two_forwards_per_backward_train():
-    """find_unused_parameters only for the two-branch ASPP (or a script's own unused head); DACS's two forwards
-    before one backward train without it (DDP raises at the 2nd iteration if a parameter went unused)."""
+def test_without_unused_parameters_ddp_skips_the_search():
+    """find_unused_parameters only for the two-branch ASPP (or a script's own unused head); DACS trains without
+    it with --aspp-full (the test below: DDP raises at the 2nd iteration if a parameter went unused)."""
     import common
     import training
     assert training.has_unused_aspp(common.DeepLabV2(layers=(1, 1, 1, 1)))

@@ -136,3 +136,29 @@ def test_one_cast_cache_per_step_casts_the_weights_once_with_the_same_numbers(ca
             for k in (0, 1)]                                # autocast off: no cast, bit-identical gradients
     assert fp32[0][0] == fp32[1][0] == 0
     assert all(torch.equal(a, b) for a, b in zip(fp32[0][1], fp32[1][1]))
+
+
+OTHERS = {  # script: (flags, checkpoint under the run folder); ASS: its no-grad pass on x_u shares the casts too
+    "iidm": (["--source-size", "64", "32", "--crop-size", "32", "32", "--n-labeled", "2", "--rcs-min-pixels", "40"],
+             "checkpoint.pth"),
+    "asss": (["--source-size", "64", "32", "--n-labeled", "2"], "checkpoint.pth"),
+    "dldm": (["--source-size", "64", "32", "--n-labeled", "2", "--poly-iters", "10", "--pl-bins", "4096", "--stage",
+              "sl", "--round", "1"], "round1/sl/checkpoint.pth"),
+}
+
+
+@pytest.mark.parametrize("script", list(OTHERS))
+def test_one_cast_cache_leaves_the_other_scripts_amp_steps_unchanged(script, root, tmp_path, monkeypatch):
+    import importlib
+    from conftest import weights_digest
+    module, (flags, ckpt) = importlib.import_module(script), OTHERS[script]
+    digests = []
+    for one_cache in (True, False):
+        out = tmp_path / str(one_cache)
+        with monkeypatch.context() as m:
+            if not one_cache:
+                m.setattr(training, "cast_once", lambda amp: contextlib.nullcontext())
+            module.main([*BASE, *flags, "--iters", "2", "--save-every", "2", "--amp", "--data-root", str(root),
+                         "--out-dir", str(out)])
+        digests.append(weights_digest(torch.load(out / ckpt, weights_only=True)["model"]))
+    assert digests[0] == digests[1]

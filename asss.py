@@ -338,31 +338,34 @@ def generator_pass(model, discs, args, amp, source, labeled, unlabeled, seg=None
     set_requires_grad(discs.values(), False)
     losses, saved = {}, {}
     lam1, lam2 = args.lambda_adv
+    adapt_u = unlabeled is not None and args.ga_direction != "s2t"             # T_U has its own backward
     if source is not None:                                                     # S: segmentation + adaptation
         x_s, y_s = source
-        with amp.autocast():
-            p1, p2, feat = seg(x_s)
-            losses["loss_seg_s"] = common.seg_loss(p1, p2, y_s, args.lambda_seg)    # Eq. 1 on I_s
-            loss = losses["loss_seg_s"]
-            if args.use_ga:
-                P1, P2 = d_input(p1, x_s.shape[2:]), d_input(p2, x_s.shape[2:])
-                saved["P_s"] = (P1.detach(), P2.detach())
-                if args.ga_direction == "s2t":                                 # Eq. 2: source maps -> "target"
-                    losses["loss_adv1"] = gan_loss(discs["D_g1"](P1), TARGET)
-                    losses["loss_adv2"] = gan_loss(discs["D_g2"](P2), TARGET)
-                    loss = loss + lam1 * losses["loss_adv1"] + lam2 * losses["loss_adv2"]
-            if args.sa != "none":
-                y_f = downsample_labels(y_s, feat.shape[2:])
-                losses["loss_sadv"] = sa_loss(discs["D_s"], args.sa, feat, y_f, TARGET)   # Eq. 5 / 7
-                loss = loss + args.lambda_sadv * losses["loss_sadv"]
-                saved["F_s"] = (feat.detach(), y_f)
-        amp.backward(loss)
+        with training.grad_sync(seg, last=labeled is None and not adapt_u):    # DDP: no_sync but the last pass
+            with amp.autocast():
+                p1, p2, feat = seg(x_s)
+                losses["loss_seg_s"] = common.seg_loss(p1, p2, y_s, args.lambda_seg)    # Eq. 1 on I_s
+                loss = losses["loss_seg_s"]
+                if args.use_ga:
+                    P1, P2 = d_input(p1, x_s.shape[2:]), d_input(p2, x_s.shape[2:])
+                    saved["P_s"] = (P1.detach(), P2.detach())
+                    if args.ga_direction == "s2t":                                 # Eq. 2: source maps -> "target"
+                        losses["loss_adv1"] = gan_loss(discs["D_g1"](P1), TARGET)
+                        losses["loss_adv2"] = gan_loss(discs["D_g2"](P2), TARGET)
+                        loss = loss + lam1 * losses["loss_adv1"] + lam2 * losses["loss_adv2"]
+                if args.sa != "none":
+                    y_f = downsample_labels(y_s, feat.shape[2:])
+                    losses["loss_sadv"] = sa_loss(discs["D_s"], args.sa, feat, y_f, TARGET)   # Eq. 5 / 7
+                    loss = loss + args.lambda_sadv * losses["loss_sadv"]
+                    saved["F_s"] = (feat.detach(), y_f)
+            amp.backward(loss)
     if labeled is not None:                                                    # T_L: segmentation only
         x_l, y_l = labeled
-        with amp.autocast():
-            p1, p2, feat = seg(x_l)
-            losses["loss_seg_tl"] = common.seg_loss(p1, p2, y_l, args.lambda_seg)   # Eq. 1 on I_tl
-        amp.backward(losses["loss_seg_tl"])
+        with training.grad_sync(seg, last=not adapt_u):
+            with amp.autocast():
+                p1, p2, feat = seg(x_l)
+                losses["loss_seg_tl"] = common.seg_loss(p1, p2, y_l, args.lambda_seg)   # Eq. 1 on I_tl
+            amp.backward(losses["loss_seg_tl"])
         if args.sa != "none":
             saved["F_tl"] = (feat.detach(), downsample_labels(y_l, feat.shape[2:]))
     if unlabeled is not None:                                                  # T_U: only GA sees it
@@ -496,8 +499,9 @@ def train(args):
         source = training.next_batch(loader_s, device) if loader_s is not None else None
         labeled_batch = training.next_batch(loader_l, device) if loader_l is not None else None
         unlabeled = training.next_batch(loader_u, device)[0] if loader_u is not None else None   # labels unused
-        losses, saved = generator_pass(model, discs, args, amp, source, labeled_batch, unlabeled, seg)   # Eq. 9
-        losses.update(discriminator_pass(train_discs, args, amp, saved))                           # Eq. 10
+        with training.cast_once(amp):                           # each network's weights cast once per step
+            losses, saved = generator_pass(model, discs, args, amp, source, labeled_batch, unlabeled, seg)   # Eq. 9
+            losses.update(discriminator_pass(train_discs, args, amp, saved))                           # Eq. 10
         amp.step(opt_g, *opt_d.values())
         lr = sched_g.get_last_lr()[0]
         for sched in (sched_g, *sched_d.values()):

@@ -79,7 +79,9 @@ kernel is a Gaussian with sigma = 70/6 px at 2048 px width. A8 --mix none (Mean 
 the mixing step with M = 1: the jittered target with raw pseudo-labels. A9 CutMix / CowMix use ClassMix's
 mask generators (classmix_ssl.py), source pasted onto target. A10 the warm-up is applied to the
 target->source mixes (camix, idacs) only. Seeding: python/numpy/torch and every draw follow from --seed
-and the iteration (exact resume); the authors seed numpy only (GTA5) or numpy and torch (SYNTHIA).
+and the iteration (exact resume); the authors seed numpy only (GTA5) or numpy and torch (SYNTHIA). L_seg
+is backpropagated right after its forward (the code: one backward of Eq. 11's sum): the same summed gradient
+(bit-equal on the CPU), one graph alive at a time.
 --demo trains a light network (--layers 1 1 1 1 --width 32) from the demo init with Adam, the warm-up
 and t_max scaled to its length; it demonstrates the loop, not the paper's numbers. Beside DACS and
 source-only it trains iDACS (Table 4's baseline: the same warm-up, then half of the raw teacher argmax's
@@ -594,46 +596,48 @@ def train(args):
     for i in range(start, args.iters):
         student.train()
         g = common.step_generator(args.seed, i, dist.rank)
-        x_s, y_s = training.next_batch(loader_s, device)
-        with amp.autocast():
-            loss_seg = common.ce_loss(common.upsample(model(x_s), y_s.shape[1:]), y_s)       # Eq. 10
-        losses = {"loss_seg": loss_seg}
-        loss = loss_seg
-        if teacher is not None:
-            batch = next(loader_t)
-            x_t = training.batch_images(batch, device)
-            prior = None if Q is None else prior_crops(Q, batch["window"], x_t.shape[2:])   # Q cut like X_T
-            with torch.no_grad(), amp.autocast():
-                logits_t = common.upsample(teacher(x_t).float(), x_t.shape[2:])
-            prob_t = logits_t.float().softmax(1)                                   # P, no grad
-            y_raw, w_t, _ = common.pseudo_label(logits_t, args.tau, "uniform")    # raw argmax; w_t over the batch
-            u_t = None
-            if use_sigmask:                                                        # Eq. 5-7
-                threshold = significance_threshold(i, args.sigmask_tmax, args.sigmask_beta, args.sigmask_gamma)
-                u_t = significance_mask(teacher, x_t, threshold, args.sigmask_passes,
-                                        sigmask_noise(args.src_impl, args.sigmask_noise_std, g), y_raw.shape[1:], amp)
-            phase = "dacs" if i < args.warmup_iters else args.mix                  # phase A / phase B
-            T = target_pixels(phase, y_s, y_raw, prob_t, prior, g, args)           # Eq. 1 (1 = target pixel)
-            x_m, y_m, w_m, u_m = mix_target_onto_source(T, x_s, y_s, x_t, y_raw, w_t, u_t)   # Eq. 2, 4, 8
-            if not args.no_jitter:   # one gate per iteration, own factors and op order per image (as dacs.py)
-                x_m = common.color_jitter(x_m, norm, g, gate=0.2, per_image_order=True)
-            if not args.no_blur:
-                x_m = common.gaussian_blur(x_m, g, per_image=True)
-            with amp.autocast():
-                logits_m = common.upsample(model(x_m), y_m.shape[1:])
-            if args.consistency == "mse":
-                loss_con = mse_consistency(logits_m, prob_t, w_t.mean())
-            else:
-                loss_con = consistency_loss(logits_m, y_m, w_m, u_m, args.consistency, args.src_impl)   # Eq. 9
-            loss_con = args.consistency_weight * loss_con
-            losses.update(loss_con=loss_con, q=w_t.mean(), target_share=T.mean())
-            if u_m is not None:
-                losses["sigmask_kept"] = u_t.mean()
-            if phase == "camix" and prior is not None:   # how often Q changes the teacher's argmax
-                losses["prior_changed"] = ((prior * prob_t).argmax(1) != y_raw).float().mean()
-            loss = loss_seg + loss_con                                             # Eq. 11
         optimizer.zero_grad(set_to_none=True)
-        amp.backward(loss)
+        x_s, y_s = training.next_batch(loader_s, device)
+        with training.cast_once(amp):                                   # the weights cast once for both passes
+            with training.grad_sync(model, last=teacher is None):
+                with amp.autocast():
+                    loss_seg = common.ce_loss(common.upsample(model(x_s), y_s.shape[1:]), y_s)       # Eq. 10
+                amp.backward(loss_seg)    # before the mixed forward: one graph alive; the gradients add up (Eq. 11)
+            losses = {"loss_seg": loss_seg.detach()}
+            if teacher is not None:
+                batch = next(loader_t)
+                x_t = training.batch_images(batch, device)
+                prior = None if Q is None else prior_crops(Q, batch["window"], x_t.shape[2:])   # Q cut like X_T
+                with torch.no_grad(), amp.autocast():
+                    logits_t = common.upsample(teacher(x_t).float(), x_t.shape[2:])
+                prob_t = logits_t.float().softmax(1)                                   # P, no grad
+                y_raw, w_t, _ = common.pseudo_label(logits_t, args.tau, "uniform")    # raw argmax; w_t over the batch
+                u_t = None
+                if use_sigmask:                                                        # Eq. 5-7
+                    threshold = significance_threshold(i, args.sigmask_tmax, args.sigmask_beta, args.sigmask_gamma)
+                    u_t = significance_mask(teacher, x_t, threshold, args.sigmask_passes,
+                                            sigmask_noise(args.src_impl, args.sigmask_noise_std, g), y_raw.shape[1:],
+                                            amp)
+                phase = "dacs" if i < args.warmup_iters else args.mix                  # phase A / phase B
+                T = target_pixels(phase, y_s, y_raw, prob_t, prior, g, args)           # Eq. 1 (1 = target pixel)
+                x_m, y_m, w_m, u_m = mix_target_onto_source(T, x_s, y_s, x_t, y_raw, w_t, u_t)   # Eq. 2, 4, 8
+                if not args.no_jitter:   # one gate per iteration, own factors and op order per image (as dacs.py)
+                    x_m = common.color_jitter(x_m, norm, g, gate=0.2, per_image_order=True)
+                if not args.no_blur:
+                    x_m = common.gaussian_blur(x_m, g, per_image=True)
+                with amp.autocast():
+                    logits_m = common.upsample(model(x_m), y_m.shape[1:])
+                if args.consistency == "mse":
+                    loss_con = mse_consistency(logits_m, prob_t, w_t.mean())
+                else:
+                    loss_con = consistency_loss(logits_m, y_m, w_m, u_m, args.consistency, args.src_impl)   # Eq. 9
+                loss_con = args.consistency_weight * loss_con
+                losses.update(loss_con=loss_con, q=w_t.mean(), target_share=T.mean())
+                if u_m is not None:
+                    losses["sigmask_kept"] = u_t.mean()
+                if phase == "camix" and prior is not None:   # how often Q changes the teacher's argmax
+                    losses["prior_changed"] = ((prior * prob_t).argmax(1) != y_raw).float().mean()
+                amp.backward(loss_con)                                             # Eq. 11: L_seg + L_con
         amp.step(optimizer)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()

@@ -41,6 +41,8 @@ Deviations and assumptions:
   --split-seed 1 applies split_2.pkl's permutation, 10 split_1.pkl's; split_0's seed is unknown, so the
   default is split 2's seed 1 rather than the config's split 0 (--official-split picks 1 or 2).
 - Seeding of python/numpy/torch and of every draw from --seed and the iteration (exact resume).
+- L_l is backpropagated right after its forward, before the teacher and mixed passes (CM/trainSSL.py: one
+  backward of L_l + L_u): the gradients add up to the same sum (bit-equal on the CPU), one graph alive at a time.
 - --soft-targets ("no pseudo-label") trains with CE against the mixed soft teacher maps, weighted like the
   default; the thesis does not give the loss form (assumed: soft-target cross-entropy).
 - --demo trains a light network (--layers 1 1 1 1 --width 32) from the demo init with Adam, 10 labeled.
@@ -262,34 +264,35 @@ def train(args):
     for i in range(start, args.iters):
         student.train()
         g = common.step_generator(args.seed, i, dist.rank)
-        x_l, y_l = training.next_batch(loader_l, device)
-        with amp.autocast():
-            loss_l = common.ce_loss(common.upsample(model(x_l), y_l.shape[1:]), y_l)     # L_l, supervised CE
-        losses = {"loss_l": loss_l}
-        loss = loss_l
-        if teacher is not None:
-            x_u, _ = training.next_batch(loader_u, device)                 # labels unused
-            with torch.no_grad(), amp.autocast():
-                P = common.upsample(teacher(x_u).float(), x_u.shape[2:]).softmax(1)   # weak view = identity
-            x_m, P_m = class_mix(x_u, P, g, args)
-            if args.extra_aug:  # one gate, factors per image, one op order and one sigma per call (CM/trainSSL.py)
-                x_m = common.color_jitter(x_m, norm, g, gate=args.jitter_gate, per_image_order=False)
-                x_m = common.gaussian_blur(x_m, g, per_image=False)
-            conf, y_m = P_m.max(1)                             # (= mixing the argmax maps)
-            w = unsupervised_weight(conf, i, args)
-            with amp.autocast():
-                logits_m = common.upsample(model(x_m), y_m.shape[1:])
-                if args.consistency_loss == "mse":  # eq. 2.1 ablation; CM scales it by q whatever the weight
-                    loss_u = common.mse_softmax(logits_m, P_m) * (conf >= args.tau).float().mean()
-                elif args.soft_targets:
-                    loss_u = soft_ce_weighted(logits_m, P_m, w)
-                else:
-                    loss_u = common.ce_pixel_weighted(logits_m, y_m, w)
-                loss_u = args.consistency_weight * loss_u                   # lambda * L_u, eq. 2.14
-            losses.update(loss_u=loss_u, q=(conf >= args.tau).float().mean())
-            loss = loss_l + loss_u
         optimizer.zero_grad(set_to_none=True)
-        amp.backward(loss)
+        x_l, y_l = training.next_batch(loader_l, device)
+        with training.cast_once(amp):                                   # the weights cast once for both passes
+            with training.grad_sync(model, last=teacher is None):
+                with amp.autocast():
+                    loss_l = common.ce_loss(common.upsample(model(x_l), y_l.shape[1:]), y_l)     # L_l, supervised CE
+                amp.backward(loss_l)      # before the mixed forward: one graph alive; the gradients add up
+            losses = {"loss_l": loss_l.detach()}
+            if teacher is not None:
+                x_u, _ = training.next_batch(loader_u, device)                 # labels unused
+                with torch.no_grad(), amp.autocast():
+                    P = common.upsample(teacher(x_u).float(), x_u.shape[2:]).softmax(1)   # weak view = identity
+                x_m, P_m = class_mix(x_u, P, g, args)
+                if args.extra_aug:  # one gate, factors per image, one op order and one sigma per call (CM/trainSSL.py)
+                    x_m = common.color_jitter(x_m, norm, g, gate=args.jitter_gate, per_image_order=False)
+                    x_m = common.gaussian_blur(x_m, g, per_image=False)
+                conf, y_m = P_m.max(1)                             # (= mixing the argmax maps)
+                w = unsupervised_weight(conf, i, args)
+                with amp.autocast():
+                    logits_m = common.upsample(model(x_m), y_m.shape[1:])
+                    if args.consistency_loss == "mse":  # eq. 2.1 ablation; CM scales it by q whatever the weight
+                        loss_u = common.mse_softmax(logits_m, P_m) * (conf >= args.tau).float().mean()
+                    elif args.soft_targets:
+                        loss_u = soft_ce_weighted(logits_m, P_m, w)
+                    else:
+                        loss_u = common.ce_pixel_weighted(logits_m, y_m, w)
+                    loss_u = args.consistency_weight * loss_u                   # lambda * L_u, eq. 2.14
+                losses.update(loss_u=loss_u, q=(conf >= args.tau).float().mean())
+                amp.backward(loss_u)
         amp.step(optimizer)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()

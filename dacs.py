@@ -37,6 +37,8 @@ Deviations and assumptions:
 - Seeding: the authors seed numpy only; here python/numpy/torch and every data and augmentation draw follow
   from --seed and the iteration (exact resume). This cannot change expected results.
 - The batch size is general: pair k = (source k, target k), as the released code does for its two pairs.
+- L_l is backpropagated right after its forward, before the teacher and mixed passes (the released code: one
+  backward of L_l + L_u): the gradients add up to the same sum (bit-equal on the CPU), one graph alive at a time.
 - SYNTHIA: the released script has no SYNTHIA branch (author's instructions, vikolss/DACS#4); images are kept
   at 1280x760 and cropped like GTA5; the 19-way head is trained and 16/13-class mIoU are read off the
   19x19 matrix. The source-only baseline length is not stated in the thesis; 250k iterations assumed.
@@ -113,7 +115,7 @@ when U > 0.5, one op order and one sigma per batch) and multiplied by a block ma
 each dropped with probability --mask-ratio 0.7), is trained against the teacher's un-mixed pseudo-label with the
 same q and crop weights, x --mask-lambda 1, with its own backward before the step. With --stack hrda the authors
 scale only the fused term (--mask-lambda-all: the whole loss, the clean variant). With --stack deeplabv2 the
-masked loss is added to DACS's one summed loss (an assumption: MIC's DeepLabv2 runs use its DAFormer-based code).
+masked loss is one more term of DACS's loss (an assumption: MIC's DeepLabv2 runs use its DAFormer-based code).
 --mic is refused with --source-only and with --mix intra*.
 
 Cityscapes as the source, ACDC or Dark Zurich as the target (DAFormer/HRDA/MIC's "further datasets"):
@@ -416,45 +418,47 @@ def train(args):
     for i in range(start, args.iters):
         student.train()
         g = common.step_generator(args.seed, i, dist.rank)
-        x_s, y_s = training.next_batch(loader_s, device)
-        with amp.autocast():
-            loss_l = common.ce_loss(common.upsample(model(x_s), y_s.shape[1:]), y_s)     # L_l, source CE
-        losses = {"loss_l": loss_l}
-        loss = loss_l
-        if teacher is not None:
-            x_t, _ = training.next_batch(loader_t, device)                 # target labels unused
-            with torch.no_grad(), amp.autocast():
-                logits_t = common.upsample(teacher(x_t).float(), x_t.shape[2:])
-            if args.mix == "inter":
-                x_m, y_m, w, q = cross_domain_mix(x_s, y_s, x_t, logits_t, g, args)
-            else:
-                prob_t = logits_t.softmax(1)
-                if p_model is not None:  # §2.5.6: running mean of the predictions, then alignment
-                    batch_mean = prob_t.mean((0, 2, 3))
-                    if dist.world > 1:   # the global batch's mean: p_model stays the same on every rank
-                        torch.distributed.all_reduce(batch_mean)
-                        batch_mean /= dist.world
-                    p_model.lerp_(batch_mean, 0.01)   # EMA 0.99 (thesis §5.2.2)
-                    prob_t = align_distribution(prob_t, p_target, p_model)
-                x_m, y_m, w, q = intra_domain_mix(x_t, prob_t, g, args)
-            if not args.no_jitter:  # §3.4; one gate per iteration, own factors and op order per image (D6)
-                x_m = common.color_jitter(x_m, norm, g, gate=args.jitter_gate, per_image_order=True)
-            if not args.no_blur:
-                x_m = common.gaussian_blur(x_m, g, per_image=True)
-            with amp.autocast():
-                logits_m = common.upsample(model(x_m), y_m.shape[1:])
-                loss_u = args.consistency_weight * common.ce_pixel_weighted(logits_m, y_m, w)   # lambda * L_u
-            losses.update(loss_u=loss_u, q=q)
-            loss = loss_l + loss_u
-            if args.mic:   # MIC: the masked target image against the same (unmixed) pseudo-label, in the same sum
-                y_t, w_t, _ = target_pseudo_label(logits_t, args)
-                x_k = common.mic_masked_input(x_t, norm, g, args.mask_block, args.mask_ratio)
-                with amp.autocast():
-                    losses["loss_mic"] = args.mask_lambda * common.ce_pixel_weighted(
-                        common.upsample(model(x_k), y_t.shape[1:]), y_t, w_t)
-                loss = loss + losses["loss_mic"]
         optimizer.zero_grad(set_to_none=True)
-        amp.backward(loss)
+        x_s, y_s = training.next_batch(loader_s, device)
+        with training.cast_once(amp):                                   # the weights cast once for both passes
+            with training.grad_sync(model, last=teacher is None):
+                with amp.autocast():
+                    loss_l = common.ce_loss(common.upsample(model(x_s), y_s.shape[1:]), y_s)     # L_l, source CE
+                amp.backward(loss_l)      # before the mixed forward: one graph alive; the gradients add up
+            losses = {"loss_l": loss_l.detach()}
+            if teacher is not None:
+                x_t, _ = training.next_batch(loader_t, device)                 # target labels unused
+                with torch.no_grad(), amp.autocast():
+                    logits_t = common.upsample(teacher(x_t).float(), x_t.shape[2:])
+                if args.mix == "inter":
+                    x_m, y_m, w, q = cross_domain_mix(x_s, y_s, x_t, logits_t, g, args)
+                else:
+                    prob_t = logits_t.softmax(1)
+                    if p_model is not None:  # §2.5.6: running mean of the predictions, then alignment
+                        batch_mean = prob_t.mean((0, 2, 3))
+                        if dist.world > 1:   # the global batch's mean: p_model stays the same on every rank
+                            torch.distributed.all_reduce(batch_mean)
+                            batch_mean /= dist.world
+                        p_model.lerp_(batch_mean, 0.01)   # EMA 0.99 (thesis §5.2.2)
+                        prob_t = align_distribution(prob_t, p_target, p_model)
+                    x_m, y_m, w, q = intra_domain_mix(x_t, prob_t, g, args)
+                if not args.no_jitter:  # §3.4; one gate per iteration, own factors and op order per image (D6)
+                    x_m = common.color_jitter(x_m, norm, g, gate=args.jitter_gate, per_image_order=True)
+                if not args.no_blur:
+                    x_m = common.gaussian_blur(x_m, g, per_image=True)
+                with training.grad_sync(model, last=not args.mic):
+                    with amp.autocast():
+                        logits_m = common.upsample(model(x_m), y_m.shape[1:])
+                        loss_u = args.consistency_weight * common.ce_pixel_weighted(logits_m, y_m, w)   # lambda * L_u
+                    amp.backward(loss_u)
+                losses.update(loss_u=loss_u, q=q)
+                if args.mic:   # MIC: the masked target image against the same (unmixed) pseudo-label, added to L
+                    y_t, w_t, _ = target_pseudo_label(logits_t, args)
+                    x_k = common.mic_masked_input(x_t, norm, g, args.mask_block, args.mask_ratio)
+                    with amp.autocast():
+                        losses["loss_mic"] = args.mask_lambda * common.ce_pixel_weighted(
+                            common.upsample(model(x_k), y_t.shape[1:]), y_t, w_t)
+                    amp.backward(losses["loss_mic"])
         amp.step(optimizer)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
@@ -558,39 +562,40 @@ def train_daformer(args):
             common.ema_update(teacher, student, i, args.ema_alpha, args.teacher_eval_bn)
         optimizer.zero_grad(set_to_none=True)
         x_s, y_s = training.next_batch(loader_s, device)
-        with amp.autocast():
-            loss_l, features = stream_loss(x_s, y_s, 1.0, g)
-        losses = {"loss_l": loss_l}
-        amp.backward(loss_l, retain_graph=use_fd)                # source CE first, its graph kept for FD
-        if use_fd:          # ImageNet feature distance, stage 4 only (HRDA: of the context view)
+        with training.cast_once(amp):                            # the weights cast once for every pass
             with amp.autocast():
-                losses["loss_fd"] = args.fd_lambda * common.thing_feature_distance(
-                    features[-1], imnet, common.context_view(x_s) if hrda else x_s, y_s)
-            amp.backward(losses["loss_fd"])                      # reaches the encoder only
-            losses["loss_l"] = loss_l.detach()                   # the source graph kept for FD is freed here,
-            del loss_l, features                                 # not after the later streams
-        if teacher is not None:
-            x_t, valid = training.next_target_batch(loader_t, device)   # target labels unused (but by the crop rule)
-            with torch.no_grad(), amp.autocast():                # HRDA: overlapping detail windows
-                logits_t = up(teacher(x_t).float(), x_t.shape[2:])
-            x_m, y_m, w, q = cross_domain_mix(x_s, y_s, x_t, logits_t, g, args, args.pl_crop,
-                                              args.classmix_select == "batch", valid)
-            if not args.no_jitter:  # DAFormer: s 0.2, p 0.2; one switch per iteration, factors and order per image
-                x_m = common.color_jitter(x_m, norm, g, strength=0.2, gate=args.jitter_gate, per_image_order=True)
-            if not args.no_blur:
-                x_m = common.gaussian_blur(x_m, g, per_image=True)
-            with amp.autocast():
-                loss_u = args.consistency_weight * stream_loss(x_m, y_m, w, g)[0]
-            amp.backward(loss_u)
-            losses.update(loss_u=loss_u, q=q)
-            if args.mic:   # MIC: masked colour-augmented target against the same (unmixed) pseudo-label and weights
-                y_t, w_t, _ = target_pseudo_label(logits_t, args, args.pl_crop, valid)
-                x_k = common.mic_masked_input(x_t, norm, g, args.mask_block, args.mask_ratio)
-                fused_only = hrda and not args.mask_lambda_all   # MIC scales HRDA's fused term only
+                loss_l, features = stream_loss(x_s, y_s, 1.0, g)
+            losses = {"loss_l": loss_l}
+            amp.backward(loss_l, retain_graph=use_fd)                # source CE first, its graph kept for FD
+            if use_fd:          # ImageNet feature distance, stage 4 only (HRDA: of the context view)
                 with amp.autocast():
-                    loss_mic = stream_loss(x_k, y_t, w_t, g, args.mask_lambda if fused_only else 1.0)[0]
-                    losses["loss_mic"] = loss_mic if fused_only else args.mask_lambda * loss_mic
-                amp.backward(losses["loss_mic"])
+                    losses["loss_fd"] = args.fd_lambda * common.thing_feature_distance(
+                        features[-1], imnet, common.context_view(x_s) if hrda else x_s, y_s)
+                amp.backward(losses["loss_fd"])                      # reaches the encoder only
+                losses["loss_l"] = loss_l.detach()                   # the source graph kept for FD is freed here,
+                del loss_l, features                                 # not after the later streams
+            if teacher is not None:
+                x_t, valid = training.next_target_batch(loader_t, device)   # labels unused (but by the crop rule)
+                with torch.no_grad(), amp.autocast():                # HRDA: overlapping detail windows
+                    logits_t = up(teacher(x_t).float(), x_t.shape[2:])
+                x_m, y_m, w, q = cross_domain_mix(x_s, y_s, x_t, logits_t, g, args, args.pl_crop,
+                                                  args.classmix_select == "batch", valid)
+                if not args.no_jitter:  # DAFormer: s 0.2, p 0.2; one switch per iteration, factors and order per image
+                    x_m = common.color_jitter(x_m, norm, g, strength=0.2, gate=args.jitter_gate, per_image_order=True)
+                if not args.no_blur:
+                    x_m = common.gaussian_blur(x_m, g, per_image=True)
+                with amp.autocast():
+                    loss_u = args.consistency_weight * stream_loss(x_m, y_m, w, g)[0]
+                amp.backward(loss_u)
+                losses.update(loss_u=loss_u, q=q)
+                if args.mic:   # MIC: masked colour-augmented target against the same (unmixed) pseudo-label and weights
+                    y_t, w_t, _ = target_pseudo_label(logits_t, args, args.pl_crop, valid)
+                    x_k = common.mic_masked_input(x_t, norm, g, args.mask_block, args.mask_ratio)
+                    fused_only = hrda and not args.mask_lambda_all   # MIC scales HRDA's fused term only
+                    with amp.autocast():
+                        loss_mic = stream_loss(x_k, y_t, w_t, g, args.mask_lambda if fused_only else 1.0)[0]
+                        losses["loss_mic"] = loss_mic if fused_only else args.mask_lambda * loss_mic
+                    amp.backward(losses["loss_mic"])
         amp.step(optimizer)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()

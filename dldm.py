@@ -782,7 +782,8 @@ def train_model(run, r, stage, teachers=None):
         g = common.step_generator(seed, i, dist.rank)
         optimizer.zero_grad(set_to_none=True)
         batches = {k: training.next_batch(v, device) for k, v in loaders.items()}
-        losses = step(net, batches, g, run, teachers)
+        with training.cast_once(amp):                           # the weights cast once for the step's passes
+            losses = step(net, batches, g, run, teachers)
         amp.step(optimizer)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
@@ -822,9 +823,10 @@ def rl_step(model, b, g, run, _):
 def sl_step(model, b, g, run, _):
     """Eq. 3: a source and a target image in the same iteration; CE summed (two backward passes, one step)."""
     (x_s, y_s), (x_t, y_t) = b["s"], b["t"]
-    with run.amp.autocast():
-        loss_sl_s = common.seg_loss(*model(x_s), y_s, run.args.aux_weight)
-    run.amp.backward(loss_sl_s)
+    with training.grad_sync(model, last=False):         # DDP: the target backward all-reduces the sum
+        with run.amp.autocast():
+            loss_sl_s = common.seg_loss(*model(x_s), y_s, run.args.aux_weight)
+        run.amp.backward(loss_sl_s)
     with run.amp.autocast():
         loss_sl_t = common.seg_loss(*model(x_t), y_t, run.args.aux_weight)
     run.amp.backward(loss_sl_t)
@@ -839,9 +841,10 @@ def student_step(model, b, g, run, teachers):
     with torch.no_grad(), run.amp.autocast():
         z_teachers = [common.upsample(t(x_u)[1].float(), size) for t in teachers]     # z_RL, z_SL (A8)
     p_e = ensemble_probs(z_teachers, a.kd_temp, a.ens)                                 # E(M_RL, M_SL) (A10)
-    with run.amp.autocast():
-        loss_kl = kd_loss(common.upsample(model(x_u)[1], size), p_e, a.kd_temp, a.kd_t2)   # L_kl (A9)
-    run.amp.backward(a.lambda_kl * loss_kl)
+    with training.grad_sync(model, last=False):         # DDP: the L_ce backward all-reduces the sum
+        with run.amp.autocast():
+            loss_kl = kd_loss(common.upsample(model(x_u)[1], size), p_e, a.kd_temp, a.kd_t2)   # L_kl (A9)
+        run.amp.backward(a.lambda_kl * loss_kl)
     with run.amp.autocast():
         loss_ce = common.seg_loss(*model(x_t), y_t, a.aux_weight)                     # L_ce
     run.amp.backward(a.lambda_ce * loss_ce)

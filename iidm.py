@@ -413,6 +413,7 @@ def train(args):
             return seg_loss(x_k, y, w, fused_scale=args.mask_lambda)
         return args.mask_lambda * seg_loss(x_k, y, w)
     # ---------------------------------------------------------------- training loop (DAFormer dacs.py order)
+    labeled_pass = loader_t is not None and not args.no_tgt_sup                # L_t has its own backward
     stop = training.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, args.iters):
         student.train()
@@ -422,62 +423,68 @@ def train(args):
         optimizer.zero_grad(set_to_none=True)
         losses = {}
         x_s = y_s = x_t = y_t = None
-        if loader_s is not None:
-            x_s, y_s = training.next_batch(loader_s, device)
-            if imnet is None:
-                losses["loss_s"] = seg_loss(x_s, y_s, 1.0)                    # L_s, eq. 9
-                amp.backward(losses["loss_s"])
-            else:                    # DAFormer: L_s backward keeping its graph, then the feature distance's
-                with amp.autocast():
-                    if hrda:         # HRDA: FD on the context view's features
-                        out = student(x_s, common.hr_crop_box(x_s.shape[2:], detail, g))
-                        loss_s, features = common.hrda_loss(out, y_s, 1.0, args.hr_loss_weight), out.features
-                    else:
-                        features, out = student.forward_features(x_s)
-                        loss_s = common.ce_pixel_weighted(up(out, y_s.shape[1:]), y_s, 1.0)
-                amp.backward(loss_s, retain_graph=True)
-                with amp.autocast():
-                    losses["loss_fd"] = args.fd_lambda * common.thing_feature_distance(
-                        features[-1], imnet, common.context_view(x_s) if hrda else x_s, y_s, num_classes)
-                amp.backward(losses["loss_fd"])                               # reaches the encoder only
-                losses["loss_s"] = loss_s.detach()   # the source graph kept for FD is freed here, not after the
-                del loss_s, features, out            # later streams
-        if loader_t is not None:
-            x_t, y_t = training.next_batch(loader_t, device)
-            if not args.no_tgt_sup:
-                losses["loss_t"] = seg_loss(x_t, y_t, 1.0, 0.0 if args.labeled_loss == "fused" else None)  # eq. 10
-                amp.backward(losses["loss_t"])
-        if teacher is not None:
-            x_u, valid = training.next_target_batch(loader_u, device)      # labels unused; v2 margins
-            x_u_inter, x_u_intra = (x_u[:B], x_u[B:]) if args.mix_strategy == "two-two" else (x_u, x_u)
-            v_inter, v_intra = (valid[:B], valid[B:]) if valid is not None and args.mix_strategy == "two-two" else (
-                valid, valid)
-            y_u, q = pseudo_label(x_u_inter)                                  # one y_u and q for both streams
-            y_u2, q2 = pseudo_label(x_u_intra) if args.mix_strategy == "two-two" else (y_u, q)
-            w_u = crop_weight(q, y_u, v_inter)                                # also MIC's (A21)
-            streams = mixed_streams(x_s, y_s, x_t, y_t, (x_u_inter, y_u, w_u),
-                                    (x_u_intra, y_u2, crop_weight(q2, y_u2, v_intra)), g, args)
-            # A15: one jitter and one blur switch for all streams; factors, op order and sigma per image
-            x_all = torch.cat([s[2] for s in streams])
-            if not args.no_jitter:
-                x_all = common.color_jitter(x_all, norm, g, strength=0.2, gate=0.2, per_image_order=True)
-            if not args.no_blur:
-                x_all = common.gaussian_blur(x_all, g, per_image=True)
-            if args.mic_on == "mixed":                                        # A23 alternative: no own stream
-                x_all = x_all * common.mic_block_mask(x_all.shape[0], x_all.shape[2], x_all.shape[3], g,
-                                                      args.mask_block, args.mask_ratio, x_all.device)
-            for k, (name, weight, _, y, w) in enumerate(streams):            # L_inter eq. 7, L_intra eq. 8
-                losses[name] = seg_loss(x_all[k * B:(k + 1) * B], y, w)
-                amp.backward(weight * losses[name])
-            if args.mic_on in ("unlabeled", "labeled"):                       # MIC on x_u, same y_u and weights
-                losses["loss_mic"] = mic_loss(x_u_inter, y_u, w_u)
-                amp.backward(losses["loss_mic"])
-            if args.mic_on == "labeled" and x_t is not None:                  # A23 alternative: x_t with its GT
-                losses["loss_mic_t"] = mic_loss(x_t, y_t, 1.0)
-                amp.backward(losses["loss_mic_t"])
-            losses["q"] = q.mean()
-            if args.mix_strategy == "two-two":                                # A17: the second stream's own q
-                losses["q_intra"] = q2.mean()
+        with training.cast_once(amp):                                          # the weights cast once per step
+            if loader_s is not None:
+                x_s, y_s = training.next_batch(loader_s, device)
+                with training.grad_sync(model, last=not labeled_pass and teacher is None):   # DDP: no_sync but last
+                    if imnet is None:
+                        losses["loss_s"] = seg_loss(x_s, y_s, 1.0)                    # L_s, eq. 9
+                        amp.backward(losses["loss_s"])
+                    else:                # DAFormer: L_s backward keeping its graph, then the feature distance's
+                        with amp.autocast():
+                            if hrda:     # HRDA: FD on the context view's features
+                                out = student(x_s, common.hr_crop_box(x_s.shape[2:], detail, g))
+                                loss_s, features = common.hrda_loss(out, y_s, 1.0, args.hr_loss_weight), out.features
+                            else:
+                                features, out = student.forward_features(x_s)
+                                loss_s = common.ce_pixel_weighted(up(out, y_s.shape[1:]), y_s, 1.0)
+                        amp.backward(loss_s, retain_graph=True)
+                        with amp.autocast():
+                            losses["loss_fd"] = args.fd_lambda * common.thing_feature_distance(
+                                features[-1], imnet, common.context_view(x_s) if hrda else x_s, y_s, num_classes)
+                        amp.backward(losses["loss_fd"])                               # reaches the encoder only
+                        losses["loss_s"] = loss_s.detach()   # the source graph kept for FD is freed here, not after
+                        del loss_s, features, out            # the later streams
+            if loader_t is not None:
+                x_t, y_t = training.next_batch(loader_t, device)
+                if labeled_pass:
+                    with training.grad_sync(model, last=teacher is None):
+                        losses["loss_t"] = seg_loss(x_t, y_t, 1.0, 0.0 if args.labeled_loss == "fused" else None)
+                        amp.backward(losses["loss_t"])                                # eq. 10
+            if teacher is not None:
+                x_u, valid = training.next_target_batch(loader_u, device)      # labels unused; v2 margins
+                x_u_inter, x_u_intra = (x_u[:B], x_u[B:]) if args.mix_strategy == "two-two" else (x_u, x_u)
+                v_inter, v_intra = (valid[:B], valid[B:]) if valid is not None and args.mix_strategy == "two-two" else (
+                    valid, valid)
+                y_u, q = pseudo_label(x_u_inter)                                  # one y_u and q for both streams
+                y_u2, q2 = pseudo_label(x_u_intra) if args.mix_strategy == "two-two" else (y_u, q)
+                w_u = crop_weight(q, y_u, v_inter)                                # also MIC's (A21)
+                streams = mixed_streams(x_s, y_s, x_t, y_t, (x_u_inter, y_u, w_u),
+                                        (x_u_intra, y_u2, crop_weight(q2, y_u2, v_intra)), g, args)
+                # A15: one jitter and one blur switch for all streams; factors, op order and sigma per image
+                x_all = torch.cat([s[2] for s in streams])
+                if not args.no_jitter:
+                    x_all = common.color_jitter(x_all, norm, g, strength=0.2, gate=0.2, per_image_order=True)
+                if not args.no_blur:
+                    x_all = common.gaussian_blur(x_all, g, per_image=True)
+                if args.mic_on == "mixed":                                        # A23 alternative: no own stream
+                    x_all = x_all * common.mic_block_mask(x_all.shape[0], x_all.shape[2], x_all.shape[3], g,
+                                                          args.mask_block, args.mask_ratio, x_all.device)
+                mic_u, mic_t = args.mic_on in ("unlabeled", "labeled"), args.mic_on == "labeled" and x_t is not None
+                for k, (name, weight, _, y, w) in enumerate(streams):            # L_inter eq. 7, L_intra eq. 8
+                    with training.grad_sync(model, last=k == len(streams) - 1 and not mic_u):
+                        losses[name] = seg_loss(x_all[k * B:(k + 1) * B], y, w)
+                        amp.backward(weight * losses[name])
+                if mic_u:                                                         # MIC on x_u, same y_u and weights
+                    with training.grad_sync(model, last=not mic_t):
+                        losses["loss_mic"] = mic_loss(x_u_inter, y_u, w_u)
+                        amp.backward(losses["loss_mic"])
+                if mic_t:                                                         # A23 alternative: x_t with its GT
+                    losses["loss_mic_t"] = mic_loss(x_t, y_t, 1.0)
+                    amp.backward(losses["loss_mic_t"])
+                losses["q"] = q.mean()
+                if args.mix_strategy == "two-two":                                # A17: the second stream's own q
+                    losses["q_intra"] = q2.mean()
         amp.step(optimizer)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()

@@ -98,8 +98,7 @@ def ddp(model, dist, device, sync_bn=False, find_unused=False):
     """The training forward of `model`: DistributedDataParallel under torchrun (BN -> SyncBatchNorm with
     `sync_bn`, in place), the model itself in one process. `find_unused`: the script's passes leave some
     parameters without gradient (DLDM's student reads the main head only); the two-branch ASPP
-    (docs/quirks.md Q1) is detected here. Otherwise DDP skips its per-backward search for unused parameters
-    (several forwards before one backward need no search: checked under gloo in the tests)."""
+    (docs/quirks.md Q1) is detected here. Otherwise DDP skips its per-backward search for unused parameters."""
     if dist.world == 1:
         return model
     if sync_bn:
@@ -1233,3 +1232,35 @@ def run_script(main):
         print(f"error: {exc.filename or 'writing a file'}: {exc.strerror}", file=sys.stderr)
         code = 2
     sys.exit(code)
+
+
+# ======================================================================================
+# A step of several passes
+# ======================================================================================
+
+
+@contextlib.contextmanager
+def grad_sync(model, last):
+    """Around the forward and the backward of one loss of a step that backpropagates several: under DDP
+    every pass but the step's `last` runs in `no_sync()`, so the gradients add up on each rank and the last
+    backward all-reduces their sum once (the same average as an all-reduce per backward); in one process
+    nothing changes. DDP decides at the forward whether the backward all-reduces, hence the forward inside.
+    DDP broadcasts rank 0's buffers (BN statistics) before a forward only when the previous forward
+    synchronised; it is told to go on doing so after a no_sync pass, so the buffers follow the same path
+    as without no_sync."""
+    if last or not isinstance(model, nn.parallel.DistributedDataParallel):
+        yield
+        return
+    with model.no_sync():
+        yield
+    model.require_forward_param_sync = True
+
+
+def cast_once(amp):
+    """Around a step's passes, each in its own `amp.autocast()`: the low-precision copies of the trainable
+    weights are made once per step, not once per pass. Autocast caches them until the outermost autocast
+    region ends; this outer region has autocast off, so the code between the passes and the backward passes
+    run as outside any region (fp32 stays fp32). End it before the optimiser step (the weights change). Give
+    each pass its own backward: one backward through two passes would add their gradients at the shared
+    cast, in low precision (separate regions add them in fp32)."""
+    return torch.autocast(amp.device_type, dtype=amp.dtype, enabled=False)

@@ -25,8 +25,8 @@ real non-scalar input is a tensor the step made on the host and moved with .to(d
 CPU, a device tensor on a GPU) with its byte size, and drops it when the storage dies
 (torch.multiprocessing.reductions.StorageWeakRef). The sum of the live storages is what the program holds
 on the device at that moment: weights, gradients, the optimiser's momentum, the EMA teacher, the graphs
-autograd keeps alive (both forwards of DACS, ClassMix and CAMix until their one backward; saved tensors
-freed node by node during the backward, as the engine does), the no-grad teacher pass while it runs.
+autograd keeps alive until their backward (saved tensors freed node by node during the backward, as the
+engine does), the no-grad teacher pass while it runs.
 Views and in-place results share their storage and are counted once, so the authors' duplicated 1x
 parameter group costs nothing twice. "peak": the largest sum during step 2; "at start": what is alive
 when it begins.

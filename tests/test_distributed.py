@@ -247,9 +247,9 @@ def test_script_runs_under_two_processes(root, tmp_path, script):
             assert (one / "round1" / "pseudo" / name).read_bytes() == (out / "round1" / "pseudo" / name).read_bytes()
 
 
-def test_without_unused_parameters_ddp_skips_the_search_and_two_forwards_per_backward_train():
-    """find_unused_parameters only for the two-branch ASPP (or a script's own unused head); DACS's two forwards
-    before one backward train without it (DDP raises at the 2nd iteration if a parameter went unused)."""
+def test_without_unused_parameters_ddp_skips_the_search():
+    """find_unused_parameters only for the two-branch ASPP (or a script's own unused head); DACS trains without
+    it with --aspp-full (the test below: DDP raises at the 2nd iteration if a parameter went unused)."""
     import common
     import training
     assert training.has_unused_aspp(common.DeepLabV2(layers=(1, 1, 1, 1)))
@@ -261,6 +261,31 @@ def test_dacs_with_the_full_aspp_runs_under_two_processes(root, tmp_path):
     out = tmp_path / "run"
     proc, spy = launch("dacs", root, out, "--iters", 3, "--save-every", 3, "--aspp-full")
     check_run(out, spy, proc, 3)
+
+
+@pytest.mark.parametrize("script", ["dacs", "iidm"])
+def test_no_sync_on_all_but_the_last_backward_gives_the_same_update(root, tmp_path, script):
+    """training.grad_sync: DDP's no_sync() on a step's earlier backward passes (DACS: the source CE before the
+    mixed pass; IIDM: L_s, L_t and L_inter before L_intra) gives the weights of an all-reduce at every backward,
+    with one all-reduce per step; with the last backward under no_sync too the ranks drift apart."""
+    runs = {}
+    for mode in ("last", "every", "never"):   # all-reduce at the last backward (the scripts) / at each / never
+        out = tmp_path / mode
+        proc, spy = launch(script, root, out, "--iters", 3, "--save-every", 3, env={"DDP_TEST_GRAD_SYNC": mode})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[mode] = (torch.load(out / "checkpoint.pth", weights_only=True), records(spy, 0)[3], records(spy, 1)[3],
+                      len((spy / "allreduce0.txt").read_text().splitlines()),
+                      torch.load(spy / "buffers1.pt", weights_only=True))
+    last, every, never = runs["last"], runs["every"], runs["never"]
+    assert last[1] == last[2] and every[1] == every[2]          # both ranks hold the same weights
+    for key in ("model", "ema_model"):                          # BN statistics too (rank 0's)
+        for k, v in every[0][key].items():
+            torch.testing.assert_close(last[0][key][k], v, rtol=1e-4, atol=1e-6, msg=k)   # summation order
+    for k, v in every[4].items():   # rank 1's: DDP still broadcasts rank 0's before the pass after a no_sync pass
+        torch.testing.assert_close(last[4][k], v, rtol=1e-4, atol=1e-6, msg=k)
+    passes = {"dacs": 2, "iidm": 4}[script]                     # backward passes per step
+    assert every[3] == passes * last[3] > 0                     # bucket all-reduces: once per step, not per pass
+    assert never[1] != never[2] and never[3] == 0
 
 
 def test_world_settings_resolved_or_refused_before_anything_is_written():
@@ -335,6 +360,8 @@ def rank_main(script, argv):
                   "ema": params_digest(state.get("ema_model", {}))}
         with open(spy / f"rank{rank}.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        if os.environ.get("DDP_TEST_GRAD_SYNC"):   # this rank's own BN statistics (rank 0's are the checkpoint's)
+            torch.save({k: v for k, v in state["model"].items() if "running_" in k}, spy / f"buffers{rank}.pt")
         if state["iteration"] == kill_at and rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -351,6 +378,24 @@ def rank_main(script, argv):
 
     training.write_checkpoints, common.atomic_path, common.metrics_from_confusion = (
         write_checkpoints, atomic_path, metrics_from_confusion)
+    grad_sync = os.environ.get("DDP_TEST_GRAD_SYNC")
+    if grad_sync:   # which backward passes all-reduce (every: no no_sync; never: the last one in no_sync too)
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+        real_grad_sync, real_ddp = training.grad_sync, training.ddp
+        if grad_sync != "last":
+            training.grad_sync = lambda model, last: real_grad_sync(model, grad_sync == "every")
+
+        def counted_ddp(*args, **kwargs):   # the ranks' all-reduces of gradient buckets, one line each
+            model = real_ddp(*args, **kwargs)
+
+            def hook(state, bucket):
+                with open(spy / f"allreduce{rank}.txt", "a") as f:
+                    f.write("1\n")
+                return allreduce_hook(state, bucket)
+            model.register_comm_hook(None, hook)
+            return model
+        training.ddp = counted_ddp
+        (spy / f"allreduce{rank}.txt").touch()
     if os.environ.get("DDP_TEST_CPU_SYNC_BN"):
         torch.nn.SyncBatchNorm.forward = cpu_sync_batch_norm
         ddp = torch.nn.parallel.DistributedDataParallel

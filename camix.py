@@ -465,7 +465,8 @@ def build_optimizer(student, args):
     """The code's LegacySGD over the duplicated groups, the paper's Adam (wd 5e-5, head x10) or the demo's Adam."""
     if args.optimizer == "adam-paper":
         return torch.optim.Adam(common.param_groups(student, args.lr, official_duplicates=False), lr=args.lr,
-                                betas=(0.9, 0.999), weight_decay=5e-5)
+                                betas=(0.9, 0.999), weight_decay=5e-5,
+                                **common.adam_kernels(next(student.parameters()).device))
     return common.deeplab_optimizer(student, args.lr, args.optimizer, not args.clean_param_groups, args.sgd_rule)
 
 
@@ -544,6 +545,7 @@ def train(args):
         start = training.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
     training.write_run_files(out_dir, args, dist=dist)
     model = training.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
+    training.compile_networks(args, model, teacher)               # --compile: in place, checkpoints unchanged
     loader_s = training.shuffled_loader(source, args, 0, start, dist=dist)
     loader_t = None if args.source_only else training.shuffled_loader(target, args, 1, start, dist=dist)
     log = training.Logger(out_dir, args.log_every, args.iters, start, dist)

@@ -240,6 +240,7 @@ def train(args):
         start = training.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
     training.write_run_files(out_dir, args, labeled, dist)
     model = training.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
+    training.compile_networks(args, model, teacher)               # --compile: in place, checkpoints unchanged
     loader_l = training.shuffled_loader(data_l, args, 0, start, dist=dist)
     loader_u = None if data_u is None else training.shuffled_loader(data_u, args, 1, start, dist=dist)
     log = training.Logger(out_dir, args.log_every, args.iters, start, dist)

@@ -727,6 +727,7 @@ def train_model(run, r, stage, teachers=None):
     step = {"rl": rl_step, "sl": sl_step, "student": student_step, "supervised": supervised_step}[stage]
     net = training.ddp(model, dist, device, a.sync_bn,   # training forwards; `model` for the rest
                      find_unused=stage == "student" or not a.aux_weight)   # L_kl reads the main head only
+    training.compile_networks(a, net, *(teachers or ()))         # --compile: in place, checkpoints unchanged
     metrics = None
     stop = training.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, a.iters):

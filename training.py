@@ -105,7 +105,8 @@ def ddp(model, dist, device, sync_bn=False, find_unused=False):
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                               find_unused_parameters=find_unused or has_unused_aspp(model))
+                                               find_unused_parameters=find_unused or has_unused_aspp(model),
+                                               gradient_as_bucket_view=True)
 
 
 def has_unused_aspp(model):
@@ -438,6 +439,15 @@ def shared_parser(defaults):
         action=argparse.BooleanOptionalAction, default=False)
     add("--amp-dtype", "with --amp: the autocast type (auto = bf16 where the device has it, else fp16)",
         choices=["auto", "bf16", "fp16"], default="auto")
+    add("--compile", "torch.compile the networks every training step runs (student, EMA teacher, discriminators, "
+        "frozen encoders; evaluation stays eager); the first iterations pay the compile (README 'Compiled step')",
+        action=argparse.BooleanOptionalAction, default=False)
+    add("--compile-mode", "with --compile: torch.compile mode (reduce-overhead = CUDA graphs: needs static shapes and "
+        "no host syncs in the compiled region; unmeasured here, no GPU has run it)",
+        choices=["default", "reduce-overhead", "max-autotune"], default="default")
+    add("--compile-backend", "with --compile: torch.compile backend (inductor: C++ on the CPU, Triton on CUDA; "
+        "aot_eager: the traced graphs run eagerly, for debugging and the tests)",
+        choices=["inductor", "aot_eager"], default="inductor")
     if "sgd_rule" in d:
         add("--sgd-rule", "the per-entry SGD over the duplicated 1x group (docs/quirks.md Q4): torch0.4 adds the weight "
             "decay into p.grad, compounding over a tensor's listings (PyTorch 0.3-1.4); torch1.5 adds it out of place "
@@ -525,6 +535,7 @@ def check_args(args):
         raise DataError(f"--crop-size {args.crop_size[0]} {args.crop_size[1]}: expected positive H W or 0 0")
     if getattr(args, "amp_dtype", "auto") != "auto" and not args.amp:
         raise DataError(f"--amp-dtype {args.amp_dtype} has an effect with --amp only (add --amp, or drop it)")
+    check_compile_args(args)
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         raise DataError(f"--resume {args.resume}: file not found")
 
@@ -614,7 +625,8 @@ def resume_state(args, out_dir, num_classes):
 
 RUN_ONLY_ARGS = {"data_root", "gta5_root", "synthia_root", "cityscapes_root", "out_dir", "resume", "eval_only",
                  "checkpoint", "eval_model", "save_predictions", "eval_every", "save_every", "keep_checkpoints",
-                 "log_every", "device", "amp", "amp_dtype", "workers", "demo"}
+                 "log_every", "device", "amp", "amp_dtype", "workers", "demo", "compile", "compile_mode",
+                 "compile_backend"}
 
 
 ADDED_ARGS = {"sgd_rule": "torch1.5", "stack": "deeplabv2", "mit": None, "drop_path_rate": None, "fd_lambda": None,
@@ -1092,3 +1104,34 @@ def run_script(main):
         print(f"error: {exc.filename or 'writing a file'}: {exc.strerror}", file=sys.stderr)
         code = 2
     sys.exit(code)
+
+
+# ======================================================================================
+# The compiled step (--compile)
+# ======================================================================================
+
+def check_compile_args(args):
+    """--compile-mode / --compile-backend need --compile; a mode other than default is inductor's (DataError)."""
+    if not hasattr(args, "compile"):
+        return
+    changed = [f"--compile-{k} {getattr(args, 'compile_' + k)}" for k, default in (("mode", "default"),
+               ("backend", "inductor")) if getattr(args, "compile_" + k) != default]
+    if changed and not args.compile:
+        raise DataError(f"{changed[0]} has an effect with --compile only (add --compile, or drop it)")
+    if args.compile_mode != "default" and args.compile_backend != "inductor":
+        raise DataError(f"--compile-mode {args.compile_mode} is an inductor mode (this run: --compile-backend "
+                        f"{args.compile_backend}); use --compile-backend inductor or --compile-mode default")
+
+
+def compile_networks(args, *networks):
+    """--compile: torch.compile each network in place (nn.Module.compile: its state_dict keys stay unprefixed,
+    so checkpoints are the same with and without --compile). A DDP wrapper is compiled as a whole, as PyTorch
+    documents for DDP (wrap, then compile: TorchDynamo splits the graph at DDP's bucket boundaries); a DAFormer/
+    HRDA segmentor as its encoder and decode head, which `forward_features` calls past the segmentor's own
+    forward. common.evaluate runs eagerly (torch.compiler.set_stance): no recompile for eval mode."""
+    if not args.compile:
+        return
+    for net in dict.fromkeys(n for n in networks if n is not None):   # each module once
+        for part in [net.backbone, net.decode_head] if isinstance(net, common.DAFormer) else [net]:
+            part.compile(mode=args.compile_mode, backend=args.compile_backend)
+

@@ -1128,9 +1128,12 @@ def compile_networks(args, *networks):
     so checkpoints are the same with and without --compile). A DDP wrapper is compiled as a whole, as PyTorch
     documents for DDP (wrap, then compile: TorchDynamo splits the graph at DDP's bucket boundaries); a DAFormer/
     HRDA segmentor as its encoder and decode head, which `forward_features` calls past the segmentor's own
-    forward. common.evaluate runs eagerly (torch.compiler.set_stance): no recompile for eval mode."""
+    forward. common.evaluate runs eagerly (torch.compiler.set_stance): no recompile for eval mode. Donated buffers
+    are off: the feature-distance pass of the MiT stacks backpropagates the source graph twice (retain_graph), which
+    a compiled backward that reuses its saved tensors' memory refuses."""
     if not args.compile:
         return
+    torch._functorch.config.donated_buffer = False
     for net in dict.fromkeys(n for n in networks if n is not None):   # each module once
         for part in [net.backbone, net.decode_head] if isinstance(net, common.DAFormer) else [net]:
             part.compile(mode=args.compile_mode, backend=args.compile_backend)

@@ -80,6 +80,9 @@ Deviations: --seed seeds everything and fixes every data draw by (seed, stream, 
 defines a seed it never applies). --preset source-only (source CE only) is a demo baseline, not an ASS column.
 --demo trains a light network (--layers 1 1 1 1 --width 32) from the demo init with Adam, 5 labeled images;
 it shows the loop working and the paper's ordering (GA+CSA above its oracle), not the paper's numbers.
+--compile (README 'Compiled step'): torch.compile, in place, of the segmenter's training pass and every
+discriminator (evaluation eager; checkpoints and exact resume unchanged). Every D's Adam is fused on CUDA,
+foreach elsewhere; G's LegacySGD keeps the authors' per-listing arithmetic.
 """
 import copy
 import time

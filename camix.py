@@ -83,6 +83,9 @@ and the iteration (exact resume); the authors seed numpy only (GTA5) or numpy an
 and t_max scaled to its length; it demonstrates the loop, not the paper's numbers. Beside DACS and
 source-only it trains iDACS (Table 4's baseline: the same warm-up, then half of the raw teacher argmax's
 classes pasted target onto source), the row CAMix's own components (spatial prior, meta-classes) add to.
+--compile (README 'Compiled step'): torch.compile, in place, of the student's training forward and the EMA
+teacher (evaluation eager; checkpoints and exact resume unchanged). --optimizer adam-paper / adam are fused on
+CUDA, foreach elsewhere; the code's SGD is the per-listing LegacySGD.
 """
 import copy
 import json

@@ -114,6 +114,11 @@ same q and crop weights, x --mask-lambda 1, with its own backward before the ste
 scale only the fused term (--mask-lambda-all: the whole loss, the clean variant). With --stack deeplabv2 the
 masked loss is added to DACS's one summed loss (an assumption: MIC's DeepLabv2 runs use its DAFormer-based code).
 --mic is refused with --source-only and with --mix intra*.
+
+--compile (README 'Compiled step'): torch.compile, in place, of the student's training forward, the EMA teacher
+and (--stack daformer/hrda) the frozen ImageNet encoder; a MiT segmentor as its encoder and head (what
+forward_features runs). Evaluation stays eager; checkpoints and exact resume are unchanged. AdamW (--stack
+daformer/hrda) and the demo's Adam are fused on CUDA, foreach elsewhere; the SGD is the authors' LegacySGD.
 """
 import copy
 import time

@@ -97,6 +97,9 @@ implies; no digest is published, so its sha256 is written to <out-dir>/init_sha2
 --init-sha256 when given. --init imagenet is torchvision's ResNet-101 (pytorch style, RGB mean/std).
 --demo trains a light network (--layers 1 1 1 1 --width 32) from the demo init with Adam (SGD 2.5e-4
 needs the ImageNet weights), 5 labeled images, 2 rounds of 150 iterations per model.
+--compile (README 'Compiled step'): torch.compile, in place, of each stage's network and, in the student stage,
+of the two frozen teachers (evaluation and pseudo-labelling eager; checkpoints and resume unchanged). The demo's
+Adam is fused on CUDA, foreach elsewhere; the SGD is the authors' per-listing LegacySGD.
 """
 import argparse
 import copy

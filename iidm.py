@@ -93,6 +93,9 @@ own detail box. Data, network, FD, evaluation and the checkpoint names are dacs.
         images instead of a stream of their own).
     A24 the final student is reported, evaluated with HRDA's slide inference at 2048x1024 (--eval-mode).
 --mic also works with --stack deeplabv2/daformer (the same masked stream on their networks; not a paper row).
+--compile (README 'Compiled step'): torch.compile, in place, of the student's training forward, the EMA teacher
+and the frozen ImageNet encoder (evaluation eager; checkpoints and exact resume unchanged). AdamW (A10) is fused
+on CUDA, foreach elsewhere: the same update rule, one kernel.
 """
 import copy
 import time

@@ -567,7 +567,8 @@ def results_section(records):
                     lines.append(f"| {row_name(script, stage)}{variant} | " + " | ".join(cells) + " |")
             lines.append("")
             lines += [f"- host syncs of {row_name(r['script'], r['stage'])}{compile_variant(r)} "
-                      f"({'amp' if r['amp'] else 'fp32'}): " + ", ".join(r["sync_sites"]) for r in sel if r["sync_sites"]]
+                      f"({'amp' if r['amp'] else 'fp32'}): " + ", ".join(r["sync_sites"])
+                      for r in sel if r["sync_sites"]]
         if preset == "paper" and not any(r["device"].startswith("cuda") for r in rows):
             lines += ["CUDA, paper settings: not measured — no GPU in this session (`python benchmarks/speed.py "
                       "--device cuda` fills these rows):", "", "| script | fp32 ms/iter | floor | amp ms/iter | floor "

@@ -1,6 +1,7 @@
 """--compile (training.compile_networks): a compiled step equals the eager one within tolerance (the real inductor
 backend for dacs.py, aot_eager for every script and stack), every network a step runs is compiled, checkpoints and
 exact resume are the same with and without --compile, and the flags that would change nothing are refused."""
+import argparse
 import json
 
 import pytest
@@ -14,6 +15,7 @@ import common
 import dacs
 import dldm
 import iidm
+import training
 from conftest import make_blocky, same_state
 
 DEEPLAB = ["--iters", "2", "--layers", "1", "1", "1", "1", "--init", "none", "--source-size", "64", "32",
@@ -137,3 +139,25 @@ def test_resume_across_compile_is_exact(root, tmp_path, compiled):
     for resumed, whole in ((to_eager, fast), (to_compiled, eager)):
         for key in ("model", "ema_model"):
             assert same_state(resumed[0][key], whole[0][key])
+
+
+def test_evaluation_runs_eagerly_and_training_forwards_compiled(root):
+    """common.evaluate runs a compiled network eagerly (no compile for eval mode); a training forward compiles."""
+    model = common.DeepLabV2(19, layers=(1, 1, 1, 1))
+    training.compile_networks(argparse.Namespace(compile=True, compile_mode="default", compile_backend="aot_eager"),
+                              model)
+    val = training.cityscapes_val(root / "cityscapes", (64, 32), "half", "imagenet_bgr")
+    frames = torch._dynamo.utils.counters["frames"]["total"]
+    common.evaluate(model, val, torch.device("cpu"))
+    assert torch._dynamo.utils.counters["frames"]["total"] == frames
+    model.train()(torch.randn(2, 3, 32, 32))
+    assert torch._dynamo.utils.counters["frames"]["total"] > frames
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--compile-mode", "max-autotune"], "--compile-mode max-autotune has an effect with --compile only"),
+    (["--compile-backend", "aot_eager"], "--compile-backend aot_eager has an effect with --compile only"),
+    (["--compile", "--compile-mode", "reduce-overhead", "--compile-backend", "aot_eager"], "is an inductor mode")])
+def test_compile_flags_without_effect_are_refused(flags, words):
+    with pytest.raises(common.DataError, match=words):
+        dacs.parse_args(["--source", "gta5", *flags])

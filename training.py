@@ -1133,6 +1133,7 @@ def compile_networks(args, *networks):
     a compiled backward that reuses its saved tensors' memory refuses."""
     if not args.compile:
         return
+    import torch._functorch.config
     torch._functorch.config.donated_buffer = False
     for net in dict.fromkeys(n for n in networks if n is not None):   # each module once
         for part in [net.backbone, net.decode_head] if isinstance(net, common.DAFormer) else [net]:

@@ -143,6 +143,7 @@ def test_resume_across_compile_is_exact(root, tmp_path, compiled):
 
 def test_evaluation_runs_eagerly_and_training_forwards_compiled(root):
     """common.evaluate runs a compiled network eagerly (no compile for eval mode); a training forward compiles."""
+    torch._dynamo.reset()   # no graph of an earlier test's network to reuse
     model = common.DeepLabV2(19, layers=(1, 1, 1, 1))
     training.compile_networks(argparse.Namespace(compile=True, compile_mode="default", compile_backend="aot_eager"),
                               model)

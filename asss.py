@@ -85,6 +85,9 @@ it shows the loop working and the paper's ordering (GA+CSA above its oracle), no
 list as from Cityscapes' (--split-seed, nested; --acdc-conditions picks conditions), the Cityscapes resizes are
 scaled to ACDC's 1920x1080 frame (1024x512 -> 960x540) and val is scored at full label resolution (mmseg's protocol
 for ACDC, DAFormer/HRDA); --target dark_zurich is refused (Dark Zurich train has no labels).
+--compile (README 'Compiled step'): torch.compile, in place, of the segmenter's training pass and every
+discriminator (evaluation eager; checkpoints and exact resume unchanged). Every D's Adam is fused on CUDA,
+foreach elsewhere; G's LegacySGD keeps the authors' per-listing arithmetic.
 """
 import copy
 import time
@@ -267,7 +270,8 @@ def build_optimisers(model, discs, args):
                                  nesterov=True, rule=args.sgd_rule)
     else:
         opt_g = common.deeplab_optimizer(model, args.lr, args.optimizer, duplicates, args.sgd_rule)
-    opt_d = {name: torch.optim.Adam(d.parameters(), lr=args.lr_d, betas=(0.9, 0.99)) for name, d in discs.items()}
+    opt_d = {name: torch.optim.Adam(d.parameters(), lr=args.lr_d, betas=(0.9, 0.99),
+                                    **common.adam_kernels(next(d.parameters()).device)) for name, d in discs.items()}
     poly = lambda i: common.poly_factor(i, args.poly_iters)  # noqa: E731 (lr set before iteration i)
     return opt_g, opt_d, common.lr_scheduler(opt_g, poly), {k: common.lr_scheduler(o, poly) for k, o in opt_d.items()}
 
@@ -484,6 +488,7 @@ def train(args):
     training.write_run_files(out_dir, args, labeled, dist)
     seg = training.ddp(Segmenter(model), dist, device, args.sync_bn)   # training passes; `model` for the rest
     train_discs = {k: training.ddp(d, dist, device) for k, d in discs.items()}   # D's own pass (Eq. 10)
+    training.compile_networks(args, seg, *discs.values(), *train_discs.values())   # --compile: in place
     loader_s = training.shuffled_loader(data_s, args, 0, start, dist=dist) if data_s is not None else None
     loader_l = training.shuffled_loader(data_l, args, 1, start, dist=dist) if data_l is not None else None
     loader_u = training.shuffled_loader(data_u, args, 2, start, dist=dist) if data_u is not None else None

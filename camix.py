@@ -100,6 +100,9 @@ targets). Q is counted from the Cityscapes source labels on the target's 1080x19
 <prior>.json beside it (source, target, frame) and a --prior whose .json names another source or target is
 refused, as is one of another shape or the authors' GTA5/SYNTHIA per-class folder. A source equal to the target is
 refused; metrics.json names the target ("target"; ACDC adds a per-condition block).
+--compile (README 'Compiled step'): torch.compile, in place, of the student's training forward and the EMA
+teacher (evaluation eager; checkpoints and exact resume unchanged). --optimizer adam-paper / adam are fused on
+CUDA, foreach elsewhere; the code's SGD is the per-listing LegacySGD.
 """
 import copy
 import json
@@ -491,7 +494,8 @@ def build_optimizer(student, args):
     """The code's LegacySGD over the duplicated groups, the paper's Adam (wd 5e-5, head x10) or the demo's Adam."""
     if args.optimizer == "adam-paper":
         return torch.optim.Adam(common.param_groups(student, args.lr, official_duplicates=False), lr=args.lr,
-                                betas=(0.9, 0.999), weight_decay=5e-5)
+                                betas=(0.9, 0.999), weight_decay=5e-5,
+                                **common.adam_kernels(next(student.parameters()).device))
     return common.deeplab_optimizer(student, args.lr, args.optimizer, not args.clean_param_groups, args.sgd_rule)
 
 
@@ -584,6 +588,7 @@ def train(args):
         start = training.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
     training.write_run_files(out_dir, args, dist=dist)
     model = training.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
+    training.compile_networks(args, model, teacher)               # --compile: in place, checkpoints unchanged
     loader_s = training.shuffled_loader(source, args, 0, start, dist=dist)
     loader_t = None if args.source_only else training.shuffled_loader(target, args, 1, start, dist=dist)
     log = training.Logger(out_dir, args.log_every, args.iters, start, dist)

@@ -53,6 +53,9 @@ Deviations and assumptions:
   train list as from Cityscapes' (--split-seed, nested; --acdc-conditions picks conditions), the Cityscapes resizes
   are scaled to ACDC's 1920x1080 frame (1024x512 -> 960x540) and val is scored at full label resolution (mmseg's
   protocol for ACDC, DAFormer/HRDA); --dataset dark_zurich is refused (Dark Zurich train has no labels).
+- --compile (README 'Compiled step'): torch.compile, in place, of the student's training forward and the EMA
+  teacher (evaluation eager; checkpoints and exact resume unchanged). The demo's Adam is fused on CUDA, foreach
+  elsewhere; the SGD is the authors' per-listing LegacySGD.
 """
 import copy
 import time
@@ -255,6 +258,7 @@ def train(args):
         start = training.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
     training.write_run_files(out_dir, args, labeled, dist)
     model = training.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
+    training.compile_networks(args, model, teacher)               # --compile: in place, checkpoints unchanged
     loader_l = training.shuffled_loader(data_l, args, 0, start, dist=dist)
     loader_u = None if data_u is None else training.shuffled_loader(data_u, args, 1, start, dist=dist)
     log = training.Logger(out_dir, args.log_every, args.iters, start, dist)

@@ -868,9 +868,16 @@ def deeplab_optimizer(model, lr, kind="sgd", official_duplicates=True, rule="tor
     given, over the 1x/10x groups) or, for the random-init demo, Adam with one learning rate for all parameters
     (a 10x head diverges with Adam from scratch)."""
     if kind == "adam":
-        return torch.optim.Adam(param_groups(model, lr, head_mult=1.0, official_duplicates=False), lr=lr)
+        return torch.optim.Adam(param_groups(model, lr, head_mult=1.0, official_duplicates=False), lr=lr,
+                                **adam_kernels(next(model.parameters()).device))
     return LegacySGD(param_groups(model, lr, official_duplicates=official_duplicates), lr=lr, momentum=momentum,
                      weight_decay=weight_decay, rule=rule)
+
+
+def adam_kernels(device):
+    """Adam/AdamW's implementation on `device`: fused (one kernel for all tensors) on CUDA, foreach elsewhere; the
+    update rule is torch's in both. A checkpoint keeps its optimiser's choice (torch stores it in the groups)."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
 
 
 SGD_RULES = ("torch0.4", "torch1.5")  # PyTorch <= 1.4 / >= 1.5 per-entry SGD (docs/quirks.md Q4)
@@ -2091,6 +2098,7 @@ def upsample(logits, size, align_corners=True):
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")   # --compile: evaluation runs eagerly (one image at a time, eval mode)
 def evaluate(model, dataset, device, synthia=False, amp_dtype=None, out_dir=None, save_predictions=False,
              n_vis=4, iteration=None, model_name="student", align_corners=True, dist=Dist()):
     """Evaluate `model` in eval mode on a val dataset, one image at a time, no test-time augmentation.

@@ -140,6 +140,10 @@ image masked, no colour augmentation; seg/experiments.py id 80), which is not im
 is refused with dark_zurich (p(y) is read from target train labels, which Dark Zurich lacks). The paper numbers
 of these settings are test-server numbers: `--eval-only --checkpoint CK --split test --export DIR` writes the
 submission (README "Submitting to the test servers").
+--compile (README 'Compiled step'): torch.compile, in place, of the student's training forward, the EMA teacher
+and (--stack daformer/hrda) the frozen ImageNet encoder; a MiT segmentor as its encoder and head (what
+forward_features runs). Evaluation stays eager; checkpoints and exact resume are unchanged. AdamW (--stack
+daformer/hrda) and the demo's Adam are fused on CUDA, foreach elsewhere; the SGD is the authors' LegacySGD.
 """
 import copy
 import time
@@ -409,6 +413,7 @@ def train(args):
             p_model.copy_(ckpt["p_model"])
     training.write_run_files(out_dir, args, dist=dist)
     model = training.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
+    training.compile_networks(args, model, teacher)               # --compile: in place, checkpoints unchanged
     loader_s = training.shuffled_loader(source, args, 0, start, dist=dist)
     loader_t = None if args.source_only else training.shuffled_loader(target, args, 1, start, dist=dist)
     log = training.Logger(out_dir, args.log_every, args.iters, start, dist)
@@ -529,8 +534,9 @@ def train_daformer(args):
     imnet = copy.deepcopy(student.backbone).eval().requires_grad_(False) if use_fd else None  # frozen, never saved
     teacher = None if args.source_only else training.prepare_model(common.ema_teacher(  # no DropPath/Dropout
         student, lambda: build(stochastic=False), train_bn=not args.teacher_eval_bn), device, amp)
+    training.compile_networks(args, student, teacher, imnet)      # --compile: in place, checkpoints unchanged
     optimizer = torch.optim.AdamW(common.daformer_param_groups(student, args.lr), lr=args.lr, betas=(0.9, 0.999),
-                                  weight_decay=0.01)
+                                  weight_decay=0.01, **common.adam_kernels(device))
     scheduler = common.lr_scheduler(optimizer, lambda i: common.warmup_poly_factor(i, args.iters, args.warmup_iters))
     ckpt = training.resume_state(args, out_dir, 19)
     start = 0 if ckpt is None else ckpt["iteration"]

@@ -102,6 +102,9 @@ needs the ImageNet weights), 5 labeled images, 2 rounds of 150 iterations per mo
 list as from Cityscapes' (--split-seed, nested; --acdc-conditions picks conditions), the Cityscapes resizes are
 scaled to ACDC's 1920x1080 frame (1024x512 -> 960x540) and val is scored at full label resolution (mmseg's protocol
 for ACDC, DAFormer/HRDA); --target dark_zurich is refused (Dark Zurich train has no labels).
+--compile (README 'Compiled step'): torch.compile, in place, of each stage's network and, in the student stage,
+of the two frozen teachers (evaluation and pseudo-labelling eager; checkpoints and resume unchanged). The demo's
+Adam is fused on CUDA, foreach elsewhere; the SGD is the authors' per-listing LegacySGD.
 """
 import argparse
 import copy
@@ -775,6 +778,7 @@ def train_model(run, r, stage, teachers=None):
     step = {"rl": rl_step, "sl": sl_step, "student": student_step, "supervised": supervised_step}[stage]
     net = training.ddp(model, dist, device, a.sync_bn,   # training forwards; `model` for the rest
                      find_unused=stage == "student" or not a.aux_weight)   # L_kl reads the main head only
+    training.compile_networks(a, net, *(teachers or ()))         # --compile: in place, checkpoints unchanged
     metrics = None
     stop = training.StopSignals(dist)     # SIGTERM/SIGINT: checkpoint, then exit 128 + signal
     for i in range(start, a.iters):

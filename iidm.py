@@ -99,6 +99,9 @@ list as from Cityscapes' (--split-seed, nested; --acdc-conditions picks conditio
 scaled to ACDC's 1920x1080 frame (1024x512 -> 960x540) and val is scored at full label resolution (mmseg's protocol
 for ACDC, DAFormer/HRDA); with --stack hrda 2048x1024 -> 1920x1080 and no pseudo-label crop (HRDA's rule for ACDC,
 experiments.py id 49); --target dark_zurich is refused (Dark Zurich train has no labels).
+--compile (README 'Compiled step'): torch.compile, in place, of the student's training forward, the EMA teacher
+and the frozen ImageNet encoder (evaluation eager; checkpoints and exact resume unchanged). AdamW (A10) is fused
+on CUDA, foreach elsewhere: the same update rule, one kernel.
 """
 import copy
 import time
@@ -347,7 +350,8 @@ def train(args):
     teacher = training.prepare_model(common.ema_teacher(student, lambda: build(stochastic=False),  # A8
                                                         train_bn=not args.teacher_eval_bn),
                                    device, amp) if use_teacher else None
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)   # A10
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,  # A10
+                                  **common.adam_kernels(device))
     scheduler = common.lr_scheduler(optimizer, lambda i: common.warmup_poly_factor(i, args.iters, args.warmup_iters))
     ckpt = training.resume_state(args, out_dir, num_classes)
     start = 0 if ckpt is None else ckpt["iteration"]
@@ -377,6 +381,7 @@ def train(args):
     if ckpt is not None:   # after the loaders, which draw from torch's RNG when they start (MiT's DropPath uses it)
         start = training.restore_training(ckpt, student, optimizer, scheduler, teacher, args.seed, dist)
     model = training.ddp(student, dist, device, args.sync_bn)   # training forwards; `student` for the rest
+    training.compile_networks(args, model, teacher, imnet)        # --compile: in place, checkpoints unchanged
     training.write_run_files(out_dir, args, labeled, dist)   # after every refusal: a bad run writes nothing
     log = training.Logger(out_dir, args.log_every, args.iters, start, dist)
     metrics = None  # the last evaluation

@@ -104,7 +104,8 @@ def ddp(model, dist, device, sync_bn=False, find_unused=False):
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                               find_unused_parameters=find_unused or has_unused_aspp(model))
+                                               find_unused_parameters=find_unused or has_unused_aspp(model),
+                                               gradient_as_bucket_view=True)
 
 
 def has_unused_aspp(model):
@@ -458,6 +459,15 @@ def shared_parser(defaults):
         action=argparse.BooleanOptionalAction, default=False)
     add("--amp-dtype", "with --amp: the autocast type (auto = bf16 where the device has it, else fp16)",
         choices=["auto", "bf16", "fp16"], default="auto")
+    add("--compile", "torch.compile the networks every training step runs (student, EMA teacher, discriminators, "
+        "frozen encoders; evaluation stays eager); the first iterations pay the compile (README 'Compiled step')",
+        action=argparse.BooleanOptionalAction, default=False)
+    add("--compile-mode", "with --compile: torch.compile mode (reduce-overhead = CUDA graphs: needs static shapes and "
+        "no host syncs in the compiled region; unmeasured here, no GPU has run it)",
+        choices=["default", "reduce-overhead", "max-autotune"], default="default")
+    add("--compile-backend", "with --compile: torch.compile backend (inductor: C++ on the CPU, Triton on CUDA; "
+        "aot_eager: the traced graphs run eagerly, for debugging and the tests)",
+        choices=["inductor", "aot_eager"], default="inductor")
     if "sgd_rule" in d:
         add("--sgd-rule", "the per-entry SGD over the duplicated 1x group (docs/quirks.md Q4): torch0.4 adds the weight "
             "decay into p.grad, compounding over a tensor's listings (PyTorch 0.3-1.4); torch1.5 adds it out of place "
@@ -545,6 +555,7 @@ def check_args(args):
         raise DataError(f"--crop-size {args.crop_size[0]} {args.crop_size[1]}: expected positive H W or 0 0")
     if getattr(args, "amp_dtype", "auto") != "auto" and not args.amp:
         raise DataError(f"--amp-dtype {args.amp_dtype} has an effect with --amp only (add --amp, or drop it)")
+    check_compile_args(args)
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         raise DataError(f"--resume {args.resume}: file not found")
     check_eval_set_args(args)
@@ -712,7 +723,8 @@ def resume_state(args, out_dir, num_classes):
 RUN_ONLY_ARGS = {"data_root", "gta5_root", "synthia_root", "cityscapes_root", "acdc_root", "dark_zurich_root",
                  "bdd100k_root", "mapillary_root", "out_dir", "resume", "eval_only", "checkpoint", "eval_model",
                  "save_predictions", "eval_set", "split", "export", "eval_every", "save_every", "keep_checkpoints",
-                 "log_every", "device", "amp", "amp_dtype", "workers", "demo"}
+                 "log_every", "device", "amp", "amp_dtype", "workers", "demo", "compile", "compile_mode",
+                 "compile_backend"}
 
 
 ADDED_ARGS = {"sgd_rule": "torch1.5", "stack": "deeplabv2", "mit": None, "drop_path_rate": None, "fd_lambda": None,
@@ -1238,7 +1250,6 @@ def run_script(main):
 # A step of several passes
 # ======================================================================================
 
-
 @contextlib.contextmanager
 def grad_sync(model, last):
     """Around the forward and the backward of one loss of a step that backpropagates several: under DDP
@@ -1264,3 +1275,38 @@ def cast_once(amp):
     each pass its own backward: one backward through two passes would add their gradients at the shared
     cast, in low precision (separate regions add them in fp32)."""
     return torch.autocast(amp.device_type, dtype=amp.dtype, enabled=False)
+
+
+# ======================================================================================
+# The compiled step (--compile)
+# ======================================================================================
+
+def check_compile_args(args):
+    """--compile-mode / --compile-backend need --compile; a mode other than default is inductor's (DataError)."""
+    if not hasattr(args, "compile"):
+        return
+    changed = [f"--compile-{k} {getattr(args, 'compile_' + k)}" for k, default in (("mode", "default"),
+               ("backend", "inductor")) if getattr(args, "compile_" + k) != default]
+    if changed and not args.compile:
+        raise DataError(f"{changed[0]} has an effect with --compile only (add --compile, or drop it)")
+    if args.compile_mode != "default" and args.compile_backend != "inductor":
+        raise DataError(f"--compile-mode {args.compile_mode} is an inductor mode (this run: --compile-backend "
+                        f"{args.compile_backend}); use --compile-backend inductor or --compile-mode default")
+
+
+def compile_networks(args, *networks):
+    """--compile: torch.compile each network in place (nn.Module.compile: its state_dict keys stay unprefixed,
+    so checkpoints are the same with and without --compile). A DDP wrapper is compiled as a whole, as PyTorch
+    documents for DDP (wrap, then compile: TorchDynamo splits the graph at DDP's bucket boundaries); a DAFormer/
+    HRDA segmentor as its encoder and decode head, which `forward_features` calls past the segmentor's own
+    forward. common.evaluate runs eagerly (torch.compiler.set_stance): no recompile for eval mode. Donated buffers
+    are off: the feature-distance pass of the MiT stacks backpropagates the source graph twice (retain_graph), which
+    a compiled backward that reuses its saved tensors' memory refuses."""
+    if not args.compile:
+        return
+    import torch._functorch.config
+    torch._functorch.config.donated_buffer = False
+    for net in dict.fromkeys(n for n in networks if n is not None):   # each module once
+        for part in [net.backbone, net.decode_head] if isinstance(net, common.DAFormer) else [net]:
+            part.compile(mode=args.compile_mode, backend=args.compile_backend)
+

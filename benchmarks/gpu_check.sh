@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Everything the GPU targets need, on one GPU + 16 cores, in under 8 minutes by its own clock:
 #   1. speed.py fp32 and --amp for iidm.py and dacs.py (paper settings, 50 timed steps after 5): ms/iter,
-#      floor, host issue time, TFLOP/s, max_memory_allocated and _reserved, host syncs; then --compile for
-#      both once a script defines the flag (speed.py notes the rows of a script that does not);
+#      floor, host issue time, TFLOP/s, max_memory_allocated and _reserved, host syncs; then --compile (inductor,
+#      mode default) for both, fp32 and --amp: its start-up column holds the first iterations' compile;
 #   2. the launch-bound probe: one IIDM student pass (fwd + bwd, bf16) at batch 1, 2, 4;
 #   3. loader.py --together: all of a script's streams at once with its default --workers per stream, on the
 #      original and a prepared root, delivered iterations/s against the step ms/iter measured in 1;
-#   4. speed.py --amp for the other rows (peak memory against the 11 GB bar), then fp32, while time is left.
+#   4. speed.py --amp for the other rows (peak memory against the 11 GB bar), then fp32, while time is left;
+#   5. --amp --compile-mode reduce-overhead (CUDA graphs) for iidm.py and dacs.py, while time is left.
 # A part starts only when enough time is left before LIMIT seconds and is cut at LIMIT; both are noted in
 # the log. speed.py writes its tables after every record, so a cut part keeps the rows it finished.
 # Tables and logs go to $OUT: RESULTS.md, speed.json, loader_together.json, probe.txt, log.txt. From the repo root:
 #     OUT=gpu_out bash benchmarks/gpu_check.sh
-# SMOKE=1 runs the same sequence on the CPU at --small sizes with one timed step: a check of this script,
-# not a measurement.
+# SMOKE=1 runs the same sequence on the CPU at --small sizes with one timed step (--compile rows with the
+# aot_eager backend, mode default): a check of this script, not a measurement.
 set -u
 OUT=${OUT:-benchmarks/gpu_out}
 LIMIT=${LIMIT:-470}                     # seconds on this script's clock (8 min = 480 s)
@@ -24,10 +25,12 @@ if [ "${SMOKE:-0}" = 1 ]; then
     DEV=cpu PRESET=small PROBE_SIZE=64
     S=(--device cpu --small --steps 1 --warmup 0 --threads 1 --workers 0)
     L=(--small --seconds 0.5)
+    C=(--compile on --compile-backend aot_eager) CG=(--compile on --compile-backend aot_eager)
 else
     DEV=cuda PRESET=paper PROBE_SIZE=512
     S=(--device cuda --steps 50 --warmup 5)
     L=(--seconds 4)
+    C=(--compile on) CG=(--compile on --compile-mode reduce-overhead)
 fi
 # speed.py records the commit; a bare machine may have no git
 command -v git >/dev/null || { G=$(mktemp -d); printf '#!/bin/sh\n' >"$G/git"; chmod +x "$G/git"; PATH=$G:$PATH; }
@@ -65,11 +68,7 @@ SPEED=("$P" benchmarks/speed.py "${S[@]}" --data-root "$DATA" --json "$OUT/speed
 
 part "speed iidm.py fp32 + amp" 60 150 "${SPEED[@]}" --amp both --scripts iidm.py
 part "speed dacs.py fp32 + amp" 60 150 "${SPEED[@]}" --amp both --scripts dacs.py
-if grep -q -- '"--compile"' iidm.py dacs.py training.py; then
-    part "speed iidm.py, dacs.py --compile" 120 200 "${SPEED[@]}" --amp both --compile on --scripts iidm.py dacs.py
-else
-    echo "SKIPPED: --compile (neither iidm.py, dacs.py nor training.py defines the flag yet)"
-fi
+part "speed iidm.py, dacs.py --compile" 120 200 "${SPEED[@]}" --amp both "${C[@]}" --scripts iidm.py dacs.py
 
 # The launch-bound probe: a step is launch-bound when ms barely grows with the batch and the host's issue
 # time is close to ms.
@@ -127,4 +126,6 @@ done
 for row in classmix_ssl.py "camix.py phase B (CAMix)" asss.py "dldm.py student"; do
     part "speed $row fp32" 50 120 "${SPEED[@]}" --amp off --scripts "$row"
 done
+part "speed iidm.py, dacs.py --amp --compile reduce-overhead" 100 150 "${SPEED[@]}" --amp on "${CG[@]}" \
+    --scripts iidm.py dacs.py
 echo "done at t=$SECONDS s; tables: $OUT/RESULTS.md, $OUT/speed.json, $OUT/loader_together.json, $OUT/probe.txt"

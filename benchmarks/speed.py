@@ -11,8 +11,11 @@ run under torch.cuda.set_sync_debug_mode(--sync-debug): every host sync the step
 located (file:line). Beside ms/iter: the host's time to issue a step (taken before the clock's
 synchronisation: far below ms/iter when the GPU is the bottleneck, close to it when the step is
 launch-bound), the achieved TFLOP/s of the floor's network passes (FLOP counted by torch's
-FlopCounterMode on fake tensors), and max_memory_reserved beside max_memory_allocated. --compile runs
-each script with its --compile flag; a script without one yet is skipped with a note in the table.
+FlopCounterMode on fake tensors), and max_memory_reserved beside max_memory_allocated. --compile on/both runs
+each script (also) with its --compile flag (--compile-mode, --compile-backend passed through) beside the eager
+rows; start-up (the script's main() to the end of the warm-up: set-up, the first iterations' compile, the warm-up
+steps) is recorded beside ms/iter, so eager and --compile rows show what compiling costs once and saves per step.
+The floor stays eager.
 
 Paper preset: full DeepLabv2-ResNet-101, each script's PAPER sizes and batch composition, on demo scenes
 upscaled to the real resolutions (GTA5 1914x1052, SYNTHIA 1280x760, Cityscapes 2048x1024, written once
@@ -262,7 +265,8 @@ def restored_signal_handlers():
 
 def time_script(module, argv, device, warmup, steps, sync_debug):
     """Run module.main(argv) with training.Logger.log wrapped: per-step ms (median source), the host's time to
-    issue each step, peak allocated and reserved GiB, syncs.
+    issue each step, the start-up (main() to the end of the warm-up, --compile's compile included), peak
+    allocated and reserved GiB, syncs.
 
     The wrapper takes the time at each call (one per iteration, after synchronising on CUDA; the time before
     that synchronisation is when the host had issued the whole step), turns the
@@ -289,6 +293,7 @@ def time_script(module, argv, device, warmup, steps, sync_debug):
     with restored_signal_handlers(), mock.patch.object(training.Logger, "log", timed_log), \
             warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        start = time.perf_counter()
         try:
             module.main(argv)
         except StopRun:
@@ -300,6 +305,7 @@ def time_script(module, argv, device, warmup, steps, sync_debug):
         raise RuntimeError(f"{module.__name__}: the loop ended after {len(stamps)} iterations")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     return {"times_ms": [1000 * (b - a) for a, b in zip(stamps[warmup:], stamps[warmup + 1:])],
+            "startup_s": stamps[warmup] - start,
             "host_ms": [1000 * (b - a) for a, b in zip(stamps[warmup:], issued[warmup + 1:])],
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
             "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else None,
@@ -426,18 +432,6 @@ def floor_flops(row, sizes, batch, layers):
     return counter.get_total_flops()
 
 
-def accepts_compile(module, argv):
-    """Whether the script's parser knows --compile (the row is skipped with a note otherwise)."""
-    import io
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            module.parse_args([*argv, "--compile"])
-        except (SystemExit, common.DataError):
-            pass
-    return "unrecognized arguments: --compile" not in err.getvalue()
-
-
 def release_memory(device):
     """Free the previous run's models and loaders (and the CUDA cache) before the next measurement."""
     gc.collect()
@@ -446,8 +440,7 @@ def release_memory(device):
 
 
 def measure(row, args, device, bench, amp, compile, flops, meta):
-    """One record: the script's step and the floor for one row, precision and --compile (a 'skipped' record
-    when the script has no --compile)."""
+    """One record: the script's step and the floor (eager) for one row, precision and --compile."""
     script, stage, _, _ = row
     module = importlib.import_module(script[:-3])
     iters = args.warmup + args.steps + 1
@@ -455,10 +448,8 @@ def measure(row, args, device, bench, amp, compile, flops, meta):
         teacher = write_teacher(Path(tmp) / "teacher.pth", args.layers) if script == "dldm.py" else ""
         argv = script_argv(row, args.preset, bench, Path(tmp) / "run", iters, device.type, amp, args.workers,
                            args.layers, teacher)
-        if compile and not accepts_compile(module, argv):
-            return {"script": script, "stage": stage, "preset": args.preset, "device": meta["device"], "amp": amp,
-                    "compile": True, "skipped": f"{script} has no --compile flag yet", **meta}
-        step = time_script(module, argv + ["--compile"] * compile, device, args.warmup, args.steps, args.sync_debug)
+        flags = ["--compile", "--compile-mode", args.compile_mode, "--compile-backend", args.compile_backend]
+        step = time_script(module, argv + flags * compile, device, args.warmup, args.steps, args.sync_debug)
     release_memory(device)
     batch = module.PAPER["batch_size"][0]
     floor_ms, floor_mem = time_floor(row, SIZES[args.preset], batch, args.layers, device, training.Amp(device, amp),
@@ -467,7 +458,9 @@ def measure(row, args, device, bench, amp, compile, flops, meta):
     ms = statistics.median(step["times_ms"])
     rounded = lambda v: None if v is None else round(v, 3)  # noqa: E731
     return {"script": script, "stage": stage, "preset": args.preset, "device": meta["device"], "amp": amp,
-            "compile": compile, "ms_per_iter": round(ms, 2), "floor_ms_per_iter": round(floor_ms, 2),
+            "compile": compile, "compile_mode": args.compile_mode if compile else None,
+            "compile_backend": args.compile_backend if compile else None, "startup_s": round(step["startup_s"], 1),
+            "ms_per_iter": round(ms, 2), "floor_ms_per_iter": round(floor_ms, 2),
             "step_over_floor": round(ms / floor_ms, 3),
             "host_ms_per_iter": round(statistics.median(step["host_ms"]), 2),
             "floor_gflop": round(flops / 1e9, 1), "tflops_step": round(flops / ms / 1e9, 4),
@@ -500,10 +493,18 @@ def device_name(device):
 def merge_records(path, new):
     """Records of --json with those of this run replacing the ones for the same row, preset, device, amp."""
     key = lambda r: (r["script"], r["stage"], r["preset"], r["device"].split(" ")[0], r["amp"],  # noqa: E731
-                     r.get("compile", False))
+                     compile_variant(r))
     old = json.loads(Path(path).read_text()) if Path(path).is_file() else []
     fresh = {key(r) for r in new}
     return [r for r in old if key(r) not in fresh] + new
+
+
+def compile_variant(record):
+    """'' for an eager record, else ' --compile' with its mode and backend where not the defaults."""
+    if not record.get("compile", False):
+        return ""
+    mode, backend = record.get("compile_mode") or "default", record.get("compile_backend") or "inductor"
+    return " --compile" + f" {mode}" * (mode != "default") + f" ({backend})" * (backend != "inductor")
 
 
 def fmt(value, digits=1):
@@ -524,7 +525,10 @@ def results_section(records):
              "for `--stack daformer` the floor's passes are the student's (fwd + bwd per stream), the EMA "
              "teacher's and the frozen ImageNet encoder's (no-grad forwards). "
              "Peak / reserved: torch.cuda.max_memory_allocated / max_memory_reserved over the timed steps. "
-             "Host syncs: per timed step under `torch.cuda.set_sync_debug_mode` (CUDA only).", ""]
+             "Host syncs: per timed step under `torch.cuda.set_sync_debug_mode` (CUDA only). Start-up: the "
+             "script's main() to the end of the warm-up steps (set-up, data loaders, and with `--compile` the "
+             "compile of the first iterations); a `--compile` row (torch.compile, inductor unless named) beside "
+             "the eager one.", ""]
     for preset, title in (("paper", "Paper settings (DeepLabv2-ResNet-101, MiT-B5 for --stack daformer/hrda; the "
                                     "scripts' PAPER sizes and batches)"),
                           ("small", "--small (layers 1 1 1 1 / MiT tiny, 1/8-scale data and sizes): host-side "
@@ -534,19 +538,19 @@ def results_section(records):
         for dev in sorted({r["device"] for r in rows}) or []:
             sel = [r for r in rows if r["device"] == dev]
             runs = sorted({(r["command"], r["date"], r["commit"], r["machine"], r["threads"], r["workers"],
-                            r["steps"], r["warmup"]) for r in sel if "skipped" not in r}, key=lambda run: run[1])
+                            r["steps"], r["warmup"]) for r in sel}, key=lambda run: run[1])
             lines += [f"Device {dev}, torch {sel[0]['torch']}. Runs:", ""]
             lines += [f"- `{c}` ({date}, commit {commit}; {machine}; {threads} thread(s), --workers {w}; median of {n} "
                       f"steps after {wu})" for c, date, commit, machine, threads, w, n, wu in runs]
             lines += ["",
                       "| script | fp32 ms/iter | fp32 floor | step/floor | amp ms/iter | amp floor | step/floor "
                       "| host issue ms fp32 / amp | TFLOP/s fp32 / amp (floor GFLOP) | peak GiB fp32 / amp "
-                      "| reserved GiB fp32 / amp | host syncs/step |", "|---" * 12 + "|"]
-            timed = [r for r in sel if "skipped" not in r]
+                      "| reserved GiB fp32 / amp | host syncs/step | start-up s fp32 / amp |", "|---" * 13 + "|"]
+            variants = sorted({compile_variant(r) for r in sel})
             for script, stage, _, _ in ROWS:
-                for compile in (False, True):
-                    pair = {r["amp"]: r for r in timed if (r["script"], r["stage"], r.get("compile", False))
-                            == (script, stage, compile)}
+                for variant in variants:
+                    pair = {r["amp"]: r for r in sel if (r["script"], r["stage"], compile_variant(r))
+                            == (script, stage, variant)}
                     if not pair:
                         continue
                     cells = []
@@ -558,13 +562,13 @@ def results_section(records):
                         fmt(pair[a].get(key), digits) if a in pair else "–" for a in (False, True))
                     gflop = next(iter(pair.values())).get("floor_gflop")
                     cells += [both("host_ms_per_iter", 1), both("tflops_step") + f" ({fmt(gflop)})",
-                              both("peak_mem_gb"), both("peak_reserved_gb"), both("host_syncs_per_step")]
-                    lines.append(f"| {row_name(script, stage)}{' --compile' * compile} | " + " | ".join(cells) + " |")
+                              both("peak_mem_gb"), both("peak_reserved_gb"), both("host_syncs_per_step"),
+                              both("startup_s", 1)]
+                    lines.append(f"| {row_name(script, stage)}{variant} | " + " | ".join(cells) + " |")
             lines.append("")
-            lines += [f"- host syncs of {row_name(r['script'], r['stage'])} ({'amp' if r['amp'] else 'fp32'}): "
-                      + ", ".join(r["sync_sites"]) for r in timed if r["sync_sites"]]
-            lines += [f"- --compile, {row_name(r['script'], r['stage'])} ({'amp' if r['amp'] else 'fp32'}): not run, "
-                      f"{r['skipped']} (`{r['command']}`, {r['date']})" for r in sel if "skipped" in r]
+            lines += [f"- host syncs of {row_name(r['script'], r['stage'])}{compile_variant(r)} "
+                      f"({'amp' if r['amp'] else 'fp32'}): " + ", ".join(r["sync_sites"])
+                      for r in sel if r["sync_sites"]]
         if preset == "paper" and not any(r["device"].startswith("cuda") for r in rows):
             lines += ["CUDA, paper settings: not measured — no GPU in this session (`python benchmarks/speed.py "
                       "--device cuda` fills these rows):", "", "| script | fp32 ms/iter | floor | amp ms/iter | floor "
@@ -600,8 +604,11 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (cudnn autotuning, allocator)")
     p.add_argument("--amp", choices=["both", "off", "on"], default="both", help="fp32 and --amp rows, or one")
     p.add_argument("--compile", choices=["off", "on", "both"], default="off",
-                   help="also (or only) run the scripts with --compile; a script without the flag is skipped "
-                   "with a note")
+                   help="eager rows, --compile rows, or both (the scripts' torch.compile of their networks)")
+    p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
+                   help="the scripts' --compile-mode in the --compile rows")
+    p.add_argument("--compile-backend", choices=["inductor", "aot_eager"], default="inductor",
+                   help="the scripts' --compile-backend in the --compile rows (aot_eager: the CPU tests)")
     p.add_argument("--scripts", nargs="+", default=None, metavar="ROW",
                    help="rows to run (default all): " + ", ".join(row_name(s, st) for s, st, _, _ in ROWS)
                    + "; a script name selects all its rows")
@@ -619,6 +626,8 @@ def parse_args(argv=None):
         raise common.DataError("--steps >= 1, --warmup >= 0 and --workers >= 0 expected")
     if args.device == "cuda" and args.steps < 50:
         raise common.DataError(f"--steps {args.steps}: the CUDA medians need >= 50 steps (fewer only on the CPU)")
+    if args.compile == "off" and (args.compile_mode, args.compile_backend) != ("default", "inductor"):
+        raise common.DataError("--compile-mode/--compile-backend set the --compile rows: add --compile on or both")
     known = {row_name(s, st) for s, st, _, _ in ROWS} | {s for s, _, _, _ in ROWS}
     bad = [name for name in args.scripts or [] if name not in known]
     if bad:
@@ -647,14 +656,12 @@ def main(argv=None):
                 rec = measure(row, args, device, bench, amp, compile, flops, meta)
                 records.append(rec)
                 save(args, records)
-                name = f"{row_name(row[0], row[1])}{' --compile' * compile}"
-                if "skipped" in rec:
-                    print(f"{name:42s} {'amp ' if amp else 'fp32'} skipped: {rec['skipped']}", flush=True)
-                    continue
+                name = f"{row_name(row[0], row[1])}{compile_variant(rec)}"
                 print(f"{name:42s} {'amp ' if amp else 'fp32'} {rec['ms_per_iter']:9.1f} ms/iter  "
                       f"floor {rec['floor_ms_per_iter']:9.1f}  x{rec['step_over_floor']:.2f}  host issue "
                       f"{rec['host_ms_per_iter']:.1f} ms  {rec['tflops_step']:.2f} TFLOP/s  peak {rec['peak_mem_gb']}"
-                      f" / reserved {rec['peak_reserved_gb']} GiB  syncs/step {rec['host_syncs_per_step']} "
+                      f" / reserved {rec['peak_reserved_gb']} GiB  syncs/step {rec['host_syncs_per_step']}  "
+                      f"start-up {rec['startup_s']} s "
                       f"{' '.join(rec['sync_sites'])}", flush=True)
     return save(args, records)
 

@@ -304,17 +304,28 @@ def test_floor_flops_count_every_pass_at_the_batch():
     assert one == 3 * fwd.get_total_flops() + 2 * bwd.get_total_flops() and two == 2 * one
 
 
-def test_compile_rows_are_skipped_with_a_note_where_the_script_has_no_flag(tmp_path):
-    import dacs
-    assert not speed.accepts_compile(dacs, ["--source", "gta5"])
-    knows = mock.Mock(parse_args=lambda argv: None)                              # a parser that takes it
-    assert speed.accepts_compile(knows, ["--source", "gta5"])
-    args = speed.parse_args(["--device", "cpu", "--small", "--steps", "1", "--compile", "on", "--workers", "0"])
-    rec = speed.measure(speed.ROWS[0], args, torch.device("cpu"), tmp_path, False, True, 1.0,
-                        {"device": "cpu", "command": "c", "date": "d", "torch": "t"})
-    assert rec["skipped"] == "dacs.py has no --compile flag yet" and "ms_per_iter" not in rec
-    section = speed.results_section([rec])
-    assert "--compile, dacs.py (fp32): not run, dacs.py has no --compile flag yet" in section
+def test_compile_rows_run_the_scripts_compiled_beside_the_eager_rows(bench, tmp_path):
+    """--compile both: an eager and a --compile record (the scripts' flags passed through; aot_eager here, the
+    inductor compile of every row would take minutes on a CPU) with the start-up each paid, in one table."""
+    data, _, _ = bench
+    compiled = []
+    original = training.compile_networks
+
+    def spy(args, *networks):
+        compiled.append((args.compile, args.compile_mode, args.compile_backend))
+        return original(args, *networks)
+    with mock.patch.object(training, "compile_networks", spy):
+        records = speed.main(["--device", "cpu", "--small", "--steps", "1", "--warmup", "0", "--threads", "1",
+                              "--workers", "0", "--amp", "off", "--compile", "both", "--compile-backend", "aot_eager",
+                              "--scripts", "classmix_ssl.py", "--data-root", str(data),
+                              "--json", str(tmp_path / "s.json"), "--results", str(tmp_path / "RESULTS.md")])
+    assert compiled == [(False, "default", "inductor"), (True, "default", "aot_eager")]
+    assert [(r["compile"], r["compile_backend"]) for r in records] == [(False, None), (True, "aot_eager")]
+    assert all(r["ms_per_iter"] > 0 and r["startup_s"] > 0 for r in records)
+    section = (tmp_path / "RESULTS.md").read_text()
+    assert "| classmix_ssl.py | " in section and "| classmix_ssl.py --compile (aot_eager) | " in section
+    with pytest.raises(common.DataError, match="--compile on or both"):
+        speed.parse_args(["--device", "cpu", "--compile-mode", "reduce-overhead"])
 
 
 def test_live_bytes_follow_storages_views_graphs_and_frees():

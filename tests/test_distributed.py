@@ -117,6 +117,17 @@ def test_teacher_and_student_identical_on_both_ranks(dacs_run):
     assert a[2]["ema"] != a[4]["ema"]   # the teacher moved
 
 
+def test_compiled_ddp_equals_the_eager_run(root, dacs_run, tmp_path):
+    """--compile under torchrun compiles the DDP wrapper (PyTorch's order for DDP): the same weights on both ranks
+    as the eager 2-process run (aot_eager backend; gradient_as_bucket_view on in both)."""
+    _, ref_spy, _ = dacs_run
+    proc, spy = launch("dacs", root, tmp_path / "run", "--iters", 4, "--save-every", 2, "--compile",
+                       "--compile-backend", "aot_eager")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert records(spy, rank) == records(ref_spy, rank)
+
+
 def test_kill_9_then_resume_equals_the_uninterrupted_run(root, dacs_run, tmp_path):
     ref_out, ref_spy, _ = dacs_run
     out = tmp_path / "run"

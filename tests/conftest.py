@@ -33,6 +33,12 @@ def write_png16(path, array):
                           + chunk(b"IEND", b""))
 
 
+def run_check(root, *extra):
+    """`python common.py check-data --data-root ROOT ...` as a subprocess."""
+    return subprocess.run([sys.executable, str(ROOT / "common.py"), "check-data", "--data-root", str(root), *extra],
+                          capture_output=True, text=True)
+
+
 def write_malicious_checkpoint(path, marker):
     """A pickle that would create `marker` if it were unpickled with weights_only=False."""
     code = (f"import torch, os\nclass E:\n    def __reduce__(self):\n        return (os.system, ('touch {marker}',))\n"

@@ -1,7 +1,5 @@
 """Confusion matrix, mIoU (19/16/13), evaluation protocols, --save-predictions encoding, check-data."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,7 +8,7 @@ from PIL import Image
 
 import common
 from common import IGNORE, SegmentationDataset
-from conftest import ROOT, make_cityscapes, make_gta5, make_synthia
+from conftest import run_check, make_cityscapes, make_gta5, make_synthia
 
 
 def naive_iou(pred, gt, n):
@@ -116,11 +114,6 @@ def test_evaluate_model_in_eval_mode(tmp_path):
     model.layer1.register_forward_hook(lambda mod, i, o: seen.append(mod.training))
     common.evaluate(model, ds, torch.device("cpu"))
     assert seen == [False] and model.training
-
-
-def run_check(root, *extra):
-    return subprocess.run([sys.executable, str(ROOT / "common.py"), "check-data", "--data-root", str(root), *extra],
-                          capture_output=True, text=True)
 
 
 def test_check_data_clean_tree(tmp_path):

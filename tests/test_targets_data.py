@@ -2,8 +2,6 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ from PIL import Image
 
 import common
 from common import IGNORE, DataError, SegmentationDataset, dataset_files
-from conftest import ROOT, make_cityscapes, make_gta5
+from conftest import run_check, make_cityscapes, make_gta5
 from target_layouts import (ACDC_COUNTS, add_cityscapes_test, make_acdc, make_bdd100k, make_dark_zurich,
                             make_mapillary, write_grey, write_mapillary_label)
 
@@ -176,11 +174,6 @@ def test_prepared_root_refuses_the_new_kinds_in_one_line(tmp_path):
         with pytest.raises(DataError, match=r"prep/prepared.json: a prepared root holds gta5/synthia/cityscapes "
                                             r"frames only; expected the original data root for acdc"):
             call()
-
-
-def run_check(root, *extra):
-    return subprocess.run([sys.executable, str(ROOT / "common.py"), "check-data", "--data-root", str(root), *extra],
-                          capture_output=True, text=True)
 
 
 def test_check_data_reports_each_split_with_published_counts_as_warnings(tmp_path):

@@ -117,6 +117,21 @@ same q and crop weights, x --mask-lambda 1, with its own backward before the ste
 scale only the fused term (--mask-lambda-all: the whole loss, the clean variant). With --stack deeplabv2 the
 masked loss is one more term of DACS's loss (an assumption: MIC's DeepLabv2 runs use its DAFormer-based code).
 --mic is refused with --source-only and with --mix intra*.
+MIC -> code (lhoyer/MIC seg/mmseg/models/uda/masking_consistency_module.py, models/utils/masking_transforms.py):
+    mask_mode (seg/experiments.py id 80)                 -> --mask-mode: separatetrgaug for --target cityscapes,
+                                                            separate for acdc/dark_zurich (the default follows it)
+    separatetrgaug: target batch, strong_transform      -> common.mic_masked_input (jitter, blur, then the mask)
+    separate: [source 0, target 0], [GT, pseudo-label],  -> common.mic_separate_batch, then common.mic_mask_image
+        weights [1, pseudo-weight], no colour augmentation  (batch size 2, as MIC asserts; else refused)
+    BlockMaskGenerator: round(H/b) x round(W/b) U(0,1) > r -> common.mic_block_mask (--mask-block, --mask-ratio);
+                                                            a block larger than the crop is refused
+    pseudo-label/weight 'same' as the host's (one teacher) -> target_pseudo_label: q, then --pl-crop (daformer v1,
+                                                            hrda none on ACDC/Dark Zurich), as the mixed stream's
+    forward_train loss x mask_lambda                      -> `loss_mic` (HRDA: its fused term, with a detail box)
+    the loop                                              -> mic_batch: one line per mask mode
+MIC's Cityscapes -> ACDC/Dark Zurich runs are HRDA's (id 80); --stack daformer/deeplabv2 with these targets use the
+same rule (an assumption). --demo --mic masks 4-px blocks of the 64x64 crops (MIC's grid of 16x16 blocks: 1024/64
+for HRDA, 512/32 for DAFormer and DeepLabv2, experiments.py ids 80, 81); --mask-block overrides it.
 
 Cityscapes as the source, ACDC or Dark Zurich as the target (DAFormer/HRDA/MIC's "further datasets"):
     python dacs.py --source cityscapes --target acdc --stack daformer --init pretrained/mit_b5.pth
@@ -135,9 +150,8 @@ ACDC adds a per-condition block). A source equal to the target is refused. Defau
     deeplabv2 assumption (no DACS setting exists): Cityscapes source 1024x512 (DACS's Cityscapes halving),
              target 960x540 (the same scale of the 1920x1080 frame), 512x512 crops, evaluation at full label
              resolution (as mmseg for these targets; --eval-res half: labels at the input)
---mic is refused with these targets: lhoyer/MIC trains them with mask_mode 'separate' (one source and one target
-image masked, no colour augmentation; seg/experiments.py id 80), which is not implemented here; --mix intra-aligned
-is refused with dark_zurich (p(y) is read from target train labels, which Dark Zurich lacks). The paper numbers
+--mic masks with --mask-mode separate on these targets (one source and one target image, no colour augmentation;
+lhoyer/MIC seg/experiments.py id 80); --mix intra-aligned is refused with dark_zurich (p(y) is read from target train labels, which Dark Zurich lacks). The paper numbers
 of these settings are test-server numbers: `--eval-only --checkpoint CK --split test --export DIR` writes the
 submission (README "Submitting to the test servers").
 """

@@ -768,11 +768,27 @@ def mic_block_mask(n, h, w, generator, block=64, ratio=0.7, device="cpu"):
     return F.interpolate((grid > ratio).float(), size=(h, w), mode="nearest")
 
 
+def mic_separate_batch(x_s, y_s, x_t, y_t, w_t):
+    """MIC's batch to mask in mask_mode 'separate' (batches of 2 per domain): images [source 0, target 0], labels
+    [source GT 0, pseudo-label 0], pixel weights [ones, pseudo-weight 0]; no colour augmentation (mic_mask_image
+    masks it)."""
+    if x_s.shape[0] != 2 or x_t.shape[0] != 2:
+        raise DataError(f"MIC mask_mode 'separate' takes image 0 of a batch of 2 per domain (lhoyer/MIC asserts it): "
+                        f"batches of {x_s.shape[0]} source and {x_t.shape[0]} target images")
+    return (torch.stack([x_s[0], x_t[0]]), torch.stack([y_s[0], y_t[0]]),
+            torch.stack([torch.ones_like(w_t[0]), w_t[0]]))
+
+
 def mic_masked_input(x, norm, generator, block=64, ratio=0.7, jitter_strength=0.2, jitter_gate=0.2):
     """MIC's masked target image (mask_mode separatetrgaug): colour jitter and blur with fresh draws, as one batch
     (one op order and one blur sigma per call), then the normalised image times the block mask (0 = the mean)."""
     x = color_jitter(x, norm, generator, strength=jitter_strength, gate=jitter_gate, per_image_order=False)
     x = gaussian_blur(x, generator, gate=0.5, per_image=False)
+    return mic_mask_image(x, generator, block, ratio)
+
+
+def mic_mask_image(x, generator, block=64, ratio=0.7):
+    """The normalised images times a fresh block mask (MIC's mask_image; masked pixels become 0 = the mean)."""
     return x * mic_block_mask(x.shape[0], x.shape[2], x.shape[3], generator, block, ratio, x.device).to(x.dtype)
 
 

@@ -117,6 +117,21 @@ same q and crop weights, x --mask-lambda 1, with its own backward before the ste
 scale only the fused term (--mask-lambda-all: the whole loss, the clean variant). With --stack deeplabv2 the
 masked loss is one more term of DACS's loss (an assumption: MIC's DeepLabv2 runs use its DAFormer-based code).
 --mic is refused with --source-only and with --mix intra*.
+MIC -> code (lhoyer/MIC seg/mmseg/models/uda/masking_consistency_module.py, models/utils/masking_transforms.py):
+    mask_mode (seg/experiments.py id 80)                 -> --mask-mode: separatetrgaug for --target cityscapes,
+                                                            separate for acdc/dark_zurich (the default follows it)
+    separatetrgaug: target batch, strong_transform      -> common.mic_masked_input (jitter, blur, then the mask)
+    separate: [source 0, target 0], [GT, pseudo-label],  -> common.mic_separate_batch, then common.mic_mask_image
+        weights [1, pseudo-weight], no colour augmentation  (batch size 2, as MIC asserts; else refused)
+    BlockMaskGenerator: round(H/b) x round(W/b) U(0,1) > r -> common.mic_block_mask (--mask-block, --mask-ratio);
+                                                            a block larger than the crop is refused
+    pseudo-label/weight 'same' as the host's (one teacher) -> target_pseudo_label: q, then --pl-crop (daformer v1,
+                                                            hrda none on ACDC/Dark Zurich), as the mixed stream's
+    forward_train loss x mask_lambda                      -> `loss_mic` (HRDA: its fused term, with a detail box)
+    the loop                                              -> mic_batch: one line per mask mode
+MIC's Cityscapes -> ACDC/Dark Zurich runs are HRDA's (id 80); --stack daformer/deeplabv2 with these targets use the
+same rule (an assumption). --demo --mic masks 4-px blocks of the 64x64 crops (MIC's grid of 16x16 blocks: 1024/64
+for HRDA, 512/32 for DAFormer and DeepLabv2, experiments.py ids 80, 81); --mask-block overrides it.
 
 Cityscapes as the source, ACDC or Dark Zurich as the target (DAFormer/HRDA/MIC's "further datasets"):
     python dacs.py --source cityscapes --target acdc --stack daformer --init pretrained/mit_b5.pth
@@ -135,9 +150,8 @@ ACDC adds a per-condition block). A source equal to the target is refused. Defau
     deeplabv2 assumption (no DACS setting exists): Cityscapes source 1024x512 (DACS's Cityscapes halving),
              target 960x540 (the same scale of the 1920x1080 frame), 512x512 crops, evaluation at full label
              resolution (as mmseg for these targets; --eval-res half: labels at the input)
---mic is refused with these targets: lhoyer/MIC trains them with mask_mode 'separate' (one source and one target
-image masked, no colour augmentation; seg/experiments.py id 80), which is not implemented here; --mix intra-aligned
-is refused with dark_zurich (p(y) is read from target train labels, which Dark Zurich lacks). The paper numbers
+--mic masks with --mask-mode separate on these targets (one source and one target image, no colour augmentation;
+lhoyer/MIC seg/experiments.py id 80); --mix intra-aligned is refused with dark_zurich (p(y) is read from target train labels, which Dark Zurich lacks). The paper numbers
 of these settings are test-server numbers: `--eval-only --checkpoint CK --split test --export DIR` writes the
 submission (README "Submitting to the test servers").
 --compile (README 'Compiled step'): torch.compile, in place, of the student's training forward, the EMA teacher
@@ -194,6 +208,8 @@ DEMO_DAFORMER = {"source": "demo", "iters": 400, "lr": 6e-4, "mit": "tiny", "ini
                  "warmup_iters": 20, "rcs_min_pixels": 12, "source_size": [128, 64], "target_size": [128, 64],
                  "crop_size": [64, 64], "eval_every": 0, "save_every": 100, "log_every": 25, "workers": 0}
 DEMO_HRDA = {**DEMO_DAFORMER, "pl_crop": "v1"}   # the demo images are far smaller than v2's 2048x1024 margins
+DEMO_MASK_BLOCK = 4   # --demo --mic (every stack): MIC's 16x16 grid of blocks (HRDA 1024/64, DAFormer and DeepLabv2
+#                       512/32, MIC experiments.py ids 80, 81) on the 64x64 demo crops; 64-px blocks would mask all
 NO_TARGET_LABELS = {"target_cat_max_ratio": 1.0}   # DAFormer/HRDA cs2acdc, cs2darkzurich: no target annotations loaded
 TARGETS = {  # --target acdc/dark_zurich beyond the resize (training.set_target_defaults) per --stack
     "daformer": {"acdc": NO_TARGET_LABELS, "dark_zurich": NO_TARGET_LABELS},   # plcrop kept: DAFormer experiments.py id 8
@@ -255,10 +271,16 @@ def parse_args(argv=None):
     p.add_argument("--classmix-select", choices=["image", "batch"], default=None,
                    help="--stack daformer: ClassMix classes of each source label drawn from the batch's union, "
                         "ignore included (default: batch, DAFormer get_class_masks) or from the image itself")
+    p.add_argument("--mask-mode", choices=["separatetrgaug", "separate"], default=None,
+                   help="--mic: what is masked (lhoyer/MIC mask_mode): the colour-augmented target batch, or source "
+                        "image 0 and target image 0 without colour augmentation (batch size 2) (default: "
+                        "separatetrgaug with --target cityscapes, separate with acdc/dark_zurich, MIC "
+                        "seg/experiments.py id 80)")
     p.add_argument("--target-cat-max-ratio", type=float, default=None,
                    help="--stack daformer: mmseg's crop retry rule on the target crops, which reads the target "
                         "labels (default: 0.75, DAFormer's Cityscapes pipeline); 1 = a plain random crop (clean "
                         "variant: no target label is read)")
+    mask_block_given = p.parse_known_args(argv)[0].mask_block is not None
     args = training.parse_with_stack(p, {"daformer": DAFORMER, "hrda": HRDA},
                                      {"deeplabv2": DEMO, "daformer": DEMO_DAFORMER, "hrda": DEMO_HRDA}, argv,
                                      DAFORMER_FLAGS, TARGETS)
@@ -267,10 +289,7 @@ def parse_args(argv=None):
     if args.mix == "intra-aligned" and args.target == "dark_zurich":
         raise common.DataError("--mix intra-aligned --target dark_zurich: the alignment reads the target train label "
                                "frequencies, and Dark Zurich train has no labels")
-    if args.mic and args.target != "cityscapes":
-        raise common.DataError(f"--mic --target {args.target}: MIC's Cityscapes->ACDC/Dark Zurich runs mask one "
-                               "source and one target image without colour augmentation (lhoyer/MIC mask_mode "
-                               "'separate'), which is not implemented here; drop --mic")
+    check_mic_args(args, mask_block_given)
     if args.stack != "deeplabv2":
         check_daformer_args(args)
     if args.mic and args.source_only:
@@ -302,6 +321,35 @@ def parse_args(argv=None):
     if args.mask_rounding is None:
         args.mask_rounding = "ceil" if args.mix == "inter" else "floor"
     return args
+
+
+def check_mic_args(args, mask_block_given):
+    """--mic: --mask-mode's default from the target (MIC experiments.py id 80), the demo's mask block, batch size 2
+    for 'separate', a mask block no larger than the crop (DataError)."""
+    if args.mask_mode is not None and not args.mic:
+        raise common.DataError("--mask-mode is a --mic flag; add --mic or drop it")
+    if not args.mic:
+        return
+    args.mask_mode = args.mask_mode or ("separatetrgaug" if args.target == "cityscapes" else "separate")
+    if args.demo and not mask_block_given:
+        args.mask_block = DEMO_MASK_BLOCK
+    if args.mask_mode == "separate" and args.batch_size != 2:
+        raise common.DataError(f"--mask-mode separate masks source image 0 and target image 0 of batches of 2 "
+                               f"(lhoyer/MIC asserts it): --batch-size {args.batch_size}, expected 2")
+    flag, size = ("--crop-size", args.crop_size) if any(args.crop_size) else ("--target-size", args.target_size)
+    if min(size) < args.mask_block:
+        raise common.DataError(f"--mask-block {args.mask_block} with {flag} {size[0]} {size[1]}: a mask block larger "
+                               f"than the masked image; expected --mask-block <= {min(size)}")
+
+
+def mic_batch(x_s, y_s, x_t, y_t, w_t, norm, g, args):
+    """MIC's masked images, labels and pixel weights for --mask-mode: separatetrgaug = the colour-augmented target
+    batch against the pseudo-label and weights; separate = [source 0, target 0] against [GT, pseudo-label] with
+    weights [1, pseudo-weight], not colour-augmented (lhoyer/MIC masking_consistency_module.py)."""
+    if args.mask_mode == "separatetrgaug":
+        return common.mic_masked_input(x_t, norm, g, args.mask_block, args.mask_ratio), y_t, w_t
+    x_k, y_k, w_k = common.mic_separate_batch(x_s, y_s, x_t, y_t, w_t)
+    return common.mic_mask_image(x_k, g, args.mask_block, args.mask_ratio), y_k, w_k
 
 
 def check_daformer_args(args):
@@ -457,12 +505,12 @@ def train(args):
                         loss_u = args.consistency_weight * common.ce_pixel_weighted(logits_m, y_m, w)   # lambda * L_u
                     amp.backward(loss_u)
                 losses.update(loss_u=loss_u, q=q)
-                if args.mic:   # MIC: the masked target image against the same (unmixed) pseudo-label, added to L
+                if args.mic:   # MIC (--mask-mode): masked images against the unmixed pseudo-label (+ GT), added to L
                     y_t, w_t, _ = target_pseudo_label(logits_t, args)
-                    x_k = common.mic_masked_input(x_t, norm, g, args.mask_block, args.mask_ratio)
+                    x_k, y_k, w_k = mic_batch(x_s, y_s, x_t, y_t, w_t, norm, g, args)
                     with amp.autocast():
                         losses["loss_mic"] = args.mask_lambda * common.ce_pixel_weighted(
-                            common.upsample(model(x_k), y_t.shape[1:]), y_t, w_t)
+                            common.upsample(model(x_k), y_k.shape[1:]), y_k, w_k)
                     amp.backward(losses["loss_mic"])
         amp.step(optimizer)
         lr = scheduler.get_last_lr()[0]
@@ -594,12 +642,12 @@ def train_daformer(args):
                     loss_u = args.consistency_weight * stream_loss(x_m, y_m, w, g)[0]
                 amp.backward(loss_u)
                 losses.update(loss_u=loss_u, q=q)
-                if args.mic:   # MIC: masked colour-augmented target against the same (unmixed) pseudo-label and weights
+                if args.mic:   # MIC (--mask-mode): masked images against the unmixed pseudo-label (+ GT) and weights
                     y_t, w_t, _ = target_pseudo_label(logits_t, args, args.pl_crop, valid)
-                    x_k = common.mic_masked_input(x_t, norm, g, args.mask_block, args.mask_ratio)
+                    x_k, y_k, w_k = mic_batch(x_s, y_s, x_t, y_t, w_t, norm, g, args)
                     fused_only = hrda and not args.mask_lambda_all   # MIC scales HRDA's fused term only
                     with amp.autocast():
-                        loss_mic = stream_loss(x_k, y_t, w_t, g, args.mask_lambda if fused_only else 1.0)[0]
+                        loss_mic = stream_loss(x_k, y_k, w_k, g, args.mask_lambda if fused_only else 1.0)[0]
                         losses["loss_mic"] = loss_mic if fused_only else args.mask_lambda * loss_mic
                     amp.backward(losses["loss_mic"])
         amp.step(optimizer)

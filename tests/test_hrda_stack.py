@@ -109,8 +109,9 @@ def test_slide_evaluation_runs_windows_of_the_crop(root, tmp_path, monkeypatch):
     assert seen == [] and whole["model"] == "student"
 
 
-# v2 margins would zero every weight of a 64-row image; 8-pixel blocks never mask a whole crop (a random-init MiT
-# gets NaN gradients from an all-zero image)
+# v2 margins would zero every weight of a 64-row image; 8-pixel blocks (an 8x8 grid) practically never mask a whole
+# crop: an all-zero image gives a random-init MiT (zero biases) zero-variance LayerNorms, whose backward scales by
+# 1/sqrt(eps) each, up to inf/NaN encoder gradients (docs/quirks.md F9)
 MIC = ["--mic", "--pl-crop", "none", "--mask-block", "8"]
 FLAGS = [([], ["--hr-loss-weight", "0.5"]), ([], ["--pl-crop", "none"]), ([], ["--pl-crop", "v1"]),
          (["--pl-crop", "none"], ["--mic", "--mask-block", "8"]), (MIC, ["--mask-ratio", "0.3"]),

@@ -111,7 +111,7 @@ SYNTHIA is fit into 2560x1520 (lhoyer/HRDA configs/_base_/datasets/uda_synthiaHR
 --mic: MIC (Hoyer et al., CVPR 2023; lhoyer/MIC, GTA5 + HRDA: 75.9), with every --stack:
     python dacs.py --source gta5 --stack hrda --mic --init pretrained/mit_b5.pth
 After the mix backward, the target crop, colour-augmented with fresh draws (jitter s 0.2 when U > 0.2, blur
-when U > 0.5, one op order and one sigma per batch) and multiplied by a block mask (--mask-block 64 pixel blocks,
+when U > 0.5, one op order and one sigma per batch) and multiplied by a block mask (--mask-block pixel blocks,
 each dropped with probability --mask-ratio 0.7), is trained against the teacher's un-mixed pseudo-label with the
 same q and crop weights, x --mask-lambda 1, with its own backward before the step. With --stack hrda the authors
 scale only the fused term (--mask-lambda-all: the whole loss, the clean variant). With --stack deeplabv2 the
@@ -130,8 +130,8 @@ MIC -> code (lhoyer/MIC seg/mmseg/models/uda/masking_consistency_module.py, mode
     forward_train loss x mask_lambda                      -> `loss_mic` (HRDA: its fused term, with a detail box)
     the loop                                              -> mic_batch: one line per mask mode
 MIC's Cityscapes -> ACDC/Dark Zurich runs are HRDA's (id 80); --stack daformer/deeplabv2 with these targets use the
-same rule (an assumption). --demo --mic masks 4-px blocks of the 64x64 crops (MIC's grid of 16x16 blocks: 1024/64
-for HRDA, 512/32 for DAFormer and DeepLabv2, experiments.py ids 80, 81); --mask-block overrides it.
+same rule (an assumption). --mask-block defaults to MIC's grid of 16x16 blocks per crop: 64 px for HRDA's 1024
+crops (experiments.py id 80), 32 px for the 512 crops of DAFormer and DeepLabv2 (id 81), 4 px on the demo's 64x64.
 
 Cityscapes as the source, ACDC or Dark Zurich as the target (DAFormer/HRDA/MIC's "further datasets"):
     python dacs.py --source cityscapes --target acdc --stack daformer --init pretrained/mit_b5.pth
@@ -208,8 +208,6 @@ DEMO_DAFORMER = {"source": "demo", "iters": 400, "lr": 6e-4, "mit": "tiny", "ini
                  "warmup_iters": 20, "rcs_min_pixels": 12, "source_size": [128, 64], "target_size": [128, 64],
                  "crop_size": [64, 64], "eval_every": 0, "save_every": 100, "log_every": 25, "workers": 0}
 DEMO_HRDA = {**DEMO_DAFORMER, "pl_crop": "v1"}   # the demo images are far smaller than v2's 2048x1024 margins
-DEMO_MASK_BLOCK = 4   # --demo --mic (every stack): MIC's 16x16 grid of blocks (HRDA 1024/64, DAFormer and DeepLabv2
-#                       512/32, MIC experiments.py ids 80, 81) on the 64x64 demo crops; 64-px blocks would mask all
 NO_TARGET_LABELS = {"target_cat_max_ratio": 1.0}   # DAFormer/HRDA cs2acdc, cs2darkzurich: no target annotations loaded
 TARGETS = {  # --target acdc/dark_zurich beyond the resize (training.set_target_defaults) per --stack
     "daformer": {"acdc": NO_TARGET_LABELS, "dark_zurich": NO_TARGET_LABELS},   # plcrop kept: DAFormer experiments.py id 8
@@ -280,7 +278,6 @@ def parse_args(argv=None):
                    help="--stack daformer: mmseg's crop retry rule on the target crops, which reads the target "
                         "labels (default: 0.75, DAFormer's Cityscapes pipeline); 1 = a plain random crop (clean "
                         "variant: no target label is read)")
-    mask_block_given = p.parse_known_args(argv)[0].mask_block is not None
     args = training.parse_with_stack(p, {"daformer": DAFORMER, "hrda": HRDA},
                                      {"deeplabv2": DEMO, "daformer": DEMO_DAFORMER, "hrda": DEMO_HRDA}, argv,
                                      DAFORMER_FLAGS, TARGETS)
@@ -289,7 +286,7 @@ def parse_args(argv=None):
     if args.mix == "intra-aligned" and args.target == "dark_zurich":
         raise common.DataError("--mix intra-aligned --target dark_zurich: the alignment reads the target train label "
                                "frequencies, and Dark Zurich train has no labels")
-    check_mic_args(args, mask_block_given)
+    check_mic_args(args)
     if args.stack != "deeplabv2":
         check_daformer_args(args)
     if args.mic and args.source_only:
@@ -323,23 +320,17 @@ def parse_args(argv=None):
     return args
 
 
-def check_mic_args(args, mask_block_given):
-    """--mic: --mask-mode's default from the target (MIC experiments.py id 80), the demo's mask block, batch size 2
-    for 'separate', a mask block no larger than the crop (DataError)."""
+def check_mic_args(args):
+    """--mic: --mask-mode's default from the target (MIC experiments.py id 80), batch size 2 for 'separate'
+    (DataError)."""
     if args.mask_mode is not None and not args.mic:
         raise common.DataError("--mask-mode is a --mic flag; add --mic or drop it")
     if not args.mic:
         return
     args.mask_mode = args.mask_mode or ("separatetrgaug" if args.target == "cityscapes" else "separate")
-    if args.demo and not mask_block_given:
-        args.mask_block = DEMO_MASK_BLOCK
     if args.mask_mode == "separate" and args.batch_size != 2:
         raise common.DataError(f"--mask-mode separate masks source image 0 and target image 0 of batches of 2 "
                                f"(lhoyer/MIC asserts it): --batch-size {args.batch_size}, expected 2")
-    flag, size = ("--crop-size", args.crop_size) if any(args.crop_size) else ("--target-size", args.target_size)
-    if min(size) < args.mask_block:
-        raise common.DataError(f"--mask-block {args.mask_block} with {flag} {size[0]} {size[1]}: a mask block larger "
-                               f"than the masked image; expected --mask-block <= {min(size)}")
 
 
 def mic_batch(x_s, y_s, x_t, y_t, w_t, norm, g, args):

@@ -149,21 +149,6 @@ DEMO_DAFORMER = {"source": "demo", "n_labeled": 5, "iters": 400, "lr": 6e-4, "wa
                  "target_size": [128, 64], "crop_size": [64, 64], "eval_res": "full", "eval_every": 0,
                  "save_every": 100, "log_every": 25, "workers": 0}
 DEMO_HRDA = {**DEMO_DAFORMER, "pl_crop": "v1"}   # the demo images are far smaller than v2's 2048x1024 margins
-DEMO_MASK_BLOCK = 4   # --demo --mic (every stack): MIC's 16x16 grid of blocks (HRDA 1024/64, DAFormer and DeepLabv2
-#                       512/32, MIC experiments.py ids 80, 81) on the 64x64 demo crops; 64-px blocks would mask all
-
-
-def check_mic_args(args, mask_block_given):
-    """--mic: Cityscapes target only, the demo's mask block, a mask block no larger than the crop (DataError)."""
-    if args.target != "cityscapes":
-        raise common.DataError(f"--mic --target {args.target}: IIDM+MIC (Table 3) is GTA5 -> Cityscapes only and MIC "
-                               "masks ACDC in another mode (mask_mode 'separate', dacs.py --mask-mode); drop --mic")
-    if args.demo and not mask_block_given:
-        args.mask_block = DEMO_MASK_BLOCK
-    flag, size = ("--crop-size", args.crop_size) if any(args.crop_size) else ("--target-size", args.target_size)
-    if min(size) < args.mask_block:
-        raise common.DataError(f"--mask-block {args.mask_block} with {flag} {size[0]} {size[1]}: a mask block larger "
-                               f"than the masked image; expected --mask-block <= {min(size)}")
 
 
 def parse_args(argv=None):
@@ -220,7 +205,6 @@ def parse_args(argv=None):
                         "A23), also the labeled crop x_t against its ground truth, or the mixed images instead of "
                         "a stream of their own (default: unlabeled)")
     training.add_stack_args(p)
-    mask_block_given = p.parse_known_args(argv)[0].mask_block is not None
     args = training.parse_with_stack(p, {"daformer": DAFORMER, "hrda": HRDA},
                                      {"deeplabv2": DEMO, "daformer": DEMO_DAFORMER, "hrda": DEMO_HRDA}, argv,
                                      targets={"hrda": {t: {"pl_crop": "none"} for t in ("acdc", "dark_zurich")}})
@@ -232,8 +216,9 @@ def parse_args(argv=None):
         raise common.DataError("--mic-on is a --mic flag; add --mic or drop it")
     args.labeled_loss = args.labeled_loss or ("hrda" if args.stack == "hrda" else None)
     args.mic_on = args.mic_on or ("unlabeled" if args.mic else None)
-    if args.mic:
-        check_mic_args(args, mask_block_given)
+    if args.mic and args.target != "cityscapes":
+        raise common.DataError(f"--mic --target {args.target}: IIDM+MIC (Table 3) is GTA5 -> Cityscapes only and MIC "
+                               "masks ACDC in another mode (mask_mode 'separate', dacs.py --mask-mode); drop --mic")
     if args.mic and (args.no_inter and args.no_intra or args.mix_strategy != "one-two"):
         raise common.DataError("--mic needs the teacher's pseudo-label of IIDM's one-two streams (A21): drop "
                                "--no-inter/--no-intra or --mix-strategy")

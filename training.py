@@ -895,7 +895,10 @@ MIC_ONLY = ("mask_ratio", "mask_block", "mask_lambda")
 MIT_B5_SOURCE = ("SegFormer's ImageNet-1k encoder weights mit_b5.pth (NVlabs/SegFormer README, 'ImageNet-1K "
                  "pretrained weights'; lhoyer/DAFormer puts it at pretrained/mit_b5.pth)")
 HEAD_KEY = {"daformer": "decode_head.conv_seg.weight", "hrda": "decode_head.head.conv_seg.weight"}
-MIC = {"mask_ratio": 0.7, "mask_block": 64, "mask_lambda": 1.0}   # lhoyer/MIC gta2cs HRDA config
+MIC = {"mask_ratio": 0.7, "mask_lambda": 1.0}   # lhoyer/MIC seg/experiments.py ids 80, 81
+MIC_BLOCK = {"hrda": 64, "daformer": 32, "deeplabv2": 32}   # lhoyer/MIC seg/experiments.py: 64 px on HRDA's 1024 crops
+#   (id 80), 32 px on the 512 crops of DAFormer and DeepLabv2 (id 81: "half the patch size ... half resolution")
+DEMO_MIC_BLOCK = 4   # --demo --mic: the same 16x16 grid of blocks on the demo's 64x64 crops
 
 
 def add_stack_args(parser):
@@ -931,8 +934,9 @@ def add_stack_args(parser):
                              "image against the teacher's pseudo-label and weights (any --stack)")
     parser.add_argument("--mask-ratio", type=float, default=None,
                         help="--mic: share of masked blocks (default: 0.7, MIC)")
-    parser.add_argument("--mask-block", type=int, default=None, help="--mic: mask block side in pixels (default: 64, "
-                                                                     "MIC)")
+    parser.add_argument("--mask-block", type=int, default=None,
+                        help="--mic: mask block side in pixels (default: 64 with --stack hrda, 32 otherwise, MIC; "
+                             "4 with --demo); at most the masked crop's side")
     parser.add_argument("--mask-lambda", type=float, default=None,
                         help="--mic: weight of the masked loss (default: 1, MIC); with --stack hrda MIC scales its "
                              "fused term only (the authors' code), --mask-lambda-all scales the detail term too")
@@ -963,11 +967,15 @@ def parse_with_stack(parser, stacks, demo, argv=None, daformer_only=(), targets=
         if given and not args.mic:
             raise DataError(f"--{given[0].replace('_', '-')} is a --mic flag; add --mic or drop it")
         if args.mic:
-            for k, v in MIC.items():
+            for k, v in {**MIC, "mask_block": DEMO_MIC_BLOCK if args.demo else MIC_BLOCK[stack]}.items():
                 setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
             if not (0 <= args.mask_ratio < 1 and args.mask_block > 0 and args.mask_lambda >= 0):
                 raise DataError(f"--mask-ratio {args.mask_ratio} in [0,1), --mask-block {args.mask_block} > 0 and "
                                 f"--mask-lambda {args.mask_lambda} >= 0 expected")
+            flag, size = ("--crop-size", args.crop_size) if any(args.crop_size) else ("--target-size", args.target_size)
+            if min(size) < args.mask_block:
+                raise DataError(f"--mask-block {args.mask_block} with {flag} {size[0]} {size[1]}: a mask block larger "
+                                f"than the masked image; expected --mask-block <= {min(size)}")
     if stack != "deeplabv2":
         changed = [k for k in DEEPLAB_ONLY if hasattr(args, k) and getattr(args, k) != parser.get_default(k)]
         if changed:

@@ -66,6 +66,8 @@ def test_hrda_defaults_follow_the_stack():
                                                                 "source", False, None)
     mic = dacs.parse_args(["--stack", "hrda", "--init", "none", "--mic"])
     assert (mic.mask_ratio, mic.mask_block, mic.mask_lambda, mic.mask_lambda_all) == (0.7, 64, 1.0, False)
+    daformer = dacs.parse_args(["--stack", "daformer", "--init", "none", "--mic"])   # MIC id 81: 32 px on 512 crops
+    assert (daformer.mask_block, dacs.parse_args(["--mic"]).mask_block) == (32, 32)
     assert dacs.RCS_MIN_CROP_RATIO["hrda"] == 2.0 and args.target_cat_max_ratio == 1.0   # 0.75 on the source only
 
 

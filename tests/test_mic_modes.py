@@ -112,8 +112,8 @@ def test_mic_refusals():
     assert dacs.parse_args([*acdc, "--mic", "--mask-mode", "separatetrgaug", "--batch-size", "4"]).batch_size == 4
     with pytest.raises(common.DataError, match="--mask-mode is a --mic flag"):
         dacs.parse_args([*acdc, "--mask-mode", "separate"])
-    with pytest.raises(common.DataError, match="--mask-block 64 with --crop-size 32 32: a mask block larger"):
-        dacs.parse_args([*acdc, "--mic", "--crop-size", "32", "32"])
+    with pytest.raises(common.DataError, match="--mask-block 32 with --crop-size 16 16: a mask block larger"):
+        dacs.parse_args([*acdc, "--mic", "--crop-size", "16", "16"])
     with pytest.raises(common.DataError, match="--mask-block 64 with --crop-size 48 48: a mask block larger"):
         iidm.parse_args(["--stack", "hrda", "--init", "none", "--mic", "--crop-size", "48", "48"])
     with pytest.raises(common.DataError, match="--mic --target acdc: IIDM\\+MIC"):

@@ -406,6 +406,7 @@ def train(args):
     # ---------------------------------------------------------------- setup
     dist, device = training.distributed(args.device)
     training.apply_world(args, dist, device, pairs_within_batch=args.mix != "inter" and not args.source_only)
+    check_mic_args(args)                  # again on the per-process batch (--global-batch paper divides it)
     amp = training.Amp(device, args.amp, args.amp_dtype)
     style, norm = common.init_convention(args.init)
     common.seed_everything(args.seed)

@@ -147,7 +147,7 @@ def test_evaluation_runs_eagerly_and_training_forwards_compiled(root):
     model = common.DeepLabV2(19, layers=(1, 1, 1, 1))
     training.compile_networks(argparse.Namespace(compile=True, compile_mode="default", compile_backend="aot_eager"),
                               model)
-    val = training.cityscapes_val(root / "cityscapes", (64, 32), "half", "imagenet_bgr")
+    val = training.target_val("cityscapes", root / "cityscapes", (64, 32), "half", "imagenet_bgr")
     frames = torch._dynamo.utils.counters["frames"]["total"]
     common.evaluate(model, val, torch.device("cpu"))
     assert torch._dynamo.utils.counters["frames"]["total"] == frames

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -169,7 +170,10 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_with_exit_3(root, tmp_path):
     assert proc.returncode != 0
     assert "error: iteration 2: loss_" in proc.stderr, proc.stderr[-3000:]        # rank 1: its own loss
     assert "error: iteration 2: a loss is not finite on another process" in proc.stderr, proc.stderr[-3000:]
-    assert proc.stderr.count("exitcode  : 3") == 2, proc.stderr[-3000:]   # torchrun's summary of both ranks
+    # torchrun's summary: a rank that exits 3 first gets the other one SIGTERMed, which may land after its error
+    # line and before its own exit 3 (both stopped by the guard: the two lines above)
+    codes = re.findall(r"exitcode\s*: (-?\d+)", proc.stderr)
+    assert "3" in codes and set(codes) <= {"3", "-15"}, proc.stderr[-3000:]
     assert "it 3/6" not in proc.stdout
 
 

@@ -456,12 +456,11 @@ def train(args):
     source_kind, source_root, target_kind, target_root = training.data_roots(args, args.source, args.target)
     val = training.target_val(target_kind, target_root, args.target_size, args.eval_res, norm, interp="bicubic",
                               conditions=args.acdc_conditions)
-    subset = training.condition_kwargs(args, target_kind)
     model = training.prepare_model(common.DeepLabV2(NUM_CLASSES, multi_level=True, aspp_full=args.aspp_full,
                                                     style=style, layers=args.layers, width=args.width), device, amp)
     if args.eval_only:                                          # the main head (layer6), as AdaptSegNet evaluates
         return training.eval_only(args, model, val, device, out_dir, synthia, dist=dist)
-    stems = common.SegmentationDataset(target_kind, target_root, **subset).stems()
+    stems = common.SegmentationDataset(target_kind, target_root, conditions=args.acdc_conditions).stems()
     labeled, rest = common.labeled_split(stems, args.n_labeled, args.split_seed, args.split_file)
     args.n_labeled = len(labeled)
     pool = stems if args.unlabeled == "all" else rest           # R8
@@ -469,7 +468,7 @@ def train(args):
         raise common.DataError(f"--unlabeled complement with --n-labeled {len(labeled)} leaves no unlabeled image")
     city = lambda names: common.SegmentationDataset(  # noqa: E731 (AdaptSegNet: bicubic resize, no crop)
         target_kind, target_root, resize=args.target_size, interp="bicubic", crop=args.crop_size, norm=norm,
-        stems=names, **subset)
+        stems=names, conditions=args.acdc_conditions)
     data_s = common.SegmentationDataset(source_kind, source_root, resize=args.source_size, interp="bicubic",
                                         crop=args.crop_size, norm=norm) if args.use_source else None
     data_l = city(labeled) if labeled else None

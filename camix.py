@@ -570,11 +570,11 @@ def train(args):
                 load_only.build_prior = False
                 prior = prior_for_run(load_only, source, target_kind, target_root, out_dir)
         target = TargetWithWindow(target_kind, target_root, resize=target_resize, crop=crop, norm=norm,
-                                  **training.condition_kwargs(args, target_kind))
+                                  conditions=args.acdc_conditions)
     else:
         prior = None
         target = common.SegmentationDataset(target_kind, target_root, resize=target_resize, crop=crop, norm=norm,
-                                            **training.condition_kwargs(args, target_kind))
+                                            conditions=args.acdc_conditions)
     Q = None if prior is None else torch.from_numpy(prior).to(device)   # on the device once, cut per batch
     # ---------------------------------------------------------------- models, optimiser
     training.initialise(student, args.init, norm, args.data_root)

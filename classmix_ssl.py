@@ -229,13 +229,12 @@ def train(args):
     # ---------------------------------------------------------------- data
     kind, root = training.data_roots(args, args.dataset, args.dataset)[2:]
     val = training.target_val(kind, root, args.target_size, args.eval_res, norm, conditions=args.acdc_conditions)
-    subset = training.condition_kwargs(args, kind)
     build = lambda: common.DeepLabV2(19, aspp_full=args.aspp_full, style=style, layers=args.layers,  # noqa: E731
                                      width=args.width)
     student = training.prepare_model(build(), device, amp)
     if args.eval_only:
         return training.eval_only(args, student, val, device, out_dir, dist=dist)
-    stems = common.SegmentationDataset(kind, root, **subset).stems()
+    stems = common.SegmentationDataset(kind, root, conditions=args.acdc_conditions).stems()
     labeled, unlabeled = common.labeled_split(stems, args.n_labeled, args.split_seed, args.split_file)
     if not labeled:
         raise common.DataError("--n-labeled 0: ClassMix needs labeled images")
@@ -243,9 +242,9 @@ def train(args):
         raise common.DataError(f"--n-labeled {len(labeled)} leaves no unlabeled image (use --no-unlabeled)")
     crop = args.crop_size if min(args.crop_size) > 0 else None  # no augmentation besides the optional crop (C7)
     data_l = common.SegmentationDataset(kind, root, resize=args.target_size, crop=crop, norm=norm,
-                                        stems=labeled, **subset)
+                                        stems=labeled, conditions=args.acdc_conditions)
     data_u = None if args.no_unlabeled else common.SegmentationDataset(
-        kind, root, resize=args.target_size, crop=crop, norm=norm, stems=unlabeled, **subset)
+        kind, root, resize=args.target_size, crop=crop, norm=norm, stems=unlabeled, conditions=args.acdc_conditions)
     # ---------------------------------------------------------------- models, optimiser
     training.initialise(student, args.init, norm, args.data_root)
     teacher = None if args.no_unlabeled else training.prepare_model(    # train-mode BN as the authors' (C4)

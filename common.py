@@ -1547,7 +1547,6 @@ class SegmentationDataset(torch.utils.data.Dataset):
                  crop=None, cat_max_ratio=None, flip=False, norm="imagenet_bgr", num_classes=19,
                  label_res="input", stems=None, rcs_min_crop_pixels=1500, conditions=None):
         self.kind, self.split, self.norm, self.num_classes = kind, split, norm, num_classes
-        self.conditions = conditions
         if interp not in INTERPOLATIONS:
             raise ValueError(f"interp {interp!r}")
         self.frames = None  # the prepared frame set read instead of decoding and resizing, if any

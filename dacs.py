@@ -425,7 +425,7 @@ def train(args):
     source = common.SegmentationDataset(source_kind, source_root, resize=args.source_size, interp="bicubic",
                                         crop=args.crop_size, norm=norm)
     target = common.SegmentationDataset(target_kind, target_root, resize=args.target_size, crop=args.crop_size,
-                                        norm=norm, **training.condition_kwargs(args, target_kind))
+                                        norm=norm, conditions=args.acdc_conditions)
     # ---------------------------------------------------------------- models, optimiser
     training.initialise(student, args.init, norm, args.data_root)
     teacher = None if args.source_only else training.prepare_model(      # train-mode BN as the authors' (Q3)
@@ -564,7 +564,7 @@ def train_daformer(args):
                                         rcs_min_crop_pixels=int(args.rcs_min_pixels * RCS_MIN_CROP_RATIO[args.stack]))
     target = common.SegmentationDataset(target_kind, target_root, resize=args.target_size, interp="cv2", crop=crop,
                                         cat_max_ratio=args.target_cat_max_ratio if args.target_cat_max_ratio < 1
-                                        else None, flip=True, norm=norm, **training.condition_kwargs(args, target_kind))
+                                        else None, flip=True, norm=norm, conditions=args.acdc_conditions)
     if args.pl_crop == "v2":                             # HRDA: the margin mask travels with the target crop
         target = common.PseudoMarginDataset(target)
     # ---------------------------------------------------------------- models, optimiser

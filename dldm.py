@@ -586,8 +586,7 @@ class Run:
                                                                      args.target))
         self.source_kind, self.source_root, self.target_kind, self.target_root = training.data_roots(
             args, args.source, args.target)
-        self.subset = training.condition_kwargs(args, self.target_kind)
-        self.train_set = common.SegmentationDataset(self.target_kind, self.target_root, **self.subset)
+        self.train_set = common.SegmentationDataset(self.target_kind, self.target_root, conditions=args.acdc_conditions)
         self.train_stems = sorted(self.train_set.stems())
         self.labeled, rest = common.labeled_split(self.train_stems, args.n_labeled, args.split_seed,
                                                   args.split_file)
@@ -703,12 +702,14 @@ class Run:
         pseudo = {} if r == 1 or gt_only else {s: p for s, p in self.check_pseudo(r).items() if s not in labeled}
         stems = list(self.labeled) + sorted(pseudo)
         return self.dataset(TargetDataset, kind=self.target_kind, root=self.target_root, stems=stems, pseudo=pseudo,
-                            resize=tuple(self.args.target_size), **self.subset), len(self.labeled), len(pseudo)
+                            resize=tuple(self.args.target_size), conditions=self.args.acdc_conditions), \
+            len(self.labeled), len(pseudo)
 
     def unlabeled_set(self):
         """D_U images at the target size (their labels are never used)."""
         return self.dataset(common.SegmentationDataset, kind=self.target_kind, root=self.target_root,
-                            stems=self.unlabeled, resize=tuple(self.args.target_size), **self.subset)
+                            stems=self.unlabeled, resize=tuple(self.args.target_size),
+                            conditions=self.args.acdc_conditions)
 
 
 def stage_finished(stage_dir, iters):

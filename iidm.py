@@ -307,7 +307,6 @@ def train(args):
     source_kind, source_root, target_kind, target_root = training.data_roots(args, args.source, args.target)
     val = training.target_val(target_kind, target_root, args.target_size, args.eval_res, norm, num_classes,
                               args.resize, args.acdc_conditions)
-    subset = training.condition_kwargs(args, target_kind)
     detail = tuple(c // 2 for c in args.crop_size)       # HRDA: 512x512 detail crops of the 1024x1024 crop
     if hrda:                       # HRDA on MiT + DAFormer head; a teacher without DropPath/Dropout
         build = lambda stochastic=True: common.hrda_segmentor(num_classes, args.mit, args.drop_path_rate,  # noqa: E731
@@ -325,7 +324,7 @@ def train(args):
     if args.eval_only:
         return training.eval_only(args, evaluated, val, device, out_dir, synthia, align_corners=False, dist=dist,
                                   init_default=("pytorch", "imagenet_rgb"))
-    stems = common.SegmentationDataset(target_kind, target_root, **subset).stems()
+    stems = common.SegmentationDataset(target_kind, target_root, conditions=args.acdc_conditions).stems()
     labeled, unlabeled = common.labeled_split(stems, args.n_labeled, args.split_seed, args.split_file)
     use_teacher = not (args.no_inter and args.no_intra)
     if use_teacher and not unlabeled:
@@ -336,11 +335,11 @@ def train(args):
         cat_max_ratio=0.75, flip=True, norm=norm, num_classes=num_classes, rcs_min_crop_pixels=int(args.rcs_min_pixels * RCS_MIN_CROP_RATIO[args.stack]))
     data_t = None if not labeled else common.SegmentationDataset(
         target_kind, target_root, resize=args.target_size, interp=args.resize, crop=crop, flip=True, norm=norm,
-        num_classes=num_classes, stems=labeled, **subset,
+        num_classes=num_classes, stems=labeled, conditions=args.acdc_conditions,
         rcs_min_crop_pixels=int(args.rcs_min_pixels * RCS_MIN_CROP_RATIO[args.stack]))
     data_u = None if not use_teacher else common.SegmentationDataset(
         target_kind, target_root, resize=args.target_size, interp=args.resize, crop=crop, flip=True, norm=norm,
-        num_classes=num_classes, stems=unlabeled, **subset)
+        num_classes=num_classes, stems=unlabeled, conditions=args.acdc_conditions)
     if data_u is not None and args.pl_crop == "v2":      # HRDA: the margin mask travels with the crop
         data_u = common.PseudoMarginDataset(data_u)
     # ---------------------------------------------------------------- models, optimiser

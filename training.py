@@ -753,22 +753,15 @@ def check_same_run(saved, current, path):
         raise DataError(f"--resume {path}: made with other settings: {'; '.join(diff[:5])}")
 
 
-def condition_kwargs(args, kind):
-    """SegmentationDataset's keyword for --acdc-conditions on an ACDC dataset ({} otherwise: all conditions)."""
-    return {"conditions": args.acdc_conditions} if kind == "acdc" and args.acdc_conditions else {}
-
-
 def target_val(kind, root, size, eval_res, norm, num_classes=19, interp="bilinear", conditions=None):
     """The target's val as the protocols read it: image resized to `size` (W, H) by `interp`; labels
     nearest-downsampled to the input ('half', DACS/ClassMix) or at full resolution ('full', AdaptSegNet, mmseg).
     Cityscapes is resized to `size`; ACDC and Dark Zurich are fit into it keeping the ratio (mmseg's test
     pipeline in DAFormer's and HRDA's cs2acdc/cs2darkzurich configs; the same for their 16:9 frames);
     `conditions`: ACDC's subset."""
-    extra = {} if kind == "cityscapes" else {"keep_ratio": True}
-    if kind == "acdc" and conditions:
-        extra["conditions"] = conditions
-    return common.SegmentationDataset(kind, root, "val", resize=tuple(size), norm=norm, num_classes=num_classes,
-                               label_res="input" if eval_res == "half" else "full", interp=interp, **extra)
+    return common.SegmentationDataset(kind, root, "val", resize=tuple(size), keep_ratio=kind != "cityscapes",
+                               norm=norm, num_classes=num_classes, label_res="input" if eval_res == "half" else "full",
+                               interp=interp, conditions=conditions)
 
 
 def eval_dataset(args, val):
@@ -782,7 +775,7 @@ def eval_dataset(args, val):
     data = common.SegmentationDataset(kind, val.root if same else dataset_root(args, kind), args.split,
                                       resize=val.resize, keep_ratio=val.keep_ratio if same else True,
                                       interp=val.interp, norm=val.norm, num_classes=val.num_classes,
-                                      label_res=val.label_res if same else "full", **condition_kwargs(args, kind))
+                                      label_res=val.label_res if same else "full", conditions=args.acdc_conditions)
     return data, "metrics.json" if same else f"metrics_{kind}.json"
 
 

@@ -2,7 +2,8 @@
 
 Frames: a demo source scene (demo.py) drawn at 1914x1052 (bicubic) plus per-pixel Gaussian noise of each
 --sigmas value (more noise = more distinct colours, the quantity the per-colour transfer scales with), and
-uniform noise (every pixel its own colour: the worst case). For each frame, in the same process, alternating
+uniform noise (every pixel its own colour: the worst case), and any real frames given with --frame (scored
+without a label: the item column then uses an all-zero label of the frame's size). For each frame, in the same process, alternating
 rep by rep: `per_pixel_transfer` (the transfer as dldm.py computed it before issue 24: every step on every
 pixel) and `dldm.lab_transfer` (per distinct colour, reusing one ColourTables as a data worker does), each
 alone and inside a whole `LabSourceDataset` item (PNG read, transfer, bicubic resize to 1280x720, label, normalisation:
@@ -49,6 +50,16 @@ def frames(sigmas, size, seed=0):
     return out + [("uniform noise", rng.integers(0, 256, base.shape).astype(np.uint8), ids)]
 
 
+def real_frames(paths):
+    """(name, uint8 image, all-zero label ids) of each real frame file."""
+    out = []
+    for path in paths:
+        rgb = np.asarray(Image.open(path).convert("RGB"))
+        out.append((f"real frame {Path(path).name} ({rgb.shape[1]}x{rgb.shape[0]})", rgb,
+                    np.zeros(rgb.shape[:2], np.uint8)))
+    return out
+
+
 def cpu_seconds(fns, reps):
     """Median CPU seconds of each of `fns` over `reps` calls, alternating between them, after one untimed call each."""
     for fn in fns:
@@ -67,6 +78,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--sigmas", type=float, nargs="+", default=[0, 3, 10])
     p.add_argument("--size", type=int, nargs=2, default=[1914, 1052], metavar=("W", "H"), help="GTA5's frame size")
+    p.add_argument("--frame", nargs="+", default=[], metavar="PNG",
+                   help="real source frames to measure as well (e.g. a GTA5 image; none ships with this repository)")
     p.add_argument("--resize", type=int, nargs=2, default=[1280, 720], metavar=("W", "H"), help="DLDM's GTA5 resize")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -77,8 +90,8 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|---|")
     tables = dldm.ColourTables()
     with tempfile.TemporaryDirectory() as tmp:
-        for name, rgb, ids in frames(args.sigmas, tuple(args.size)):
-            root = Path(tmp) / name.replace(" ", "_")
+        for name, rgb, ids in frames(args.sigmas, tuple(args.size)) + real_frames(args.frame):
+            root = Path(tmp) / "".join(c if c.isalnum() else "_" for c in name)
             (root / "gta5" / "images").mkdir(parents=True)
             (root / "gta5" / "labels").mkdir(parents=True)
             Image.fromarray(rgb).save(root / "gta5" / "images" / "00001.png")

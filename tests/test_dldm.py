@@ -535,13 +535,18 @@ def test_online_lab_run_is_bit_identical_to_the_per_pixel_transfer(root, tmp_pat
     assert stage_digest(root, tmp_path / "other", ["--stage", "rl"], "round1/rl/checkpoint.pth") != fast
 
 
-def test_lab_speed_benchmark_runs_and_prints_a_row_per_frame(capsys, monkeypatch):
-    """Its before/after rows, and its `per_pixel_transfer` (the code before issue 24) is the tests' reference."""
+def test_lab_speed_benchmark_runs_and_prints_a_row_per_frame(capsys, monkeypatch, tmp_path):
+    """Its before/after rows (generated frames and a --frame file), and its `per_pixel_transfer` (the code
+    before issue 24) is the tests' reference."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import lab_speed
-    lab_speed.main(["--reps", "1", "--sigmas", "0", "5", "--size", "48", "30", "--resize", "32", "20"])
+    frame = np.random.default_rng(3).integers(0, 256, (26, 40, 3), dtype=np.uint8)
+    Image.fromarray(frame).save(tmp_path / "real 1.png")
+    lab_speed.main(["--reps", "1", "--sigmas", "0", "5", "--size", "48", "30", "--resize", "32", "20",
+                    "--frame", str(tmp_path / "real 1.png")])
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
-    assert [r[0] for r in rows] == ["| demo scene + noise sigma 0", "| demo scene + noise sigma 5", "| uniform noise"]
+    assert [r[0] for r in rows] == ["| demo scene + noise sigma 0", "| demo scene + noise sigma 5", "| uniform noise",
+                                    "| real frame real 1.png (40x26)"]
     assert all(0 < float(r[1]) <= 1 and r[4].endswith("x") and r[7].endswith("x") and r[8] == "yes |" for r in rows)
     rng = np.random.default_rng(14)
     for img in lab_test_images(rng)[:12]:

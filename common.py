@@ -2283,15 +2283,14 @@ def check_submission(folder, server, expected_stems, sizes):
 
 
 @torch.no_grad()
-def export_submission(model, dataset, server, out_dir, device, amp_dtype=None, align_corners=True, mode="whole",
-                      record=None, crop=(1024, 1024), stride=(512, 512)):
+def export_submission(model, dataset, server, out_dir, device, amp_dtype=None, align_corners=True, record=None):
     """Write what the `server` test server accepts for the image-only test split `dataset`, in one process.
 
     out_dir (new or empty) receives predictions/ (the files, in the zip's layout), submission_<server>.zip and
     export.json (`record` - checkpoint, model, iteration - plus server, split, counts and the zip's files), which
-    is returned. Each image: the network input of the dataset's pipeline, logits (the whole image, or mode 'slide':
-    mmseg's sliding windows of `crop` every `stride`, HRDA/MIC's ACDC/Dark Zurich test setting) upsampled to the
-    image's original size, softmax, argmax over the model's classes. Everything is written into a temporary
+    is returned. Each image: the network input of the dataset's pipeline, logits (of the whole image, or of
+    sliding windows when `model` is a SlideInference: HRDA/MIC's test setting) upsampled to the image's
+    original size, softmax, argmax over the model's classes. Everything is written into a temporary
     sibling folder, checked (check_submission) and renamed onto out_dir, so an error leaves nothing behind.
     """
     import shutil
@@ -2317,11 +2316,7 @@ def export_submission(model, dataset, server, out_dir, device, amp_dtype=None, a
         for index, (stem, (w, h)) in enumerate(zip(stems, sizes)):
             x = dataset[index]["image"][None].to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                if mode == "slide":
-                    logits = slide_inference(lambda win: upsample(main_logits(model(win)).float(), win.shape[2:],
-                                                                  align_corners), x, crop, stride)
-                else:
-                    logits = main_logits(model(x))
+                logits = main_logits(model(x))
             prob = upsample(logits.float(), (h, w), align_corners).softmax(1)[0]
             for sub, array in submission_arrays(server, prob, train_ids).items():
                 Image.fromarray(array).save(predictions / sub / fmt.file_name.format(stem=stem), format="PNG")
@@ -2334,8 +2329,11 @@ def export_submission(model, dataset, server, out_dir, device, amp_dtype=None, a
             for name in files:
                 zf.write(predictions / name, name)
         info = {**(record or {}), "server": server, "dataset": dataset.kind, "split": dataset.split,
-                "root": str(dataset.root), "mode": mode, "images": len(stems),
+                "root": str(dataset.root), "images": len(stems),
                 "counts": {sub or "predictions": len(stems) for sub in fmt.folders}, "zip": zip_name, "files": files}
+        slide = next((m for m in model.modules() if isinstance(m, SlideInference)), None)   # also when wrapped
+        info["inference"] = ({"mode": "slide", "crop": list(slide.crop), "stride": list(slide.stride)} if slide
+                             else {"mode": "whole"})
         if dataset.kind == "acdc":
             conditions = [condition_of(img) for img, _ in dataset.pairs]
             info["conditions"] = {c: conditions.count(c) for c in ACDC_CONDITIONS if c in conditions}

@@ -102,8 +102,10 @@ def test_acdc_train_ids_named_after_the_inputs_and_slide_equals_whole_for_one_wi
         im = Image.open(tmp_path / "whole" / "predictions" / img.name)
         expected = common.upsample(model(ds[index]["image"][None]), (18, 32), align_corners=False).argmax(1)[0]
         assert im.mode == "L" and im.size == (32, 18) and np.array_equal(np.asarray(im), expected.numpy())
-    common.export_submission(model, ds, "acdc", tmp_path / "slide", CPU, align_corners=False, mode="slide",
-                             crop=(9, 16), stride=(4, 8))
+    assert info["inference"] == {"mode": "whole"}
+    slide = common.export_submission(common.SlideInference(model, crop=(9, 16), stride=(4, 8)), ds, "acdc",
+                                     tmp_path / "slide", CPU, align_corners=False)
+    assert slide["inference"] == {"mode": "slide", "crop": [9, 16], "stride": [4, 8]}
     for name in names:
         assert (tmp_path / "slide" / "predictions" / name).read_bytes() == \
             (tmp_path / "whole" / "predictions" / name).read_bytes()

@@ -176,6 +176,7 @@ def test_export_writes_the_servers_submission(root, acdc_run, tmp_path, server, 
         png = Image.open(f)
         assert png.mode in ("L", "P") and png.size == ((64, 32) if server == "cityscapes" else (64, 36))
     assert not (tmp_path / "ev").exists()                           # no metrics: the test split has no labels
+    assert saved["inference"] == {"mode": "whole"}
 
 
 def test_hrda_cityscapes_to_acdc_trains_without_plcrop_and_exports_with_slide_inference(root, tmp_path,
@@ -192,6 +193,7 @@ def test_hrda_cityscapes_to_acdc_trains_without_plcrop_and_exports_with_slide_in
     record = dacs.main([*hrda, "--eval-only", "--checkpoint", str(tmp_path / "run" / "checkpoint.pth"), "--split",
                         "test", "--export", str(tmp_path / "sub"), "--out-dir", str(tmp_path / "ev")])
     assert record["iteration"] == 2 and windows == [(1, 3, 72, 128)] * 5    # the 5 test images, resized, in windows
+    assert record["inference"] == {"mode": "slide", "crop": [64, 64], "stride": [32, 32]}   # --crop-size, HRDA's rule
 
 
 # ------------------------------------------------------------------ semi-supervised scripts

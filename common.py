@@ -517,32 +517,29 @@ def load_mit_imagenet(encoder, path):
 
 
 def load_authors_segmentor(path, model=None):
-    """The student state dict of an authors' DAFormer/HRDA/MIC mmcv checkpoint (`state_dict` with `model.*`,
-    `ema_model.*`, `imnet_model.*`; the student is kept, as their tools/test.py does) or of a plain student
-    state dict; loaded strictly into `model` when given.
+    """The student state dict of an authors' DAFormer/HRDA/MIC checkpoint file (see authors_checkpoint),
+    loaded strictly into `model` when given."""
+    state = authors_checkpoint(load_state_file(path), path)["model"]
+    if model is not None:
+        check_state_keys(state, model.state_dict(), path, "a checkpoint of this network")
+        model.load_state_dict(state)
+    return state
 
-    The file is read with weights_only=True: mmcv's `meta` holds only built-in types (strings, numbers, lists),
-    which that accepts; a file with other objects is refused with a DataError.
-    """
-    try:
-        obj = load_state_file(path)
-    except DataError as exc:
-        if "Weights only" not in str(exc):
-            raise
-        raise DataError(f"{exc}; expected an mmcv checkpoint whose `meta` holds only built-in types (for a "
-                        "trusted file, re-save its `state_dict` alone with torch.save)") from None
+
+def authors_checkpoint(obj, path):
+    """{'model': student, 'ema_model': teacher (if saved)} of a loaded authors' DAFormer/HRDA/MIC mmcv
+    checkpoint (`state_dict` with `model.*`, `ema_model.*`, `imnet_model.*`; their tools/test.py evaluates the
+    student) or of a plain student state dict; `path` names the file in errors."""
     state = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj
     state = {str(k).removeprefix("module."): v for k, v in state.items()}
+    teacher = {k.removeprefix("ema_model."): v for k, v in state.items() if k.startswith("ema_model.")}
     if any(k.startswith("model.") for k in state):
         state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     if not state or not all(k.startswith(("backbone.", "decode_head.")) for k in state):
         first = next((k for k in state if not k.startswith(("backbone.", "decode_head."))), None)
         raise DataError(f"{path}: not a DAFormer/HRDA checkpoint (expected an mmcv `state_dict` with `model.*` "
                         f"keys or `backbone.*`/`decode_head.*` keys; found {first!r})")
-    if model is not None:
-        check_state_keys(state, model.state_dict(), path, "a checkpoint of this network")
-        model.load_state_dict(state)
-    return state
+    return {"model": state, **({"ema_model": teacher} if teacher else {})}
 
 
 # ======================================================================================
@@ -818,7 +815,9 @@ def load_state_file(path):
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, not a zip/pickle, or holds non-tensor objects
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: not a readable plain weights file ({first[:200]})") from None
+        hint = ("; an mmcv checkpoint loads only when its `meta` holds built-in types alone (for a trusted file, "
+                "re-save its `state_dict` alone with torch.save)") if "Weights only" in first else ""
+        raise DataError(f"{path}: not a readable plain weights file ({first[:200]}){hint}") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
     return obj
@@ -2626,9 +2625,7 @@ def load_predict_network(path, stack=None, eval_model="student"):
             raise DataError(f"{path}: no `args` in this checkpoint (an authors' file): give --stack daformer|hrda")
         args = {"stack": stack, **AUTHORS_DEFAULTS[stack]}
         if "model" not in ckpt:
-            teacher = {k[len("ema_model."):]: v for k, v in ckpt.get("state_dict", {}).items()
-                       if k.startswith("ema_model.")}
-            ckpt = {"model": load_authors_segmentor(path), **({"ema_model": teacher} if teacher else {})}
+            ckpt = authors_checkpoint(ckpt, path)
     key = "ema_model" if eval_model == "teacher" else "model"
     if key not in ckpt:
         raise DataError(f"{path}: no '{key}' in this checkpoint (expected --eval-model student)")

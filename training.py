@@ -1031,9 +1031,8 @@ def daformer_checkpoint(ckpt, path, num_classes=None, stack="daformer"):
     `latest.pth` ({'meta', 'state_dict': {'model.*', 'ema_model.*', 'imnet_model.*'}, 'optimizer'}) as its
     student and teacher under the student's names (lhoyer/DAFormer and lhoyer/HRDA tools/test.py keep
     `model.*`)."""
-    if "model" not in ckpt and "state_dict" in ckpt:   # the authors' file: student via load_authors_segmentor
-        teacher = {k[len("ema_model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema_model.")}
-        ckpt = {"model": common.load_authors_segmentor(path), **({"ema_model": teacher} if teacher else {})}
+    if "model" not in ckpt and "state_dict" in ckpt:   # the authors' file: its student and teacher
+        ckpt = common.authors_checkpoint(ckpt, path)
     head = ckpt.get("model", {}).get(HEAD_KEY[stack])
     if head is None:
         raise DataError(f"{path}: no {stack} classifier weights found (expected 'model' with '{HEAD_KEY[stack]}', "

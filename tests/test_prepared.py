@@ -81,6 +81,33 @@ def test_prepared_dataset_reads_frames_not_pngs(root, prepared):
         assert torch.equal(item["label"], want["label"])
 
 
+def test_hrda_margin_items_on_a_prepared_root_equal_the_original(tmp_path):
+    """PseudoMarginDataset (HRDA's target stream) reads the original size from the label file on a prepared root
+    (no full-size label loaded): every item, RCS retries included, equals the original's; the margins cut."""
+    base = make_cityscapes(tmp_path, n_train=3, n_val=1, h=48, w=96)
+    write_rgb(base / "leftImg8bit" / "test" / "berlin" / "berlin_000000_000019_leftImg8bit.png",
+              np.random.default_rng(0), 48, 96)   # an image-only split: prepare-data writes train and val only
+    common.prepare_data(tmp_path, tmp_path / "p", ["cityscapes:40x20:cv2"])
+    kw = dict(resize=(40, 20), interp="cv2", crop=(12, 12), cat_max_ratio=0.75, flip=True, rcs_min_crop_pixels=20)
+    margins = (5, 12, 7, 3)   # at 96x48: not the resized 40x20 frame's margins
+    a = common.PseudoMarginDataset(common.SegmentationDataset("cityscapes", base, **kw), margins)
+    b = common.PseudoMarginDataset(common.SegmentationDataset("cityscapes", tmp_path / "p" / "cityscapes", **kw),
+                                   margins)
+    assert b.dataset.frames is not None and a.dataset.frames is None
+    valid = []
+    for item in [(i, seed, c) for i in range(3) for seed in (0, 3) for c in (-1, 0, 13)]:
+        want, got = a[item], b[item]
+        assert sorted(got) == sorted(want) == ["image", "index", "label", "valid"]
+        assert got["index"] == want["index"] == item[0]
+        for key in ("image", "label", "valid"):
+            assert torch.equal(got[key], want[key]), (item, key)
+        valid.append(got["valid"])
+    valid = torch.stack(valid)
+    assert 0 < valid.mean() < 1 and set(valid.unique().tolist()) == {0.0, 1.0}
+    with pytest.raises(common.DataError, match="holds no test frames"):
+        common.SegmentationDataset("cityscapes", tmp_path / "p" / "cityscapes", "test", **kw)
+
+
 @pytest.mark.parametrize("norm", sorted(common.NORMALISATIONS))
 def test_uint8_items_normalised_on_the_device_equal_the_worker_normalisation(root, norm):
     data = common.SegmentationDataset("cityscapes", root / "cityscapes", resize=(64, 32), crop=(16, 24), flip=True,

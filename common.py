@@ -738,6 +738,10 @@ class PseudoMarginDataset(torch.utils.data.Dataset):
     def __init__(self, dataset, margins=(30, 240, 30, 30)):
         self.dataset, self.margins = dataset, tuple(margins)
 
+    def uint8_items(self):
+        """The same items with the wrapped dataset's uint8 image and label (SegmentationDataset.uint8_items)."""
+        return PseudoMarginDataset(self.dataset.uint8_items(), self.margins)
+
     def __len__(self):
         return len(self.dataset)
 
@@ -754,8 +758,7 @@ class PseudoMarginDataset(torch.utils.data.Dataset):
             x, y = self.dataset.random_crop(stacked, label, rng)
             if required_class < 0 or (y == required_class).sum() > self.dataset.rcs_min_crop_pixels:
                 break
-        return {"image": normalise(np.ascontiguousarray(x[..., :3]), self.dataset.norm),
-                "label": torch.from_numpy(np.array(y)).long(), "index": index,
+        return {**self.dataset.item(np.ascontiguousarray(x[..., :3]), y, index),
                 "valid": torch.from_numpy(np.array(x[..., 3])).float()}
 
 
@@ -1657,8 +1660,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
             x, y = self.random_crop(rgb, label, rng)
             if required_class < 0 or (y == required_class).sum() > self.rcs_min_crop_pixels:
                 break
-        if self.label_res == "full":
-            y = full
+        return self.item(x, full if self.label_res == "full" else y, index)
+
+    def item(self, x, y, index):
+        """The item of a cropped HxWx3 uint8 image and its label: uint8 tensors and the normalisation's name
+        (uint8_items), or the normalised float image and int64 label."""
         if self.normalise_on_device:
             return {"image": torch.from_numpy(np.array(np.transpose(x, (2, 0, 1)), order="C")),
                     "label": torch.from_numpy(np.array(y, order="C")), "index": index, "norm": self.norm}

@@ -136,8 +136,9 @@ crops (experiments.py id 80), 32 px for the 512 crops of DAFormer and DeepLabv2 
 Cityscapes as the source, ACDC or Dark Zurich as the target (DAFormer/HRDA/MIC's "further datasets"):
     python dacs.py --source cityscapes --target acdc --stack daformer --init pretrained/mit_b5.pth
     python dacs.py --source cityscapes --target dark_zurich --stack hrda --init pretrained/mit_b5.pth
---target cityscapes (default), acdc (rgb_anon/<condition>/train, no labels read; --acdc-conditions) or dark_zurich
-(rgb_anon/train/night, no labels exist); the run evaluates on the target's val and metrics.json names it ("target";
+--target cityscapes (default), acdc (rgb_anon/<condition>/train; its gt/<condition>/train labels are read with the
+images but used only by --mix intra-aligned's p(y), as DAFormer's target pipeline loads none; --acdc-conditions) or
+dark_zurich (rgb_anon/train/night, no labels exist); the run evaluates on the target's val and metrics.json names it ("target";
 ACDC adds a per-condition block). A source equal to the target is refused. Defaults with their sources:
     daformer source Cityscapes resized to 1024x512, target fit into 960x540, 512x512 crops, cat_max_ratio 0.75 on
              the source only (--target-cat-max-ratio 1: the target pipeline loads no annotations), RCS over the
@@ -148,7 +149,7 @@ ACDC adds a per-condition block). A source equal to the target is refused. Defau
              (crop 1024, stride 512), no pseudo-label crop (--pl-crop none: "ACDC and DarkZurich have no
              rectification artifacts", lhoyer/HRDA experiments.py id 49; uda_cityscapesHR_to_acdcHR_1024x1024.py)
     deeplabv2 assumption (no DACS setting exists): Cityscapes source 1024x512 (DACS's Cityscapes halving),
-             target 960x540 (the same scale of the 1920x1080 frame), 512x512 crops, evaluation at full label
+             target fit into 960x540 (the same scale of the 1920x1080 frame), 512x512 crops, evaluation at full label
              resolution (as mmseg for these targets; --eval-res half: labels at the input)
 --mic masks with --mask-mode separate on these targets (one source and one target image, no colour augmentation;
 lhoyer/MIC seg/experiments.py id 80); --mix intra-aligned is refused with dark_zurich (p(y) is read from target train labels, which Dark Zurich lacks). The paper numbers
@@ -425,6 +426,7 @@ def train(args):
     source = common.SegmentationDataset(source_kind, source_root, resize=args.source_size, interp="bicubic",
                                         crop=args.crop_size, norm=norm)
     target = common.SegmentationDataset(target_kind, target_root, resize=args.target_size, crop=args.crop_size,
+                                        keep_ratio=target_kind != "cityscapes",   # ACDC/Dark Zurich: as their val
                                         norm=norm, conditions=args.acdc_conditions)
     # ---------------------------------------------------------------- models, optimiser
     training.initialise(student, args.init, norm, args.data_root)
@@ -562,7 +564,8 @@ def train_daformer(args):
     source = common.SegmentationDataset(source_kind, source_root, resize=args.source_size, keep_ratio=True,
                                         interp="cv2", crop=crop, cat_max_ratio=0.75, flip=True, norm=norm,
                                         rcs_min_crop_pixels=int(args.rcs_min_pixels * RCS_MIN_CROP_RATIO[args.stack]))
-    target = common.SegmentationDataset(target_kind, target_root, resize=args.target_size, interp="cv2", crop=crop,
+    target = common.SegmentationDataset(target_kind, target_root, resize=args.target_size, keep_ratio=True,  # mmseg
+                                        interp="cv2", crop=crop,
                                         cat_max_ratio=args.target_cat_max_ratio if args.target_cat_max_ratio < 1
                                         else None, flip=True, norm=norm, conditions=args.acdc_conditions)
     if args.pl_crop == "v2":                             # HRDA: the margin mask travels with the target crop

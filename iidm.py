@@ -330,15 +330,16 @@ def train(args):
     if use_teacher and not unlabeled:
         raise common.DataError(f"--n-labeled {len(labeled)} leaves no unlabeled image for the mixing streams")
     crop = args.crop_size if min(args.crop_size) > 0 else None
+    keep = args.stack != "deeplabv2" or target_kind != "cityscapes"   # mmseg's Resize keeps the ratio
     source = None if args.no_src_sup else common.SegmentationDataset(
         source_kind, source_root, resize=args.source_size, keep_ratio=True, interp=args.resize, crop=crop,
         cat_max_ratio=0.75, flip=True, norm=norm, num_classes=num_classes, rcs_min_crop_pixels=int(args.rcs_min_pixels * RCS_MIN_CROP_RATIO[args.stack]))
     data_t = None if not labeled else common.SegmentationDataset(
-        target_kind, target_root, resize=args.target_size, interp=args.resize, crop=crop, flip=True, norm=norm,
+        target_kind, target_root, resize=args.target_size, keep_ratio=keep, interp=args.resize, crop=crop, flip=True, norm=norm,
         num_classes=num_classes, stems=labeled, conditions=args.acdc_conditions,
         rcs_min_crop_pixels=int(args.rcs_min_pixels * RCS_MIN_CROP_RATIO[args.stack]))
     data_u = None if not use_teacher else common.SegmentationDataset(
-        target_kind, target_root, resize=args.target_size, interp=args.resize, crop=crop, flip=True, norm=norm,
+        target_kind, target_root, resize=args.target_size, keep_ratio=keep, interp=args.resize, crop=crop, flip=True, norm=norm,
         num_classes=num_classes, stems=unlabeled, conditions=args.acdc_conditions)
     if data_u is not None and args.pl_crop == "v2":      # HRDA: the margin mask travels with the crop
         data_u = common.PseudoMarginDataset(data_u)

@@ -422,9 +422,11 @@ def shared_parser(defaults):
     add("--lr", "base learning rate of the backbone (head x10)", type=float)
     add("--seed", "seeds python/numpy/torch and every data and augmentation draw", type=int, default=0)
     add("--source-size", "resize of source images before cropping, W H", type=int, nargs=2, metavar=("W", "H"))
-    add("--target-size", "resize of target images before cropping, W H (the Cityscapes value; --target acdc/"
-        "dark_zurich scale it to their 1920x1080 frame: 1024 512 -> 960 540, 2048 1024 -> 1920 1080)", type=int,
-        nargs=2, metavar=("W", "H"))
+    add("--target-size", "resize of target images before cropping, W H (the default follows --target: the "
+        "Cityscapes value at the scale of ACDC/Dark Zurich's 1920x1080 frame, 1024 512 -> 960 540, 2048 1024 -> "
+        "1920 1080; a value given is used as it is). Training: dacs.py and iidm.py fit the frame into it keeping its "
+        "ratio with --stack daformer/hrda or an ACDC/Dark Zurich target (mmseg's Resize), else resize to it exactly; "
+        "ACDC/Dark Zurich val always keeps the ratio", type=int, nargs=2, metavar=("W", "H"))
     add("--crop-size", "random crop H W after the resize (0 0 = no crop)", type=int, nargs=2, metavar=("H", "W"))
     add("--eval-res", "evaluate against labels at the network input size (half) or at full resolution",
         choices=["half", "full"])
@@ -1205,9 +1207,10 @@ def infinite_loader(dataset, sampler, workers):
     One iterator serves the whole run (the sampler spans every iteration), so persistent workers would
     change nothing; pinned memory on CUDA keeps next_batch's copies asynchronous; 2 batches in flight per
     worker absorb the per-batch spread of load times (benchmarks/RESULTS.md, 'Data-loading defaults').
-    A SegmentationDataset delivers uint8 images and labels, which next_batch normalises on the device.
+    A SegmentationDataset (or PseudoMarginDataset) delivers uint8 images and labels, which next_batch normalises
+    on the device.
     """
-    if isinstance(dataset, common.SegmentationDataset):
+    if isinstance(dataset, (common.SegmentationDataset, common.PseudoMarginDataset)):
         dataset = dataset.uint8_items()
     return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                             pin_memory=torch.cuda.is_available(),

@@ -121,6 +121,20 @@ def test_uint8_items_normalised_on_the_device_equal_the_worker_normalisation(roo
     assert y.dtype == torch.long and torch.equal(y, want["label"])
 
 
+def test_margin_items_travel_as_uint8_and_equal_the_worker_normalisation(root):
+    """HRDA's target stream (PseudoMarginDataset) also ships uint8 images: same images, labels and masks."""
+    data = common.PseudoMarginDataset(common.SegmentationDataset("cityscapes", root / "cityscapes", resize=(64, 32),
+                                                                 crop=(16, 24), flip=True), margins=(3, 5, 4, 2))
+    items = [(i, 3 + i, -1) for i in range(4)]
+    batch = next(training.infinite_loader(data, [items], 0))
+    assert batch["image"].dtype == torch.uint8 and batch["label"].dtype == torch.uint8
+    x, valid = training.next_target_batch(iter([batch]), torch.device("cpu"))
+    want = torch.utils.data.default_collate([data[it] for it in items])
+    assert want["image"].dtype == torch.float32 and torch.equal(x, want["image"])
+    assert torch.equal(batch["label"].long(), want["label"]) and torch.equal(valid, want["valid"])
+    assert 0 < float(valid.mean()) < 1
+
+
 def run_cli(*args, script="common.py"):
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           timeout=600)

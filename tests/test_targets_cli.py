@@ -5,6 +5,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -194,6 +195,54 @@ def test_hrda_cityscapes_to_acdc_trains_without_plcrop_and_exports_with_slide_in
                         "test", "--export", str(tmp_path / "sub"), "--out-dir", str(tmp_path / "ev")])
     assert record["iteration"] == 2 and windows == [(1, 3, 72, 128)] * 5    # the 5 test images, resized, in windows
     assert record["inference"] == {"mode": "slide", "crop": [64, 64], "stride": [32, 32]}   # --crop-size, HRDA's rule
+
+
+class Built(Exception):
+    """Raised at a script's first batch request: its training datasets exist by then."""
+
+
+class FirstBatch:
+    """The iterator handed to a script instead of a DataLoader."""
+
+    def __next__(self):
+        raise Built
+
+
+def training_streams(script, argv):
+    """The training datasets a script builds (unwrapped), without training."""
+    built = []
+
+    def first_loader(dataset, sampler, workers):
+        built.append(getattr(dataset, "dataset", dataset))
+        return FirstBatch()
+    with mock.patch.object(training, "infinite_loader", first_loader), pytest.raises(Built):
+        script.main(argv)
+    return built
+
+
+@pytest.mark.parametrize("stack, target, size, fitted", [
+    ("daformer", "acdc", ["64", "64"], (64, 36)), ("deeplabv2", "acdc", ["64", "64"], (64, 36)),
+    ("deeplabv2", "cityscapes", ["64", "64"], (64, 64)), ("daformer", "cityscapes", ["64", "64"], (64, 32))])
+def test_target_training_resize_keeps_the_ratio_as_mmseg_for_the_mit_stacks_and_acdc(root, tmp_path, stack, target,
+                                                                                      size, fitted):
+    """An explicit --target-size off the frame's ratio: the frame is fit into it (mmseg's Resize, keep_ratio) with
+    --stack daformer/hrda or an ACDC/Dark Zurich target, as the val set; DeepLabv2 on Cityscapes stretches (DACS)."""
+    net = (["--stack", stack, "--mit", "tiny", "--rcs-min-pixels", "40"] if stack != "deeplabv2"
+           else ["--layers", "1", "1", "1", "1"])
+    source = ["--source", "cityscapes"] if target != "cityscapes" else ["--source", "gta5"]
+    argv = [*net, "--iters", "1", "--init", "none", "--source-size", "64", "32", "--target-size", *size,
+            "--crop-size", "32", "32", "--workers", "0", "--device", "cpu", *source, "--target", target,
+            "--data-root", str(root), "--out-dir", str(tmp_path / "run")]
+    streams = [d for d in training_streams(dacs, argv) if d.kind == target]
+    assert streams and all(d.target_size(*common.image_size(d.pairs[0][0])) == fitted for d in streams)
+
+
+def test_iidm_mit_stack_target_streams_keep_the_ratio(root, tmp_path):
+    argv = ["--stack", "daformer", "--mit", "tiny", "--iters", "1", "--init", "none", "--source-size", "64", "32",
+            "--target-size", "64", "64", "--crop-size", "32", "32", "--rcs-min-pixels", "40", "--n-labeled", "3",
+            "--workers", "0", "--device", "cpu", "--data-root", str(root), "--out-dir", str(tmp_path / "run")]
+    streams = [d for d in training_streams(iidm, argv) if d.kind == "cityscapes"]
+    assert len(streams) == 2 and all(d.target_size(64, 32) == (64, 32) for d in streams)
 
 
 # ------------------------------------------------------------------ semi-supervised scripts

@@ -2232,7 +2232,7 @@ def main_logits(out):
 def submission_arrays(server, prob, train_ids):
     """{folder: uint8/uint16 array} of one image for `server` from its (C, H, W) class probabilities: argmax over
     the model's classes (never 255) as train ids, label ids for Cityscapes; Dark Zurich's invalid copy and
-    confidence = round(65535 * max softmax) (CIConv predict_dz.py)."""
+    confidence = 65535 * max softmax, truncated to uint16 (Attila94/CIConv predict_dz.py)."""
     conf, index = prob.max(0)
     train = train_ids[index.cpu().numpy()]
     if server == "cityscapes":
@@ -2240,7 +2240,7 @@ def submission_arrays(server, prob, train_ids):
     if server == "acdc":
         return {"": train}
     return {"labelTrainIds": train, "labelTrainIds_invalid": train,
-            "confidence": (conf.double() * 65535).round().cpu().numpy().astype(np.uint16)}
+            "confidence": (conf.double() * 65535).cpu().numpy().astype(np.uint16)}
 
 
 def check_submission(folder, server, expected_stems, sizes):
@@ -2342,6 +2342,11 @@ def export_submission(model, dataset, server, out_dir, device, amp_dtype=None, a
         if dataset.kind == "acdc":
             conditions = [condition_of(img) for img, _ in dataset.pairs]
             info["conditions"] = {c: conditions.count(c) for c in ACDC_CONDITIONS if c in conditions}
+        info["expected_images"] = EXPECTED_COUNTS[dataset.kind][dataset.split]
+        if len(stems) != info["expected_images"]:   # the servers reject a submission without every test image
+            print(f"warning: {dataset.root}: {len(stems)} {dataset.kind} {dataset.split} images, the published "
+                  f"split has {info['expected_images']}; the {server} server rejects a submission that misses any",
+                  file=sys.stderr, flush=True)
         (tmp / "export.json").write_text(json.dumps(info, indent=1))
         if out.exists():
             out.rmdir()

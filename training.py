@@ -789,11 +789,12 @@ def is_due(i, every, max_iter):
 def evaluate_and_write(model, val, device, out_dir, iteration, synthia=False, amp=None, align_corners=True,
                        model_name="student", save_predictions=False, dist=common.Dist(), name="metrics.json"):
     """Evaluate a model on val (vis/, and predictions/ if asked, in out_dir) and write `name` (metrics.json),
-    which names the dataset as "target" (split over the ranks under torchrun; rank 0 writes)."""
+    which names the dataset as "target" and the protocol as "labels" ('input': --eval-res half, 'full') (split
+    over the ranks under torchrun; rank 0 writes)."""
     metrics = common.evaluate(model, val, device, synthia=synthia, out_dir=out_dir, iteration=iteration,
                        amp_dtype=amp.dtype if amp is not None and amp.enabled else None, align_corners=align_corners,
                        model_name=model_name, save_predictions=save_predictions, dist=dist)
-    metrics["target"] = val.kind
+    metrics["target"], metrics["labels"] = val.kind, val.label_res
     if dist.main:
         write_metrics(out_dir, metrics, name)
     return metrics

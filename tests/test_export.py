@@ -63,7 +63,7 @@ def root(tmp_path_factory):
     return r
 
 
-def test_cityscapes_label_ids_at_the_original_size_flat_zip(root, tmp_path):
+def test_cityscapes_label_ids_at_the_original_size_flat_zip(root, tmp_path, capsys):
     ds = SegmentationDataset("cityscapes", root / "cityscapes", "test", resize=(16, 8))
     model = ConvModel()
     record = {"checkpoint": "run/checkpoint.pth", "model": "student", "iteration": 7}
@@ -81,6 +81,9 @@ def test_cityscapes_label_ids_at_the_original_size_flat_zip(root, tmp_path):
     assert info["checkpoint"] == "run/checkpoint.pth" and info["iteration"] == 7 and info["split"] == "test"
     assert info["server"] == "cityscapes" and info["images"] == 3 and info["counts"] == {"predictions": 3}
     assert info["files"] == sorted(names) and info["zip"] == "submission_cityscapes.zip"
+    assert info["expected_images"] == 1525 and capsys.readouterr().err.strip() == (   # a partial test split
+        f"warning: {root / 'cityscapes'}: 3 cityscapes test images, the published split has 1525; the cityscapes "
+        f"server rejects a submission that misses any")
 
 
 def test_sixteen_class_head_writes_the_label_ids_of_its_classes(root, tmp_path):
@@ -129,7 +132,7 @@ def test_dark_zurich_three_folders_invalid_copy_and_uint16_confidence(root, tmp_
         assert (pred / "labelTrainIds_invalid" / name).read_bytes() == (pred / "labelTrainIds" / name).read_bytes()
         conf = Image.open(pred / "confidence" / name)
         assert conf.mode == "I;16" and conf.size == (32, 18)
-        expected = (prob.max(0).values.double() * 65535).round().numpy()
+        expected = np.floor((prob.max(0).values.double() * 65535).numpy())   # truncated, as CIConv
         assert np.abs(np.asarray(conf).astype(np.int64) - expected).max() == 0
 
 

@@ -63,6 +63,7 @@ def test_dacs_cityscapes_to_acdc_scores_acdc_val_per_condition(acdc_run):
     out, metrics = acdc_run
     saved = json.loads((out / "metrics.json").read_text())
     assert json.dumps(saved) == json.dumps(metrics) and saved["target"] == "acdc" and saved["iteration"] == 2
+    assert saved["labels"] == "full"
     assert {c: v["images"] for c, v in saved["per_condition"].items()} == {"fog": 1, "night": 2, "rain": 1, "snow": 1}
     config = json.loads((out / "config.json").read_text())
     assert (config["source"], config["target"], config["eval_res"]) == ("cityscapes", "acdc", "full")

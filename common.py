@@ -1530,6 +1530,14 @@ def load_frame(path):
                         f"again)") from None
 
 
+def keep_ratio_size(w, h, size):
+    """(W, H) of a w x h image fit into `size` keeping its ratio (mmseg Resize, keep_ratio: the long side within
+    the long side of `size`, the short within the short)."""
+    long_side, short_side = max(size), min(size)
+    scale = min(long_side / max(w, h), short_side / min(w, h))
+    return int(w * scale + 0.5), int(h * scale + 0.5)
+
+
 class SegmentationDataset(torch.utils.data.Dataset):
     """Image/label pairs of one dataset with one pipeline (README 'Pipelines').
 
@@ -1594,11 +1602,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """Size after the resize step (mmseg keep-ratio rule: fit the long and short sides)."""
         if self.resize is None:
             return w, h
-        if not self.keep_ratio:
-            return tuple(self.resize)
-        long_side, short_side = max(self.resize), min(self.resize)
-        scale = min(long_side / max(w, h), short_side / min(w, h))
-        return int(w * scale + 0.5), int(h * scale + 0.5)
+        return keep_ratio_size(w, h, self.resize) if self.keep_ratio else tuple(self.resize)
 
     def resized(self, rgb, label):
         """The image resized by the pipeline's rule and the label brought to the image's size."""
@@ -2577,12 +2581,17 @@ class PredictNetwork(NamedTuple):
     align_corners: bool
     crop: tuple
     stride: tuple
+    keep_ratio: bool = False   # fit the image into `size` keeping its ratio (mmseg; ACDC/Dark Zurich val sets)
 
 
 AUTHORS_DEFAULTS = {   # an authors' file holds no args: lhoyer/DAFormer and lhoyer/HRDA gta2cs test pipelines
     "daformer": {"mit": "b5", "drop_path_rate": 0.1, "target_size": (1024, 512), "crop_size": (512, 512)},
     "hrda": {"mit": "b5", "drop_path_rate": 0.1, "target_size": (2048, 1024), "crop_size": (1024, 1024),
              "eval_mode": "slide"},
+}
+AUTHORS_TEST_SIZES = {   # their test pipelines' Resize (keep_ratio) per target: gta2cs, cs2acdc, cs2darkzurich
+    "daformer": {"cityscapes": (1024, 512), "acdc": (960, 540), "dark_zurich": (960, 540)},
+    "hrda": {"cityscapes": (2048, 1024), "acdc": (1920, 1080), "dark_zurich": (1920, 1080)},
 }
 
 
@@ -2593,6 +2602,8 @@ def predict_network(args, state, path):
     iidm.py does (its --resize, align_corners False, RGB for --init none), DAFormer/HRDA as mmseg does
     (OpenCV-style resize or iidm.py's --resize, align_corners False; HRDA slides when trained so)."""
     stack, iidm = args.get("stack", "deeplabv2"), "resize" in args     # only iidm.py has --resize
+    keep = args.get("keep_ratio", stack != "deeplabv2" or                       # as training.target_val
+                    args.get("target", args.get("dataset", "cityscapes")) != "cityscapes")
     if stack == "deeplabv2":
         if "layer6.conv2d_list.0.weight" in state:
             raise DataError(f"{path}: a checkpoint of asss.py or dldm.py (predict reads those of dacs.py, "
@@ -2608,7 +2619,7 @@ def predict_network(args, state, path):
                           layers=tuple(args.get("layers", (3, 4, 23, 3))), width=args.get("width", 64))
         size = tuple(args.get("val_size") or args["target_size"])
         return PredictNetwork(model, norm, size, args["resize"] if iidm else "bilinear", not iidm, size[::-1],
-                              tuple(s // 2 for s in size[::-1]))
+                              tuple(s // 2 for s in size[::-1]), keep)
     head = state.get({"daformer": "decode_head.conv_seg.weight", "hrda": "decode_head.head.conv_seg.weight"}[stack])
     if head is None:
         raise DataError(f"{path}: no {stack} classifier weights found")
@@ -2618,7 +2629,7 @@ def predict_network(args, state, path):
     else:
         model = daformer_segmentor(head.shape[0], args["mit"], args["drop_path_rate"], False)
     return PredictNetwork(model, "imagenet_rgb", tuple(args["target_size"]), args.get("resize", "cv2"), False, crop,
-                          tuple(c // 2 for c in crop))
+                          tuple(c // 2 for c in crop), keep)
 
 
 def default_mode(args):
@@ -2626,15 +2637,25 @@ def default_mode(args):
     return "slide" if args.get("stack") == "hrda" and args.get("eval_mode") == "slide" else "whole"
 
 
-def load_predict_network(path, stack=None, eval_model="student"):
+def authors_predict_args(stack, target=None):
+    """The settings of an authors' DAFormer/HRDA checkpoint (which holds none) trained for `target`: MiT-B5 and
+    their test pipeline, the image fit into the target's test size keeping its ratio."""
+    return {"stack": stack, **AUTHORS_DEFAULTS[stack], "target": target or "cityscapes",
+            "target_size": AUTHORS_TEST_SIZES[stack][target or "cityscapes"], "keep_ratio": True}
+
+
+def load_predict_network(path, stack=None, eval_model="student", target=None):
     """(PredictNetwork in eval mode, the checkpoint's args): weights loaded strictly, weights_only; an authors'
-    DAFormer/HRDA mmcv file (no `args`) needs `stack`."""
+    DAFormer/HRDA mmcv file (no `args`) needs `stack`, and `target` if it was not trained for Cityscapes."""
     ckpt = load_state_file(path)
     args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else None
+    if args is not None and target is not None:
+        raise DataError(f"--target {target}: only for an authors' checkpoint; {path} records its own settings "
+                        f"(target {args.get('target', args.get('dataset', 'cityscapes'))})")
     if args is None:
         if stack not in AUTHORS_DEFAULTS:
             raise DataError(f"{path}: no `args` in this checkpoint (an authors' file): give --stack daformer|hrda")
-        args = {"stack": stack, **AUTHORS_DEFAULTS[stack]}
+        args = authors_predict_args(stack, target)
         if "model" not in ckpt:
             ckpt = authors_checkpoint(ckpt, path)
     key = "ema_model" if eval_model == "teacher" else "model"
@@ -2677,8 +2698,9 @@ def predict_inputs(paths):
 def predict_logits(net, rgb, mode, device):
     """Network logits of one uint8 RGB image, resized to the network size as the script's val set does, the
     whole image (or mmseg's sliding windows, each upsampled to its window) through the network."""
-    if tuple(net.size) != rgb.shape[1::-1]:
-        rgb = resize_image(rgb, net.size, net.interp)
+    size = keep_ratio_size(rgb.shape[1], rgb.shape[0], net.size) if net.keep_ratio else tuple(net.size)
+    if size != rgb.shape[1::-1]:
+        rgb = resize_image(rgb, size, net.interp)
     x = normalise(rgb, net.norm)[None].to(device)
     if mode == "slide":
         logits = slide_inference(lambda w: upsample(net.model(w), w.shape[2:], net.align_corners), x,
@@ -2750,6 +2772,10 @@ def main(argv=None):
     pred.add_argument("--opacity", type=float, default=0.5, help="overlay = image*(1-A) + colour*A (mmseg: 0.5)")
     pred.add_argument("--stack", choices=("daformer", "hrda"), default=None,
                       help="the network of an authors' checkpoint, which holds no args (MiT-B5, their test sizes)")
+    pred.add_argument("--target", choices=("cityscapes", "acdc", "dark_zurich"), default=None,
+                      help="the target an authors' checkpoint was trained for (default cityscapes): the image is fit "
+                           "into its test size keeping the ratio (DAFormer 1024x512 / 960x540 for ACDC and Dark "
+                           "Zurich, HRDA 2048x1024 / 1920x1080); a checkpoint of this project records its own")
     pred.add_argument("--eval-model", choices=("student", "teacher"), default="student")
     pred.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -2759,7 +2785,7 @@ def main(argv=None):
         if any(v <= 0 for v in (args.crop or []) + (args.stride or [])):
             raise DataError(f"--crop/--stride {args.crop} {args.stride}: expected positive sizes")
         inputs = predict_inputs(args.input)
-        net, saved = load_predict_network(args.checkpoint, args.stack, args.eval_model)
+        net, saved = load_predict_network(args.checkpoint, args.stack, args.eval_model, args.target)
         crop = tuple(args.crop) if args.crop else net.crop
         net = net._replace(crop=crop, stride=tuple(args.stride) if args.stride else tuple(c // 2 for c in crop))
         device = torch.device(args.device)

@@ -545,7 +545,7 @@ def train_daformer(args):
     # ---------------------------------------------------------------- data
     source_kind, source_root, target_kind, target_root = training.data_roots(args, args.source, args.target)
     val = training.target_val(target_kind, target_root, args.target_size, args.eval_res, norm, interp="cv2",
-                              conditions=args.acdc_conditions)
+                              conditions=args.acdc_conditions, keep_ratio=True)   # mmseg's test Resize
     detail = tuple(c // 2 for c in args.crop_size)       # HRDA: 512x512 detail crops of the 1024x1024 crop
     if hrda:
         build = lambda stochastic=True: common.hrda_segmentor(19, args.mit, args.drop_path_rate,  # noqa: E731

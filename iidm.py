@@ -305,8 +305,9 @@ def train(args):
     up = lambda logits, size: common.upsample(logits, size, align_corners=False)  # noqa: E731 (mmseg resize)
     # ---------------------------------------------------------------- data
     source_kind, source_root, target_kind, target_root = training.data_roots(args, args.source, args.target)
+    keep = args.stack != "deeplabv2" or target_kind != "cityscapes"   # mmseg's Resize keeps the ratio
     val = training.target_val(target_kind, target_root, args.target_size, args.eval_res, norm, num_classes,
-                              args.resize, args.acdc_conditions)
+                              args.resize, args.acdc_conditions, keep)
     detail = tuple(c // 2 for c in args.crop_size)       # HRDA: 512x512 detail crops of the 1024x1024 crop
     if hrda:                       # HRDA on MiT + DAFormer head; a teacher without DropPath/Dropout
         build = lambda stochastic=True: common.hrda_segmentor(num_classes, args.mit, args.drop_path_rate,  # noqa: E731
@@ -330,7 +331,6 @@ def train(args):
     if use_teacher and not unlabeled:
         raise common.DataError(f"--n-labeled {len(labeled)} leaves no unlabeled image for the mixing streams")
     crop = args.crop_size if min(args.crop_size) > 0 else None
-    keep = args.stack != "deeplabv2" or target_kind != "cityscapes"   # mmseg's Resize keeps the ratio
     source = None if args.no_src_sup else common.SegmentationDataset(
         source_kind, source_root, resize=args.source_size, keep_ratio=True, interp=args.resize, crop=crop,
         cat_max_ratio=0.75, flip=True, norm=norm, num_classes=num_classes, rcs_min_crop_pixels=int(args.rcs_min_pixels * RCS_MIN_CROP_RATIO[args.stack]))

@@ -755,15 +755,17 @@ def check_same_run(saved, current, path):
         raise DataError(f"--resume {path}: made with other settings: {'; '.join(diff[:5])}")
 
 
-def target_val(kind, root, size, eval_res, norm, num_classes=19, interp="bilinear", conditions=None):
+def target_val(kind, root, size, eval_res, norm, num_classes=19, interp="bilinear", conditions=None,
+               keep_ratio=False):
     """The target's val as the protocols read it: image resized to `size` (W, H) by `interp`; labels
     nearest-downsampled to the input ('half', DACS/ClassMix) or at full resolution ('full', AdaptSegNet, mmseg).
-    Cityscapes is resized to `size`; ACDC and Dark Zurich are fit into it keeping the ratio (mmseg's test
-    pipeline in DAFormer's and HRDA's cs2acdc/cs2darkzurich configs; the same for their 16:9 frames);
-    `conditions`: ACDC's subset."""
-    return common.SegmentationDataset(kind, root, "val", resize=tuple(size), keep_ratio=kind != "cityscapes",
-                               norm=norm, num_classes=num_classes, label_res="input" if eval_res == "half" else "full",
-                               interp=interp, conditions=conditions)
+    Cityscapes is resized to `size` unless `keep_ratio` (the MiT stacks: mmseg's test Resize); ACDC and Dark
+    Zurich are always fit into it keeping the ratio (mmseg's test pipeline in DAFormer's and HRDA's
+    cs2acdc/cs2darkzurich configs; the same for their 16:9 frames); `conditions`: ACDC's subset."""
+    return common.SegmentationDataset(kind, root, "val", resize=tuple(size),
+                                      keep_ratio=keep_ratio or kind != "cityscapes", norm=norm,
+                                      num_classes=num_classes, label_res="input" if eval_res == "half" else "full",
+                                      interp=interp, conditions=conditions)
 
 
 def eval_dataset(args, val):

@@ -168,3 +168,43 @@ def test_authors_checkpoint_needs_the_stack(deeplab_ckpt, tmp_path):
     with pytest.raises(common.DataError, match="not a DAFormer/HRDA checkpoint"):
         common.main(["predict", "--checkpoint", str(tmp_path / "a.pth"), "--stack", "hrda", "--input", str(tmp_path),
                      "--out-dir", str(tmp_path / "out")])
+
+
+class InputSpy(torch.nn.Module):
+    """A 19-class 'network' that records the input sizes it sees."""
+    num_classes = 19
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(tuple(x.shape[2:]))
+        return torch.zeros(x.shape[0], 19, *x.shape[2:])
+
+
+def test_keep_ratio_fits_the_image_into_the_size_as_mmseg(tmp_path, deeplab_ckpt):
+    """ACDC/Dark Zurich runs and the authors' checkpoints fit an image into the size keeping its ratio (their val
+    sets; mmseg's test Resize); Cityscapes runs of this project stretch it to the size as their val set does."""
+    spy = InputSpy()
+    rgb = np.zeros((64, 64, 3), dtype=np.uint8)
+    for keep, seen in ((True, (54, 54)), (False, (54, 96))):
+        net = common.PredictNetwork(spy, "imagenet_rgb", (96, 54), "cv2", False, (54, 96), (27, 48), keep)
+        common.predict_logits(net, rgb, "whole", torch.device("cpu"))
+        assert spy.seen[-1] == seen
+    assert common.authors_predict_args("hrda", "acdc") == {
+        "stack": "hrda", "mit": "b5", "drop_path_rate": 0.1, "target": "acdc", "target_size": (1920, 1080),
+        "crop_size": (1024, 1024), "eval_mode": "slide", "keep_ratio": True}
+    assert common.authors_predict_args("daformer", "dark_zurich")["target_size"] == (960, 540)
+    assert common.authors_predict_args("daformer")["target_size"] == (1024, 512)
+    ckpt = torch.load(deeplab_ckpt, weights_only=True)
+    assert not common.load_predict_network(deeplab_ckpt)[0].keep_ratio
+    ckpt["args"]["target"] = "acdc"
+    torch.save(ckpt, tmp_path / "acdc.pth")
+    assert common.load_predict_network(tmp_path / "acdc.pth")[0].keep_ratio
+    Image.fromarray(rgb).save(tmp_path / "x.png")
+    with pytest.raises(common.DataError, match=r"--target acdc: only for an authors' checkpoint; .*deeplab.*"
+                                               r"\(target cityscapes\)"):
+        common.main(["predict", "--checkpoint", str(deeplab_ckpt), "--target", "acdc", "--input",
+                     str(tmp_path / "x.png"),
+                     "--out-dir", str(tmp_path / "out")])

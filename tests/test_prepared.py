@@ -274,7 +274,8 @@ def test_loader_benchmark_reads_each_pipeline_from_a_prepared_root(tmp_path):
                           "--prepared", "--scripts", "iidm.py", "--json", str(tmp_path / "l.json"),
                           "--results", str(tmp_path / "RESULTS.md")])
     manifest = json.loads((tmp_path / "data" / "bench_small_prepared" / "prepared.json").read_text())
-    assert sorted(manifest["frames"]) == ["cityscapes:128x64:cv2", "cityscapes:256x128:cv2",      # + --stack hrda's
+    assert sorted(manifest["frames"]) == ["cityscapes:128x64:cv2", "cityscapes:128x64:cv2:keep",  # MiT: keep ratio
+                                          "cityscapes:256x128:cv2:keep",                          # --stack hrda's
                                           "gta5:160x90:cv2:keep", "gta5:320x180:cv2:keep",
                                           "synthia:160x90:cv2:keep", "synthia:320x180:cv2:keep"]
     for p in result["pipelines"]:

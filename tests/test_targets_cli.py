@@ -210,13 +210,18 @@ class FirstBatch:
 
 
 def training_streams(script, argv):
-    """The training datasets a script builds (unwrapped), without training."""
-    built = []
+    """The training datasets a script builds (unwrapped) and its val set, without training."""
+    built, target_val = [], training.target_val
 
     def first_loader(dataset, sampler, workers):
         built.append(getattr(dataset, "dataset", dataset))
         return FirstBatch()
-    with mock.patch.object(training, "infinite_loader", first_loader), pytest.raises(Built):
+
+    def val(*args, **kwargs):
+        built.append(target_val(*args, **kwargs))
+        return built[-1]
+    with mock.patch.object(training, "infinite_loader", first_loader), mock.patch.object(training, "target_val", val), \
+            pytest.raises(Built):
         script.main(argv)
     return built
 
@@ -235,7 +240,8 @@ def test_target_training_resize_keeps_the_ratio_as_mmseg_for_the_mit_stacks_and_
             "--crop-size", "32", "32", "--workers", "0", "--device", "cpu", *source, "--target", target,
             "--data-root", str(root), "--out-dir", str(tmp_path / "run")]
     streams = [d for d in training_streams(dacs, argv) if d.kind == target]
-    assert streams and all(d.target_size(*common.image_size(d.pairs[0][0])) == fitted for d in streams)
+    assert {d.split for d in streams} == {"train", "val"}                # training streams and val: one rule
+    assert all(d.target_size(*common.image_size(d.pairs[0][0])) == fitted for d in streams)
 
 
 def test_iidm_mit_stack_target_streams_keep_the_ratio(root, tmp_path):
@@ -243,7 +249,7 @@ def test_iidm_mit_stack_target_streams_keep_the_ratio(root, tmp_path):
             "--target-size", "64", "64", "--crop-size", "32", "32", "--rcs-min-pixels", "40", "--n-labeled", "3",
             "--workers", "0", "--device", "cpu", "--data-root", str(root), "--out-dir", str(tmp_path / "run")]
     streams = [d for d in training_streams(iidm, argv) if d.kind == "cityscapes"]
-    assert len(streams) == 2 and all(d.target_size(64, 32) == (64, 32) for d in streams)
+    assert len(streams) == 3 and all(d.target_size(64, 32) == (64, 32) for d in streams)   # labeled, unlabeled, val
 
 
 # ------------------------------------------------------------------ semi-supervised scripts

@@ -72,7 +72,8 @@ Paper vs code (the default follows the code; the flag gives the other):
 10 evaluation: the code evaluates the STUDENT every 2000 iterations and keeps the best (SYNTHIA by mIoU-16);
    Alg. 1 returns the teacher. metrics.json = final student; best_metrics.json = best of val (assumption A6).
 
-Assumptions: A1 --target-scale 0.5 halves Q bilinearly with the image. A2 a built prior is normalised per
+Assumptions (numbered as first filed; A5 and A7 were dropped, A6 is item 10 above): A1 --target-scale 0.5
+halves Q bilinearly with the image. A2 a built prior is normalised per
 class (each class map sums to 1 over pixels; --prior-norm pixel: each pixel's column sums to 1). A3 the
 SYNTHIA prior is counted at 1280x760 and upsampled like the authors' maps. A4 CBST's 70x70 smoothing
 kernel is a Gaussian with sigma = 70/6 px at 2048 px width. A8 --mix none (Mean Teacher, Table 2/6) is

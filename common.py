@@ -2096,7 +2096,8 @@ def per_class_iou(cm):
 
 
 def metrics_from_confusion(cm, train_ids, iteration=None, model_name="student", synthia=False):
-    """metrics.json dict; `train_ids[k]` names output k. SYNTHIA: mIoU over 16 classes plus mIoU13."""
+    """metrics.json dict; `train_ids[k]` names output k. SYNTHIA: mIoU over 16 classes plus mIoU13. A class in
+    neither prediction nor label has IoU None (JSON null; left out of the means, as cityscapesScripts' NaN)."""
     iou = per_class_iou(cm) * 100
     by_id = {t: float(iou[k]) for k, t in enumerate(train_ids)}
     reported = TRAIN_IDS_16 if synthia else tuple(train_ids)
@@ -2104,7 +2105,7 @@ def metrics_from_confusion(cm, train_ids, iteration=None, model_name="student", 
            "mIoU": float(np.nanmean([by_id[t] for t in reported]))}
     if synthia:
         out["mIoU13"] = float(np.nanmean([by_id[t] for t in TRAIN_IDS_13]))
-    out["per_class"] = {CLASS_NAMES[t]: by_id[t] for t in reported}
+    out["per_class"] = {CLASS_NAMES[t]: None if math.isnan(by_id[t]) else by_id[t] for t in reported}
     return out
 
 
@@ -2808,7 +2809,8 @@ def main(argv=None):
         print(f"{args.out}: prepared {', '.join(manifest['frames'])}; run a script with --data-root {args.out}")
         return 0
     if not Path(args.data_root).is_dir():
-        raise DataError(f"{args.data_root}: folder not found (expected gta5/, synthia/ or cityscapes/ inside)")
+        raise DataError(f"{args.data_root}: folder not found (expected some of "
+                        f"{', '.join(f + '/' for f in DATASET_FOLDERS.values())} inside, or a prepared root)")
     manifest = read_prepared_manifest(args.data_root)
     if manifest is not None:
         report = {"prepared": check_prepared(args.data_root, manifest)}

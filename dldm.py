@@ -96,7 +96,7 @@ DeepLab_resnet_pretrained_imagenet.pth from the ADVENT v0.1 release, which DDM's
 implies; no digest is published, so its sha256 is written to <out-dir>/init_sha256.txt and checked against
 --init-sha256 when given. --init imagenet is torchvision's ResNet-101 (pytorch style, RGB mean/std).
 --demo trains a light network (--layers 1 1 1 1 --width 32) from the demo init with Adam (SGD 2.5e-4
-needs the ImageNet weights), 5 labeled images, 2 rounds of 150 iterations per model.
+needs the ImageNet weights), 5 labeled images, 2 rounds of 150 iterations per model, --merge-sampling balanced.
 
 --target acdc (an assumption; the paper uses Cityscapes only): the labeled split is drawn from ACDC's sorted train
 list as from Cityscapes' (--split-seed, nested; --acdc-conditions picks conditions), the Cityscapes resizes are

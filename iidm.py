@@ -13,10 +13,10 @@ labeled-target ground truth y_t are pasted onto it (intra-domain stream, mask M2
 from the source and labeled-target crops (L_s, L_t) and from both mixed images (L_inter, L_intra).
 
 Paper -> code:
-    eq. 1  x_inter = M1 x_s + (1 - M1) x_u              -> `x_inter` (M1 = class_mix_mask of y_s)
-    eq. 2  y_inter = M1 y_s + (1 - M1) y_u              -> `y_inter`
-    eq. 3  x_intra = M2 x_t + (1 - M2) x_u              -> `x_intra` (M2 = class_mix_mask of y_t)
-    eq. 4  y_intra = M2 y_t + (1 - M2) y_u              -> `y_intra`
+    eq. 1  x_inter = M1 x_s + (1 - M1) x_u              -> mixed_streams: one_mix(M1, x_s, x_u), M1 from y_s
+    eq. 2  y_inter = M1 y_s + (1 - M1) y_u              -> mixed_streams: one_mix(M1, y_s, y_u)
+    eq. 3  x_intra = M2 x_t + (1 - M2) x_u              -> mixed_streams: one_mix(M2, x_t, x_u), M2 from y_t
+    eq. 4  y_intra = M2 y_t + (1 - M2) y_u              -> mixed_streams: one_mix(M2, y_t, y_u)
     eq. 5  teacher EMA, alpha 0.99                       -> common.ema_update (DAFormer order: before the step)
     eq. 6  quality q = share of pixels with max p >= tau -> `q` (one scalar over the unlabeled batch, A12)
     eq. 7  L_inter, eq. 8 L_intra (q-weighted CE)         -> `loss_inter`, `loss_intra` (weight 1 on pasted GT, A13)
@@ -35,7 +35,8 @@ Assumptions (the paper is silent), each with a flag where an alternative exists:
     A6  ImageNet-1k torchvision init with RGB mean/std (--init coco is a flagged deviation: BGR, caffe style).
     A7  separate student forwards of batch 2 per stream, each followed by its own backward.
     A8  teacher BN in train mode, EMA over parameters only (--teacher-eval-bn: eval mode + averaged buffers).
-    A9  the final student, whole 1024x512 image, logits upsampled to full resolution (--eval-res full).
+    A9  the final student, whole 1024x512 image, logits upsampled to full resolution (--eval-res half: labels at
+        the input).
     A10 AdamW eps 1e-8, weight decay on every trained parameter, no clipping, fp32 (--amp optional).
     A11 classes chosen per image, ignore excluded (--classmix-select batch: DAFormer's batch union incl. 255).
     A12 q per unlabeled batch (--q-per-image: the paper's per-image q_i).
@@ -331,16 +332,17 @@ def train(args):
     if use_teacher and not unlabeled:
         raise common.DataError(f"--n-labeled {len(labeled)} leaves no unlabeled image for the mixing streams")
     crop = args.crop_size if min(args.crop_size) > 0 else None
+    rcs_crop_pixels = int(args.rcs_min_pixels * RCS_MIN_CROP_RATIO[args.stack])
     source = None if args.no_src_sup else common.SegmentationDataset(
         source_kind, source_root, resize=args.source_size, keep_ratio=True, interp=args.resize, crop=crop,
-        cat_max_ratio=0.75, flip=True, norm=norm, num_classes=num_classes, rcs_min_crop_pixels=int(args.rcs_min_pixels * RCS_MIN_CROP_RATIO[args.stack]))
+        cat_max_ratio=0.75, flip=True, norm=norm, num_classes=num_classes, rcs_min_crop_pixels=rcs_crop_pixels)
     data_t = None if not labeled else common.SegmentationDataset(
-        target_kind, target_root, resize=args.target_size, keep_ratio=keep, interp=args.resize, crop=crop, flip=True, norm=norm,
-        num_classes=num_classes, stems=labeled, conditions=args.acdc_conditions,
-        rcs_min_crop_pixels=int(args.rcs_min_pixels * RCS_MIN_CROP_RATIO[args.stack]))
+        target_kind, target_root, resize=args.target_size, keep_ratio=keep, interp=args.resize, crop=crop,
+        flip=True, norm=norm, num_classes=num_classes, stems=labeled, conditions=args.acdc_conditions,
+        rcs_min_crop_pixels=rcs_crop_pixels)
     data_u = None if not use_teacher else common.SegmentationDataset(
-        target_kind, target_root, resize=args.target_size, keep_ratio=keep, interp=args.resize, crop=crop, flip=True, norm=norm,
-        num_classes=num_classes, stems=unlabeled, conditions=args.acdc_conditions)
+        target_kind, target_root, resize=args.target_size, keep_ratio=keep, interp=args.resize, crop=crop,
+        flip=True, norm=norm, num_classes=num_classes, stems=unlabeled, conditions=args.acdc_conditions)
     if data_u is not None and args.pl_crop == "v2":      # HRDA: the margin mask travels with the crop
         data_u = common.PseudoMarginDataset(data_u)
     # ---------------------------------------------------------------- models, optimiser

@@ -1,15 +1,15 @@
 """CPU time per image of DLDM's online LAB source pipeline at GTA5's size (1914x1052), one thread, before and after.
 
 Frames: a demo source scene (demo.py) drawn at 1914x1052 (bicubic) plus per-pixel Gaussian noise of each
---sigmas value (more noise = more distinct colours, the quantity the per-colour transfer scales with), and
-uniform noise (every pixel its own colour: the worst case), and any real frames given with --frame (scored
-without a label: the item column then uses an all-zero label of the frame's size). For each frame, in the same process, alternating
-rep by rep: `per_pixel_transfer` (the transfer as dldm.py computed it before issue 24: every step on every
-pixel) and `dldm.lab_transfer` (per distinct colour, reusing one ColourTables as a data worker does), each
-alone and inside a whole `LabSourceDataset` item (PNG read, transfer, bicubic resize to 1280x720, label, normalisation:
-DLDM's M_SL source stream). Reports the median CPU seconds of this process (time.process_time, so other
-jobs on a shared machine inflate it less than wall time), the speed-up in images/s per core, and whether
-the two transfers gave the same uint8 image.
+--sigmas value (more noise = more distinct colours, the quantity the per-colour transfer scales with),
+uniform noise (every pixel its own colour: the worst case), and any real frames given with --frame (their
+item column uses an all-zero label of the frame's size). For each frame, in the same process, alternating
+rep by rep: `per_pixel_transfer` (dldm.py's transfer before the per-colour change, commit 90919aa: every
+step on every pixel) and `dldm.lab_transfer` (per distinct colour, reusing one ColourTables as a data
+worker does), each alone and inside a whole `LabSourceDataset` item (PNG read, transfer, bicubic resize to
+1280x720, label, normalisation: DLDM's M_SL source stream). Reports the median CPU seconds of this process
+(time.process_time, so other jobs on a shared machine inflate it less than wall time), the speed-up in
+images/s per core, and whether the two transfers gave the same uint8 image.
 
     OMP_NUM_THREADS=1 python benchmarks/lab_speed.py --reps 5
 """
@@ -30,7 +30,7 @@ import dldm  # noqa: E402
 
 
 def per_pixel_transfer(rgb, stats):
-    """The LAB transfer before issue 24 (dldm.py at 90919aa): conversions, NumPy's mean(0)/std(0) and DDM's
+    """The LAB transfer before the per-colour change (dldm.py at 90919aa): conversions, NumPy's mean(0)/std(0) and DDM's
     affine step on every pixel (rgb_to_lab and lab_to_rgb have not changed since)."""
     lab = dldm.rgb_to_lab(rgb[..., :3])
     flat = lab.reshape(-1, 3)

@@ -71,7 +71,7 @@ GB = 1e9  # the bars are in decimal GB; tables also give GiB
 
 
 def bar_gb(record):
-    """The --amp bar of a row: 11 GB; 24 GB for HRDA (issue 23; the authors' HRDA needs 22.5 GB in fp32)."""
+    """The --amp bar of a row: 11 GB; 24 GB for HRDA (the authors' HRDA needs 22.5 GB in fp32)."""
     return 24 if record.get("network") == "hrda" else 11
 HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
 

@@ -304,7 +304,7 @@ MUTATIONS = [
     M("common_is_due_offset", "training.py", "return (every > 0 and (i + 1) % every == 0) or i + 1 == max_iter",
       "return (every > 0 and i % every == 0) or i + 1 == max_iter", "periodic checkpoints one iteration early",
       f"{T_TOOL}::test_keep_checkpoints", f"{T_TOOL}::test_is_due_after_every_nth_iteration_and_the_last"),
-    # ------------------------------------------------------------------ found by the flag-level reviews (issue 12)
+    # ------------------------------------------------------------------ found by the flag-level reviews
     M("dacs_intra_pixel_weight_ignored", "dacs.py", '"threshold": confident,',
       '"threshold": q * torch.ones_like(conf),',
       "--pixel-weight threshold ignored under --mix intra",

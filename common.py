@@ -2599,28 +2599,29 @@ AUTHORS_TEST_SIZES = {   # their test pipelines' Resize (keep_ratio) per target:
 def predict_network(args, state, path):
     """The network a checkpoint's `args` describe, with the evaluation path of the script that trained it:
     DeepLabv2 as dacs.py/classmix_ssl.py/camix.py evaluate (PIL bilinear resize, align_corners True; ClassMix's
-    Cityscapes mean) or as
+    Cityscapes mean), as asss.py/dldm.py do (AdaptSegNet's two heads, the main one; PIL bicubic resize,
+    align_corners True; dldm.py's four-branch ASPP) or as
     iidm.py does (its --resize, align_corners False, RGB for --init none), DAFormer/HRDA as mmseg does
     (OpenCV-style resize or iidm.py's --resize, align_corners False; HRDA slides when trained so)."""
     stack, iidm = args.get("stack", "deeplabv2"), "resize" in args     # only iidm.py has --resize
     keep = args.get("keep_ratio", stack != "deeplabv2" or                       # as training.target_val
                     args.get("target", args.get("dataset", "cityscapes")) != "cityscapes")
     if stack == "deeplabv2":
-        if "layer6.conv2d_list.0.weight" in state:
-            raise DataError(f"{path}: a checkpoint of asss.py or dldm.py (predict reads those of dacs.py, "
-                            f"classmix_ssl.py, camix.py, iidm.py)")
-        head = state.get("layer5.conv2d_list.0.weight")
+        multi = "layer6.conv2d_list.0.weight" in state    # asss.py, dldm.py: aux head layer5, main head layer6
+        head = state.get("layer6.conv2d_list.0.weight" if multi else "layer5.conv2d_list.0.weight")
         if head is None:
             raise DataError(f"{path}: no DeepLabv2 classifier weights (expected 'layer5.conv2d_list.0.weight')")
         style, norm = init_convention(args.get("init", "none"), ("pytorch", "imagenet_rgb") if iidm
                                       else ("caffe", "imagenet_bgr"))
         if "no_unlabeled" in args and norm == "imagenet_bgr":     # only classmix_ssl.py has --no-unlabeled
             norm = "cityscapes_bgr"   # ClassMix subtracts the Cityscapes RGB mean from BGR images, as it trains
-        model = DeepLabV2(head.shape[0], aspp_full=args.get("aspp_full", False), style=style,
+        aspp_full = "lab" in args or args.get("aspp_full", False)  # only dldm.py has --lab: AdvEnt's full ASPP
+        model = DeepLabV2(head.shape[0], multi_level=multi, aspp_full=aspp_full, style=style,
                           layers=tuple(args.get("layers", (3, 4, 23, 3))), width=args.get("width", 64))
         size = tuple(args.get("val_size") or args["target_size"])
-        return PredictNetwork(model, norm, size, args["resize"] if iidm else "bilinear", not iidm, size[::-1],
-                              tuple(s // 2 for s in size[::-1]), keep)
+        interp = args["resize"] if iidm else "bicubic" if multi else "bilinear"
+        return PredictNetwork(model, norm, size, interp, not iidm, size[::-1], tuple(s // 2 for s in size[::-1]),
+                              keep)
     head = state.get({"daformer": "decode_head.conv_seg.weight", "hrda": "decode_head.head.conv_seg.weight"}[stack])
     if head is None:
         raise DataError(f"{path}: no {stack} classifier weights found")
@@ -2704,11 +2705,10 @@ def predict_logits(net, rgb, mode, device):
         rgb = resize_image(rgb, size, net.interp)
     x = normalise(rgb, net.norm)[None].to(device)
     if mode == "slide":
-        logits = slide_inference(lambda w: upsample(net.model(w), w.shape[2:], net.align_corners), x,
+        logits = slide_inference(lambda w: upsample(main_logits(net.model(w)), w.shape[2:], net.align_corners), x,
                                  net.crop, net.stride)
     else:
-        logits = net.model(x)
-        logits = logits[1] if isinstance(logits, tuple) else logits
+        logits = main_logits(net.model(x))
     return logits.float()
 
 

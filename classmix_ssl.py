@@ -87,7 +87,7 @@ OFFICIAL_SPLIT_SEED = {1: 10, 2: 1}  # CM split_1.pkl / split_2.pkl = these Rand
 
 
 def parse_args(argv=None):
-    p = training.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[training.shared_parser(PAPER)],
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[training.shared_parser(PAPER)],
                               formatter_class=training.HelpFormatter)
     p.add_argument("--dataset", choices=["cityscapes", "acdc", "dark_zurich", "demo"], default="cityscapes",
                    help="the dataset (acdc: its labeled train split, drawn as Cityscapes'; its 960x540 frame scale "

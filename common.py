@@ -9,6 +9,7 @@ shared command line and run folder) is in training.py.
 import argparse
 import contextlib
 import copy
+import errno
 import json
 import math
 import os
@@ -46,6 +47,20 @@ COCO_INIT_SHA256_PREFIX = "41f33a49"
 
 class DataError(Exception):
     """Bad user data or arguments: scripts print `error: <message>` and exit 2."""
+
+
+# OSErrors of the user's paths (disk full, read-only, no permission, a file where a folder is expected, ...):
+# reported as `error: <path>: <reason>`, exit 2, instead of a traceback
+FILESYSTEM_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                     errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error contract: one line `error: ...` on stderr, exit 2."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 # ======================================================================================
@@ -2654,6 +2669,9 @@ def load_predict_network(path, stack=None, eval_model="student", target=None):
     if args is not None and target is not None:
         raise DataError(f"--target {target}: only for an authors' checkpoint; {path} records its own settings "
                         f"(target {args.get('target', args.get('dataset', 'cityscapes'))})")
+    if args is not None and stack is not None:
+        raise DataError(f"--stack {stack}: only for an authors' checkpoint; {path} records its own network "
+                        f"(--stack {args.get('stack', 'deeplabv2')})")
     if args is None:
         if stack not in AUTHORS_DEFAULTS:
             raise DataError(f"{path}: no `args` in this checkpoint (an authors' file): give --stack daformer|hrda")
@@ -2738,7 +2756,7 @@ def predict_images(net, inputs, out_dir, mode, opacity=0.5, device=torch.device(
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="common.py", description="Dataset tools.")
+    parser = ArgumentParser(prog="common.py", description="Dataset tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check-data", help="report pairs, orphans, size mismatches, unreadable files "
                                               "and class histograms of the datasets under --data-root, or "
@@ -2785,11 +2803,16 @@ def main(argv=None):
             raise DataError(f"--opacity {args.opacity}: expected a number in [0, 1]")
         if any(v <= 0 for v in (args.crop or []) + (args.stride or [])):
             raise DataError(f"--crop/--stride {args.crop} {args.stride}: expected positive sizes")
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise DataError(f"--device {args.device}: not a device (expected cpu, cuda or cuda:N)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise DataError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
         inputs = predict_inputs(args.input)
         net, saved = load_predict_network(args.checkpoint, args.stack, args.eval_model, args.target)
         crop = tuple(args.crop) if args.crop else net.crop
         net = net._replace(crop=crop, stride=tuple(args.stride) if args.stride else tuple(c // 2 for c in crop))
-        device = torch.device(args.device)
         net.model.to(device)
         n = predict_images(net, inputs, args.out_dir, args.mode or default_mode(saved), args.opacity, device)
         print(f"{args.out_dir}: {n} images predicted")
@@ -2831,4 +2854,9 @@ if __name__ == "__main__":
         sys.exit(main())
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        if exc.errno not in FILESYSTEM_ERRORS:
+            raise
+        print(f"error: {exc.filename or 'writing a file'}: {exc.strerror}", file=sys.stderr)
         sys.exit(2)

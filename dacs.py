@@ -217,7 +217,7 @@ TARGETS = {  # --target acdc/dark_zurich beyond the resize (training.set_target_
 
 
 def parse_args(argv=None):
-    p = training.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[training.shared_parser(PAPER)],
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[training.shared_parser(PAPER)],
                               formatter_class=training.HelpFormatter)
     p.add_argument("--source", choices=["gta5", "synthia", "cityscapes", "demo"], default="gta5",
                    help="source domain (labeled)")

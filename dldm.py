@@ -154,7 +154,7 @@ TRAINED = ("rl", "sl", "student", "supervised")
 
 
 def parse_args(argv=None):
-    p = training.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[training.shared_parser(PAPER)],
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[training.shared_parser(PAPER)],
                               formatter_class=training.HelpFormatter)
     p.add_argument("--source", choices=["gta5", "synthia", "demo"], default="gta5", help="source domain")
     training.add_target_arg(p, labeled=True)

@@ -371,14 +371,6 @@ def load_checkpoint(path, num_classes=None, stack="deeplabv2"):
 # The shared command line (README 'The shared command line and outputs') and run set-up
 # ======================================================================================
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the project's error contract: one line `error: ...` on stderr, exit 2."""
-
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help keeps the module docstring's layout and shows every flag's default (once: a help text that
     states its default itself, e.g. one per source, is left as it is)."""
@@ -549,6 +541,13 @@ def check_args(args):
     for name in ("eval_every", "save_every", "workers"):
         if getattr(args, name, None) is not None and getattr(args, name) < 0:
             raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected 0 or a positive integer")
+    for name in ("seed", "split_seed"):   # numpy's seeds
+        if getattr(args, name, None) is not None and not 0 <= getattr(args, name) < 2 ** 32:
+            raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer in [0, 2^32)")
+    if getattr(args, "layers", None) is not None and min(args.layers) < 1:
+        raise DataError(f"--layers {' '.join(map(str, args.layers))}: expected four block counts >= 1")
+    if getattr(args, "width", None) is not None and args.width < 1:
+        raise DataError(f"--width {args.width}: expected a positive number of channels")
     for name in ("source_size", "target_size"):
         size = getattr(args, name, None)
         if size is not None and min(size) < 1:
@@ -682,7 +681,11 @@ def lock_run_dir(out_dir):
         if pid is not None and process_alive(pid):
             raise DataError(f"{out_dir}: in use by a running process (pid {pid}); pick another --out-dir")
         print(f"note: {path} of a process that is gone (pid {pid}) taken over", flush=True)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:   # a file, under a file, or not writable
+        raise DataError(f"--out-dir {out_dir}: cannot be made a folder ({exc.strerror}; expected a new or existing "
+                        f"writable folder)") from None
     common.atomic_write_text(path, mine + "\n")
     atexit.register(lambda: path.is_file() and path.read_text().split() == mine.split() and path.unlink())
 
@@ -1234,7 +1237,6 @@ def worker_stop_signals(worker_id):
 def run_script(main):
     """Call main(); bad data or arguments (also raised in a data-loading worker) and disk errors -> one line
     `error: ...` on stderr and exit 2; a diverged run -> exit 3."""
-    import errno
     try:
         main()
         return
@@ -1245,7 +1247,7 @@ def run_script(main):
         print(f"error: {lines[0]}", file=sys.stderr)
         code = 3 if isinstance(exc, Diverged) else 2
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        if exc.errno not in common.FILESYSTEM_ERRORS:
             raise
         print(f"error: {exc.filename or 'writing a file'}: {exc.strerror}", file=sys.stderr)
         code = 2

@@ -270,7 +270,7 @@ def results_section(result):
 
 
 def parse_args(argv=None):
-    p = training.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=training.HelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=training.HelpFormatter)
     p.add_argument("--data-root", default="./data", help="where the demo and benchmark data are written")
     p.add_argument("--small", action="store_true", help="1/8-scale data and sizes (a quick check of the harness)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="worker counts to measure (with 0)")

@@ -326,7 +326,7 @@ def results_section(records):
 # ------------------------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    p = training.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=training.HelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=training.HelpFormatter)
     p.add_argument("--data-root", default="./data", help="where the demo and benchmark data are written")
     p.add_argument("--amp", choices=["both", "off", "on"], default="both", help="fp32 and --amp rows, or one")
     p.add_argument("--scripts", nargs="+", default=None, metavar="ROW",

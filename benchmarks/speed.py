@@ -596,7 +596,7 @@ def replace_section(text, title_prefix, section):
 # ------------------------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    p = training.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=training.HelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=training.HelpFormatter)
     p.add_argument("--data-root", default="./data", help="where the demo and benchmark data are written")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--small", action="store_true", help="--layers 1 1 1 1, 1/8-scale data and sizes (CPU checks)")

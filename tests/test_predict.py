@@ -215,6 +215,12 @@ def test_keep_ratio_fits_the_image_into_the_size_as_mmseg(tmp_path, deeplab_ckpt
     torch.save(ckpt, tmp_path / "acdc.pth")
     assert common.load_predict_network(tmp_path / "acdc.pth")[0].keep_ratio
     Image.fromarray(rgb).save(tmp_path / "x.png")
+    with pytest.raises(common.DataError, match=r"--stack hrda: only for an authors' .*\(--stack deeplabv2\)"):
+        common.main(["predict", "--checkpoint", str(deeplab_ckpt), "--stack", "hrda", "--input",
+                     str(tmp_path / "x.png"), "--out-dir", str(tmp_path / "out")])
+    with pytest.raises(common.DataError, match=r"--device tpu9: not a device"):
+        common.main(["predict", "--checkpoint", str(deeplab_ckpt), "--device", "tpu9", "--input",
+                     str(tmp_path / "x.png"), "--out-dir", str(tmp_path / "out")])
     with pytest.raises(common.DataError, match=r"--target acdc: only for an authors' checkpoint; .*deeplab.*"
                                                r"\(target cityscapes\)"):
         common.main(["predict", "--checkpoint", str(deeplab_ckpt), "--target", "acdc", "--input",

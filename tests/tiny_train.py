@@ -16,7 +16,7 @@ def main():
     defaults = {"iters": (6, "test"), "batch_size": (2, "test"), "lr": (1e-3, "test"),
                 "source_size": ((32, 16), "test"), "target_size": ((32, 16), "test"), "crop_size": ((16, 16), "test"),
                 "eval_res": ("half", "test"), "init": ("none", "test")}
-    parser = training.ArgumentParser(parents=[training.shared_parser(defaults)])
+    parser = common.ArgumentParser(parents=[training.shared_parser(defaults)])
     parser.add_argument("--n-labeled", type=int, default=2)
     args = parser.parse_args()
     training.check_args(args)

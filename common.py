@@ -2611,6 +2611,20 @@ AUTHORS_TEST_SIZES = {   # their test pipelines' Resize (keep_ratio) per target:
 }
 
 
+def run_input_convention(args):
+    """(stride style, input normalisation, full ASPP) of the network a run's arguments (a dict: a checkpoint's
+    `args`, or vars() of a script's) build, by the conventions of the script that made them; the MiT stacks:
+    (None, 'imagenet_rgb', None)."""
+    if args.get("stack", "deeplabv2") != "deeplabv2":
+        return None, "imagenet_rgb", None
+    iidm = "resize" in args     # only iidm.py has --resize: pytorch style and RGB unless --init coco
+    style, norm = init_convention(args.get("init", "none"), ("pytorch", "imagenet_rgb") if iidm
+                                  else ("caffe", "imagenet_bgr"))
+    if "no_unlabeled" in args and norm == "imagenet_bgr":     # only classmix_ssl.py has --no-unlabeled
+        norm = "cityscapes_bgr"   # ClassMix subtracts the Cityscapes RGB mean from BGR images, as it trains
+    return style, norm, "lab" in args or bool(args.get("aspp_full"))   # only dldm.py has --lab: AdvEnt's full ASPP
+
+
 def predict_network(args, state, path):
     """The network a checkpoint's `args` describe, with the evaluation path of the script that trained it:
     DeepLabv2 as dacs.py/classmix_ssl.py/camix.py evaluate (PIL bilinear resize, align_corners True; ClassMix's
@@ -2626,11 +2640,7 @@ def predict_network(args, state, path):
         head = state.get("layer6.conv2d_list.0.weight" if multi else "layer5.conv2d_list.0.weight")
         if head is None:
             raise DataError(f"{path}: no DeepLabv2 classifier weights (expected 'layer5.conv2d_list.0.weight')")
-        style, norm = init_convention(args.get("init", "none"), ("pytorch", "imagenet_rgb") if iidm
-                                      else ("caffe", "imagenet_bgr"))
-        if "no_unlabeled" in args and norm == "imagenet_bgr":     # only classmix_ssl.py has --no-unlabeled
-            norm = "cityscapes_bgr"   # ClassMix subtracts the Cityscapes RGB mean from BGR images, as it trains
-        aspp_full = "lab" in args or args.get("aspp_full", False)  # only dldm.py has --lab: AdvEnt's full ASPP
+        style, norm, aspp_full = run_input_convention(args)
         model = DeepLabV2(head.shape[0], multi_level=multi, aspp_full=aspp_full, style=style,
                           layers=tuple(args.get("layers", (3, 4, 23, 3))), width=args.get("width", 64))
         size = tuple(args.get("val_size") or args["target_size"])

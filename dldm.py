@@ -643,7 +643,7 @@ class Run:
     def checkpoint(self, path):
         """A checkpoint of this run's network: class count, size and input convention checked (weights_only)."""
         ckpt = training.load_checkpoint(path, self.num_classes)
-        training.check_same_network(ckpt.get("args", {}), self.args, path, ("caffe", "imagenet_bgr"))
+        training.check_same_network(ckpt.get("args", {}), self.args, path)
         return ckpt
 
     def load_model(self, path):

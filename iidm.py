@@ -324,8 +324,7 @@ def train(args):
     if hrda and args.eval_mode == "slide":
         evaluated = training.WeightsOf(common.SlideInference(student, args.crop_size, detail))
     if args.eval_only:
-        return training.eval_only(args, evaluated, val, device, out_dir, synthia, align_corners=False, dist=dist,
-                                  init_default=("pytorch", "imagenet_rgb"))
+        return training.eval_only(args, evaluated, val, device, out_dir, synthia, align_corners=False, dist=dist)
     stems = common.SegmentationDataset(target_kind, target_root, conditions=args.acdc_conditions).stems()
     labeled, unlabeled = common.labeled_split(stems, args.n_labeled, args.split_seed, args.split_file)
     use_teacher = not (args.no_inter and args.no_intra)

@@ -836,14 +836,13 @@ def update_best(best, metrics, out_dir, synthia, main=True):
               flush=True)
 
 
-def eval_only(args, model, val, device, out_dir, synthia=False, align_corners=True, dist=common.Dist(),
-              init_default=("caffe", "imagenet_bgr")):
+def eval_only(args, model, val, device, out_dir, synthia=False, align_corners=True, dist=common.Dist()):
     """--eval-only: load --checkpoint's `model` or `ema_model` (--eval-model; class count checked,
     weights_only; network settings checked against the checkpoint's own) and evaluate it on val or --eval-set
     (eval_dataset), with --amp as during training; --export writes the test split's submission instead
-    (common.export_submission; returns its export.json record). `init_default`: the script's convention for an --init other than imagenet/coco."""
+    (common.export_submission; returns its export.json record)."""
     ckpt = load_checkpoint(args.checkpoint, model.num_classes, getattr(args, "stack", "deeplabv2"))
-    check_same_network(ckpt.get("args", {}), args, args.checkpoint, init_default)
+    check_same_network(ckpt.get("args", {}), args, args.checkpoint)
     if args.eval_model == "teacher" and "ema_model" not in ckpt:
         raise DataError(f"{args.checkpoint}: no 'ema_model' (teacher) in this checkpoint; use --eval-model student")
     state = ckpt["ema_model"] if args.eval_model == "teacher" else ckpt.get("model", ckpt)
@@ -867,19 +866,26 @@ def eval_only(args, model, val, device, out_dir, synthia=False, align_corners=Tr
                               save_predictions=args.save_predictions, dist=dist, name=name)
 
 
-NETWORK_ARGS = ("layers", "width", "aspp_full", "mit")  # the arguments that change the network a checkpoint needs
+NETWORK_ARGS = ("layers", "width", "mit")  # the arguments that change the network a checkpoint needs
 
 
-def check_same_network(saved, args, path, init_default):
+def check_same_network(saved, args, path):
     """Refuse a checkpoint trained with another ASPP, size or input convention (stride style, normalisation)
-    than this run builds: the tensor names and shapes can be the same, the predictions would be wrong.
-    `saved`: the checkpoint's arguments ({} for the authors' checkpoints: nothing to compare)."""
+    than this run builds, also one of another script: the tensor names and shapes can be the same, the
+    predictions would be wrong. `saved`: the checkpoint's arguments ({} for the authors' checkpoints: nothing
+    to compare)."""
+    if not saved:
+        return
     diffs = [f"--{k.replace('_', '-')} {saved[k]} (this run: {getattr(args, k, None)})" for k in NETWORK_ARGS
              if k in saved and saved[k] != getattr(args, k, None)]
-    if "init" in saved and (common.init_convention(saved["init"], init_default)
-                            != common.init_convention(args.init, init_default)):
-        diffs.append(f"--init {saved['init']} (this run: {args.init}; the stride style and input normalisation "
-                     f"follow it)")
+    (style, norm, full), (my_style, my_norm, my_full) = (common.run_input_convention(saved),
+                                                         common.run_input_convention(vars(args)))
+    if full != my_full:
+        diffs.append(f"--aspp-full {full} (this run: {my_full})")
+    if (style, norm) != (my_style, my_norm):
+        diffs.append(f"--init {saved.get('init')} (this run: {getattr(args, 'init', None)}; with the training "
+                     f"script, it sets the stride style and input normalisation: {style}/{norm}, this run "
+                     f"{my_style}/{my_norm})")
     if diffs:
         raise DataError(f"{path}: trained with {'; '.join(diffs)}: evaluate with the training run's settings")
 

@@ -539,12 +539,16 @@ def test_eval_only_refuses_a_checkpoint_of_another_network(tmp_path):
     assert "--aspp-full True (this run: False)" in str(exc.value) and "--init imagenet (this run: coco" in str(exc.value)
     assert not (tmp_path / "ev").exists()
     same = {**saved, "aspp_full": False, "init": "none"}          # 'none' follows the script's own convention
-    training.check_same_network(same, args, "c.pth", ("caffe", "imagenet_bgr"))            # = coco's: accepted
-    with pytest.raises(common.DataError, match="--init none"):
-        training.check_same_network(same, args, "c.pth", ("pytorch", "imagenet_rgb"))     # iidm.py: not coco's
+    training.check_same_network(same, args, "c.pth")              # dacs.py's none = coco's: accepted
+    with pytest.raises(common.DataError, match="--init none .*pytorch/imagenet_rgb, this run caffe/imagenet_bgr"):
+        training.check_same_network({**same, "resize": "cv2"}, args, "c.pth")            # iidm.py's none: RGB
+    with pytest.raises(common.DataError, match="--init none .*caffe/cityscapes_bgr, this run caffe/imagenet_bgr"):
+        training.check_same_network({**same, "no_unlabeled": False}, args, "c.pth")     # classmix_ssl.py's mean
+    with pytest.raises(common.DataError, match=r"--aspp-full True \(this run: False\)"):
+        training.check_same_network({**same, "lab": "on"}, args, "c.pth")                # dldm.py: AdvEnt's ASPP
     with pytest.raises(common.DataError, match=r"--width 32 \(this run: 64\)"):
-        training.check_same_network({**same, "init": "coco", "width": 32}, args, "c.pth", ("caffe", "imagenet_bgr"))
-    training.check_same_network({}, args, "c.pth", ("caffe", "imagenet_bgr"))     # an authors' checkpoint: no args
+        training.check_same_network({**same, "init": "coco", "width": 32}, args, "c.pth")
+    training.check_same_network({}, args, "c.pth")                # an authors' checkpoint: no args
 
 
 def test_eval_only_evaluates_under_amp_as_training_does(tmp_path, monkeypatch):

@@ -1096,23 +1096,42 @@ def read_rgb(path):
         raise DataError(f"{path}: unreadable image ({exc.__class__.__name__})") from None
 
 
-def read_label(path, kind):
-    """Read a label file of `kind` (DATASET_FOLDERS) as uint8 train ids (19 classes, void=255)."""
+def check_label_header(path, kind):
+    """DataError unless `path` starts as a label PNG of `kind` (its bit depth and colour type; 29 bytes read)."""
     header = read_png_header(path)
     if header is None:
         raise DataError(f"{path}: unreadable label (expected a PNG file)")
     _, _, depth, ctype = header
+    if kind == "synthia":  # 16-bit RGB(A), class id in channel 0; or an 8-bit single-channel raw-id map
+        if not ((depth == 16 and ctype in (2, 6)) or (depth == 8 and ctype == 0)):
+            raise DataError(f"{path}: unexpected label encoding (bit depth {depth}, colour type {ctype}); "
+                            f"expected SYNTHIA GT/LABELS 16-bit RGB with the class id in the first channel")
+    elif depth != 8 or ctype not in LABEL_ENCODINGS[kind][0]:
+        raise DataError(f"{path}: unexpected label encoding (bit depth {depth}, colour type {ctype}); "
+                        f"expected {LABEL_ENCODINGS[kind][1]}")
+
+
+def check_file_headers(pairs, kind):
+    """DataError for the first image that is not a PNG/JPEG or label that is not `kind`'s encoding, from the
+    files' first bytes only: damaged or misplaced files stop a run before it writes anything (a file cut short
+    after its header is found when it is read; check-data reads everything)."""
+    for img, lab in pairs:
+        with open(img, "rb") as f:
+            head = f.read(8)
+        if head != b"\x89PNG\r\n\x1a\n" and head[:3] != b"\xff\xd8\xff":
+            raise DataError(f"{img}: unreadable image (expected a PNG or JPEG file)")
+        if lab is not None:
+            check_label_header(lab, kind)
+
+
+def read_label(path, kind):
+    """Read a label file of `kind` (DATASET_FOLDERS) as uint8 train ids (19 classes, void=255)."""
+    check_label_header(path, kind)
     try:
-        if kind == "synthia":  # 16-bit RGB(A), class id in channel 0; or an 8-bit single-channel raw-id map
-            if not ((depth == 16 and ctype in (2, 6)) or (depth == 8 and ctype == 0)):
-                raise DataError(f"{path}: unexpected label encoding (bit depth {depth}, colour type {ctype}); "
-                                f"expected SYNTHIA GT/LABELS 16-bit RGB with the class id in the first channel")
+        if kind == "synthia":
             raw = read_png_unchanged(path)[0]
             return SYNTHIA_TO_TRAINID[np.minimum(raw.astype(np.int64), 255)]
-        colour_types, expected, table = LABEL_ENCODINGS[kind]
-        if depth != 8 or ctype not in colour_types:
-            raise DataError(f"{path}: unexpected label encoding (bit depth {depth}, colour type {ctype}); "
-                            f"expected {expected}")
+        table = LABEL_ENCODINGS[kind][2]
         with Image.open(path) as im:
             raw = np.asarray(im)
         if kind == "mapillary" and raw.max() >= MAPILLARY_V12_CLASSES:
@@ -1591,6 +1610,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if stems is not None:
             by_stem = {stem_of(img): (img, lab) for img, lab in self.pairs}
             self.pairs = [by_stem[s] for s in stems]
+        check_file_headers(self.pairs, kind)
         self.resize, self.keep_ratio, self.crop, self.interp = resize, keep_ratio, crop, interp
         self.cat_max_ratio, self.flip, self.label_res = cat_max_ratio, flip, label_res
         self.rcs_min_crop_pixels = rcs_min_crop_pixels

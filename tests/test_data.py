@@ -268,3 +268,26 @@ def test_rcs_statistics_and_retry(tmp_path):
     hits = sum((ds[(0, s, 13)]["label"] == 13).sum().item() > 20 for s in range(40))
     plain = sum((ds[(0, s, -1)]["label"] == 13).sum().item() > 20 for s in range(40))
     assert hits >= 28 and plain <= 16  # up to 10 crops on the same image: 1 - (27/33)^10 = 87 %
+
+
+def test_damaged_or_misplaced_files_stop_a_run_before_it_writes(tmp_path):
+    """A val label in the wrong encoding (found only at the final evaluation before) or a train image that is
+    not an image: the datasets refuse them when built, from the files' headers, before any output exists."""
+    import dacs
+    root = tmp_path / "data"
+    make_gta5(root)
+    make_cityscapes(root)
+    argv = ["--iters", "1", "--layers", "1", "1", "1", "1", "--width", "16", "--init", "none", "--source-size", "64",
+            "32", "--target-size", "64", "32", "--crop-size", "32", "32", "--workers", "0", "--device", "cpu",
+            "--data-root", str(root), "--out-dir", str(tmp_path / "run")]
+    val_label = sorted((root / "cityscapes" / "gtFine" / "val").rglob("*_labelIds.png"))[0]
+    Image.fromarray(np.asarray(Image.open(val_label))).convert("P").save(val_label)      # palette, not grey
+    with pytest.raises(DataError, match=rf"{val_label.name}: unexpected label encoding \(bit depth 8, colour type 3\)"):
+        dacs.main(argv)
+    assert not (tmp_path / "run").exists()
+    make_cityscapes(root)                                                                  # repaired
+    image = sorted((root / "gta5" / "images").glob("*.png"))[1]
+    image.write_text("not an image")
+    with pytest.raises(DataError, match=rf"{image.name}: unreadable image \(expected a PNG or JPEG file\)"):
+        dacs.main(argv)
+    assert not (tmp_path / "run").exists()

@@ -867,6 +867,8 @@ def initialise(model, init):
     if copied == 0:
         raise DataError(f"--init {init}: no tensor matched the model by name and shape "
                         f"(expected DeepLabv2/ResNet-101 key names such as 'layer1.0.conv1.weight')")
+    print(f"--init {init}: {copied} of {len(model.state_dict())} tensors loaded (matched by name and shape; "
+          f"the others keep their initialisation)", flush=True)
     return copied
 
 

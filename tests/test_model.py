@@ -110,7 +110,7 @@ def test_aspp_two_branch_quirk_and_full():
     assert torch.allclose(head(feat), sum(c(feat) for c in head.conv2d_list), atol=1e-6)
 
 
-def test_load_init_both_key_formats(tmp_path):
+def test_load_init_both_key_formats(tmp_path, capsys):
     src = DeepLabV2(21, layers=(1, 1, 1, 1))  # a 21-class head, like a VOC/COCO file
     state = src.state_dict()
     for prefix in ("", "Scale."):
@@ -120,6 +120,8 @@ def test_load_init_both_key_formats(tmp_path):
         head_before = dst.layer5.conv2d_list[0].weight.clone()
         n = initialise(dst, str(path))
         assert n == len(state) - 8  # every tensor but the 8 classifier tensors of another shape
+        assert capsys.readouterr().out == (f"--init {path}: {n} of {len(state)} tensors loaded (matched by name and "
+                                           f"shape; the others keep their initialisation)\n")
         assert torch.equal(dst.layer1[0].conv2.weight, src.layer1[0].conv2.weight)
         assert torch.equal(dst.layer5.conv2d_list[0].weight, head_before)
 

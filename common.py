@@ -2738,6 +2738,7 @@ def predict_inputs(paths):
             raise DataError(f"{p}: not an image file or folder (expected a .png/.jpg/.jpeg file or a folder of them)")
     if not found:
         raise DataError(f"{' '.join(map(str, paths))}: no .png/.jpg/.jpeg images found")
+    check_file_headers([(image, None) for image, _ in found], None)   # before any output is written
     seen = {}
     for image, stem in found:
         if seen.setdefault(stem, image) != image:
@@ -2807,7 +2808,7 @@ def main(argv=None):
     what.add_argument("--frames", nargs="+", metavar="SPEC", help="frame sets KIND:WxH:INTERP[:keep], e.g. "
                       "gta5:1280x720:bicubic (INTERP bilinear|bicubic|cv2; keep = keep_ratio, as iidm.py's source)")
     prep.add_argument("--source", choices=sorted(SOURCE_FRAMES), default="gta5", help="the source of --pipeline")
-    prep.add_argument("--workers", type=int, default=os.cpu_count(), help="processes writing frames")
+    prep.add_argument("--workers", type=int, default=os.cpu_count(), help="processes writing frames (0: this one)")
     pred = sub.add_parser("predict", help="segment your own PNG/JPEG images (files or folders, recursive) with a "
                                           "checkpoint: <name>_color/_overlay/_labelIds/_trainIds.png at the input size")
     pred.add_argument("--checkpoint", required=True, help="a checkpoint.pth of a run, or an authors' DAFormer/HRDA "
@@ -2843,13 +2844,19 @@ def main(argv=None):
             raise DataError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
         inputs = predict_inputs(args.input)
         net, saved = load_predict_network(args.checkpoint, args.stack, args.eval_model, args.target)
+        mode = args.mode or default_mode(saved)
+        if (args.crop or args.stride) and mode != "slide":
+            raise DataError(f"--crop/--stride set the windows of --mode slide (this checkpoint predicts with --mode "
+                            f"{mode}: add --mode slide, or drop them)")
         crop = tuple(args.crop) if args.crop else net.crop
         net = net._replace(crop=crop, stride=tuple(args.stride) if args.stride else tuple(c // 2 for c in crop))
         net.model.to(device)
-        n = predict_images(net, inputs, args.out_dir, args.mode or default_mode(saved), args.opacity, device)
+        n = predict_images(net, inputs, args.out_dir, mode, args.opacity, device)
         print(f"{args.out_dir}: {n} images predicted")
         return 0
     if args.command == "prepare-data":
+        if args.workers < 0:
+            raise DataError(f"--workers {args.workers}: expected 0 (in this process) or a positive count")
         specs = args.frames or pipeline_specs(args.pipeline, args.source)
         for spec in specs:
             parse_frames_spec(spec)
@@ -2860,7 +2867,7 @@ def main(argv=None):
         if args.pipeline:
             uses_source = any("{source}" in spec for spec in PIPELINE_FRAMES[args.pipeline])
             name = f"{args.pipeline}.py" + f" --source {args.source}" * uses_source
-        manifest = prepare_data(args.data_root, args.out, specs, name, max(args.workers, 0))
+        manifest = prepare_data(args.data_root, args.out, specs, name, args.workers)
         print(f"{args.out}: prepared {', '.join(manifest['frames'])}; run a script with --data-root {args.out}")
         return 0
     if not Path(args.data_root).is_dir():

@@ -561,7 +561,7 @@ def test_eval_only_evaluates_under_amp_as_training_does(tmp_path, monkeypatch):
     for amp, dtype in ((True, "auto"), (True, "fp16"), (False, "auto")):
         args = argparse.Namespace(checkpoint=str(tmp_path / "c.pth"), eval_model="student", init="coco", amp=amp,
                                   amp_dtype=dtype, save_predictions=False, eval_set=None, split="val", export=None)
-        training.eval_only(args, model, argparse.Namespace(kind="cityscapes"), torch.device("cpu"),
+        training.eval_only(args, model, argparse.Namespace(kind="cityscapes", label_res="full"), torch.device("cpu"),
                            tmp_path / f"ev{amp}{dtype}")
     assert seen == [torch.bfloat16, torch.float16, None]
 

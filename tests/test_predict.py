@@ -141,8 +141,8 @@ def test_windows_cover_every_pixel(size, crop, stride):
     assert count.min() >= 1
 
 
-def run_cli(*args, command="predict"):
-    return subprocess.run([sys.executable, "common.py", command, *map(str, args)], cwd=ROOT, capture_output=True,
+def run_cli(*args):
+    return subprocess.run([sys.executable, "common.py", "predict", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True)
 
 
@@ -171,18 +171,20 @@ def test_bad_inputs_one_line_error_exit_2_nothing_written(deeplab_ckpt, tmp_path
     folder.mkdir()
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(folder / "a.png")
     (folder / "b.png").write_text("not an image")
-    r = run_cli("--checkpoint", deeplab_ckpt, "--input", folder, "--out-dir", tmp_path / "out")
-    assert r.returncode == 2 and not (tmp_path / "out").exists()
-    assert r.stderr.strip() == f"error: {folder / 'b.png'}: unreadable image (expected a PNG or JPEG file)"
-    r = run_cli("--checkpoint", deeplab_ckpt, "--input", folder / "a.png", "--crop", "4", "4", "--out-dir",
-                tmp_path / "out")
-    assert r.returncode == 2 and r.stderr.strip() == ("error: --crop/--stride set the windows of --mode slide (this "
-                                                      "checkpoint predicts with --mode whole: add --mode slide, or "
-                                                      "drop them)")
-    r = run_cli("--data-root", tmp_path, "--out", tmp_path / "prep", "--frames", "gta5:8x8:bicubic", "--workers",
-                "-2", command="prepare-data")
-    assert r.returncode == 2
-    assert r.stderr.strip() == "error: --workers -2: expected 0 (in this process) or a positive count"
+    with pytest.raises(common.DataError) as exc:
+        common.main(["predict", "--checkpoint", str(deeplab_ckpt), "--input", str(folder), "--out-dir",
+                     str(tmp_path / "out")])
+    assert str(exc.value) == f"{folder / 'b.png'}: unreadable image (expected a PNG or JPEG file)"
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(common.DataError) as exc:
+        common.main(["predict", "--checkpoint", str(deeplab_ckpt), "--input", str(folder / "a.png"), "--crop", "4",
+                     "4", "--out-dir", str(tmp_path / "out")])
+    assert str(exc.value) == ("--crop/--stride set the windows of --mode slide (this checkpoint predicts with --mode "
+                              "whole: add --mode slide, or drop them)")
+    with pytest.raises(common.DataError) as exc:
+        common.main(["prepare-data", "--data-root", str(tmp_path), "--out", str(tmp_path / "prep"), "--frames",
+                     "gta5:8x8:bicubic", "--workers", "-2"])
+    assert str(exc.value) == "--workers -2: expected 0 (in this process) or a positive count"
 
 
 def test_authors_checkpoint_needs_the_stack(deeplab_ckpt, tmp_path):

@@ -342,18 +342,22 @@ def test_a_target_root_in_another_layout_is_refused(root, tmp_path):
 def test_unusable_out_dir_seeds_and_sizes_are_one_line_errors(root, tmp_path):
     """An --out-dir that is a file (or under one), a seed numpy cannot take, a zero width or block count: exit 2."""
     (tmp_path / "afile").write_text("x")
-    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
-        r = subprocess.run([sys.executable, str(ROOT / "dacs.py"), *TINY, "--data-root", str(root), "--out-dir",
-                            str(out)], capture_output=True, text=True, cwd=tmp_path)
-        reason = "File exists" if out.name == "afile" else "Not a directory"
-        assert r.returncode == 2 and r.stderr.strip() == (
-            f"error: --out-dir {out}: cannot be made a folder ({reason}; expected a new or existing writable folder)")
-    assert cli("dacs.py", tmp_path, "--seed", "-1") == "error: --seed -1: expected an integer in [0, 2^32)"
-    assert cli("classmix_ssl.py", tmp_path, "--split-seed", str(2 ** 40)) == (
-        f"error: --split-seed {2 ** 40}: expected an integer in [0, 2^32)")
-    assert cli("iidm.py", tmp_path, "--width", "0") == "error: --width 0: expected a positive number of channels"
-    assert cli("asss.py", tmp_path, "--layers", "0", "1", "1", "1") == (
-        "error: --layers 0 1 1 1: expected four block counts >= 1")
+    r = subprocess.run([sys.executable, str(ROOT / "dacs.py"), *TINY, "--data-root", str(root), "--out-dir",
+                        str(tmp_path / "afile")], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == (f"error: --out-dir {tmp_path / 'afile'}: cannot be made a "
+                                                      f"folder (File exists; expected a new or existing writable "
+                                                      f"folder)")
+    with pytest.raises(common.DataError, match=r"--out-dir .*afile/sub: cannot be made a folder \(Not a directory"):
+        dacs.main([*TINY, "--data-root", str(root), "--out-dir", str(tmp_path / "afile" / "sub")])
+    for parse, flags, message in (
+            (dacs.parse_args, ["--seed", "-1"], "--seed -1: expected an integer in [0, 2^32)"),
+            (classmix_ssl.parse_args, ["--split-seed", str(2 ** 40)],
+             f"--split-seed {2 ** 40}: expected an integer in [0, 2^32)"),
+            (iidm.parse_args, ["--width", "0"], "--width 0: expected a positive number of channels"),
+            (asss.parse_args, ["--layers", "0", "1", "1", "1"], "--layers 0 1 1 1: expected four block counts >= 1")):
+        with pytest.raises(common.DataError) as exc:
+            parse(flags)
+        assert str(exc.value) == message
     r = subprocess.run([sys.executable, str(ROOT / "common.py"), "predict", "--input", "x"], capture_output=True,
                        text=True, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip() == (

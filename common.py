@@ -1111,19 +1111,28 @@ def check_label_header(path, kind):
     elif depth != 8 or ctype not in LABEL_ENCODINGS[kind][0]:
         raise DataError(f"{path}: unexpected label encoding (bit depth {depth}, colour type {ctype}); "
                         f"expected {LABEL_ENCODINGS[kind][1]}")
+    return header
+
+
+SAME_SIZE_KINDS = ("cityscapes", "acdc", "dark_zurich")   # every label at its image's size (GTA5 has exceptions)
 
 
 def check_file_headers(pairs, kind):
-    """DataError for the first image that is not a PNG/JPEG or label that is not `kind`'s encoding, from the
-    files' first bytes only: damaged or misplaced files stop a run before it writes anything (a file cut short
-    after its header is found when it is read; check-data reads everything)."""
+    """DataError for the first image that is not a PNG/JPEG, label that is not `kind`'s encoding, or (Cityscapes,
+    ACDC, Dark Zurich) label of another size than its image, from the files' first bytes only: damaged or
+    misplaced files stop a run before it writes anything (a file cut short after its header is found when it is
+    read; check-data reads everything)."""
     for img, lab in pairs:
-        with open(img, "rb") as f:
-            head = f.read(8)
-        if head != b"\x89PNG\r\n\x1a\n" and head[:3] != b"\xff\xd8\xff":
-            raise DataError(f"{img}: unreadable image (expected a PNG or JPEG file)")
+        image = read_png_header(img)
+        if image is None:
+            with open(img, "rb") as f:
+                if f.read(3) != b"\xff\xd8\xff":
+                    raise DataError(f"{img}: unreadable image (expected a PNG or JPEG file)")
         if lab is not None:
-            check_label_header(lab, kind)
+            label = check_label_header(lab, kind)
+            if kind in SAME_SIZE_KINDS and image is not None and image[:2] != label[:2]:
+                raise DataError(f"{lab}: a {label[0]}x{label[1]} label for the {image[0]}x{image[1]} image "
+                                f"{Path(img).name} (expected the same size in the {kind} layout)")
 
 
 def read_label(path, kind):

@@ -286,6 +286,11 @@ def test_damaged_or_misplaced_files_stop_a_run_before_it_writes(tmp_path):
         dacs.main(argv)
     assert not (tmp_path / "run").exists()
     make_cityscapes(root)                                                                  # repaired
+    train_label = sorted((root / "cityscapes" / "gtFine" / "train").rglob("*_labelIds.png"))[2]
+    Image.open(train_label).resize((32, 16), Image.NEAREST).save(train_label)             # not its image's 64x32
+    with pytest.raises(DataError, match=rf"{train_label.name}: a 32x16 label for the 64x32 image .*same size"):
+        dacs.main(argv)
+    make_cityscapes(root)
     image = sorted((root / "gta5" / "images").glob("*.png"))[1]
     image.write_text("not an image")
     with pytest.raises(DataError, match=rf"{image.name}: unreadable image \(expected a PNG or JPEG file\)"):

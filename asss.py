@@ -460,7 +460,7 @@ def train(args):
                                                     style=style, layers=args.layers, width=args.width), device, amp)
     if args.eval_only:                                          # the main head (layer6), as AdaptSegNet evaluates
         return training.eval_only(args, model, val, device, out_dir, synthia, dist=dist)
-    stems = common.SegmentationDataset(target_kind, target_root, conditions=args.acdc_conditions).stems()
+    stems = common.dataset_stems(target_kind, target_root, conditions=args.acdc_conditions)
     labeled, rest = common.labeled_split(stems, args.n_labeled, args.split_seed, args.split_file)
     args.n_labeled = len(labeled)
     pool = stems if args.unlabeled == "all" else rest           # R8

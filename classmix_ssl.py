@@ -234,7 +234,7 @@ def train(args):
     student = training.prepare_model(build(), device, amp)
     if args.eval_only:
         return training.eval_only(args, student, val, device, out_dir, dist=dist)
-    stems = common.SegmentationDataset(kind, root, conditions=args.acdc_conditions).stems()
+    stems = common.dataset_stems(kind, root, conditions=args.acdc_conditions)
     labeled, unlabeled = common.labeled_split(stems, args.n_labeled, args.split_seed, args.split_file)
     if not labeled:
         raise common.DataError("--n-labeled 0: ClassMix needs labeled images")

@@ -63,6 +63,23 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def run_cli(main):
+    """main()'s result; bad data or arguments (also raised in a data-loading worker) and filesystem errors of the
+    user's paths -> one line `error: ...` on stderr and exit 2."""
+    try:
+        return main()
+    except DataError as exc:
+        lines = str(exc).strip().splitlines()
+        if len(lines) > 1 and lines[0].startswith("Caught "):  # re-raised from a DataLoader worker
+            lines = [lines[-1].split(": ", 1)[-1]]
+        print(f"error: {lines[0]}", file=sys.stderr)
+    except OSError as exc:
+        if exc.errno not in FILESYSTEM_ERRORS:
+            raise
+        print(f"error: {exc.filename or 'writing a file'}: {exc.strerror}", file=sys.stderr)
+    sys.exit(2)
+
+
 # ======================================================================================
 # Model: DeepLabv2-ResNet101 exactly as Res_Deeplab / DeeplabMulti (AdaptSegNet, DACS)
 # ======================================================================================
@@ -1283,6 +1300,11 @@ def dataset_files(kind, root, split="train", strict=True, conditions=None):
     return pairs, orphans
 
 
+def dataset_stems(kind, root, split="train", conditions=None):
+    """The stems of a split's images, in dataset_files' order (the labeled split is drawn from them)."""
+    return [stem_of(img) for img, _ in dataset_files(kind, root, split, conditions=conditions)[0]]
+
+
 def stem_of(path):
     """Image stem as used in split.txt and predictions: Cityscapes `<city>_<seq>_<frame>`, ACDC/Dark Zurich
     `<seq>_frame_<NNNNNN>`, else the file name without its image extension."""
@@ -1573,6 +1595,13 @@ def load_frame(path):
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: unreadable prepared frame ({exc.__class__.__name__}; prepare the root "
                         f"again)") from None
+
+
+def target_keeps_ratio(stack, kind):
+    """Whether a run's target train and val images are fit into its resize keeping their ratio: with the MiT
+    stacks (mmseg's Resize) and for ACDC/Dark Zurich (DAFormer's/HRDA's cs2acdc/cs2darkzurich pipelines); a
+    DeepLabv2 run resizes Cityscapes exactly (DACS, ClassMix, AdaptSegNet)."""
+    return stack != "deeplabv2" or kind != "cityscapes"
 
 
 def keep_ratio_size(w, h, size):
@@ -2664,8 +2693,7 @@ def predict_network(args, state, path):
     iidm.py does (its --resize, align_corners False, RGB for --init none), DAFormer/HRDA as mmseg does
     (OpenCV-style resize or iidm.py's --resize, align_corners False; HRDA slides when trained so)."""
     stack, iidm = args.get("stack", "deeplabv2"), "resize" in args     # only iidm.py has --resize
-    keep = args.get("keep_ratio", stack != "deeplabv2" or                       # as training.target_val
-                    args.get("target", args.get("dataset", "cityscapes")) != "cityscapes")
+    keep = args.get("keep_ratio", target_keeps_ratio(stack, args.get("target", args.get("dataset", "cityscapes"))))
     if stack == "deeplabv2":
         multi = "layer6.conv2d_list.0.weight" in state    # asss.py, dldm.py: aux head layer5, main head layer6
         head = state.get("layer6.conv2d_list.0.weight" if multi else "layer5.conv2d_list.0.weight")
@@ -2898,13 +2926,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as exc:
-        if exc.errno not in FILESYSTEM_ERRORS:
-            raise
-        print(f"error: {exc.filename or 'writing a file'}: {exc.strerror}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main))

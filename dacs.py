@@ -426,7 +426,7 @@ def train(args):
     source = common.SegmentationDataset(source_kind, source_root, resize=args.source_size, interp="bicubic",
                                         crop=args.crop_size, norm=norm)
     target = common.SegmentationDataset(target_kind, target_root, resize=args.target_size, crop=args.crop_size,
-                                        keep_ratio=target_kind != "cityscapes",   # ACDC/Dark Zurich: as their val
+                                        keep_ratio=common.target_keeps_ratio(args.stack, target_kind),
                                         norm=norm, conditions=args.acdc_conditions)
     # ---------------------------------------------------------------- models, optimiser
     training.initialise(student, args.init, norm, args.data_root)
@@ -545,7 +545,7 @@ def train_daformer(args):
     # ---------------------------------------------------------------- data
     source_kind, source_root, target_kind, target_root = training.data_roots(args, args.source, args.target)
     val = training.target_val(target_kind, target_root, args.target_size, args.eval_res, norm, interp="cv2",
-                              conditions=args.acdc_conditions, keep_ratio=True)   # mmseg's test Resize
+                              conditions=args.acdc_conditions, stack=args.stack)
     detail = tuple(c // 2 for c in args.crop_size)       # HRDA: 512x512 detail crops of the 1024x1024 crop
     if hrda:
         build = lambda stochastic=True: common.hrda_segmentor(19, args.mit, args.drop_path_rate,  # noqa: E731
@@ -564,7 +564,8 @@ def train_daformer(args):
     source = common.SegmentationDataset(source_kind, source_root, resize=args.source_size, keep_ratio=True,
                                         interp="cv2", crop=crop, cat_max_ratio=0.75, flip=True, norm=norm,
                                         rcs_min_crop_pixels=int(args.rcs_min_pixels * RCS_MIN_CROP_RATIO[args.stack]))
-    target = common.SegmentationDataset(target_kind, target_root, resize=args.target_size, keep_ratio=True,  # mmseg
+    target = common.SegmentationDataset(target_kind, target_root, resize=args.target_size,
+                                        keep_ratio=common.target_keeps_ratio(args.stack, target_kind),
                                         interp="cv2", crop=crop,
                                         cat_max_ratio=args.target_cat_max_ratio if args.target_cat_max_ratio < 1
                                         else None, flip=True, norm=norm, conditions=args.acdc_conditions)

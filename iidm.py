@@ -306,9 +306,9 @@ def train(args):
     up = lambda logits, size: common.upsample(logits, size, align_corners=False)  # noqa: E731 (mmseg resize)
     # ---------------------------------------------------------------- data
     source_kind, source_root, target_kind, target_root = training.data_roots(args, args.source, args.target)
-    keep = args.stack != "deeplabv2" or target_kind != "cityscapes"   # mmseg's Resize keeps the ratio
+    keep = common.target_keeps_ratio(args.stack, target_kind)
     val = training.target_val(target_kind, target_root, args.target_size, args.eval_res, norm, num_classes,
-                              args.resize, args.acdc_conditions, keep)
+                              args.resize, args.acdc_conditions, args.stack)
     detail = tuple(c // 2 for c in args.crop_size)       # HRDA: 512x512 detail crops of the 1024x1024 crop
     if hrda:                       # HRDA on MiT + DAFormer head; a teacher without DropPath/Dropout
         build = lambda stochastic=True: common.hrda_segmentor(num_classes, args.mit, args.drop_path_rate,  # noqa: E731
@@ -325,7 +325,7 @@ def train(args):
         evaluated = training.WeightsOf(common.SlideInference(student, args.crop_size, detail))
     if args.eval_only:
         return training.eval_only(args, evaluated, val, device, out_dir, synthia, align_corners=False, dist=dist)
-    stems = common.SegmentationDataset(target_kind, target_root, conditions=args.acdc_conditions).stems()
+    stems = common.dataset_stems(target_kind, target_root, conditions=args.acdc_conditions)
     labeled, unlabeled = common.labeled_split(stems, args.n_labeled, args.split_seed, args.split_file)
     use_teacher = not (args.no_inter and args.no_intra)
     if use_teacher and not unlabeled:

@@ -759,14 +759,12 @@ def check_same_run(saved, current, path):
 
 
 def target_val(kind, root, size, eval_res, norm, num_classes=19, interp="bilinear", conditions=None,
-               keep_ratio=False):
-    """The target's val as the protocols read it: image resized to `size` (W, H) by `interp`; labels
-    nearest-downsampled to the input ('half', DACS/ClassMix) or at full resolution ('full', AdaptSegNet, mmseg).
-    Cityscapes is resized to `size` unless `keep_ratio` (the MiT stacks: mmseg's test Resize); ACDC and Dark
-    Zurich are always fit into it keeping the ratio (mmseg's test pipeline in DAFormer's and HRDA's
-    cs2acdc/cs2darkzurich configs; the same for their 16:9 frames); `conditions`: ACDC's subset."""
+               stack="deeplabv2"):
+    """The target's val as the protocols read it: image resized to `size` (W, H) by `interp`, keeping its ratio
+    as common.target_keeps_ratio says for `stack`; labels nearest-downsampled to the input ('half', DACS/ClassMix)
+    or at full resolution ('full', AdaptSegNet, mmseg); `conditions`: ACDC's subset."""
     return common.SegmentationDataset(kind, root, "val", resize=tuple(size),
-                                      keep_ratio=keep_ratio or kind != "cityscapes", norm=norm,
+                                      keep_ratio=common.target_keeps_ratio(stack, kind), norm=norm,
                                       num_classes=num_classes, label_res="input" if eval_res == "half" else "full",
                                       interp=interp, conditions=conditions)
 
@@ -1241,23 +1239,13 @@ def worker_stop_signals(worker_id):
 
 
 def run_script(main):
-    """Call main(); bad data or arguments (also raised in a data-loading worker) and disk errors -> one line
-    `error: ...` on stderr and exit 2; a diverged run -> exit 3."""
+    """Call main() under common.run_cli (bad data, arguments, disk errors -> one line `error: ...`, exit 2); a
+    diverged run -> its one line and exit 3."""
     try:
-        main()
-        return
-    except (DataError, Diverged) as exc:
-        lines = str(exc).strip().splitlines()
-        if len(lines) > 1 and lines[0].startswith("Caught "):  # re-raised from a DataLoader worker
-            lines = [lines[-1].split(": ", 1)[-1]]
-        print(f"error: {lines[0]}", file=sys.stderr)
-        code = 3 if isinstance(exc, Diverged) else 2
-    except OSError as exc:
-        if exc.errno not in common.FILESYSTEM_ERRORS:
-            raise
-        print(f"error: {exc.filename or 'writing a file'}: {exc.strerror}", file=sys.stderr)
-        code = 2
-    sys.exit(code)
+        common.run_cli(main)
+    except Diverged as exc:
+        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        sys.exit(3)
 
 
 # ======================================================================================
